@@ -1,0 +1,4 @@
+"""`python -m qtool` runs the CLI."""
+from qtool.cli import main
+
+main()

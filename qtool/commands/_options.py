@@ -1,0 +1,31 @@
+"""Option types shared by commands, built from the recipe data (so --help lists the real choices).
+
+Contract: `WeightRecipe` / `KvRecipe` are Enums whose values are the CLI names in
+recipes/recipes.toml (`KvRecipe` adds 'none'); `target_arch(gpu)` resolves --gpu, or the local
+GPU when it is None (importing torch only then).
+"""
+from __future__ import annotations
+
+from enum import Enum
+
+from qtool.support import data
+from qtool.support.gpus import Arch, local_gpu, resolve_gpu
+
+WeightRecipe = Enum("WeightRecipe", {n.replace("-", "_"): n for n in data.weight_recipe_names()}, type=str)
+KvRecipe = Enum("KvRecipe", {"none": "none", **{n: n for n in data.kv_recipe_names()}}, type=str)
+
+EXIT_CODES_HELP = "Exit codes: 0 done, 1 failed, 2 usage error, 3 refused by a support matrix."
+
+GPU_HELP = ("Target GPU: sm120, sm100, sm90, sm89, sm86, sm80, an architecture (hopper, ada, ampere) "
+            "or a product (h100, h200, b200, l40s, a100, rtx-4090, rtx-5090).")
+
+
+def value(v):
+    """Enum member or plain string → plain string (None stays None)."""
+    return None if v is None else getattr(v, "value", v)
+
+
+def target_arch(gpu: str | None, detect_local: bool = True) -> Arch | None:
+    if gpu:
+        return resolve_gpu(gpu)
+    return local_gpu() if detect_local else None
