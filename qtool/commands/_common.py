@@ -18,6 +18,8 @@ from rich.console import Console
 from qtool.errors import QtoolError
 
 stdout = Console(highlight=False, soft_wrap=True)
+if stdout.width < 120:  # wide tables (the matrices) need ~110 columns; a pipe or narrow terminal gets 120
+    stdout = Console(highlight=False, soft_wrap=True, width=120)
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 _state = {"debug": os.environ.get("QTOOL_DEBUG") == "1"}

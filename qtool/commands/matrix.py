@@ -28,11 +28,18 @@ def _matrix_json(m: data.Matrix, rows=None) -> dict:
     return {"columns": list(m.columns), "rows": {r: m.row_dict(r) for r in rows}, "notes": list(m.notes)}
 
 
+def _short_headers() -> dict[str, str]:
+    """Matrix column → the CLI recipe name, stacked on two lines (keeps 12 columns in 80 characters)."""
+    return {col: name.replace("-", "\n").replace(" ", "\n") for name, col in _recipe_columns().items()}
+
+
 def _table(m: data.Matrix, title: str, rows=None, first: str = "Model") -> Table:
-    t = Table(title=title, title_justify="left", show_lines=False, pad_edge=False)
-    t.add_column(first, style="bold")
+    t = Table(title=title, title_justify="left", show_lines=False, pad_edge=False, padding=(0, 1),
+              caption="columns are qtool recipe names (see the list below the tables)", caption_justify="left")
+    t.add_column(first, style="bold", no_wrap=True)
+    heads = _short_headers()
     for c in m.columns:
-        t.add_column(c.replace("(", "\n(").replace(" KV", "\nKV"), justify="center")
+        t.add_column(heads.get(c, c), justify="center", no_wrap=True)
     for r in rows or m.rows:
         t.add_row(r, *[("[green]Y[/green]" if m.cells[(r, c)] == "Y" else "[dim].[/dim]") for c in m.columns])
     return t
@@ -97,7 +104,7 @@ def matrix(
         stdout.print()
         for n in data.notes()["rules"]["notes"]:
             stdout.print(f"[dim]Rule: {n}[/dim]")
-        stdout.print("[dim]Recipe names: " + ", ".join(f"{k} = {v}" for k, v in _recipe_columns().items()) + "[/dim]")
+        stdout.print("[dim]Recipe names: " + "; ".join(f"{k} = {v}" for k, v in _recipe_columns().items()) + "[/dim]")
         return
     if rows is not None:
         stdout.print(f"[bold]{model or family}[/bold] → {', '.join(rows)} ({how}); a recipe is supported when any of these rows says Y.")
@@ -105,8 +112,8 @@ def matrix(
         stdout.print("Supported recipes: " + (", ".join(usable_recipes(rows, None)) or "none"))
     if arch is not None:
         stdout.print(_table(hm, f"{arch.title}: hardware support", rows=[arch.row], first="GPU"))
-        stdout.print(f"{arch.row} ({arch.key}) supports: " + (", ".join(usable_recipes(None, arch)) or "none"))
-        t = Table(title=f"What each model family can use on {arch.row} ({arch.key})", title_justify="left")
+        stdout.print(f"{arch.label} supports: " + (", ".join(usable_recipes(None, arch)) or "none"))
+        t = Table(title=f"What each model family can use on {arch.label}", title_justify="left")
         t.add_column("Family", style="bold")
         t.add_column("Recipes (model and hardware matrix both Y)")
         for r in rows or mm.rows:
@@ -136,7 +143,7 @@ def _answer(rows, how, arch, quant, kv, json_output):
     else:
         what = " + ".join(x for x in (quant, f"kv {kv}" if kv else None) if x)
         subject = " / ".join(filter(None, [", ".join(rows) if rows else None,
-                                           f"{arch.row} ({arch.key})" if arch else None]))
+                                           f"{arch.label}" if arch else None]))
         if v.supported:
             stdout.print(f"[green]supported:[/green] {what} for {subject}.")
         else:

@@ -111,7 +111,7 @@ def check_request(rows: list[str] | None, quant: str | None, kv: str | None,
             v.findings.append(Finding("hardware", arch.row, _label(kind, name), r.column, ok))
             if not ok:
                 v.supported = False
-                v.reasons.append(f"{r.column} is not supported on {arch.row} ({arch.key}) (hardware support matrix).")
+                v.reasons.append(f"{r.column} is not supported on {arch.label} (hardware support matrix).")
     if arch is None and any_arch and wanted:
         hw = data.hardware_matrix()
         for key, a in archs().items():
@@ -132,9 +132,9 @@ def check_request(rows: list[str] | None, quant: str | None, kv: str | None,
         v.alternatives = usable
         listed = ", ".join(usable) if usable else "no recipe in the matrices"
         if arch is not None and rows:
-            v.reasons.append(f"On {arch.row} ({arch.key}), {fam} can use: {listed}.")
+            v.reasons.append(f"On {arch.label}, {fam} can use: {listed}.")
         elif arch is not None:
-            v.reasons.append(f"{arch.row} ({arch.key}) supports: {listed}.")
+            v.reasons.append(f"{arch.label} supports: {listed}.")
         elif rows:
             v.reasons.append(f"{fam} supports: {listed}.")
     return v

@@ -36,6 +36,11 @@ def resolve_family(name: str) -> str:
                      hint="known families: " + ", ".join(known_families()))
 
 
+def family_rows(row: str) -> list[str]:
+    """A named family's rows: the rows it implies (recipes/families.toml [implies]) and itself."""
+    return [*data.families().get("implies", {}).get(row, []), row]
+
+
 def _text_config(config: dict) -> dict:
     for key in ("text_config", "language_config", "llm_config"):
         if isinstance(config.get(key), dict):
@@ -109,13 +114,13 @@ def read_config(path: Path) -> dict:
 def rows_for_model(model: str, family: str | None = None) -> tuple[list[str], str]:
     """Rows for `--model PATH|FAMILY` (with an optional --family override) and how they were found."""
     if family:
-        return [resolve_family(family)], "given by --family"
+        return family_rows(resolve_family(family)), "given by --family"
     p = Path(model).expanduser()
     if p.exists():
         cfg = read_config(p)
         return rows_for_config(cfg), f"detected from {p / 'config.json' if p.is_dir() else p}"
     try:
-        return [resolve_family(model)], "family name"
+        return family_rows(resolve_family(model)), "family name"
     except UsageError:
         if "/" in model or model.startswith((".", "~")):
             raise UsageError(f"model path not found: {model}",

@@ -20,6 +20,11 @@ class Arch:
     capability: str | None = None   # '9.0' when detected from a device
     device_name: str | None = None
 
+    @property
+    def label(self) -> str:
+        """'Hopper (sm90)', or just 'Blackwell(sm100)' when the row already names the arch."""
+        return self.row if self.key in self.row else f"{self.row} ({self.key})"
+
 
 def archs() -> dict[str, Arch]:
     return {k: Arch(k, v["row"], v["title"]) for k, v in data.gpus()["arch"].items()}
