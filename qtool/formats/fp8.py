@@ -1,0 +1,91 @@
+"""FP8 (E4M3) numerics: the saturating cast and the weight formats built on it.
+
+Contract (docs/numerics.md): ``e4m3(v) = v.clamp(-448, 448).to(float8_e4m3fn)`` (round to nearest even).
+Decoders return float32 ``[out, in]``; encoders reproduce ModelOpt 0.47's export bytes
+(``to_quantized_weight`` / ``FP8QTensor.quantize``), including its dtype promotion: a bf16 weight divided by a
+0-dim float32 scale is divided in bf16, as ModelOpt does for per-tensor FP8.
+"""
+from __future__ import annotations
+
+import torch
+
+E4M3_MAX = 448.0
+FP8_BLOCK = 128
+
+
+def e4m3(x: torch.Tensor) -> torch.Tensor:
+    """Saturating cast to float8_e4m3fn (NaN stays NaN)."""
+    return x.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def fake_e4m3(x: torch.Tensor, scale) -> torch.Tensor:
+    """``e4m3(x / scale).float() * scale`` in float32."""
+    x = x.float()
+    return e4m3(x / scale).float() * scale
+
+
+# ---------------------------------------------------------------- decode
+def decode_fp8(weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """Per-tensor (0-dim scale) or per-row ([out] scale) FP8."""
+    w = weight.float()
+    s = weight_scale.float().to(w.device)
+    if s.numel() == 1:
+        return w * s.reshape(())
+    return w * s.reshape(-1, 1)
+
+
+def block_scale_2d(scale: torch.Tensor) -> torch.Tensor:
+    """ModelOpt's 4-D ``[o/128, 1, i/128, 1]`` block scale (or DeepSeek's 2-D one) as 2-D ``[bo, bi]``."""
+    s = scale.float()
+    if s.dim() == 4:
+        s = s[:, 0, :, 0]
+    if s.dim() != 2:
+        raise ValueError(f"fp8 block scale must be 2-D or 4-D, got shape {tuple(scale.shape)}")
+    return s
+
+
+def expand_block_scale(scale2d: torch.Tensor, out_f: int, in_f: int) -> torch.Tensor:
+    """Repeat a ``[bo, bi]`` scale over its blocks (block = ceil(dim / blocks)) and crop to ``[out, in]``."""
+    bo, bi = scale2d.shape
+    so, si = -(-out_f // bo), -(-in_f // bi)
+    return scale2d.repeat_interleave(so, 0).repeat_interleave(si, 1)[:out_f, :in_f]
+
+
+def decode_fp8_block(weight: torch.Tensor, scale: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    out_f, in_f = weight.shape
+    s2 = block_scale_2d(scale).to(weight.device)
+    if block is not None:  # explicit block size: the scale grid must match it
+        if s2.shape != (-(-out_f // block), -(-in_f // block)):
+            raise ValueError(f"fp8 block scale {tuple(s2.shape)} does not match weight {out_f}x{in_f} "
+                             f"with {block}x{block} blocks")
+    return weight.float() * expand_block_scale(s2, out_f, in_f)
+
+
+# ---------------------------------------------------------------- encode (ModelOpt export rules)
+def encode_fp8(weight: torch.Tensor, scale: torch.Tensor | float | None = None):
+    """Per-tensor FP8: ``scale = amax/448`` (float32, 0-dim) unless given; returns (fp8 weight, scale)."""
+    if scale is None:
+        scale = torch.tensor(weight.abs().amax().float().item() / E4M3_MAX)  # ModelOpt: amax.item()/maxbound
+    scale = torch.as_tensor(scale, dtype=torch.float32).reshape(()).to(weight.device)
+    return e4m3(weight / scale), scale
+
+
+def encode_fp8_rowwise(weight: torch.Tensor, scale: torch.Tensor | None = None):
+    """Per output row FP8 (``FP8_PER_CHANNEL_PER_TOKEN``): scale ``[out] = row_amax/448``."""
+    if scale is None:
+        scale = weight.abs().amax(dim=1).float() / E4M3_MAX
+    scale = scale.float().reshape(-1).to(weight.device)
+    return e4m3(weight / scale[:, None]), scale
+
+
+def encode_fp8_block(weight: torch.Tensor, block: int = FP8_BLOCK, scale: torch.Tensor | None = None):
+    """2-D block FP8 (``fp8_pb_wo``): returns (fp8 weight, 4-D scale ``[o/b, 1, i/b, 1]`` = block_amax/448)."""
+    out_f, in_f = weight.shape
+    bo, bi = -(-out_f // block), -(-in_f // block)
+    if scale is None:
+        pad = torch.zeros(bo * block, bi * block, dtype=weight.dtype, device=weight.device)
+        pad[:out_f, :in_f] = weight
+        amax = pad.abs().reshape(bo, block, bi, block).amax(dim=(1, 3))
+        scale = (amax.float() / E4M3_MAX).reshape(bo, 1, bi, 1)
+    s2 = block_scale_2d(scale).to(weight.device)
+    return e4m3(weight / expand_block_scale(s2, out_f, in_f)), s2.reshape(bo, 1, bi, 1)
