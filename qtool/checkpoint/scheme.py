@@ -185,7 +185,7 @@ def _declared(files: CheckpointFiles, bad) -> _Declared:
         return _Declared("autoawq", "awq", "AWQ", None, qc.get("group_size"),
                          list(qc.get("modules_to_not_convert") or []), None, qc)
     if method == "fp8":
-        return _Declared(None, "fp8", "FP8_BLOCK", None, None,
+        return _Declared(None, "fp8", "FP8_BLOCK_SCALES", None, None,
                          list(qc.get("modules_to_not_convert") or qc.get("ignored_layers") or []), None, qc)
     raise CheckpointError(f"quantization_config.quant_method {qc.get('quant_method')!r} is not a format qtool reads",
                           hint="qtool reads ModelOpt exports, GPTQ, AutoAWQ (gemm), DeepSeek FP8 and bf16/fp16/fp32")
