@@ -1,0 +1,29 @@
+"""Write the quantized model as a Hugging Face checkpoint with ModelOpt's exporter.
+
+Contract: `export_checkpoint(model, tokenizer, source_dir, out_dir)` calls
+`modelopt.torch.export.export_hf_checkpoint` (config.json, generation_config.json,
+hf_quant_config.json, safetensors), then saves the tokenizer (ModelOpt does not) and copies the
+source's chat template / generation config when the exporter left them out. Returns the list of
+files written.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from qtool.quantize.ptq import quiet
+
+CARRY_OVER = ("chat_template.jinja", "chat_template.json", "generation_config.json")
+
+
+def export_checkpoint(model, tokenizer, source_dir: Path, out_dir: Path, debug: bool = False) -> list[str]:
+    from modelopt.torch.export import export_hf_checkpoint
+
+    with quiet(debug):
+        export_hf_checkpoint(model, export_dir=str(out_dir))
+        tokenizer.save_pretrained(str(out_dir))
+    for name in CARRY_OVER:
+        src, dst = Path(source_dir) / name, Path(out_dir) / name
+        if src.is_file() and not dst.exists():
+            shutil.copy2(src, dst)
+    return sorted(p.name for p in Path(out_dir).iterdir())

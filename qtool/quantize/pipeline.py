@@ -1,0 +1,229 @@
+"""The quantize pipeline: `prepare` (all checks, nothing loaded) then `run` (load → calibrate → export).
+
+Contract: `prepare(Request)` resolves the family rows (from --family or the model's config.json,
+read without loading weights), the target architecture (--gpu, else the local GPU, else any
+architecture), runs `check_request` + `enforce` (Unsupported, exit 3, unless force), checks the
+output folder, the INT4 block size, CUDA needs and the calibration source, and returns a Plan.
+`run(Plan)` does the work inside an atomic output folder and returns the result dict that is
+also the core of qtool.json. One model per process (see docs/quantize.md: ModelOpt's KV-cache
+plugin leaves process-wide state behind).
+"""
+from __future__ import annotations
+
+import json
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qtool.errors import UsageError
+from qtool.quantize import configs, plan as planmod
+from qtool.quantize.output import check_target, staged
+
+
+@dataclass
+class Request:
+    model: str
+    quant: str
+    kv: str | None
+    output: Path
+    gpu: str | None = None
+    family: str | None = None
+    calib_data: Path | None = None
+    calib_size: int = 512
+    calib_seq_len: int = 512
+    batch_size: int = 0
+    block_size: int = 128
+    device_map: str | None = None
+    force: bool = False
+    progress: bool = True
+    debug: bool = False
+
+
+@dataclass
+class Plan:
+    req: Request
+    rows: list[str]
+    rows_how: str
+    arch: object | None
+    verdict: object
+    force_warning: str | None
+    config: dict | None
+    texts: list[str] = field(default_factory=list)
+    calib_desc: str = ""
+    block_size: int | None = None
+
+
+def _rows(req: Request, cfg: dict | None, how: str) -> tuple[list[str], str]:
+    from qtool.support.families import resolve_family, rows_for_config
+    if req.family:
+        return [resolve_family(req.family)], "given by --family"
+    if cfg is None:
+        return [], ""
+    return rows_for_config(cfg), f"detected from {how}"
+
+
+def prepare(req: Request) -> Plan:
+    from qtool.commands._common import debug_enabled
+    from qtool.support.check import check_request, enforce
+
+    req.debug = debug_enabled()
+    req.kv = None if req.kv in (None, "none") else req.kv
+    cfg, how = planmod.peek_config(req.model)
+    if cfg is None:
+        from qtool.sources import resolve_model_source   # a hub id: fetched first; a bad path: one line
+        src = resolve_model_source(req.model, progress=req.progress)
+        req.model = str(src.path)
+        cfg, how = planmod.peek_config(req.model)
+    rows, rows_how = _rows(req, cfg, how)
+    arch = _target_arch(req.gpu)
+    verdict = check_request(rows or None, req.quant, req.kv, arch, any_arch=arch is None)
+    force_warning = enforce(verdict, req.force)
+    check_target(req.output, req.force)
+    spec = configs.recipe("weights", req.quant).spec
+    block = req.block_size if spec.get("block_size_option") else None
+    if block:
+        problem = planmod.block_size_problem(cfg, block)
+        if problem:
+            raise UsageError(problem)
+    cuda = planmod.cuda_problem(req.quant, req.kv)
+    if cuda:
+        from qtool.errors import Failure
+        raise Failure(cuda, hint="run it on a machine with an NVIDIA GPU")
+    from qtool.calibration import calibration_texts
+    texts, desc = calibration_texts(str(req.calib_data) if req.calib_data else None, req.calib_size)
+    return Plan(req, rows, rows_how, arch, verdict, force_warning, cfg, texts, desc, block)
+
+
+def _target_arch(gpu):
+    from qtool.commands._options import target_arch
+    return target_arch(gpu)
+
+
+def _peak_memory() -> dict:
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"rss_mib": round(rss_kib / 1024, 1), "cuda_max_allocated_mib": None}
+    try:
+        import torch
+        if torch.cuda.is_available():
+            out["cuda_max_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+            out["cuda_device"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return out
+
+
+def _versions() -> dict:
+    from importlib.metadata import version
+    out = {}
+    for key, dist in (("modelopt_version", "nvidia-modelopt"), ("torch_version", "torch"),
+                      ("transformers_version", "transformers")):
+        try:
+            out[key] = version(dist)
+        except Exception:  # noqa: BLE001
+            out[key] = None
+    return out
+
+
+def _auto_batch(req: Request) -> int:
+    if req.batch_size:
+        return req.batch_size
+    import torch
+    return 16 if torch.cuda.is_available() else 4
+
+
+def run(plan: Plan) -> dict:
+    from qtool.quantize import export as exp, ptq
+    from qtool.quantize.manifest import build_manifest, write_manifest
+    from qtool.quantize.progress import Stages
+    from qtool.sources import resolve_model_source
+
+    req = plan.req
+    t0 = time.perf_counter()
+    source = resolve_model_source(req.model, progress=req.progress)
+    spec = configs.recipe("weights", req.quant).spec
+    label = req.quant + (f" + kv {req.kv}" if req.kv else "")
+    with staged(req.output, req.force) as tmp, Stages(req.progress) as stages:
+        stages.stage(f"loading {source.path.name}")
+        with ptq.quiet(req.debug):
+            model, tok = ptq.load_model(source.path, req.device_map)
+            cfg = configs.build_config(req.quant, req.kv, plan.block_size)
+        from qtool.calibration import calibration_batches
+        batch = _auto_batch(req)
+        batches = calibration_batches(tok, plan.texts, req.calib_seq_len, batch)
+        n_samples = sum(int(b["input_ids"].shape[0]) for b in batches)
+        n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        t_cal = time.perf_counter()
+        passes = ptq.calibrate(model, cfg, batches, stages, label, req.debug)
+        calib_s = time.perf_counter() - t_cal
+        stages.stage(f"exporting to {req.output}")
+        t_exp = time.perf_counter()
+        exp.export_checkpoint(model, tok, source.path, tmp, req.debug)
+        modelopt_hf = None
+        versions = _versions()
+        if spec.get("quant_method") == "gptq":
+            stages.stage("writing the GPTQ layout")
+            conv = _gptq(tmp, plan.block_size, bool(spec.get("fp8_activations")), versions["modelopt_version"])
+            modelopt_hf = conv["modelopt_hf_quant_config"]
+        export_s = time.perf_counter() - t_exp
+        stages.stage("writing qtool.json")
+        result = _result(plan, source, tmp, cfg, versions, modelopt_hf, batch, n_samples, n_tokens, passes,
+                         calib_s, export_s, t0)
+        write_manifest(tmp, build_manifest(**result["manifest"]))
+        result["files"] = sorted(p.name for p in tmp.iterdir())
+        result["size_mib"] = round(sum(p.stat().st_size for p in tmp.iterdir()) / 2**20, 2)
+    result.pop("manifest")
+    result["output"] = str(Path(req.output).resolve())
+    return result
+
+
+def _gptq(tmp: Path, group: int, fp8_act: bool, modelopt_version: str) -> dict:
+    from qtool.quantize.gptq_layout import convert_to_gptq
+    return convert_to_gptq(tmp, group, fp8_act, modelopt_version or "?")
+
+
+def _result(plan: Plan, source, tmp: Path, cfg: dict, versions: dict, modelopt_hf, batch, n_samples, n_tokens,
+            passes, calib_s, export_s, t0) -> dict:
+    req = plan.req
+    spec = configs.recipe("weights", req.quant).spec
+    hf_q = tmp / "hf_quant_config.json"
+    hfq = json.loads(hf_q.read_text()).get("quantization", {}) if hf_q.is_file() else {}
+    config_q = json.loads((tmp / "config.json").read_text()).get("quantization_config", {})
+    fmt = config_q.get("quant_method") if spec.get("quant_method") else (hfq.get("quant_algo") or "?")
+    calibration = {"source": plan.calib_desc, "data": str(req.calib_data) if req.calib_data else None,
+                   "size": req.calib_size, "samples": n_samples, "tokens": n_tokens, "seq_len": req.calib_seq_len,
+                   "batch_size": batch, "passes": passes, "algorithm": configs.describe_algorithm(cfg),
+                   "seconds": round(calib_s, 2)}
+    target = (f"{plan.arch.row} ({plan.arch.key})" if plan.arch is not None else None)
+    peak = _peak_memory()
+    wall = round(time.perf_counter() - t0, 2)
+    manifest_facts = {
+        **versions,
+        "source": {"model": req.model, "label": source.label, "kind": source.kind, "path": str(source.path),
+                   "families": plan.rows, "families_from": plan.rows_how},
+        "recipe": {"name": req.quant, "column": configs.recipe("weights", req.quant).column,
+                   "modelopt_config": spec["modelopt_config"], "quant_algo": hfq.get("quant_algo"),
+                   "quant_method": spec.get("quant_method"), "group_size": hfq.get("group_size") or plan.block_size},
+        "kv_cache": {"name": req.kv or "none",
+                     "modelopt_config": configs.recipe("kv", req.kv).spec["modelopt_config"] if req.kv else None,
+                     "kv_cache_quant_algo": hfq.get("kv_cache_quant_algo")},
+        "modelopt": {"algorithm": cfg.get("algorithm"), "hf_quant_config": hfq or None,
+                     "replaced_hf_quant_config": modelopt_hf},
+        "calibration": calibration,
+        "target": {"gpu": req.gpu, "arch": plan.arch.key if plan.arch is not None else None, "row": target,
+                   "any_arch": plan.arch is None},
+        "verdict": plan.verdict.as_dict(),
+        "forced": bool(plan.force_warning),
+        "force_warning": plan.force_warning,
+        "format": fmt,
+        "wall_time_s": wall,
+        "peak_memory": peak,
+        "device": peak.get("cuda_device") or "cpu",
+        "files": sorted(p.name for p in tmp.iterdir()) + ["qtool.json"],
+        "timings_s": {"calibration": round(calib_s, 2), "export": round(export_s, 2)},
+    }
+    return {"recipe": req.quant, "kv_cache": req.kv or "none", "format": fmt,
+            "quant_algo": hfq.get("quant_algo"), "kv_cache_quant_algo": hfq.get("kv_cache_quant_algo"),
+            "calibration": calibration, "wall_time_s": wall, "peak_memory": peak, "forced": bool(plan.force_warning),
+            "verdict": plan.verdict.as_dict(), "architectures_supported": plan.verdict.archs_ok,
+            "target": target, "source": source.label, "manifest": manifest_facts}

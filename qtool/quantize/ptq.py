@@ -1,0 +1,105 @@
+"""Load a Hugging Face model and run ModelOpt PTQ (`mtq.quantize`) on calibration batches.
+
+Contract: `load_model(path, device_map)` → (model, tokenizer) in the checkpoint's dtype, on CUDA
+when available (or spread by `device_map`, e.g. 'auto' to offload to CPU/disk through
+accelerate); `calibrate(model, cfg, batches, stages)` runs `mtq.quantize` with a forward loop
+over `batches` (progress per sample; a second pass, as GPTQ makes, restarts the bar). ModelOpt's
+chatter on stdout is captured (shown with --debug) so `--json` output stays clean. Nothing runs
+a fake-quant forward after calibration (NVFP4/MX fake quant has no CPU path). A ModelOpt failure
+that means "needs CUDA" becomes a one-line Failure.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import sys
+import warnings
+
+from qtool.errors import Failure
+
+CUDA_MARKERS = ("must be a CUDA tensor", "CUDA is not available", "Torch not compiled with CUDA",
+                "triton", "cuda_ext")
+
+
+@contextlib.contextmanager
+def quiet(show: bool = False):
+    """Send library prints to a buffer (or to stderr when `show`), silence warnings and tqdm bars."""
+    buf = io.StringIO()
+    with warnings.catch_warnings():
+        if not show:
+            warnings.simplefilter("ignore")
+        with contextlib.redirect_stdout(sys.stderr if show else buf):
+            yield buf
+
+
+def _quiet_transformers():
+    import transformers
+    transformers.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
+
+
+def load_model(path, device_map: str | None = None):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    kwargs = {"dtype": "auto", "low_cpu_mem_usage": True}
+    if device_map:
+        kwargs["device_map"] = device_map
+    elif torch.cuda.is_available():
+        kwargs["device_map"] = "cuda"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as exc:
+        raise Failure(f"cannot load the model from {path}: {_first_line(exc)}") from None
+    model.eval()
+    if not getattr(model.config, "architectures", None):
+        model.config.architectures = [type(model).__name__]   # export_hf_checkpoint needs it
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def input_device(model):
+    import torch
+    dev = getattr(model, "device", None)
+    if dev is None or str(dev) == "meta":
+        dev = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    return dev
+
+
+def calibrate(model, cfg: dict, batches: list[dict], stages, label: str, debug: bool = False):
+    import torch
+    import modelopt.torch.quantization as mtq
+
+    dev = input_device(model)
+    total = sum(int(b["input_ids"].shape[0]) for b in batches)
+    passes = [0]
+
+    def forward_loop(m):
+        if passes[0] == 0:
+            stages.calibration(total, f"calibrating ({label})")
+        else:
+            stages.new_pass()
+        passes[0] += 1
+        with torch.no_grad():
+            for b in batches:
+                m(**{k: v.to(dev) for k, v in b.items()})
+                stages.advance(int(b["input_ids"].shape[0]))
+
+    try:
+        with quiet(debug):
+            mtq.quantize(model, cfg, forward_loop)
+    except (AssertionError, RuntimeError, ImportError) as exc:
+        msg = _first_line(exc)
+        if any(k.lower() in msg.lower() for k in CUDA_MARKERS) and not torch.cuda.is_available():
+            raise Failure(f"{label}: ModelOpt 0.47's calibration for this recipe needs CUDA ({msg})",
+                          hint="run it on a machine with an NVIDIA GPU") from None
+        raise
+    return passes[0]
+
+
+def _first_line(exc: BaseException) -> str:
+    s = str(exc).strip()
+    return s.splitlines()[0] if s else type(exc).__name__
