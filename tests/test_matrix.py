@@ -258,3 +258,17 @@ def test_matrix_is_fast_and_imports_nothing_heavy():
     assert elapsed < 1.5, f"qtool matrix took {elapsed:.2f}s"
     out = subprocess.run([sys.executable, "-m", "qtool", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "matrix" in out.stdout
+
+
+def test_runtime_row_marks_qtool_kernel_cells_from_the_data():
+    from qtool.support.check import runtime_cell
+    rt = data.runtime_support()["cuda"]
+    hop = resolve_gpu("sm90")
+    for label in rt["recipes"]:
+        kind, name = ("kv", label[3:]) if label.startswith("kv ") else ("weights", label)
+        col = data.recipes()[kind][name].column
+        expected = ("Y" if data.hardware_matrix().supported("Hopper", col) else "q") if "sm90" in rt["archs"] else "."
+        assert runtime_cell(hop, label) == expected
+    assert runtime_cell(hop, "nvfp4") == "q" and runtime_cell(hop, "fp8") == "Y"
+    r = runner.invoke(app, ["matrix", "--gpu", "h200", "--json"])
+    assert json.loads(r.stdout)["gpu"]["qtool_runtime"]["NVFP4"] == "q"

@@ -14,7 +14,7 @@ from rich.table import Table
 from qtool.commands._common import guarded, print_json, stdout
 from qtool.commands._options import EXIT_CODES_HELP, GPU_HELP, KvRecipe, WeightRecipe, value
 from qtool.support import data
-from qtool.support.check import check_request, usable_recipes
+from qtool.support.check import check_request, runtime_cell, usable_recipes
 from qtool.support.families import rows_for_model
 from qtool.support.gpus import archs, resolve_gpu
 
@@ -48,6 +48,11 @@ def _table(m: data.Matrix, title: str, rows=None, first: str = "Model") -> Table
 def _print_notes(m: data.Matrix) -> None:
     for n in m.notes:
         stdout.print(f"[dim]Note: {n}[/dim]")
+
+
+def _runtime_row(arch) -> dict[str, str]:
+    """Matrix column → qtool runtime cell ('Y', 'q', '.') on `arch` (recipes/runtime_support.toml)."""
+    return {col: runtime_cell(arch, label) for label, col in _recipe_columns().items()}
 
 
 def _recipe_columns() -> dict[str, str]:
@@ -86,6 +91,7 @@ def matrix(
         if arch is not None:
             out["gpu"] = {"arch": arch.key, "row": arch.row, "title": arch.title,
                           "supports": hm.row_dict(arch.row),
+                          "qtool_runtime": _runtime_row(arch),
                           "recipes": usable_recipes(None, arch),
                           "families": {r: usable_recipes([r], arch) for r in (rows or mm.rows)}}
         if rows is not None:
@@ -111,7 +117,13 @@ def matrix(
         stdout.print(_table(mm, "Model support matrix", rows=rows))
         stdout.print("Supported recipes: " + (", ".join(usable_recipes(rows, None)) or "none"))
     if arch is not None:
-        stdout.print(_table(hm, f"{arch.title}: hardware support", rows=[arch.row], first="GPU"))
+        t = _table(hm, f"{arch.title}: hardware support (TensorRT-LLM) and qtool's runtime", rows=[arch.row], first="GPU")
+        cells = _runtime_row(arch)
+        t.add_row("qtool runtime", *[{"Y": "[green]Y[/green]", "q": "[yellow]q[/yellow]"}.get(cells[c], "[dim].[/dim]")
+                                     for c in hm.columns])
+        stdout.print(t)
+        stdout.print("[dim]qtool runtime: Y = supported and run by qtool's CUDA kernels; q = run by qtool's kernels "
+                     "(decoded in-kernel) although the hardware matrix says '.'; `qtool run --strict` refuses q.[/dim]")
         stdout.print(f"{arch.label} supports: " + (", ".join(usable_recipes(None, arch)) or "none"))
         t = Table(title=f"What each model family can use on {arch.label}", title_justify="left")
         t.add_column("Family", style="bold")

@@ -76,6 +76,19 @@ def usable_recipes(rows: list[str] | None, arch: Arch | None) -> list[str]:
     return out
 
 
+def runtime_cell(arch: Arch, label: str) -> str:
+    """qtool's CUDA runtime on `arch` for a recipe label ('fp8', 'kv nvfp4'): 'Y', 'q' or '.'.
+
+    'Y': the hardware matrix says Y and qtool runs it; 'q': qtool's kernels run it although the
+    hardware matrix says '.'; '.': qtool's CUDA backend does not run it there.
+    """
+    rt = data.runtime_support().get("cuda", {})
+    if arch.key not in rt.get("archs", []) or label not in rt.get("recipes", []):
+        return "."
+    kind, name = ("kv", label[3:]) if label.startswith("kv ") else ("weights", label)
+    return "Y" if hardware_allows(arch, _recipe(kind, name).column) else "q"
+
+
 def _rule_violation(quant: str, kv: str) -> str | None:
     kv_r = _recipe("kv", kv)
     need = kv_r.get("requires_weights")
