@@ -44,10 +44,16 @@ def block_scale_2d(scale: torch.Tensor) -> torch.Tensor:
     return s
 
 
-def expand_block_scale(scale2d: torch.Tensor, out_f: int, in_f: int) -> torch.Tensor:
-    """Repeat a ``[bo, bi]`` scale over its blocks (block = ceil(dim / blocks)) and crop to ``[out, in]``."""
+def _block_len(n: int, blocks: int) -> int:
+    """The block length of a dim of n split in ``blocks``: 128 when that fits, else ceil(n / blocks)."""
+    return FP8_BLOCK if -(-n // FP8_BLOCK) == blocks else -(-n // blocks)
+
+
+def expand_block_scale(scale2d: torch.Tensor, out_f: int, in_f: int, block: int | None = None) -> torch.Tensor:
+    """Repeat a ``[bo, bi]`` scale over its blocks and crop to ``[out, in]``."""
     bo, bi = scale2d.shape
-    so, si = -(-out_f // bo), -(-in_f // bi)
+    so = block or _block_len(out_f, bo)
+    si = block or _block_len(in_f, bi)
     return scale2d.repeat_interleave(so, 0).repeat_interleave(si, 1)[:out_f, :in_f]
 
 
@@ -58,7 +64,7 @@ def decode_fp8_block(weight: torch.Tensor, scale: torch.Tensor, block: int | Non
         if s2.shape != (-(-out_f // block), -(-in_f // block)):
             raise ValueError(f"fp8 block scale {tuple(s2.shape)} does not match weight {out_f}x{in_f} "
                              f"with {block}x{block} blocks")
-    return weight.float() * expand_block_scale(s2, out_f, in_f)
+    return weight.float() * expand_block_scale(s2, out_f, in_f, block)
 
 
 # ---------------------------------------------------------------- encode (ModelOpt export rules)
@@ -88,4 +94,4 @@ def encode_fp8_block(weight: torch.Tensor, block: int = FP8_BLOCK, scale: torch.
         amax = pad.abs().reshape(bo, block, bi, block).amax(dim=(1, 3))
         scale = (amax.float() / E4M3_MAX).reshape(bo, 1, bi, 1)
     s2 = block_scale_2d(scale).to(weight.device)
-    return e4m3(weight / expand_block_scale(s2, out_f, in_f)), s2.reshape(bo, 1, bi, 1)
+    return e4m3(weight / expand_block_scale(s2, out_f, in_f, block)), s2.reshape(bo, 1, bi, 1)

@@ -4,7 +4,9 @@ Contract: ``LinearWeights.tensors`` maps ROLES (weight, weight_scale, weight_sca
 input_scale, pre_quant_scale, qweight, qzeros, scales, g_idx) to tensors exactly as stored in the checkpoint
 (or as re-quantized by fusion, which ``note`` then says). ``dequantize()`` is the float32 ``[out, in]`` weight
 per docs/numerics.md; ``quantize_input(x)`` is the activation side (``x * pre_quant_scale`` then the activation
-rule). ``ModelWeights.nbytes()`` counts the bytes held (an FP8 checkpoint is about half of bf16).
+rule). A group that could not be fused exactly (rare: see qtool/runtime/fusion.py) has ``format == 'parts'``
+and ``parts`` set: apply each part to the same input and concatenate the outputs along the last dim
+(``dequantize()`` already returns the concatenation). ``ModelWeights.nbytes()`` counts the bytes held (an FP8 checkpoint is about half of bf16).
 Built by qtool.runtime.loader.load_model_weights; consumed by the model code and both backends.
 """
 from __future__ import annotations
@@ -29,10 +31,13 @@ class LinearWeights:
     fp8_weight_stage: bool = False    # W4A8 AWQ: int4 then FP8 per-tensor (weight_scale_2)
     bias: torch.Tensor | None = None
     note: str = ""                    # e.g. 'fused q/k/v; requantized to shared scale'
+    parts: list[LinearWeights] | None = None   # set (format 'parts') when a q/k/v or gate/up group stays unfused
 
     def dequantize(self) -> torch.Tensor:
         """float32 ``[out, in]`` via qtool.formats.decode_weight."""
         from qtool.formats import decode_weight
+        if self.parts is not None:
+            return torch.cat([p.dequantize() for p in self.parts])
         w = decode_weight(self.format, self.tensors, self.group_size, self.fp8_weight_stage)
         if tuple(w.shape) != (self.out_features, self.in_features):
             raise ValueError(f"decoded weight {tuple(w.shape)} != ({self.out_features}, {self.in_features})")
@@ -49,6 +54,8 @@ class LinearWeights:
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """x̂ (float32): ``x * pre_quant_scale`` (when present), then the activation rule of ``activation``."""
         from qtool.formats import quantize_activation
+        if self.parts is not None:
+            raise ValueError("a 'parts' LinearWeights has one input transform per part; use each part's")
         x = x.float()
         pqs = self.pre_quant_scale
         if pqs is not None:
@@ -56,6 +63,8 @@ class LinearWeights:
         return quantize_activation(self.activation, x, self.input_scale)
 
     def nbytes(self) -> int:
+        if self.parts is not None:
+            return sum(p.nbytes() for p in self.parts)
         return sum(_tensor_bytes(t) for t in self.tensors.values()) + _tensor_bytes(self.bias)
 
 

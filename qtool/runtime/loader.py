@@ -1,0 +1,219 @@
+"""``load_model_weights``: a checkpoint (local folder or hub id) → ModelWeights, weights kept quantized.
+
+Contract: reads the per-layer formats from qtool.checkpoint.scheme.describe (which validates every tensor
+against its format), loads each tensor in its on-disk dtype onto the CPU, builds one LinearWeights per linear
+and fuses q|k|v and gate|up (qtool.runtime.fusion, which says in ``note`` and in ``ModelWeights.notes`` where
+it re-quantized or kept parts). Families: llama (incl. llama3 rope scaling), mistral, qwen2 (q/k/v bias),
+qwen3 (q/k RMSNorm); tied or untied embeddings. An unknown model_type raises Unsupported; a bad checkpoint
+raises CheckpointError (one line each). A quantized KV cache without k_scale/v_scale uses 1.0 and says so in
+``notes``. A hub id is downloaded through huggingface_hub (offline: one-line Failure). Progress goes to stderr.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from qtool.errors import CheckpointError, Failure, Unsupported
+from qtool.runtime.fusion import fuse
+from qtool.runtime.weights import LayerWeights, LinearWeights, ModelConfig, ModelWeights
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+ATTN = ("q_proj", "k_proj", "v_proj")
+MLP = ("gate_proj", "up_proj")
+_DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+
+
+# ---------------------------------------------------------------- config
+def _rope(cfg: dict) -> tuple[float, dict | None]:
+    params = cfg.get("rope_parameters") if isinstance(cfg.get("rope_parameters"), dict) else {}
+    scaling = cfg.get("rope_scaling") if isinstance(cfg.get("rope_scaling"), dict) else None
+    theta = float(cfg.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    merged = {**params, **(scaling or {})}
+    kind = merged.get("rope_type") or merged.get("type") or "default"
+    if kind == "default":
+        return theta, None
+    merged = {k: v for k, v in merged.items() if k not in ("rope_theta", "type")}
+    merged["rope_type"] = kind
+    return theta, merged
+
+
+def _eos(cfg: dict, gen: dict | None) -> list[int]:
+    ids: list[int] = []
+    for src in (gen or {}, cfg):
+        v = src.get("eos_token_id")
+        for x in (v if isinstance(v, list) else [v]):
+            if isinstance(x, int) and x not in ids:
+                ids.append(x)
+    return ids
+
+
+def model_config(cfg: dict, gen: dict | None, tensor_names) -> ModelConfig:
+    """The runtime config of a llama-family checkpoint from config.json (+ generation_config.json)."""
+    cfg = cfg.get("text_config", cfg) if isinstance(cfg.get("text_config"), dict) else cfg
+    family = str(cfg.get("model_type", "")).lower()
+    if family not in FAMILIES:
+        raise Unsupported(f"model_type {cfg.get('model_type')!r} is not supported by qtool run "
+                          f"(supported: {', '.join(FAMILIES)})")
+    try:
+        hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+        theta, scaling = _rope(cfg)
+        names = set(tensor_names)
+        return ModelConfig(
+            family=family, hidden_size=hidden, intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]), num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads), vocab_size=int(cfg["vocab_size"]),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)) or "lm_head.weight" not in names,
+            qkv_bias="model.layers.0.self_attn.q_proj.bias" in names,
+            qk_norm="model.layers.0.self_attn.q_norm.weight" in names,
+            bos_token_id=cfg.get("bos_token_id") if isinstance(cfg.get("bos_token_id"), int) else None,
+            eos_token_ids=_eos(cfg, gen))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"config.json: missing or invalid {exc} for a {family} model")
+
+
+# ---------------------------------------------------------------- tensors
+class _Reader:
+    """Loads tensors by name from the shards (safetensors, CPU, on-disk dtype)."""
+
+    def __init__(self, files):
+        self.files, self._open = files, {}
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+        info = self.files.tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"tensor {name} is missing")
+        path = str(info.file)
+        if path not in self._open:
+            try:
+                self._open[path] = safe_open(path, framework="pt", device="cpu")
+            except Exception as exc:  # noqa: BLE001 - any library failure is a bad file
+                raise CheckpointError(f"{Path(path).name}: cannot open ({exc})")
+        try:
+            return self._open[path].get_tensor(name)
+        except Exception as exc:  # noqa: BLE001
+            raise CheckpointError(f"{name}: cannot read from {Path(path).name} ({exc})")
+
+
+def _linear(spec, reader: _Reader) -> LinearWeights:
+    tensors = {role: reader.get(name) for role, name in spec.tensors.items() if role != "bias"}
+    bias = reader.get(spec.tensors["bias"]) if "bias" in spec.tensors else None
+    return LinearWeights(spec.format, spec.activation, spec.out_features, spec.in_features, tensors,
+                         spec.group_size, spec.fp8_weight_stage, bias)
+
+
+def _local_path(path_or_id: str):
+    from qtool.checkpoint.files import looks_like_hub_id, open_checkpoint
+    p = Path(path_or_id).expanduser()
+    if p.exists() or not looks_like_hub_id(path_or_id):
+        return open_checkpoint(str(p) if p.exists() else path_or_id)
+    try:
+        from huggingface_hub import snapshot_download
+        local = snapshot_download(path_or_id, allow_patterns=_DOWNLOAD_PATTERNS)
+    except Exception as exc:  # noqa: BLE001 - network/auth/not-found all end the command the same way
+        raise Failure(f"cannot download {path_or_id} from the Hugging Face hub ({type(exc).__name__})",
+                      hint="check the id and your network, or pass a local checkpoint folder")
+    files = open_checkpoint(local)
+    files.source = path_or_id
+    return files
+
+
+def _summary(scheme) -> str:
+    fmts = sorted({(s.format, s.activation) for s in scheme.linears.values()})
+    parts = [f"{f}" + (f"/act {a}" if a != "none" else "") for f, a in fmts]
+    head = scheme.recipe or scheme.quant_algo or "bf16"
+    return f"{head} ({scheme.quant_method}; {', '.join(parts)}; kv {scheme.kv_format})"
+
+
+def load_model_weights(path_or_id: str, progress: bool = True) -> ModelWeights:
+    from qtool.checkpoint.scheme import describe
+    files = _local_path(path_or_id)
+    scheme = describe(files)
+    config = model_config(files.config, files.generation_config, files.tensors)
+    reader, notes = _Reader(files), list(scheme.notes)
+
+    def need(name: str) -> torch.Tensor:
+        return reader.get(name)
+
+    def lin(module: str) -> LinearWeights:
+        spec = scheme.linears.get(module)
+        if spec is None:
+            raise CheckpointError(f"{module}: linear layer missing from the checkpoint")
+        return _linear(spec, reader)
+
+    embed = need("model.embed_tokens.weight")
+    layers: list[LayerWeights] = []
+    with _progress(progress, config.num_layers, files.source) as advance:
+        for i in range(config.num_layers):
+            p = f"model.layers.{i}."
+            qkv = fuse([lin(p + "self_attn." + m) for m in ATTN], f"layer {i} q/k/v")
+            gate_up = fuse([lin(p + "mlp." + m) for m in MLP], f"layer {i} gate/up")
+            for lw in (qkv, gate_up):
+                if "requantized" in lw.note or "parts" in lw.note or "max" in lw.note:
+                    notes.append(lw.note)
+            k_scale, v_scale = _kv_scales(scheme, i, reader, notes)
+            layers.append(LayerWeights(
+                input_norm=need(p + "input_layernorm.weight"), post_attn_norm=need(p + "post_attention_layernorm.weight"),
+                qkv=qkv, o=lin(p + "self_attn.o_proj"), gate_up=gate_up, down=lin(p + "mlp.down_proj"),
+                q_norm=need(p + "self_attn.q_norm.weight") if config.qk_norm else None,
+                k_norm=need(p + "self_attn.k_norm.weight") if config.qk_norm else None,
+                k_scale=k_scale, v_scale=v_scale))
+            advance()
+    if "lm_head" in scheme.linears:
+        lm_head = lin("lm_head")
+    else:
+        lm_head = LinearWeights("bf16", "none", config.vocab_size, config.hidden_size, {"weight": embed},
+                                note="tied to the embedding")
+    return ModelWeights(config=config, embed=embed, final_norm=need("model.norm.weight"), lm_head=lm_head,
+                        layers=layers, kv_format=scheme.kv_format, source=files.source,
+                        scheme_summary=_summary(scheme), notes=_dedupe(notes))
+
+
+def _kv_scales(scheme, layer: int, reader: _Reader, notes: list[str]):
+    if scheme.kv_format == "bf16":
+        return None, None
+    k_name, v_name = scheme.kv_scales.get(layer, (None, None))
+    out = []
+    for what, name in (("k_scale", k_name), ("v_scale", v_name)):
+        if name is None:
+            out.append(1.0)
+            notes.append(f"{scheme.kv_format} KV cache: checkpoint has no {what}; using 1.0")
+        else:
+            out.append(float(reader.get(name).float().reshape(-1)[0]))
+    return out[0], out[1]
+
+
+def _dedupe(notes: list[str]) -> list[str]:
+    seen, out = set(), []
+    for n in notes:
+        if n not in seen:
+            seen.add(n)
+            out.append(n)
+    return out
+
+
+class _progress:
+    """A rich progress bar on stderr (or nothing); ``with _progress(...) as advance: advance()``."""
+
+    def __init__(self, enabled: bool, total: int, source: str):
+        self.enabled, self.total, self.source, self.bar = enabled, total, source, None
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda: None
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+        self.bar = Progress(TextColumn("loading {task.description}"), BarColumn(), MofNCompleteColumn(),
+                            console=Console(stderr=True), transient=True)
+        self.bar.start()
+        task = self.bar.add_task(Path(self.source).name or self.source, total=self.total)
+        return lambda: self.bar.advance(task)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+        return False
