@@ -53,7 +53,9 @@ class Backend(Protocol):
         """(rmsnorm(x + residual) * weight, x + residual); with residual None the second is x."""
 
     def linear(self, x: Tensor, lw: LinearWeights) -> Tensor:
-        """x [N, in] → [N, out]: pre_quant_scale, activation quantization of lw's scheme, matmul, bias."""
+        """x [N, in] → [N, out]: pre_quant_scale, activation quantization of lw's scheme, matmul, bias.
+        An unfused group (`lw.format == 'parts'`, `lw.parts` set) applies each part to x and
+        concatenates the outputs along the last dim."""
 
     def silu_mul(self, gate_up: Tensor) -> Tensor:
         """[N, 2I] (gate | up) → silu(gate) * up, [N, I]."""

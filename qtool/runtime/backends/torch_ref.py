@@ -1,0 +1,168 @@
+"""The PyTorch reference backend: float32 on CPU; it DEFINES the numerics of docs/numerics.md.
+
+Contract: implements qtool.runtime.backend.Backend. `prepare` decodes every linear layer once to
+a float32 `[out, in]` matrix (cached per LinearWeights; the quantized tensors stay referenced by
+the ModelWeights, the float32 copies are this backend's working form). `linear` applies the
+layer's `pre_quant_scale`, then the activation quantization of its scheme
+(`qtool.formats.quantize_activation`), then `x @ W^T + bias` in float32. The KV cache holds K/V
+in their stored (quantized) form, written with `qtool.formats.kv_encode` and read back with
+`kv_decode`, using each layer's k_scale / v_scale (1.0 when the checkpoint has none).
+Attention, softmax, norms and RoPE are float32. No CUDA-graph concerns apply here.
+"""
+from __future__ import annotations
+
+import math
+import resource
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+from qtool.runtime import rope
+from qtool.runtime.sampling import sample as _sample
+
+
+@dataclass
+class RefKVCache:
+    """Per layer: K and V as tuples of stored tensors, each [B, max_len, Hkv, ...]."""
+
+    fmt: str
+    batch: int
+    max_len: int
+    k: list = field(default_factory=list)
+    v: list = field(default_factory=list)
+
+
+def _f32(t):
+    return None if t is None else t.to(torch.float32)
+
+
+class TorchRefBackend:
+    name = "torch"
+
+    def __init__(self):
+        self.device = torch.device("cpu")
+        self.act_dtype = torch.float32
+        self._w: dict[int, torch.Tensor] = {}
+        self._bias: dict[int, torch.Tensor | None] = {}
+
+    # -- weights -----------------------------------------------------------------------------
+    def prepare(self, weights) -> None:
+        self.weights = weights
+        c = weights.config
+        self.config = c
+        self.inv_freq = rope.inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
+        self.embed_table = _f32(weights.embed)
+        self.final_norm = _f32(weights.final_norm)
+        linears = [weights.lm_head]
+        for L in weights.layers:
+            linears += [L.qkv, L.o, L.gate_up, L.down]
+        for lw in linears:
+            self._register(lw)
+        self.k_scales = [self._scale(L.k_scale) for L in weights.layers]
+        self.v_scales = [self._scale(L.v_scale) for L in weights.layers]
+
+    def _register(self, lw) -> None:
+        if id(lw) in self._w:
+            return
+        if lw.parts is not None:          # an unfused q/k/v or gate/up group: each part on the same input
+            self._w[id(lw)] = None
+            for part in lw.parts:
+                self._register(part)
+            return
+        self._w[id(lw)] = lw.dequantize().to(torch.float32)
+        self._bias[id(lw)] = _f32(lw.bias)
+
+    @staticmethod
+    def _scale(s) -> torch.Tensor:
+        return torch.tensor(1.0) if s is None else torch.as_tensor(s, dtype=torch.float32).reshape(())
+
+    # -- elementwise ---------------------------------------------------------------------------
+    def embed(self, ids):
+        return self.embed_table[ids.reshape(-1)]
+
+    @staticmethod
+    def _rms(x, weight, eps):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.to(torch.float32)
+
+    def rmsnorm(self, x, weight, eps, residual=None):
+        h = x if residual is None else x + residual
+        return self._rms(h, weight, eps), h
+
+    def head_rmsnorm(self, x, weight, eps):
+        return self._rms(x, weight, eps)
+
+    def silu_mul(self, gate_up):
+        g, u = gate_up.chunk(2, dim=-1)
+        return torch.nn.functional.silu(g) * u
+
+    # -- linear --------------------------------------------------------------------------------
+    def linear(self, x, lw):
+        if lw.parts is not None:
+            return torch.cat([self.linear(x, part) for part in lw.parts], dim=-1)
+        y = lw.quantize_input(x) @ self._w[id(lw)].t()
+        bias = self._bias[id(lw)]
+        return y if bias is None else y + bias
+
+    def final_logits(self, x):
+        h = self._rms(x, self.final_norm, self.config.rms_norm_eps)
+        return self.linear(h, self.weights.lm_head)
+
+    # -- KV cache and attention ----------------------------------------------------------------
+    def new_cache(self, batch, max_len, kv_format):
+        from qtool.formats import kv_encode
+        c = self.config
+        cache = RefKVCache(kv_format, batch, max_len)
+        for i in range(c.num_layers):
+            zeros = torch.zeros(batch, max_len, c.num_kv_heads, c.head_dim)
+            cache.k.append(tuple(t.clone() for t in kv_encode(kv_format, zeros, self.k_scales[i])))
+            cache.v.append(tuple(t.clone() for t in kv_encode(kv_format, zeros, self.v_scales[i])))
+        return cache
+
+    def cache_nbytes(self, cache) -> int:
+        return sum(t.numel() * t.element_size() for tup in cache.k + cache.v for t in tup)
+
+    def rope_and_store(self, q, k, v, positions, cache, layer):
+        from qtool.formats import kv_encode
+        B, T = positions.shape
+        cos, sin = rope.cos_sin(self.inv_freq, positions.reshape(-1))
+        q = rope.apply(q, cos, sin)
+        k = rope.apply(k, cos, sin)
+        rows = torch.arange(B).unsqueeze(1).expand(B, T)
+        for store, x, scale in ((cache.k[layer], k, self.k_scales[layer]), (cache.v[layer], v, self.v_scales[layer])):
+            enc = kv_encode(cache.fmt, x.reshape(B, T, *x.shape[1:]), scale)
+            for dst, src in zip(store, enc):
+                dst[rows, positions] = src
+        return q
+
+    def attention(self, q, cache, layer, positions):
+        from qtool.formats import kv_decode
+        B, T = positions.shape
+        length = int(positions.max()) + 1
+        k = kv_decode(cache.fmt, *(t[:, :length] for t in cache.k[layer]), scale=self.k_scales[layer])
+        v = kv_decode(cache.fmt, *(t[:, :length] for t in cache.v[layer]), scale=self.v_scales[layer])
+        hq, d = q.shape[1], q.shape[2]
+        rep = hq // k.shape[2]
+        k = k.repeat_interleave(rep, dim=2)              # [B, L, Hq, d]
+        v = v.repeat_interleave(rep, dim=2)
+        qb = q.reshape(B, T, hq, d)
+        scores = torch.einsum("bthd,blhd->bhtl", qb, k) / math.sqrt(d)
+        visible = torch.arange(length)[None, None, :] <= positions[:, :, None]     # [B, T, L]
+        scores = scores.masked_fill(~visible[:, None], float("-inf"))
+        probs = scores.softmax(dim=-1)
+        out = torch.einsum("bhtl,blhd->bthd", probs, v)
+        return out.reshape(B * T, hq * d)
+
+    # -- misc ----------------------------------------------------------------------------------
+    def sample(self, logits, temperature, top_k, top_p, generator):
+        return _sample(logits, temperature, top_k, top_p, generator)
+
+    def synchronize(self) -> None:
+        return None
+
+    def peak_memory_bytes(self) -> int | None:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss if sys.platform == "darwin" else rss * 1024
+
+    def wrap_decode(self, step):
+        return step

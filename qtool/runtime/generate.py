@@ -1,0 +1,199 @@
+"""Text generation over a Model: batched prefill, then one decode step per token.
+
+Contract: `generate(model, tok, prompts_ids, opts, kv_format, eos, on_text=None)` right-pads
+the prompts into one batch, runs prefill (one forward over all prompt tokens, logits of each
+row's last token), then decode steps (`backend.wrap_decode` of a `forward` with T = 1 and
+per-row position tensors) until every row has hit an EOS id, a stop string, or
+`opts.max_new_tokens`. Sampling follows opts (temperature 0 = greedy; a seed makes sampling
+deterministic). `on_text(row, text)` receives each row's newly decoded text as it comes (held
+back while it could be the start of a stop string or an incomplete UTF-8 character). Returns
+(list of Completion, Stats). The only host synchronisation per step is reading the sampled ids.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from qtool.errors import UsageError
+
+
+@dataclass
+class GenerateOptions:
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str          # 'eos' | 'stop' | 'length'
+
+
+@dataclass
+class Stats:
+    backend: str
+    kv_cache_dtype: str
+    prompt_tokens: int
+    generated_tokens: int
+    prefill_s: float
+    decode_s: float
+    decode_steps: int           # forward passes with T = 1 (each computes `batch` tokens)
+    batch: int
+    peak_memory_bytes: int | None
+    weight_bytes: int
+    kv_cache_bytes: int
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.decode_steps * self.batch / self.decode_s if self.decode_s > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["prefill_tok_s"] = round(self.prefill_tok_s, 2)
+        d["decode_tok_s"] = round(self.decode_tok_s, 2)
+        return d
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n} B"
+
+
+def stats_line(s: Stats, backend_label: str) -> str:
+    return (f"prompt {s.prompt_tokens} tok | prefill {s.prefill_tok_s:.1f} tok/s | "
+            f"decode {s.decode_tok_s:.1f} tok/s ({s.generated_tokens} tok) | peak mem {_fmt_bytes(s.peak_memory_bytes)} | "
+            f"backend {backend_label} | kv {s.kv_cache_dtype} | weights {_fmt_bytes(s.weight_bytes)}")
+
+
+class TextStream:
+    """Incremental detokenisation of one row, with stop-string handling."""
+
+    def __init__(self, tok, stops: list[str]):
+        self.tok, self.stops = tok, [s for s in stops if s]
+        self.ids: list[int] = []
+        self.emitted = 0
+        self.text = ""
+        self.stopped = False
+
+    def _holdback(self, full: str) -> int:
+        if full.endswith("\ufffd"):
+            return len(full) - len(full.rstrip("\ufffd"))
+        k_max = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(full)), 0, -1):
+                if full.endswith(s[:k]):
+                    k_max = max(k_max, k)
+                    break
+        return k_max
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        full = self.tok.decode(self.ids, skip_special_tokens=True)
+        for s in self.stops:
+            i = full.find(s, max(0, self.emitted - len(s)))
+            if i >= 0:
+                full = full[:i]
+                self.stopped = True
+        if self.stopped:
+            out = full[self.emitted:]
+            self.text, self.emitted = full, max(self.emitted, len(full))
+            return out
+        safe = len(full) - self._holdback(full)
+        out = full[self.emitted:safe] if safe > self.emitted else ""
+        self.emitted = max(self.emitted, safe)
+        self.text = full
+        return out
+
+    def flush(self) -> str:
+        out = self.text[self.emitted:]
+        self.emitted = len(self.text)
+        return out
+
+
+def generate(model, tok, prompts_ids: list[list[int]], opts: GenerateOptions, kv_format: str, eos: set[int],
+             on_text=None) -> tuple[list[Completion], Stats]:
+    be = model.backend
+    dev = be.device
+    B = len(prompts_ids)
+    lens = [len(p) for p in prompts_ids]
+    if min(lens) == 0:
+        raise UsageError("a prompt encodes to zero tokens")
+    T = max(lens)
+    limit = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+    max_new = opts.max_new_tokens
+    if limit and T >= limit:
+        raise UsageError(f"the prompt has {T} tokens; the model allows {limit} positions")
+    if limit:
+        max_new = min(max_new, limit - T)
+    cache = model.new_cache(B, T + max_new, kv_format)
+    ids = torch.zeros(B, T, dtype=torch.long)
+    for b, p in enumerate(prompts_ids):
+        ids[b, :len(p)] = torch.tensor(p, dtype=torch.long)
+    ids = ids.to(dev)
+    positions = torch.arange(T, dtype=torch.long).expand(B, T).contiguous().to(dev)
+    pos = torch.tensor(lens, dtype=torch.long, device=dev)
+    gen = None
+    if opts.seed is not None:
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(opts.seed)
+
+    def pick(logits):
+        return be.sample(logits, opts.temperature, opts.top_k, opts.top_p, gen)
+
+    t0 = time.perf_counter()
+    tok_ids = pick(model.forward(ids, positions, cache, last_index=pos - 1))
+    be.synchronize()
+    t1 = time.perf_counter()
+
+    step = be.wrap_decode(lambda i, p: model.forward(i, p, cache))
+    streams = [TextStream(tok, opts.stop) for _ in range(B)]
+    finish = [None] * B
+    generated = 0
+    steps = 0
+    for n in range(max_new):
+        host = tok_ids.tolist()
+        for b in range(B):
+            if finish[b]:
+                continue
+            if host[b] in eos:
+                finish[b] = "eos"
+                continue
+            generated += 1
+            out = streams[b].add(host[b])
+            if out and on_text:
+                on_text(b, out)
+            if streams[b].stopped:
+                finish[b] = "stop"
+        if all(finish) or n == max_new - 1:
+            break
+        tok_ids = pick(step(tok_ids[:, None], pos[:, None]))
+        pos = pos + 1
+        steps += 1
+    be.synchronize()
+    t2 = time.perf_counter()
+    results = []
+    for b in range(B):
+        rest = streams[b].flush()
+        if rest and on_text:
+            on_text(b, rest)
+        results.append(Completion(streams[b].text, streams[b].ids, lens[b], finish[b] or "length"))
+    stats = Stats(backend=be.name, kv_cache_dtype=kv_format, prompt_tokens=sum(lens), generated_tokens=generated,
+                  prefill_s=t1 - t0, decode_s=t2 - t1, decode_steps=steps, batch=B, peak_memory_bytes=be.peak_memory_bytes(),
+                  weight_bytes=model.weights.nbytes(), kv_cache_bytes=be.cache_nbytes(cache))
+    return results, stats
