@@ -181,7 +181,7 @@ def looks_like_hub_id(text: str) -> bool:
     return bool(HUB_ID.match(text)) and not text.startswith((".", "/", "~")) and ".." not in text
 
 
-def _shard_names(root: Path, index: dict | None, listing: list[str]) -> tuple[list[str], dict[str, str]]:
+def shard_names(root: Path, index: dict | None, listing: list[str]) -> tuple[list[str], dict[str, str]]:
     """Shard file names and the index's tensor -> file map (empty without an index)."""
     if index is not None:
         wm = index.get("weight_map")
@@ -205,7 +205,7 @@ def assemble(root: Path, source: str, jsons: dict[str, dict | None], listing: li
     """
     problems: list[str] = []
     index = jsons.get(INDEX_NAME)
-    names, weight_map = _shard_names(root, index, listing)
+    names, weight_map = shard_names(root, index, listing)
     tensors: dict[str, TensorInfo] = {}
     for name in names:
         if name not in sizes:

@@ -95,7 +95,7 @@ def _is_scalar(t: TensorInfo) -> bool:
     return t.shape in ((), (1,))
 
 
-def _text_cfg(config: dict) -> dict:
+def text_config(config: dict) -> dict:
     for key in ("text_config", "language_config", "llm_config"):
         if isinstance(config.get(key), dict):
             return config[key]
@@ -103,7 +103,7 @@ def _text_cfg(config: dict) -> dict:
 
 
 def num_layers(config: dict) -> int | None:
-    c = _text_cfg(config)
+    c = text_config(config)
     n = c.get("num_hidden_layers", c.get("n_layer", c.get("num_layers")))
     return n if isinstance(n, int) else None
 
@@ -440,7 +440,7 @@ def _linear(module: str, roles: dict[str, TensorInfo], d: _Declared, bad, notes)
         group = d.qcfg.get("weight_block_size", [128, 128])[-1]
     spec = LinearSpec(module, fmt, activation, group, out_f, in_f, {r: t.name for r, t in roles.items()}, stage)
     if fmt in ("nvfp4", "mxfp4") and activation == "fp8" and "input_scale" not in roles:
-        notes.append(f"{module}: no input_scale; FP8 activations are scaled dynamically per tensor")
+        notes.append(module)
     return spec, excluded
 
 
@@ -518,6 +518,9 @@ def describe(files: CheckpointFiles, strict: bool = True) -> CheckpointScheme:
             excluded.append(module)
     if d.method != "none" and not any(s.format != "bf16" for s in linears.values()):
         bad(f"the config declares {d.method} quantization but no linear layer is quantized")
+    if notes:
+        notes = [f"{len(notes)} FP8-activation linear(s) have no input_scale (e.g. {notes[0]}): activations are "
+                 "scaled dynamically per tensor"]
     kv_format, kv_scales = _kv(files, d, kv_tensors, bad)
     other = [n for n in files.tensors if n not in used]
     return CheckpointScheme(
