@@ -1,0 +1,84 @@
+// act_quant.cu — activation quantization x -> x̂ (float32 out) for every recipe, docs/numerics.md and
+// qtool/formats/activations.py. One kernel, one block of 256 threads per row (grid M); for the dynamic
+// per-tensor fallback (scheme fp8 or nvfp4 without input_scale) launch grid 1: the block covers all rows.
+// x f32 [M, ldx]; out f32 [M, ldo]; pqs f32 [K] or null (x *= pqs first); in_scale f32 [1] or null.
+// scheme: 0 none (pqs only), 1 fp8 per-tensor static, 2 fp8 per token, 3 fp8 per token x 128-channel group,
+//         4 nvfp4 (global g = in_scale, 16-blocks), 5 mxfp4 (32-blocks, E8M0).
+// Group schemes need K % group == 0 except fp8-block (last group may be short).
+#include "common.cuh"
+
+__device__ __forceinline__ float fake_fp8(float x, float s) { return e4m3_to_f32(f32_to_e4m3(x / s)) * s; }
+
+__device__ __forceinline__ float nvfp4_q(float x, float S) { return e2m1_to_f32(f32_to_e2m1(x / S)) * S; }
+
+__device__ __forceinline__ float mx_exp(float amax) {  // clamp(ceil(log2(amax/6)), -127, 127) as 2^e
+  float ratio = amax / 6.0f;
+  if (!(ratio > 0.0f)) return e8m0_to_f32(0);
+  int ex; float mant = frexpf(ratio, &ex);
+  int e = mant == 0.5f ? ex - 1 : ex;
+  e = max(-127, min(127, e));
+  return e8m0_to_f32((unsigned)(e + 127));
+}
+
+extern "C" __global__ void act_quant(const float* __restrict__ x, int ldx, float* __restrict__ out, int ldo, int M,
+                                     int K, int scheme, const float* __restrict__ in_scale,
+                                     const float* __restrict__ pqs) {
+  __shared__ float red[32];
+  int r0 = blockIdx.x, r1 = blockIdx.x + 1;
+  float ts = 0.0f;
+  if ((scheme == 1 || scheme == 4) && in_scale == nullptr) {
+    r0 = 0; r1 = M;
+    float a = 0.0f;
+    for (int r = 0; r < M; ++r)
+      for (int i = threadIdx.x; i < K; i += blockDim.x) {
+        float v = x[(long long)r * ldx + i];
+        if (pqs) v *= pqs[i];
+        a = fmaxf(a, fabsf(v));
+      }
+    a = block_max(a, red);
+    if (scheme == 1) ts = fmaxf(a, 1e-12f) / 448.0f;
+    else { ts = a / 2688.0f; if (!(ts > 0.0f)) ts = 1e-12f; }
+  } else if (scheme == 1 || scheme == 4) {
+    ts = in_scale[0];
+  }
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  for (int r = r0; r < r1; ++r) {
+    const float* xr = x + (long long)r * ldx;
+    float* orow = out + (long long)r * ldo;
+    if (scheme <= 1) {
+      for (int i = threadIdx.x; i < K; i += blockDim.x) {
+        float v = xr[i];
+        if (pqs) v *= pqs[i];
+        orow[i] = scheme == 0 ? v : fake_fp8(v, ts);
+      }
+    } else if (scheme == 2) {
+      float a = 0.0f;
+      for (int i = threadIdx.x; i < K; i += blockDim.x) a = fmaxf(a, fabsf(pqs ? xr[i] * pqs[i] : xr[i]));
+      float s = fmaxf(block_max(a, red), 1e-12f) / 448.0f;
+      for (int i = threadIdx.x; i < K; i += blockDim.x) orow[i] = fake_fp8(pqs ? xr[i] * pqs[i] : xr[i], s);
+    } else {
+      int G = scheme == 3 ? 128 : (scheme == 4 ? 16 : 32);
+      int ngroups = (K + G - 1) / G;
+      for (int gi = warp; gi < ngroups; gi += nw) {
+        float v[4];
+        float a = 0.0f;
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+          int j = lane + 32 * t, i = gi * G + j;
+          v[t] = 0.0f;
+          if (j < G && i < K) { v[t] = pqs ? xr[i] * pqs[i] : xr[i]; a = fmaxf(a, fabsf(v[t])); }
+        }
+        a = warp_max(a);
+        float S;
+        if (scheme == 3) S = fmaxf(a, 1e-4f) / 448.0f;
+        else if (scheme == 4) { S = e4m3_round(a / (6.0f * ts)) * ts; if (!(S >= 1e-5f)) S = 1.0f; }
+        else S = mx_exp(a);
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+          int j = lane + 32 * t, i = gi * G + j;
+          if (j < G && i < K) orow[i] = scheme == 3 ? fake_fp8(v[t], S) : nvfp4_q(v[t], S);
+        }
+      }
+    }
+  }
+}

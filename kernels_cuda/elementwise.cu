@@ -1,0 +1,54 @@
+// elementwise.cu — embedding gather, RMSNorm fused with the residual add, SiLU*mul.
+// Activations and the residual stream are float32, row-major [rows, cols], contiguous.
+//
+// embed_gather(ids int32 [N], table bf16 [V,H], out f32 [N,H], H)           grid N, block 256
+// embed_gather_f32(ids, table f32 [V,H], out, H)                           grid N, block 256
+// rmsnorm_residual(x f32 [N,H], res f32 [N,H] or null, w f32 [H], y f32 [N,H], res_out f32 [N,H], H, eps)
+//     r = x + res (or x); res_out = r; y = r * rsqrt(mean(r^2) + eps) * w.   grid N, block 256
+//     (res_out may alias res; y may not alias x.)
+// silu_mul(gu f32 [N, 2I] = [gate | up], out f32 [N, I], I): out = silu(g) * u.  grid (ceil(I/256), N), block 256
+#include "common.cuh"
+
+extern "C" __global__ void embed_gather(const int* __restrict__ ids, const bf16_t* __restrict__ table,
+                                        float* __restrict__ out, int H) {
+  long long row = ids[blockIdx.x];
+  const bf16_t* src = table + row * H;
+  float* dst = out + (long long)blockIdx.x * H;
+  for (int i = threadIdx.x; i < H; i += blockDim.x) dst[i] = bf16_to_f32(src[i]);
+}
+
+extern "C" __global__ void embed_gather_f32(const int* __restrict__ ids, const float* __restrict__ table,
+                                            float* __restrict__ out, int H) {
+  long long row = ids[blockIdx.x];
+  const float* src = table + row * H;
+  float* dst = out + (long long)blockIdx.x * H;
+  for (int i = threadIdx.x; i < H; i += blockDim.x) dst[i] = src[i];
+}
+
+extern "C" __global__ void rmsnorm_residual(const float* __restrict__ x, const float* res, const float* __restrict__ w,
+                                            float* __restrict__ y, float* res_out, int H, float eps) {
+  __shared__ float red[32];
+  long long base = (long long)blockIdx.x * H;
+  float ss = 0.0f;
+  for (int i = threadIdx.x; i < H; i += blockDim.x) {
+    float r = x[base + i];
+    if (res) r += res[base + i];
+    ss += r * r;
+  }
+  ss = block_sum(ss, red);
+  float inv = rsqrtf(ss / (float)H + eps);
+  for (int i = threadIdx.x; i < H; i += blockDim.x) {
+    float r = x[base + i];
+    if (res) r += res[base + i];
+    if (res_out) res_out[base + i] = r;
+    y[base + i] = r * inv * w[i];
+  }
+}
+
+extern "C" __global__ void silu_mul(const float* __restrict__ gu, float* __restrict__ out, int I) {
+  int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= I) return;
+  long long r = blockIdx.y;
+  float g = gu[r * 2 * I + i], u = gu[r * 2 * I + I + i];
+  out[r * I + i] = g / (1.0f + expf(-g)) * u;
+}

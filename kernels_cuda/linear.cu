@@ -1,0 +1,215 @@
+// linear.cu — y = x̂ @ W^T (+ bias) for every weight format, weights decoded in registers.
+// x̂ f32 [M, ldx] (already activation-quantized by act_quant.cu); y f32 [M, ldy]; bias f32 [O] or null.
+// Weight formats (prepared by qtool/kernels/weights.py from the checkpoint tensors):
+//   F=0 bf16 : w bf16 [O, K]
+//   F=1 fp8  : w e4m3 [O, K]; sc f32 scale grid, W[o,k] = w * sc[(o/sbo)*sld + k/sbi]
+//              (per-tensor: sbo=O, sbi=K; rowwise: sbo=1, sbi=K; block: sbo=sbi=128)
+//   F=2 nvfp4: w u8 [O, K/2] (element 2k low nibble); sc e4m3 u8 [O, K/16]; W = E2M1 * sc * gs
+//   F=3 mxfp4: w u8 [O, K/2]; sc E8M0 u8 [O, K/32]; W = E2M1 * 2^(sc-127)
+//   F=4 int4 : w u8 [O, K/2] unsigned nibbles u; sc f32 [O, sld], zp f32 [O, sld] (group sbi):
+//              W = (u - zp) * sc; if s2 != 0 (W4A8 AWQ): W = e4m3(W / s2) * s2
+// gemv<F, MR>: decode path, M <= MR rows. grid ceil(O/8), block 256 (one warp per output row, 16-byte
+//   streaming weight loads, 4 in flight per lane). Needs K % EPV == 0 (EPV = 8 bf16, 16 fp8, 32 fp4/int4),
+//   16-byte aligned rows, ldx % 4 == 0, and for fp8 sbi % 16 == 0, for int4 sbi % 32 == 0.
+// gemm<F>: general path (any M, K), 64x64 tiles of f32 FMA with scalar dequant. grid (ceil(O/64), ceil(M/64)),
+//   block 256.
+#include "common.cuh"
+
+#define FMT_BF16 0
+#define FMT_FP8 1
+#define FMT_NVFP4 2
+#define FMT_MXFP4 3
+#define FMT_INT4 4
+
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+  uint4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+  return r;
+}
+__device__ __forceinline__ unsigned hsub2(unsigned a, unsigned b) {
+  unsigned r; asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r;
+}
+
+template <int F>
+__device__ __forceinline__ float wload1(const u8* w, const void* sc, const float* zp, float gs, float s2, int K,
+                                        int sld, int sbo, int sbi, int o, int k) {
+  if (F == FMT_BF16) return bf16_to_f32(((const bf16_t*)w)[(long long)o * K + k]);
+  if (F == FMT_FP8)
+    return e4m3_to_f32(w[(long long)o * K + k]) * ((const float*)sc)[(long long)(o / sbo) * sld + k / sbi];
+  unsigned nib = (w[(long long)o * (K / 2) + k / 2] >> (4 * (k & 1))) & 15u;
+  if (F == FMT_NVFP4)
+    return e2m1_to_f32(nib) * e4m3_to_f32(((const u8*)sc)[(long long)o * (K / 16) + k / 16]) * gs;
+  if (F == FMT_MXFP4) return e2m1_to_f32(nib) * e8m0_to_f32(((const u8*)sc)[(long long)o * (K / 32) + k / 32]);
+  long long g = (long long)o * sld + k / sbi;
+  float v = ((float)nib - zp[g]) * ((const float*)sc)[g];
+  if (s2 != 0.0f) v = e4m3_round(v / s2) * s2;
+  return v;
+}
+
+template <int F> struct Epv { static constexpr int v = F == FMT_BF16 ? 8 : (F == FMT_FP8 ? 16 : 32); };
+
+// acc[m] += sum_i W[o, e+i] * x[m, e+i] for the EPV elements held in raw
+template <int F, int MR>
+__device__ __forceinline__ void dot_chunk(uint4 raw, int e, int o, const float* __restrict__ x, int ldx, int M,
+                                          const void* sc, const float* zp, float gs, float s2, int K, int sld,
+                                          int sbo, int sbi, float acc[MR]) {
+  constexpr int EPV = Epv<F>::v;
+  unsigned u[4] = {raw.x, raw.y, raw.z, raw.w};
+  float wv[EPV];
+  if (F == FMT_BF16) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) { wv[2 * j] = __uint_as_float(u[j] << 16); wv[2 * j + 1] = __uint_as_float(u[j] & 0xffff0000u); }
+  } else if (F == FMT_FP8) {
+    float s = ((const float*)sc)[(long long)(o / sbo) * sld + e / sbi] * 256.0f;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      unsigned a, b; fp8x4_to_h2(u[j], a, b);
+      float f0, f1, f2, f3; h2x2f(a, f0, f2); h2x2f(b, f1, f3);
+      wv[4 * j] = f0 * s; wv[4 * j + 1] = f1 * s; wv[4 * j + 2] = f2 * s; wv[4 * j + 3] = f3 * s;
+    }
+  } else if (F == FMT_NVFP4 || F == FMT_MXFP4) {
+    float s0, s1;
+    if (F == FMT_NVFP4) {
+      const u8* sp = (const u8*)sc + (long long)o * (K / 16) + e / 16;
+      s0 = e4m3_to_f32(sp[0]) * gs * 16384.0f; s1 = e4m3_to_f32(sp[1]) * gs * 16384.0f;
+    } else {
+      s0 = s1 = e8m0_to_f32(((const u8*)sc)[(long long)o * (K / 32) + e / 32]) * 16384.0f;
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      unsigned h[4]; fp4x8_to_h2(u[j], h);
+      float s = j < 2 ? s0 : s1;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        float lo, hi; h2x2f(h[k], lo, hi);
+        wv[8 * j + k] = lo * s; wv[8 * j + k + 4] = hi * s;
+      }
+    }
+  } else {  // INT4
+    long long g = (long long)o * sld + e / sbi;
+    float s = ((const float*)sc)[g], z = zp[g];
+    unsigned short zh; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(zh) : "f"(1024.0f + z));
+    unsigned zz = ((unsigned)zh << 16) | zh;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      unsigned h[4]; u4x8_to_h2(u[j], h);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        float lo, hi; h2x2f(hsub2(h[k], zz), lo, hi);
+        wv[8 * j + k] = lo * s; wv[8 * j + k + 4] = hi * s;
+      }
+    }
+    if (s2 != 0.0f) {
+#pragma unroll
+      for (int i = 0; i < EPV; ++i) wv[i] = e4m3_round(wv[i] / s2) * s2;
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < MR; ++m) {
+    if (m < M) {
+      const float4* xp = (const float4*)(x + (long long)m * ldx + e);
+      float a = 0.0f;
+#pragma unroll
+      for (int q = 0; q < EPV / 4; ++q) {
+        float4 xv = xp[q];
+        a += wv[4 * q] * xv.x + wv[4 * q + 1] * xv.y + wv[4 * q + 2] * xv.z + wv[4 * q + 3] * xv.w;
+      }
+      acc[m] += a;
+    }
+  }
+}
+
+template <int F, int MR>
+__global__ void __launch_bounds__(256) gemv(const float* __restrict__ x, int ldx, const u8* __restrict__ w,
+                                            const void* __restrict__ sc, const float* __restrict__ zp, float gs,
+                                            float s2, const float* __restrict__ bias, float* __restrict__ y,
+                                            int ldy, int M, int O, int K, int sld, int sbo, int sbi) {
+  constexpr int EPV = Epv<F>::v;
+  constexpr int U = 4;
+  int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  int o = blockIdx.x * 8 + warp;
+  if (o >= O) return;
+  int nch = K / EPV;
+  const uint4* wr = (const uint4*)(w + (long long)o * nch * 16);
+  float acc[MR];
+#pragma unroll
+  for (int m = 0; m < MR; ++m) acc[m] = 0.0f;
+  int c = lane;
+  for (; c + 32 * (U - 1) < nch; c += 32 * U) {
+    uint4 r[U];
+#pragma unroll
+    for (int t = 0; t < U; ++t) r[t] = ld_stream(wr + c + 32 * t);
+#pragma unroll
+    for (int t = 0; t < U; ++t)
+      dot_chunk<F, MR>(r[t], (c + 32 * t) * EPV, o, x, ldx, M, sc, zp, gs, s2, K, sld, sbo, sbi, acc);
+  }
+  for (; c < nch; c += 32) dot_chunk<F, MR>(ld_stream(wr + c), c * EPV, o, x, ldx, M, sc, zp, gs, s2, K, sld, sbo, sbi, acc);
+#pragma unroll
+  for (int m = 0; m < MR; ++m) acc[m] = warp_sum(acc[m]);
+  if (lane == 0) {
+    float b = bias ? bias[o] : 0.0f;
+#pragma unroll
+    for (int m = 0; m < MR; ++m)
+      if (m < M) y[(long long)m * ldy + o] = acc[m] + b;
+  }
+}
+
+template <int F>
+__global__ void __launch_bounds__(256) gemm(const float* __restrict__ x, int ldx, const u8* __restrict__ w,
+                                            const void* __restrict__ sc, const float* __restrict__ zp, float gs,
+                                            float s2, const float* __restrict__ bias, float* __restrict__ y,
+                                            int ldy, int M, int O, int K, int sld, int sbo, int sbi) {
+  const int BM = 64, BN = 64, BK = 16;
+  __shared__ float As[BK][BM + 4], Bs[BK][BN + 4];
+  int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+  int m0 = blockIdx.y * BM, o0 = blockIdx.x * BN;
+  float acc[4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+  for (int k0 = 0; k0 < K; k0 += BK) {
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+      int idx = tid + 256 * t, r = idx / BK, kk = idx % BK;
+      int m = m0 + r, o = o0 + r, k = k0 + kk;
+      As[kk][r] = (m < M && k < K) ? x[(long long)m * ldx + k] : 0.0f;
+      Bs[kk][r] = (o < O && k < K) ? wload1<F>(w, sc, zp, gs, s2, K, sld, sbo, sbi, o, k) : 0.0f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < BK; ++kk) {
+      float a[4], b[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) { a[i] = As[kk][ty * 4 + i]; b[i] = Bs[kk][tx * 4 + i]; }
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    int m = m0 + ty * 4 + i;
+    if (m >= M) continue;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      int o = o0 + tx * 4 + j;
+      if (o < O) y[(long long)m * ldy + o] = acc[i][j] + (bias ? bias[o] : 0.0f);
+    }
+  }
+}
+
+#define QT_GEMV_ARGS const float*, int, const u8*, const void*, const float*, float, float, const float*, float*, \
+  int, int, int, int, int, int, int
+#define QT_INST_F(F) \
+  template __global__ void gemv<F, 1>(QT_GEMV_ARGS); template __global__ void gemv<F, 2>(QT_GEMV_ARGS); \
+  template __global__ void gemv<F, 4>(QT_GEMV_ARGS); template __global__ void gemv<F, 8>(QT_GEMV_ARGS); \
+  template __global__ void gemm<F>(QT_GEMV_ARGS);
+QT_INST_F(0)
+QT_INST_F(1)
+QT_INST_F(2)
+QT_INST_F(3)
+QT_INST_F(4)

@@ -1,0 +1,177 @@
+"""Launch wrappers: each op takes torch CUDA tensors, allocates its output with torch, and launches the
+matching kernel of kernels_cuda/ on torch's current stream (so CUDA-graph capture through torch sees it).
+
+Contract: inputs are float32 contiguous unless stated; pointers are passed as 64-bit integers (null = 0);
+every function returns its output tensor(s). Shapes and layouts are those of each kernel's header comment.
+One allocator: all memory comes from torch (CuPy allocates nothing).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from qtool.kernels import loader
+from qtool.kernels.weights import KLinear
+
+i32, f32 = np.int32, np.float32
+KV_CODES = {"bf16": 0, "fp8": 1, "nvfp4": 2}
+
+
+def ptr(t: torch.Tensor | None) -> np.uint64:
+    return np.uint64(0 if t is None else t.data_ptr())
+
+
+def launch(file: str, name: str, grid, block, args) -> None:
+    import cupy
+    fn = loader.function(file, name)
+    with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
+        fn(tuple(grid), tuple(block), tuple(args))
+
+
+# ---------------------------------------------------------------- elementwise
+def embed(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    ids32 = ids.reshape(-1).to(torch.int32)
+    n, H = ids32.numel(), table.shape[1]
+    out = torch.empty(n, H, dtype=torch.float32, device=table.device)
+    name = "embed_gather" if table.dtype == torch.bfloat16 else "embed_gather_f32"
+    launch("elementwise", name, (n,), (256,), (ptr(ids32), ptr(table), ptr(out), i32(H)))
+    return out
+
+
+def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    x = x.contiguous()
+    H = x.shape[-1]
+    rows = x.numel() // H
+    y = torch.empty_like(x)
+    res_out = torch.empty_like(x) if residual is not None else x
+    launch("elementwise", "rmsnorm_residual", (rows,), (256,),
+           (ptr(x), ptr(residual), ptr(w), ptr(y), ptr(res_out if residual is not None else None), i32(H),
+            f32(eps)))
+    return y, res_out
+
+
+def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    gu = gu.contiguous()
+    n, I2 = gu.shape
+    I = I2 // 2
+    out = torch.empty(n, I, dtype=torch.float32, device=gu.device)
+    launch("elementwise", "silu_mul", (math.ceil(I / 256), n), (256,), (ptr(gu), ptr(out), i32(I)))
+    return out
+
+
+# ---------------------------------------------------------------- linear
+def act_quant(x: torch.Tensor, kl: KLinear) -> torch.Tensor:
+    M, K = x.shape
+    out = torch.empty_like(x)
+    grid = 1 if (kl.act in (1, 4) and kl.in_scale is None) else M
+    launch("act_quant", "act_quant", (grid,), (256,),
+           (ptr(x), i32(x.stride(0)), ptr(out), i32(K), i32(M), i32(K), i32(kl.act), ptr(kl.in_scale),
+            ptr(kl.pqs)))
+    return out
+
+
+def linear(x: torch.Tensor, kl: KLinear, force_gemm: bool = False) -> torch.Tensor:
+    x = x.to(torch.float32).contiguous()
+    if kl.perm is not None:
+        x = x.index_select(1, kl.perm)
+    if kl.act or kl.pqs is not None:
+        x = act_quant(x, kl)
+    M = x.shape[0]
+    O, K = kl.out_features, kl.in_features
+    y = torch.empty(M, O, dtype=torch.float32, device=x.device)
+    args = (ptr(x), i32(K), ptr(kl.w), ptr(kl.sc), ptr(kl.zp), f32(kl.gs), f32(kl.s2), ptr(kl.bias), ptr(y),
+            i32(O), i32(M), i32(O), i32(K), i32(kl.sld), i32(kl.sbo), i32(kl.sbi))
+    if M <= 8 and kl.gemv_ok and not force_gemm:
+        mr = 1 if M == 1 else 2 if M == 2 else 4 if M <= 4 else 8
+        launch("linear", f"gemv<{kl.fmt}, {mr}>", (math.ceil(O / 8),), (256,), args)
+    else:
+        launch("linear", f"gemm<{kl.fmt}>", (math.ceil(O / 64), math.ceil(M / 64)), (256,), args)
+    return y
+
+
+# ---------------------------------------------------------------- rope + KV cache + attention
+class KVCache:
+    """Per layer K and V codes (+ nvfp4 block scales) in kv_cache.cuh's layout [B, Hkv, L, ...]."""
+
+    def __init__(self, fmt: str, batch: int, max_len: int, layers: int, hkv: int, d: int, device,
+                 k_scales: list[float], v_scales: list[float]):
+        self.fmt, self.code = fmt, KV_CODES[fmt]
+        self.batch, self.max_len, self.hkv, self.d = batch, max_len, hkv, d
+        self.k_scales, self.v_scales = k_scales, v_scales
+        shape = (batch, hkv, max_len)
+        if fmt == "bf16":
+            mk = lambda: (torch.zeros(*shape, d, dtype=torch.bfloat16, device=device), None)  # noqa: E731
+        elif fmt == "fp8":
+            mk = lambda: (torch.zeros(*shape, d, dtype=torch.uint8, device=device), None)  # noqa: E731
+        else:
+            mk = lambda: (torch.zeros(*shape, d // 2, dtype=torch.uint8, device=device),  # noqa: E731
+                          torch.zeros(*shape, d // 16, dtype=torch.uint8, device=device))
+        self.k = [mk() for _ in range(layers)]
+        self.v = [mk() for _ in range(layers)]
+        # split length of the attention kernel: fixed per cache so a captured graph keeps its grid
+        self.chunk = 64 if max_len <= 4096 else 128
+        self.splits = math.ceil(max_len / self.chunk)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for pair in self.k + self.v for t in pair if t is not None)
+
+
+def rope_and_store(q, k, v, positions, cache: KVCache, layer: int, cos: torch.Tensor, sin: torch.Tensor,
+                   T: int) -> torch.Tensor:
+    """q [N,Hq,d], k/v [N,Hkv,d] (strided row views allowed); positions int64 [N]; returns rotated q."""
+    N, Hq, D = q.shape
+    Hkv = k.shape[1]
+    q2, k2, v2 = (t.reshape(N, -1) if t.stride(-1) == 1 and t.stride(-2) == D else t.contiguous().reshape(N, -1)
+                  for t in (q, k, v))
+    for t in (q2, k2, v2):
+        if t.stride(1) != 1:
+            raise ValueError("rope_and_store needs rows with unit element stride")
+    q_out = torch.empty(N, Hq, D, dtype=torch.float32, device=q.device)
+    kc, ks = cache.k[layer]
+    vc, vs = cache.v[layer]
+    pos = positions.reshape(-1).to(torch.int64).contiguous()
+    launch("rope_kv", "rope_kv_write", (N, Hq + 2 * Hkv), (D,),
+           (ptr(q2), i32(q2.stride(0)), ptr(k2), i32(k2.stride(0)), ptr(v2), i32(v2.stride(0)), ptr(pos), i32(T),
+            ptr(cos), ptr(sin), ptr(None), ptr(None), f32(0.0), ptr(q_out), ptr(kc), ptr(ks), ptr(vc), ptr(vs),
+            i32(cache.code), f32(cache.k_scales[layer]), f32(cache.v_scales[layer]), i32(Hq), i32(Hkv), i32(D),
+            i32(cache.max_len)))
+    return q_out
+
+
+def attention(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, layer: int, T: int) -> torch.Tensor:
+    """q [N,Hq,d] f32 contiguous; positions int64 [N]; returns [N, Hq*d]."""
+    N, Hq, D = q.shape
+    Hkv = cache.hkv
+    if Hq % Hkv or Hq // Hkv > 8 or D not in (64, 128, 256):
+        raise ValueError(f"attention kernel supports head_dim 64/128/256 and <= 8 query heads per KV head "
+                         f"(got d={D}, {Hq}/{Hkv})")
+    S = cache.splits
+    part = torch.empty(N, Hq, S, D, dtype=torch.float32, device=q.device)
+    ml = torch.empty(N, Hq, S, 2, dtype=torch.float32, device=q.device)
+    out = torch.empty(N, Hq * D, dtype=torch.float32, device=q.device)
+    kc, ks = cache.k[layer]
+    vc, vs = cache.v[layer]
+    pos = positions.reshape(-1).to(torch.int64).contiguous()
+    q = q.contiguous()
+    launch("attention", f"attn_partial<{D}>", (N * Hkv, S), (128,),
+           (ptr(q), ptr(pos), i32(T), ptr(kc), ptr(ks), ptr(vc), ptr(vs), i32(cache.code),
+            f32(cache.k_scales[layer]), f32(cache.v_scales[layer]), ptr(part), ptr(ml), i32(Hq), i32(Hkv),
+            i32(cache.max_len), i32(cache.chunk), f32(1.0 / math.sqrt(D))))
+    launch("attention", "attn_combine", (N * Hq,), (D,), (ptr(part), ptr(ml), ptr(out), i32(S), i32(D)))
+    return out
+
+
+# ---------------------------------------------------------------- sampling
+def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+           u: torch.Tensor | None = None, rng: torch.Tensor | None = None) -> torch.Tensor:
+    logits = logits.to(torch.float32)
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    B, V = logits.shape
+    out = torch.empty(B, dtype=torch.int64, device=logits.device)
+    launch("sampling", "sample_tokens", (1,), (1024,),
+           (ptr(logits), i32(logits.stride(0)), i32(V), ptr(out), i32(B), f32(temperature), i32(top_k or 0),
+            f32(top_p if top_p is not None else 1.0), ptr(u), ptr(rng)))
+    return out
