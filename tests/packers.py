@@ -217,3 +217,77 @@ def modelopt_export(src, out, cfg_name: str, kv_cfg: str | None = None) -> Path:
         if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
             shutil.copy(f, out / f.name)
     return out
+
+
+# ------------------------------------------------------------------ session fixtures shared by the reader/inspect tests
+
+import pytest  # noqa: E402
+
+# name -> (ModelOpt config, KV config); expectations live in the tests
+MODELOPT_CASES = {
+    "fp8_kvfp8": ("FP8_DEFAULT_CFG", "FP8_KV_CFG"),
+    "fp8_rowwise": ("FP8_PER_CHANNEL_PER_TOKEN_CFG", None),
+    "fp8_block": ("FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG", None),
+    "nvfp4_kvnvfp4": ("NVFP4_DEFAULT_CFG", "NVFP4_KV_CFG"),
+    "mxfp4": ("MXFP4_DEFAULT_CFG", None),
+    "w4a16_nvfp4": ("W4A16_NVFP4_CFG", None),
+    "w4a8_nvfp4_fp8": ("W4A8_NVFP4_FP8_CFG", None),
+    "w4a8_mxfp4_fp8": ("W4A8_MXFP4_FP8_CFG", None),
+    "int4_awq": ("INT4_AWQ_CFG", None),
+    "w4a8_awq": ("W4A8_AWQ_BETA_CFG", None),
+}
+PACKERS = {"gptq": pack_gptq, "gptq_w4a8": lambda s, o: pack_gptq(s, o, w4a8=True),
+           "gptq_qcfg_file": lambda s, o: pack_gptq(s, o, quantize_config_file=True),
+           "autoawq": pack_autoawq, "deepseek_fp8": pack_deepseek_fp8}
+_CACHE: dict = {}
+
+
+def modelopt_mixed_export(src, out) -> Path:
+    """FP8 attention + NVFP4 MLP, layer 1 o_proj left out: ModelOpt writes MIXED_PRECISION."""
+    import modelopt.torch.quantization as mtq
+    nv = {e["quantizer_name"]: e for e in mtq.NVFP4_DEFAULT_CFG["quant_cfg"] if "cfg" in e}
+    extra = [{"quantizer_name": "*mlp*weight_quantizer", "cfg": nv["*weight_quantizer"]["cfg"]},
+             {"quantizer_name": "*mlp*input_quantizer", "cfg": nv["*input_quantizer"]["cfg"]},
+             {"quantizer_name": "*layers.1.self_attn.o_proj*", "enable": False}]
+    return _modelopt_with(src, out, "FP8_DEFAULT_CFG", extra)
+
+
+def _modelopt_with(src, out, cfg_name, extra):
+    import modelopt.torch.quantization as mtq
+    saved = getattr(mtq, cfg_name)
+    cfg = copy.deepcopy(saved)
+    cfg["quant_cfg"] = list(cfg["quant_cfg"]) + extra
+    setattr(mtq, "_QTOOL_TEST_CFG", cfg)
+    try:
+        return modelopt_export(src, out, "_QTOOL_TEST_CFG")
+    finally:
+        delattr(mtq, "_QTOOL_TEST_CFG")
+
+
+@pytest.fixture(scope="session")
+def modelopt_ckpt(tmp_path_factory, tiny_models):
+    """name -> folder of a ModelOpt export of the tiny llama (built on first use, once per session)."""
+    def get(name: str) -> Path:
+        key = ("modelopt", name)
+        if key not in _CACHE:
+            root = _CACHE.setdefault("modelopt_root", tmp_path_factory.mktemp("modelopt"))
+            src = tiny_models("llama")
+            if name == "mixed":
+                _CACHE[key] = modelopt_mixed_export(src, root / name)
+            else:
+                cfg, kv = MODELOPT_CASES[name]
+                _CACHE[key] = modelopt_export(src, root / name, cfg, kv)
+        return _CACHE[key]
+    return get
+
+
+@pytest.fixture(scope="session")
+def packed_ckpt(tmp_path_factory, tiny_models):
+    """name -> PackInfo of a checkpoint written by the independent packers above."""
+    def get(name: str) -> PackInfo:
+        key = ("packed", name)
+        if key not in _CACHE:
+            root = _CACHE.setdefault("packed_root", tmp_path_factory.mktemp("packed"))
+            _CACHE[key] = PACKERS[name](tiny_models("llama"), root / name)
+        return _CACHE[key]
+    return get

@@ -406,10 +406,12 @@ def _linear(module: str, roles: dict[str, TensorInfo], d: _Declared, bad, notes)
         else:
             want_fmt, activation, default_group, stage = MODELOPT_ALGOS[declared_algo]
             declared_group = declared_group or default_group
-            if fmt != want_fmt:
-                bad(f"{module}.{'weight' if 'weight' in roles else 'qweight'}: tensors are {fmt} "
-                    f"but the config declares {declared_algo} ({want_fmt})")
+            if fmt == "bf16" and "weight" in roles:      # left unquantized although the config says otherwise
+                bad(f"{module}.weight: unquantized {roles['weight'].dtype} tensor but the config declares "
+                    f"{declared_algo} ({want_fmt})")
                 activation, stage = None, False
+            else:                                       # validate against the declared layout, tensor by tensor
+                fmt = want_fmt
     elif d.method in ("gptq", "awq"):
         declared_group = d.group_size if isinstance(d.group_size, int) else None
         if fmt == "bf16":
