@@ -1,0 +1,247 @@
+"""load_model_weights on tiny checkpoints exported by ModelOpt 0.47 (CPU recipes) and by the test-local
+GPTQ / AutoAWQ / DeepSeek packers: every fused or unfused LinearWeights.dequantize() equals the independent
+float64 decode of the checkpoint's own tensors (tests/modelopt_decode.py, tests/packers.py) to float32
+exactness; fusion is exact (or within the stated requantization error); FP8 holds about half of bf16's bytes.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from qtool.errors import CheckpointError, Unsupported
+from qtool.runtime.fusion import fuse
+from qtool.runtime.loader import load_model_weights
+from qtool.runtime.weights import LinearWeights
+
+import modelopt_decode as MD
+import packers
+
+# recipe -> (mtq weight config, mtq KV config, hf quant_algo, expected activation, W4A8 FP8 stage)
+RECIPES = {
+    "fp8": ("FP8_DEFAULT_CFG", "FP8_KV_CFG", "FP8", "fp8", False),
+    "fp8-rowwise": ("FP8_PER_CHANNEL_PER_TOKEN_CFG", None, "FP8_PER_CHANNEL_PER_TOKEN", "fp8-token", False),
+    "fp8-block": ("FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG", None, "FP8_PB_WO", "fp8-block", False),
+    "nvfp4": ("NVFP4_DEFAULT_CFG", "NVFP4_KV_CFG", "NVFP4", "nvfp4", False),
+    "mxfp4": ("MXFP4_DEFAULT_CFG", None, "MXFP4", "mxfp4", False),
+    "w4a8-awq": ("W4A8_AWQ_BETA_CFG", None, "W4A8_AWQ", "fp8", True),
+}
+GROUPS = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+          "gate_up": ("mlp.gate_proj", "mlp.up_proj"), "o": ("self_attn.o_proj",), "down": ("mlp.down_proj",)}
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("loader")
+    cache = {}
+
+    def get(recipe: str, family: str = "llama"):
+        key = (recipe, family)
+        if key not in cache:
+            cfg, kv, *_ = RECIPES[recipe]
+            cache[key] = packers.modelopt_export(tiny_models(family), root / f"{family}-{recipe}", cfg, kv)
+        return cache[key]
+    return get
+
+
+def _ref_decode(sd: dict, module: str, algo: str, stage: bool) -> torch.Tensor:
+    w = MD.DECODERS[algo](sd, module)
+    if stage:   # W4A8 AWQ: FP8 per-tensor stage on the int4 decode (torch's own e4m3 cast)
+        s2 = sd[f"{module}.weight_scale_2"].double()
+        w = (w.float() / s2.float()).clamp(-448, 448).to(torch.float8_e4m3fn).double() * s2
+    return w.float()
+
+
+def _half_e4m3_step(ref: torch.Tensor, scale: float) -> torch.Tensor:
+    """Half the e4m3 spacing at |ref|/scale, times scale: the error bound of one re-rounding to that grid."""
+    v = (ref.double().abs() / scale).clamp(min=2.0 ** -6)
+    return 0.5 * torch.exp2(torch.floor(torch.log2(v)) - 3) * scale
+
+
+def _check_layers(mw, sd: dict, decode):
+    for i, layer in enumerate(mw.layers):
+        for attr, mods in GROUPS.items():
+            lw = getattr(layer, attr)
+            got = lw.dequantize()
+            ref = torch.cat([decode(sd, f"model.layers.{i}.{m}") for m in mods])
+            assert got.shape == ref.shape
+            if "requantized weight to the shared (max) weight_scale" in lw.note:   # FP8 per-tensor q/k/v
+                bound = _half_e4m3_step(ref, float(lw.tensors["weight_scale"]))
+                assert ((got.double() - ref.double()).abs() <= bound * (1 + 1e-6)).all()
+                rows = [sd[f"model.layers.{i}.{m}.weight"].shape[0] for m in mods]
+                exact = [torch.equal(a, b) for a, b in zip(got.split(rows), ref.split(rows))]
+                assert any(exact)                                 # the max-scale part stays bit-exact
+            else:
+                torch.testing.assert_close(got, ref, rtol=2.4e-7, atol=0)      # 2 float32 ulps
+        assert torch.equal(layer.input_norm, sd[f"model.layers.{i}.input_layernorm.weight"])
+        assert torch.equal(layer.post_attn_norm, sd[f"model.layers.{i}.post_attention_layernorm.weight"])
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_modelopt_exports_load_and_decode(exported, recipe):
+    path = exported(recipe)
+    _, kv_cfg, algo, activation, stage = RECIPES[recipe]
+    sd = MD.load_tensors(path)
+    mw = load_model_weights(str(path), progress=False)
+    assert mw.config.family == "llama" and mw.config.num_layers == 2
+    _check_layers(mw, sd, lambda s, m: _ref_decode(s, m, algo, stage))
+    lw = mw.layers[0].qkv
+    assert lw.activation == activation and lw.fp8_weight_stage == stage
+    assert lw.note.startswith("fused") and lw.parts is None
+    assert ("requantized" in lw.note) == (recipe == "fp8")    # only FP8 per-tensor has per-module weight scales
+    if activation in ("fp8", "nvfp4"):
+        assert torch.equal(lw.input_scale, sd["model.layers.0.self_attn.q_proj.input_scale"])
+    assert all(t.device.type == "cpu" for t in lw.tensors.values())        # kept quantized, on the CPU
+    assert lw.tensors["weight"].dtype == sd["model.layers.0.self_attn.q_proj.weight"].dtype
+    assert mw.kv_format == {"FP8_KV_CFG": "fp8", "NVFP4_KV_CFG": "nvfp4", None: "bf16"}[kv_cfg]
+    if kv_cfg:
+        for i, layer in enumerate(mw.layers):
+            assert layer.k_scale == float(sd[f"model.layers.{i}.self_attn.k_proj.k_scale"])
+            assert layer.v_scale == float(sd[f"model.layers.{i}.self_attn.v_proj.v_scale"])
+    assert torch.equal(mw.lm_head.dequantize(), sd["lm_head.weight"].float())    # excluded by ModelOpt
+    assert recipe.split("-")[0] in mw.scheme_summary or algo.lower() in mw.scheme_summary.lower()
+
+
+def test_awq_pre_quant_scale_and_input_transform(exported):
+    mw = load_model_weights(str(exported("w4a8-awq")), progress=False)
+    sd = MD.load_tensors(exported("w4a8-awq"))
+    o = mw.layers[0].o
+    pqs = sd["model.layers.0.self_attn.o_proj.pre_quant_scale"]
+    assert torch.equal(o.pre_quant_scale, pqs)
+    x = torch.randn(3, o.in_features)
+    xs = x * pqs.float()
+    s = sd["model.layers.0.self_attn.o_proj.input_scale"].float()
+    ref = (xs / s).clamp(-448, 448).to(torch.float8_e4m3fn).float() * s
+    assert torch.equal(o.quantize_input(x), ref)
+
+
+def test_fp8_holds_about_half_of_bf16(tiny_models, exported):
+    bf16 = load_model_weights(str(tiny_models("llama")), progress=False)
+    fp8 = load_model_weights(str(exported("fp8")), progress=False)
+    ratio = fp8.nbytes() / bf16.nbytes()
+    layers = sum(lay.nbytes() for lay in fp8.layers) / sum(lay.nbytes() for lay in bf16.layers)
+    assert 0.49 < layers < 0.52          # the quantized decoder layers: 1 byte vs 2 per weight (+ scales, norms)
+    assert 0.5 < ratio < 0.62            # tiny model: the bf16 embedding and lm_head weigh relatively more
+
+
+def test_families_bias_norms_and_tied_embeddings(tiny_models, tmp_path):
+    q2 = load_model_weights(str(tiny_models("qwen2")), progress=False)
+    sd = MD.load_tensors(tiny_models("qwen2"))
+    assert q2.config.qkv_bias and not q2.config.qk_norm
+    ref = torch.cat([sd[f"model.layers.1.self_attn.{m}.bias"] for m in ("q_proj", "k_proj", "v_proj")])
+    assert torch.equal(q2.layers[1].qkv.bias.float(), ref.float())
+    q3 = load_model_weights(str(tiny_models("qwen3")), progress=False)
+    sd3 = MD.load_tensors(tiny_models("qwen3"))
+    assert q3.config.qk_norm and torch.equal(q3.layers[0].k_norm, sd3["model.layers.0.self_attn.k_norm.weight"])
+    l3 = load_model_weights(str(tiny_models("llama3")), progress=False)
+    assert l3.config.rope_scaling["rope_type"] == "llama3" and l3.config.rope_theta == 500000.0
+    from tiny_models import make_tiny_model
+    tied = load_model_weights(str(make_tiny_model("llama", tmp_path / "tied", tie_word_embeddings=True)),
+                              progress=False)
+    assert tied.config.tie_word_embeddings and tied.lm_head.tensors["weight"] is tied.embed
+    untied_bytes = tied.nbytes() + tied.embed.numel() * 2
+    assert tied.nbytes() < untied_bytes
+
+
+def test_third_party_checkpoints(tiny_models, tmp_path):
+    src = tiny_models("llama")
+    cases = [("gptq", packers.pack_gptq(src, tmp_path / "gptq", group_size=64).path,
+              lambda s, m: packers.decode_gptq(s[m + ".qweight"], s[m + ".qzeros"], s[m + ".scales"],
+                                               s[m + ".g_idx"]).float()),
+             ("autoawq", packers.pack_autoawq(src, tmp_path / "awq", group_size=64).path,
+              lambda s, m: packers.decode_autoawq(s[m + ".qweight"], s[m + ".qzeros"], s[m + ".scales"], 64).float()),
+             ("fp8-block", packers.pack_deepseek_fp8(src, tmp_path / "ds").path,
+              lambda s, m: packers.decode_deepseek_fp8(s[m + ".weight"], s[m + ".weight_scale_inv"]).float())]
+    for fmt, path, decode in cases:
+        mw = load_model_weights(str(path), progress=False)
+        sd = MD.load_tensors(path)
+        assert mw.layers[0].qkv.format == fmt and mw.layers[0].qkv.parts is None
+        for i, layer in enumerate(mw.layers):
+            for attr, mods in GROUPS.items():
+                ref = torch.cat([decode(sd, f"model.layers.{i}.{m}") for m in mods])
+                torch.testing.assert_close(getattr(layer, attr).dequantize(), ref, rtol=2.4e-7, atol=0)
+
+
+# ------------------------------------------------------------------ fusion rules on hand-made parts
+def _fp8_part(w: torch.Tensor, scale: float, input_scale: float) -> LinearWeights:
+    s = torch.tensor(scale)
+    q = (w / s).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return LinearWeights("fp8", "fp8", w.shape[0], w.shape[1],
+                         {"weight": q, "weight_scale": s, "input_scale": torch.tensor(input_scale)})
+
+
+def test_fp8_fusion_requantizes_to_max_scale():
+    torch.manual_seed(0)
+    parts = [_fp8_part(torch.randn(32, 64) * a, a * 4 / 448, 0.01 * (1 + k)) for k, a in enumerate((1.0, 0.3))]
+    fused = fuse(parts, "q/k")
+    assert "requantized" in fused.note and "input_scale" in fused.note
+    assert float(fused.tensors["weight_scale"]) == float(parts[0].tensors["weight_scale"])
+    assert torch.equal(fused.input_scale, torch.tensor(0.02))
+    unfused = torch.cat([p.dequantize() for p in parts])
+    got = fused.dequantize()
+    assert torch.equal(got[:32], unfused[:32])                  # the max-scale part is untouched
+    # the other part is re-rounded on the coarser grid: at most half an e4m3 step of the max scale
+    step = (unfused[32:].abs() * 2 ** -3).clamp(min=2 ** -9 * float(fused.tensors["weight_scale"]))
+    assert ((got[32:] - unfused[32:]).abs() <= step * 0.51 + 1e-12).all()
+
+
+def test_nvfp4_fusion_rescales_block_scales(exported):
+    sd = MD.load_tensors(exported("nvfp4"))
+    mods = [f"model.layers.0.mlp.{m}" for m in ("gate_proj", "up_proj")]
+    parts = [LinearWeights("nvfp4", "nvfp4", 512, 256, {r: sd[f"{m}.{r}"].clone() for r in
+                                                        ("weight", "weight_scale", "weight_scale_2", "input_scale")},
+                           16) for m in mods]
+    assert fuse(parts, "gate/up").note == "fused gate/up"       # shared weight_scale_2: plain concatenation
+    parts[1].tensors["weight_scale_2"] = parts[1].tensors["weight_scale_2"] * 0.5
+    fused = fuse(parts, "gate/up")
+    assert "requantized weight_scale" in fused.note
+    unfused = torch.cat([p.dequantize() for p in parts])
+    got = fused.dequantize()
+    assert torch.equal(got[:512], unfused[:512])
+    rel = ((got[512:] - unfused[512:]).abs() / unfused[512:].abs().clamp(min=1e-12))[unfused[512:] != 0]
+    assert rel.max() <= 2 ** -4 + 1e-6                        # one e4m3 rounding of the block scale
+
+
+def test_unfusable_parts_are_kept_exact():
+    torch.manual_seed(1)
+    from qtool.formats import encode_int4_awq
+    parts = []
+    for k in range(2):
+        q, s = encode_int4_awq(torch.randn(16, 128), 64)
+        parts.append(LinearWeights("int4-awq", "none", 16, 128,
+                                   {"weight": q, "weight_scale": s, "pre_quant_scale": torch.rand(128) + k}, 64))
+    fused = fuse(parts, "q/k/v")
+    assert fused.format == "parts" and "pre_quant_scale" in fused.note
+    assert torch.equal(fused.dequantize(), torch.cat([p.dequantize() for p in parts]))
+    assert fused.nbytes() == sum(p.nbytes() for p in parts)
+
+
+# ------------------------------------------------------------------ errors and warnings
+def test_missing_kv_scales_default_to_one(exported, tmp_path):
+    from safetensors.torch import load_file, save_file
+    src = exported("fp8")
+    dst = tmp_path / "nokv"
+    shutil.copytree(src, dst)
+    sd = load_file(str(dst / "model.safetensors"))
+    save_file({k: v for k, v in sd.items() if not k.endswith(("k_scale", "v_scale"))}, str(dst / "model.safetensors"),
+              metadata={"format": "pt"})
+    mw = load_model_weights(str(dst), progress=False)
+    assert mw.kv_format == "fp8" and mw.layers[0].k_scale == 1.0 and mw.layers[1].v_scale == 1.0
+    assert any("k_scale" in n and "1.0" in n for n in mw.notes)
+
+
+def test_unknown_family_and_bad_checkpoint(tiny_models, tmp_path):
+    dst = tmp_path / "gpt2ish"
+    shutil.copytree(tiny_models("llama"), dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["model_type"] = "gpt2"
+    (dst / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(Unsupported, match="gpt2"):
+        load_model_weights(str(dst), progress=False)
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_models("llama"), broken)
+    (broken / "model.safetensors").write_bytes((broken / "model.safetensors").read_bytes()[:5000])
+    with pytest.raises(CheckpointError):
+        load_model_weights(str(broken), progress=False)
