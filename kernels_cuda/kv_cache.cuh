@@ -1,7 +1,7 @@
 // kv_cache.cuh — KV-cache layout and element access shared by rope_kv.cu and attention.cu.
 // Cache per layer, per K and V: codes [B, Hkv, L, D] (bf16 bits | e4m3 bytes) or, for nvfp4,
 // codes u8 [B, Hkv, L, D/2] (element 2k = low nibble) + block scales e4m3 u8 [B, Hkv, L, D/16].
-// kv_fmt: 0 = bf16, 1 = fp8 (value = code * scale), 2 = nvfp4 (value = E2M1[c] * sb * g, g = scale / 6).
+// kv_fmt: 0 = bf16, 1 = fp8 (value = code * scale), 2 = nvfp4 (value = E2M1[c] * (sb * g), g = scale / 6).
 #pragma once
 #include "common.cuh"
 
@@ -17,5 +17,5 @@ __device__ __forceinline__ float kv_load(int fmt, const void* codes, const u8* s
   unsigned byte = ((const u8*)codes)[row * (D / 2) + d / 2];
   float sb = e4m3_to_f32(scales[row * (D / 16) + d / 16]);
   float g = scale / 6.0f;
-  return e2m1_to_f32((byte >> (4 * (d & 1))) & 15u) * sb * g;
+  return e2m1_to_f32((byte >> (4 * (d & 1))) & 15u) * (sb * g);
 }

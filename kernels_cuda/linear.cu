@@ -4,7 +4,7 @@
 //   F=0 bf16 : w bf16 [O, K]
 //   F=1 fp8  : w e4m3 [O, K]; sc f32 scale grid, W[o,k] = w * sc[(o/sbo)*sld + k/sbi]
 //              (per-tensor: sbo=O, sbi=K; rowwise: sbo=1, sbi=K; block: sbo=sbi=128)
-//   F=2 nvfp4: w u8 [O, K/2] (element 2k low nibble); sc e4m3 u8 [O, K/16]; W = E2M1 * sc * gs
+//   F=2 nvfp4: w u8 [O, K/2] (element 2k low nibble); sc e4m3 u8 [O, K/16]; W = E2M1 * (sc * gs)
 //   F=3 mxfp4: w u8 [O, K/2]; sc E8M0 u8 [O, K/32]; W = E2M1 * 2^(sc-127)
 //   F=4 int4 : w u8 [O, K/2] unsigned nibbles u; sc f32 [O, sld], zp f32 [O, sld] (group sbi):
 //              W = (u - zp) * sc; if s2 != 0 (W4A8 AWQ): W = e4m3(W / s2) * s2
@@ -39,7 +39,7 @@ __device__ __forceinline__ float wload1(const u8* w, const void* sc, const float
     return e4m3_to_f32(w[(long long)o * K + k]) * ((const float*)sc)[(long long)(o / sbo) * sld + k / sbi];
   unsigned nib = (w[(long long)o * (K / 2) + k / 2] >> (4 * (k & 1))) & 15u;
   if (F == FMT_NVFP4)
-    return e2m1_to_f32(nib) * e4m3_to_f32(((const u8*)sc)[(long long)o * (K / 16) + k / 16]) * gs;
+    return e2m1_to_f32(nib) * (e4m3_to_f32(((const u8*)sc)[(long long)o * (K / 16) + k / 16]) * gs);
   if (F == FMT_MXFP4) return e2m1_to_f32(nib) * e8m0_to_f32(((const u8*)sc)[(long long)o * (K / 32) + k / 32]);
   long long g = (long long)o * sld + k / sbi;
   float v = ((float)nib - zp[g]) * ((const float*)sc)[g];

@@ -1,0 +1,303 @@
+#!/usr/bin/env python3
+"""Batch-1 decode benchmark of qtool's CUDA kernels on random weights, against the bandwidth limit and a
+PyTorch bf16 torch.compile(mode="reduce-overhead") static-cache decoder, all in one run.
+
+Contract: `python3 scripts/bench_decode.py [--grid quick|full] [--json out.json]`. Weights of Llama-3.1-8B /
+Qwen3-8B / SmolLM2-135M shape are generated on the GPU directly in the kernels' layouts (random codes, no
+checkpoint). One decode step = embed, per layer (rmsnorm, act-quant, qkv GEMV, RoPE + KV write, split attention,
+o GEMV, rmsnorm, gate_up GEMV, silu*mul, down GEMV), final norm, lm_head (bf16, as ModelOpt exports it), GPU
+sampling, position advance: captured once as a CUDA graph, timed over replays with CUDA events (median of 5
+blocks of 20 tokens). The KV cache is filled with random codes to the context length. Prints per row: tok/s,
+bytes moved per token (weights + KV read), the bandwidth limit (copy bandwidth measured here / bytes), and
+the ratio. Numbers are not checked for correctness here (tests/gpu does that).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from qtool.kernels import ops  # noqa: E402
+from qtool.kernels.weights import KLinear  # noqa: E402
+
+SHAPES = {  # hidden, inter, layers, heads, kv heads, head_dim, vocab
+    "llama3.1-8b": (4096, 14336, 32, 32, 8, 128, 128256),
+    "qwen3-8b": (4096, 12288, 36, 32, 8, 128, 151936),
+    "smollm2-135m": (576, 1536, 30, 9, 3, 64, 49152),
+}
+DEV = "cuda"
+
+
+def rand_linear(fmt: str, O: int, K: int) -> KLinear:
+    if fmt == "bf16":
+        return KLinear(0, O, K, (torch.randn(O, K, device=DEV) * 0.02).to(torch.bfloat16))
+    if fmt in ("fp8", "fp8-rowwise"):
+        w = (torch.randint(0, 0x7e, (O, K), device=DEV, dtype=torch.uint8)
+             | (torch.randint(0, 2, (O, K), device=DEV, dtype=torch.uint8) << 7))
+        if fmt == "fp8":
+            return KLinear(1, O, K, w, sc=torch.full((1,), 1e-3, device=DEV), sbo=O, sbi=K, act=1,
+                           in_scale=torch.full((1,), 0.02, device=DEV))
+        return KLinear(1, O, K, w, sc=torch.rand(O, device=DEV) * 1e-3, sbo=1, sbi=K, act=2)
+    if fmt == "nvfp4":
+        return KLinear(2, O, K, torch.randint(0, 256, (O, K // 2), device=DEV, dtype=torch.uint8),
+                       sc=torch.randint(0x30, 0x50, (O, K // 16), device=DEV, dtype=torch.uint8), gs=1e-3, act=4,
+                       in_scale=torch.full((1,), 4 / 2688, device=DEV))
+    if fmt == "w4a16-awq":
+        s = torch.rand(O, K // 128, device=DEV) * 1e-3
+        return KLinear(4, O, K, torch.randint(0, 256, (O, K // 2), device=DEV, dtype=torch.uint8), sc=s,
+                       zp=torch.full_like(s, 8.0), sld=K // 128, sbi=128,
+                       pqs=torch.rand(K, device=DEV) + 0.5)
+    raise ValueError(fmt)
+
+
+class Decoder:
+    def __init__(self, shape, fmt, kv, ctx):
+        H, I, NL, HQ, HKV, D, V = SHAPES[shape]
+        self.H, self.NL, self.HQ, self.HKV, self.D, self.V = H, NL, HQ, HKV, D, V
+        self.layers = [dict(qkv=rand_linear(fmt, (HQ + 2 * HKV) * D, H), o=rand_linear(fmt, H, HQ * D),
+                            gu=rand_linear(fmt, 2 * I, H), down=rand_linear(fmt, H, I),
+                            n1=torch.rand(H, device=DEV) + 0.5, n2=torch.rand(H, device=DEV) + 0.5)
+                       for _ in range(NL)]
+        self.embed = (torch.randn(V, H, device=DEV) * 0.02).to(torch.bfloat16)
+        self.head = rand_linear("bf16", V, H)
+        self.norm = torch.rand(H, device=DEV) + 0.5
+        L = ctx + 64
+        self.cache = ops.KVCache(kv, 1, L, NL, HKV, D, DEV, [0.05] * NL, [0.05] * NL)
+        for pair in self.cache.k + self.cache.v:
+            for t in pair:
+                if t is None:
+                    continue
+                if t.dtype == torch.bfloat16:
+                    t.normal_()
+                else:
+                    t.copy_(torch.randint(0, 0x7e, t.shape, device=DEV, dtype=torch.uint8))
+        cos = torch.randn(L, D // 2, device=DEV)
+        self.cos, self.sin = cos.cos(), cos.sin()
+        self.ctx = ctx
+        kv_tok = sum(t[0, :, 0].numel() * t.element_size() for pair in self.cache.k + self.cache.v for t in pair
+                     if t is not None)
+        self.weight_bytes = sum(kl.nbytes() for Ly in self.layers for kl in (Ly["qkv"], Ly["o"], Ly["gu"],
+                                                                            Ly["down"])) + self.head.nbytes()
+        self.kv_bytes = kv_tok * ctx
+        self.rng = torch.zeros(1, dtype=torch.int64, device=DEV)
+
+    def step(self, ids, pos):
+        x = ops.embed(ids, self.embed)
+        res = None
+        qn = self.HQ * self.D
+        kn = self.HKV * self.D
+        for i, Ly in enumerate(self.layers):
+            a, res = ops.rmsnorm(x, Ly["n1"], 1e-5, res)
+            qkv = ops.linear(a, Ly["qkv"])
+            q = qkv[:, :qn].view(-1, self.HQ, self.D)
+            k = qkv[:, qn:qn + kn].view(-1, self.HKV, self.D)
+            v = qkv[:, qn + kn:].view(-1, self.HKV, self.D)
+            qr = ops.rope_and_store(q, k, v, pos, self.cache, i, self.cos, self.sin, 1)
+            x = ops.linear(ops.attention(qr, pos, self.cache, i, 1), Ly["o"])
+            m, res = ops.rmsnorm(x, Ly["n2"], 1e-5, res)
+            x = ops.linear(ops.silu_mul(ops.linear(m, Ly["gu"])), Ly["down"])
+        h, _ = ops.rmsnorm(x, self.norm, 1e-5, res)
+        return ops.linear(h, self.head)
+
+
+def time_graph(fn_next, n_blocks=5, per_block=20):
+    for _ in range(5):
+        fn_next()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(n_blocks):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(per_block):
+            fn_next()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / per_block)
+    return statistics.median(times)
+
+
+def bench_qtool(shape, fmt, kv, ctx):
+    from qtool.runtime.backends.cuda import DecodeLoop
+
+    class _Be:  # DecodeLoop needs only the rng buffer
+        pass
+    dec = Decoder(shape, fmt, kv, ctx)
+    be = _Be()
+    be._rng = dec.rng
+    ids = torch.tensor([[1]], device=DEV)
+    pos = torch.tensor([[ctx]], device=DEV)
+    loop = DecodeLoop(be, dec.step, ids, pos, 0.0, 0, 1.0)
+
+    def nxt():
+        loop.pos.fill_(ctx)   # stay at the context length (a tiny memset captured outside the graph)
+        loop.graph.replay()
+    t = time_graph(nxt)
+    out = dict(weight_bytes=dec.weight_bytes, kv_bytes=dec.kv_bytes, sec_per_tok=t)
+    del loop, dec
+    torch.cuda.empty_cache()
+    return out
+
+
+class TorchPeer(torch.nn.Module):
+    """bf16 Llama-style decoder with a static KV cache (module buffers), plain PyTorch ops, greedy argmax."""
+
+    def __init__(self, shape, ctx):
+        super().__init__()
+        H, I, NL, HQ, HKV, D, V = SHAPES[shape]
+        self.dims = (H, I, NL, HQ, HKV, D, V)
+        bf = torch.bfloat16
+        self.L = L = ctx + 64
+        r = lambda *sh: torch.nn.Parameter(torch.randn(*sh, device=DEV, dtype=bf) * 0.02, requires_grad=False)  # noqa: E731
+        self.qkv = torch.nn.ParameterList([r((HQ + 2 * HKV) * D, H) for _ in range(NL)])
+        self.o = torch.nn.ParameterList([r(H, HQ * D) for _ in range(NL)])
+        self.gu = torch.nn.ParameterList([r(2 * I, H) for _ in range(NL)])
+        self.down = torch.nn.ParameterList([r(H, I) for _ in range(NL)])
+        self.emb, self.head = r(V, H), r(V, H)
+        self.register_buffer("norm", torch.ones(H, device=DEV, dtype=bf))
+        for i in range(NL):
+            self.register_buffer(f"k{i}", torch.randn(1, HKV, L, D, device=DEV, dtype=bf))
+            self.register_buffer(f"v{i}", torch.randn(1, HKV, L, D, device=DEV, dtype=bf))
+        self.register_buffer("inv", 1.0 / (500000.0 ** (torch.arange(0, D, 2, device=DEV).float() / D)))
+
+    def rms(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype) * self.norm
+
+    def forward(self, ids, pos):
+        import torch.nn.functional as F
+        H, I, NL, HQ, HKV, D, V = self.dims
+        x = self.emb[ids[:, 0]]
+        fr = pos.float()[:, None] * self.inv
+        c, s = fr.cos().to(x.dtype), fr.sin().to(x.dtype)
+
+        def rot(t):
+            t1, t2 = t[..., :D // 2], t[..., D // 2:]
+            return torch.cat((t1 * c - t2 * s, t2 * c + t1 * s), -1)
+        mask = (torch.arange(self.L, device=x.device) <= pos)[None, None, None, :]
+        for i in range(NL):
+            kc, vc = getattr(self, f"k{i}"), getattr(self, f"v{i}")
+            qkv = F.linear(self.rms(x), self.qkv[i])
+            q = rot(qkv[:, :HQ * D].view(1, HQ, 1, D))
+            k = rot(qkv[:, HQ * D:(HQ + HKV) * D].view(1, HKV, 1, D))
+            v = qkv[:, (HQ + HKV) * D:].view(1, HKV, 1, D)
+            kc.index_copy_(2, pos, k)
+            vc.index_copy_(2, pos, v)
+            o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=True)
+            x = x + F.linear(o.reshape(1, HQ * D), self.o[i])
+            gu = F.linear(self.rms(x), self.gu[i])
+            x = x + F.linear(F.silu(gu[:, :I]) * gu[:, I:], self.down[i])
+        return F.linear(self.rms(x), self.head).float().argmax(-1)
+
+
+def bench_torch_peer(shape, ctx):
+    """The bf16 peer compiled with torch.compile(mode='reduce-overhead') (CUDA graphs)."""
+    m = TorchPeer(shape, ctx)
+    H, I, NL, HQ, HKV, D, V = m.dims
+    cstep = torch.compile(m, mode="reduce-overhead", fullgraph=True)
+    ids = torch.tensor([[1]], device=DEV)
+    pos = torch.tensor([ctx], device=DEV)
+    t0 = time.time()
+    with torch.no_grad():
+        for _ in range(3):
+            cstep(ids, pos)
+        torch.cuda.synchronize()
+        compile_s = time.time() - t0
+        t = time_graph(lambda: cstep(ids, pos))
+    wbytes = sum(p.numel() * 2 for n, p in m.named_parameters() if n != "emb")
+    kvb = NL * 2 * HKV * m.L * D * 2
+    del m, cstep
+    torch.cuda.empty_cache()
+    return dict(weight_bytes=wbytes, kv_bytes=kvb, sec_per_tok=t, compile_s=compile_s)
+
+
+def copy_bandwidth():
+    n = 2 << 30
+    a = torch.empty(n, dtype=torch.uint8, device=DEV).random_(0, 255)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(10):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        e.synchronize()
+        ts.append(s.elapsed_time(e) / 1e3)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n / statistics.median(ts)
+
+
+GRIDS = {
+    "must": [("llama3.1-8b", f, "bf16", 512) for f in ("fp8", "bf16")],
+    "quick": [("llama3.1-8b", f, "bf16", 512) for f in ("fp8", "bf16", "fp8-rowwise", "nvfp4", "w4a16-awq")]
+             + [("llama3.1-8b", "fp8", kv, 512) for kv in ("fp8", "nvfp4")]
+             + [("llama3.1-8b", "fp8", kv, 8192) for kv in ("bf16", "fp8")]
+             + [("smollm2-135m", "bf16", "bf16", 512), ("qwen3-8b", "fp8", "bf16", 512)],
+}
+GRIDS["full"] = GRIDS["quick"] + [(s, f, kv, c) for s in ("llama3.1-8b", "qwen3-8b") for f in
+                                  ("bf16", "nvfp4", "w4a16-awq") for kv in ("bf16", "fp8", "nvfp4")
+                                  for c in (512, 8192)]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--grid", default="quick", choices=sorted(GRIDS))
+    ap.add_argument("--peer", default="llama3.1-8b:512", help="shape:ctx list for the torch peer, comma-separated")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    bw = copy_bandwidth()
+    print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s (read+write)", flush=True)
+    rows = []
+    seen = set()
+    for cfg in GRIDS[args.grid]:
+        if cfg in seen:
+            continue
+        seen.add(cfg)
+        shape, fmt, kv, ctx = cfg
+        try:
+            r = bench_qtool(shape, fmt, kv, ctx)
+        except Exception as exc:  # keep the rest of the grid
+            print(f"FAILED {cfg}: {type(exc).__name__}: {exc}", flush=True)
+            continue
+        r.update(engine="qtool", shape=shape, fmt=fmt, kv=kv, ctx=ctx)
+        rows.append(r)
+        _print(r, bw)
+    for spec in filter(None, args.peer.split(",")):
+        shape, ctx = spec.split(":")
+        try:
+            r = bench_torch_peer(shape, int(ctx))
+        except Exception as exc:
+            print(f"FAILED torch peer {spec}: {type(exc).__name__}: {exc}", flush=True)
+            continue
+        r.update(engine="torch-compile", shape=shape, fmt="bf16", kv="bf16", ctx=int(ctx))
+        rows.append(r)
+        _print(r, bw)
+    print("\n| engine | shape | weights | kv | ctx | tok/s | MB/token | limit tok/s | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        _print(r, bw, table=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(copy_bw=bw, rows=rows), indent=1))
+
+
+def _print(r, bw, table=False):
+    b = r["weight_bytes"] + r["kv_bytes"]
+    tps = 1.0 / r["sec_per_tok"]
+    lim = bw / b
+    cells = [r["engine"], r["shape"], r["fmt"], r["kv"], str(r["ctx"]), f"{tps:.1f}", f"{b / 1e6:.0f}",
+             f"{lim:.0f}", f"{tps / lim:.2f}"]
+    print(("| " + " | ".join(cells) + " |") if table else "  ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One command on the GPU machine: environment facts, the GPU test suite (pytest -m gpu), the decode benchmark,
+# and a short summary last. Logs go to $OUT (device tool) or ./gpu_out. Usage: scripts/gpu_tests.sh [bench-grid]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-gpu_out}"; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+GRID="${1:-quick}"
+PY=python3
+if [ -d .whl ]; then $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"; fi
+{ date -u; git log -1 --format='commit %h %s' 2>/dev/null; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+  $PY -c "import torch, cupy, transformers; print('torch', torch.__version__, 'cupy', cupy.__version__, 'transformers', transformers.__version__)"; } 2>&1 | tee "$OUT/env.txt"
+t0=$(date +%s)
+timeout "${TEST_BUDGET_S:-330}" $PY -m pytest -m gpu tests/gpu -q -rfE -p no:cacheprovider --timeout 240 --durations=12 ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log"
+t1=$(date +%s)
+if [ "$GRID" != "none" ]; then timeout "${BENCH_BUDGET_S:-220}" $PY scripts/bench_decode.py --grid "$GRID" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"; fi
+t2=$(date +%s)
+echo "=== summary: tests $((t1 - t0)) s, bench $((t2 - t1)) s"
+grep -E "passed|failed" "$OUT/pytest.log" | tail -1
+grep -E "^FAILED" "$OUT/pytest.log" | cut -c1-200 | head -40
+[ -f "$OUT/bench.log" ] && grep -E "^\||copy bandwidth|FAILED" "$OUT/bench.log"

@@ -1,0 +1,270 @@
+"""Each CUDA kernel against the reference numerics (qtool.formats / torch_ref) and float64, on the GPU.
+
+Fresh random inputs per case, several shapes incl. odd ones, outputs poisoned (the ops allocate with
+torch.empty; the caching allocator hands back the NaN-filled blocks freed just before each run).
+Tolerances: docs/numerics.md (1e-2 relative for float outputs; exact for quantize/encode except elements
+within an ulp of a rounding boundary). Run by scripts/gpu_tests.sh; skipped without CUDA + CuPy.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+
+
+def poison():
+    """Allocate and free NaN-filled blocks so that the next torch.empty outputs start as NaN."""
+    for n in (1 << 12, 1 << 16, 1 << 20, 1 << 22):
+        torch.full((n,), float("nan"), device=DEV)
+    torch.cuda.synchronize()
+
+
+def rel(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    assert torch.isfinite(a).all(), "non-finite output (unwritten element?)"
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+# ------------------------------------------------------------------ elementwise
+@pytest.mark.parametrize("n,h", [(1, 256), (3, 576), (7, 4096), (5, 100)])
+def test_rmsnorm_residual_embed_silu(n, h):
+    from qtool.kernels import ops
+    g = torch.Generator().manual_seed(n * h)
+    x, r = torch.randn(n, h, generator=g), torch.randn(n, h, generator=g)
+    w = torch.rand(h, generator=g) + 0.5
+    poison()
+    y, res = ops.rmsnorm(x.to(DEV), w.to(DEV), 1e-6, r.to(DEV))
+    hd = x.double() + r.double()
+    ref = hd * torch.rsqrt(hd.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
+    assert rel(y, ref) < 1e-5 and rel(res, hd) < 1e-6
+    table = torch.randn(50, h, generator=g).to(torch.bfloat16)
+    ids = torch.randint(0, 50, (n,), generator=g)
+    poison()
+    assert torch.equal(ops.embed(ids.to(DEV), table.to(DEV)).cpu(), table[ids].float())
+    gu = torch.randn(n, 2 * h, generator=g)
+    poison()
+    out = ops.silu_mul(gu.to(DEV))
+    gd = gu.double()
+    assert rel(out, torch.nn.functional.silu(gd[:, :h]) * gd[:, h:]) < 1e-6
+
+
+# ------------------------------------------------------------------ activation quantization (exact)
+@pytest.mark.parametrize("scheme", ["fp8", "fp8-dynamic", "fp8-token", "fp8-block", "nvfp4", "mxfp4"])
+@pytest.mark.parametrize("m,k", [(1, 256), (4, 576), (9, 1024)])
+def test_act_quant_exact(scheme, m, k):
+    from qtool.formats import quantize_activation
+    from qtool.kernels import ops
+    from qtool.kernels.weights import ACT_CODES, KLinear
+    g = torch.Generator().manual_seed(m * k + len(scheme))
+    x = torch.randn(m, k, generator=g) * 3
+    name = "fp8" if scheme == "fp8-dynamic" else scheme
+    ins = None if scheme == "fp8-dynamic" else (torch.tensor(0.02) if name == "fp8" else torch.tensor(8 / 2688))
+    kl = KLinear(0, 1, k, torch.empty(0), act=ACT_CODES[name],
+                 in_scale=None if ins is None or name not in ("fp8", "nvfp4") else ins.reshape(1).to(DEV))
+    poison()
+    got = ops.act_quant(x.to(DEV), kl).cpu()
+    ref = quantize_activation(name, x, ins if name in ("fp8", "nvfp4") else None)
+    mism = int((got != ref).sum())
+    assert mism <= max(1, got.numel() // 1000), f"{scheme}: {mism} of {got.numel()} elements differ"
+
+
+# ------------------------------------------------------------------ linear, every format
+def _lw(fmt, w, act="none", g=None):
+    """LinearWeights of float weight w [O, K] encoded in fmt with qtool.formats' ModelOpt-equivalent encoders."""
+    from qtool import formats as F
+    from qtool.runtime.weights import LinearWeights
+    O, K = w.shape
+    t, gs, stage = {}, None, False
+    if fmt == "bf16":
+        t["weight"] = w.to(torch.bfloat16)
+    elif fmt == "fp8":
+        t["weight"], t["weight_scale"] = F.encode_fp8(w)
+    elif fmt == "fp8-rowwise":
+        t["weight"], t["weight_scale"] = F.encode_fp8_rowwise(w)
+    elif fmt == "fp8-block":
+        t["weight"], t["weight_scale"] = F.encode_fp8_block(w)
+    elif fmt == "nvfp4":
+        t["weight"], t["weight_scale"], t["weight_scale_2"] = F.encode_nvfp4_weight(w)
+    elif fmt == "mxfp4":
+        t["weight"], t["weight_scale"] = F.encode_mxfp4_weight(w)
+    elif fmt in ("int4-awq", "w4a8-awq"):
+        gs = 128 if K % 128 == 0 else 64
+        t["weight"], t["weight_scale"] = F.encode_int4_awq(w, gs)
+        t["pre_quant_scale"] = torch.rand(K, generator=g) + 0.5
+        if fmt == "w4a8-awq":
+            from qtool.formats.int4 import decode_int4_awq
+            t["weight_scale_2"] = F.w4a8_weight_scale_2(decode_int4_awq(t["weight"], t["weight_scale"]))
+            stage = True
+        fmt = "int4-awq"
+    if act in ("fp8", "nvfp4"):
+        t["input_scale"] = torch.tensor(0.03 if act == "fp8" else 10 / 2688)
+    return LinearWeights(fmt, act, O, K, t, group_size=gs, fp8_weight_stage=stage,
+                         bias=torch.randn(O, generator=g) if O % 3 == 0 else None)
+
+
+CASES = [("bf16", "none"), ("fp8", "fp8"), ("fp8-rowwise", "fp8-token"), ("fp8-block", "fp8-block"),
+         ("nvfp4", "nvfp4"), ("nvfp4", "none"), ("mxfp4", "mxfp4"), ("mxfp4", "none"), ("int4-awq", "none"),
+         ("w4a8-awq", "fp8"), ("fp8", "none")]
+
+
+@pytest.mark.parametrize("fmt,act", CASES)
+@pytest.mark.parametrize("m,o,k", [(1, 256, 512), (2, 384, 256), (4, 1000, 768), (8, 96, 1024), (37, 200, 512),
+                                   (1, 4096, 4096)])
+def test_linear_vs_reference(fmt, act, m, o, k):
+    from qtool.kernels import ops
+    from qtool.kernels.weights import prepare_linear
+    g = torch.Generator().manual_seed(m * 7 + o * 13 + k + len(fmt) + len(act))
+    w = torch.randn(o, k, generator=g) * 0.05
+    lw = _lw(fmt, w, act, g)
+    x = torch.randn(m, k, generator=g)
+    W = lw.dequantize().double()
+    xq = lw.quantize_input(x).double()
+    ref = xq @ W.t() + (lw.bias.double() if lw.bias is not None else 0)
+    kl = prepare_linear(lw, DEV)
+    for force_gemm in (False, True):
+        poison()
+        y = ops.linear(x.to(DEV), kl, force_gemm=force_gemm)
+        assert rel(y, ref) < 1e-4, f"{fmt}/{act} gemm={force_gemm}: rel {rel(y, ref):.2e}"
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "gptq-actorder", "autoawq", "fp8-deepseek"])
+def test_linear_packed_formats(fmt):
+    """GPTQ / AutoAWQ / DeepSeek-FP8 tensors built by the independent test packers' layouts."""
+    import packers
+    from qtool.formats import decode_weight
+    from qtool.kernels import ops
+    from qtool.kernels.weights import prepare_linear
+    from qtool.runtime.weights import LinearWeights
+    g = torch.Generator().manual_seed(len(fmt))
+    O, K, gs = 256, 512, 128
+    q = torch.randint(0, 16, (K, O), generator=g)
+    z = torch.randint(0, 15, (K // gs, O), generator=g)
+    s = (torch.rand(K // gs, O, generator=g) * 0.02 + 0.001).half()
+    if fmt.startswith("gptq"):
+        t = {"qweight": packers._pack_nibbles(q, 0), "qzeros": packers._pack_nibbles(z, 1), "scales": s}
+        gi = torch.arange(K) // gs
+        if fmt == "gptq-actorder":
+            gi = gi[torch.randperm(K, generator=g)]
+        t["g_idx"] = gi.int()
+        lw = LinearWeights("gptq", "none", O, K, t, group_size=gs)
+    elif fmt == "autoawq":
+        order = [0, 2, 4, 6, 1, 3, 5, 7]
+        t = {"qweight": packers._pack_nibbles(q, 1, order), "qzeros": packers._pack_nibbles(z, 1, order),
+             "scales": s}
+        lw = LinearWeights("autoawq", "none", O, K, t, group_size=gs)
+    else:
+        w = torch.randn(O, K, generator=g).clamp(-4, 4).to(torch.float8_e4m3fn)
+        t = {"weight": w, "weight_scale_inv": torch.rand(O // 128, K // 128, generator=g) + 0.1}
+        lw = LinearWeights("fp8-block", "fp8-block", O, K, t, group_size=None)
+    W = decode_weight(lw.format, lw.tensors, lw.group_size).double()
+    for m in (1, 3, 20):
+        x = torch.randn(m, K, generator=g)
+        ref = lw.quantize_input(x).double() @ W.t()
+        poison()
+        y = ops.linear(x.to(DEV), prepare_linear(lw, DEV))
+        assert rel(y, ref) < 1e-4, f"{fmt} m={m}: {rel(y, ref):.2e}"
+
+
+# ------------------------------------------------------------------ rope + KV write + attention
+def _decoded(kv, pair, scale, n):
+    """Cache codes [B, Hkv, L, ...] -> float [B, n, Hkv, d] via qtool.formats.kv_decode."""
+    from qtool.formats import kv_decode
+    codes, scales = (t[:, :, :n].permute(0, 2, 1, 3).contiguous().cpu() if t is not None else None for t in pair)
+    if kv == "bf16":
+        return kv_decode(kv, codes)
+    if kv == "fp8":
+        return kv_decode(kv, codes.view(torch.float8_e4m3fn), scale=scale)
+    return kv_decode(kv, codes, scales.view(torch.float8_e4m3fn), scale=scale)
+
+
+@pytest.mark.parametrize("kv", ["bf16", "fp8", "nvfp4"])
+@pytest.mark.parametrize("d,hq,hkv", [(64, 4, 2), (128, 32, 8), (64, 9, 3)])
+def test_rope_kv_attention(kv, d, hq, hkv):
+    from qtool.formats import kv_decode, kv_encode
+    from qtool.kernels import ops
+    from qtool.runtime import rope
+    g = torch.Generator().manual_seed(d + hq + len(kv))
+    B, T0, L = 2, 37, 300
+    inv = rope.inv_freq(d, 500000.0, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    cos, sin = rope.cos_sin(inv, torch.arange(L))
+    cosd, sind = cos[:, :d // 2].contiguous().to(DEV), sin[:, :d // 2].contiguous().to(DEV)
+    ks, vs = 0.05, 0.04
+    cache = ops.KVCache(kv, B, L, 1, hkv, d, DEV, [ks], [vs])
+    # prefill T0 tokens per row, then one decode token per row at position T0
+    for T, start in ((T0, 0), (1, T0)):
+        qkv = torch.randn(B * T, (hq + 2 * hkv) * d, generator=g)
+        pos = (torch.arange(T) + start).repeat(B, 1)
+        qd = qkv.to(DEV)
+        q = qd[:, :hq * d].view(-1, hq, d)
+        k = qd[:, hq * d:(hq + hkv) * d].view(-1, hkv, d)
+        v = qd[:, (hq + hkv) * d:].view(-1, hkv, d)
+        poison()
+        qr = ops.rope_and_store(q, k, v, pos.to(DEV), cache, 0, cosd, sind, T)
+        c, s = rope.cos_sin(inv, pos.reshape(-1))
+        q_ref = rope.apply(qkv[:, :hq * d].view(-1, hq, d), c, s)
+        k_ref = rope.apply(qkv[:, hq * d:(hq + hkv) * d].view(-1, hkv, d), c, s)
+        assert rel(qr, q_ref) < 1e-5
+        # stored codes equal kv_encode of the reference K (exact up to boundary elements)
+        enc = kv_encode(kv, k_ref.view(B, T, hkv, d), ks)
+        kc, ksc = cache.k[0]
+        got = kc[:, :, start:start + T].permute(0, 2, 1, 3).cpu()
+        want = enc[0].view(got.dtype) if enc[0].dtype != got.dtype else enc[0]
+        assert (got != want).float().mean() < 2e-3
+        if kv == "nvfp4":
+            assert (ksc[:, :, start:start + T].permute(0, 2, 1, 3).cpu() != enc[1].view(torch.uint8)).float().mean() < 2e-3
+        poison()
+        out = ops.attention(qr, pos.to(DEV), cache, 0, T)
+        # float64 reference attention over the decoded cache
+        K_ = _decoded(kv, cache.k[0], ks, start + T).double()            # [B, L, hkv, d]
+        V_ = _decoded(kv, cache.v[0], vs, start + T).double()
+        rep = hq // hkv
+        K_, V_ = K_.repeat_interleave(rep, 2), V_.repeat_interleave(rep, 2)
+        qb = qr.cpu().double().view(B, T, hq, d)
+        sc_ = torch.einsum("bthd,blhd->bhtl", qb, K_) / math.sqrt(d)
+        vis = torch.arange(start + T)[None, None, :] <= pos[:, :, None]
+        sc_ = sc_.masked_fill(~vis[:, None], float("-inf"))
+        ref = torch.einsum("bhtl,blhd->bthd", sc_.softmax(-1), V_).reshape(B * T, hq * d)
+        assert rel(out, ref) < 1e-5, f"attention rel {rel(out, ref):.2e}"
+
+
+# ------------------------------------------------------------------ sampling
+def test_sampling():
+    from qtool.kernels import ops
+    g = torch.Generator().manual_seed(0)
+    for V in (384, 49152, 128256):
+        logits = torch.randn(3, V, generator=g) * 3
+        poison()
+        assert torch.equal(ops.sample(logits.to(DEV), 0.0, 0, 1.0).cpu(), logits.argmax(-1))
+    V = 50
+    logits = torch.randn(1, V, generator=g) * 2
+    ld = logits.to(DEV)
+    n = 4000
+    u = torch.rand(n, generator=g).to(DEV)
+    rng = torch.zeros(1, dtype=torch.int64, device=DEV)
+    for top_k, top_p in ((0, 1.0), (5, 1.0), (0, 0.7), (10, 0.5)):
+        toks = torch.stack([ops.sample(ld, 0.8, top_k, top_p, u=u[i:i + 1]) for i in range(n)]).cpu().reshape(-1)
+        p = (logits[0] / 0.8).double().softmax(-1)
+        order = p.argsort(descending=True)
+        keep = torch.zeros(V, dtype=torch.bool)
+        keep[order[:top_k if top_k else V]] = True
+        pk = torch.where(keep, p, torch.zeros_like(p))
+        pk = pk / pk.sum()
+        if top_p < 1.0:
+            srt = pk[order]
+            cum = srt.cumsum(0)
+            n_keep = int((cum < top_p).sum()) + 1
+            keep2 = torch.zeros(V, dtype=torch.bool)
+            keep2[order[:n_keep]] = True
+            pk = torch.where(keep2, pk, torch.zeros_like(pk))
+            pk = pk / pk.sum()
+        freq = torch.bincount(toks, minlength=V).double() / n
+        assert (freq[pk == 0] == 0).all(), f"top_k={top_k} top_p={top_p}: sampled outside the kept set"
+        assert (freq - pk).abs().max() < 0.04, f"top_k={top_k} top_p={top_p}: frequencies off"
+    # counter-based RNG path: advances per call
+    a = [int(ops.sample(ld, 1.0, 0, 1.0, rng=rng)) for _ in range(200)]
+    assert len(set(a)) > 5 and int(rng.item()) == 200

@@ -1,0 +1,84 @@
+"""CPU check of qtool/kernels/weights.py: every format's repacked kernel layout, decoded here by a test-local
+decoder written from linear.cu's header comment, equals the reference decode (qtool.formats.decode_weight via
+LinearWeights.dequantize) exactly, including GPTQ act-order (input permutation) and W4A8's FP8 stage."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qtool.kernels.weights import prepare_linear
+
+
+def kernel_decode(kl) -> torch.Tensor:
+    """float32 [O, K] from the kernel layout, in the ORIGINAL input order."""
+    O, K = kl.out_features, kl.in_features
+    k = torch.arange(K)
+    if kl.fmt == 0:
+        W = kl.w.float()
+    elif kl.fmt == 1:
+        s = kl.sc.float().reshape(-1)
+        idx = (torch.arange(O)[:, None] // kl.sbo) * kl.sld + (k[None, :] // kl.sbi)
+        W = kl.w.view(torch.float8_e4m3fn).float() * s[idx]
+    else:
+        b = kl.w.to(torch.int64)
+        nib = torch.stack([b & 15, b >> 4], -1).reshape(O, K)
+        if kl.fmt in (2, 3):
+            table = torch.tensor([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6])
+            v = table[nib]
+            if kl.fmt == 2:
+                W = v * (kl.sc.view(torch.float8_e4m3fn).float() * torch.tensor(kl.gs)).repeat_interleave(16, 1)
+            else:
+                W = v * torch.exp2(kl.sc.float() - 127).repeat_interleave(32, 1)
+        else:
+            g = k // kl.sbi
+            W = (nib.float() - kl.zp[:, g]) * kl.sc[:, g]
+            if kl.s2:
+                W = (W / kl.s2).clamp(-448, 448).to(torch.float8_e4m3fn).float() * kl.s2
+    if kl.perm is not None:
+        out = torch.empty_like(W)
+        out[:, kl.perm] = W
+        W = out
+    return W
+
+
+CASES = [("bf16", "none"), ("fp8", "fp8"), ("fp8-rowwise", "fp8-token"), ("fp8-block", "fp8-block"),
+         ("nvfp4", "nvfp4"), ("mxfp4", "none"), ("int4-awq", "none"), ("w4a8-awq", "fp8")]
+
+
+@pytest.mark.parametrize("fmt,act", CASES)
+@pytest.mark.parametrize("o,k", [(256, 512), (200, 384)])
+def test_repack_decodes_equal(fmt, act, o, k):
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent / "gpu"))
+    from test_kernels import _lw
+    g = torch.Generator().manual_seed(o + k + len(fmt))
+    lw = _lw(fmt, torch.randn(o, k, generator=g) * 0.05, act, g)
+    kl = prepare_linear(lw, "cpu")
+    assert torch.equal(kernel_decode(kl), lw.dequantize())
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "gptq-actorder", "autoawq"])
+def test_repack_int4_packed(fmt):
+    import packers
+    from qtool.runtime.weights import LinearWeights
+    g = torch.Generator().manual_seed(len(fmt))
+    O, K, gs = 256, 512, 128
+    q = torch.randint(0, 16, (K, O), generator=g)
+    z = torch.randint(0, 15, (K // gs, O), generator=g)
+    s = (torch.rand(K // gs, O, generator=g) * 0.02 + 0.001).half()
+    if fmt.startswith("gptq"):
+        gi = torch.arange(K) // gs
+        if fmt == "gptq-actorder":
+            gi = gi[torch.randperm(K, generator=g)]
+        t = {"qweight": packers._pack_nibbles(q, 0), "qzeros": packers._pack_nibbles(z, 1), "scales": s,
+             "g_idx": gi.int()}
+        lw = LinearWeights("gptq", "none", O, K, t, group_size=gs)
+    else:
+        order = [0, 2, 4, 6, 1, 3, 5, 7]
+        t = {"qweight": packers._pack_nibbles(q, 1, order), "qzeros": packers._pack_nibbles(z, 1, order),
+             "scales": s}
+        lw = LinearWeights("autoawq", "none", O, K, t, group_size=gs)
+    kl = prepare_linear(lw, "cpu")
+    assert (kl.perm is not None) == (fmt == "gptq-actorder")
+    assert torch.equal(kernel_decode(kl), lw.dequantize())
