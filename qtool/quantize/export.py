@@ -4,7 +4,8 @@ Contract: `export_checkpoint(model, tokenizer, source_dir, out_dir)` calls
 `modelopt.torch.export.export_hf_checkpoint` (config.json, generation_config.json,
 hf_quant_config.json, safetensors), then saves the tokenizer (ModelOpt does not) and copies the
 source's chat template / generation config when the exporter left them out. Returns the list of
-files written.
+files written. Leaves `model.config.dtype` a torch.dtype (transformers' save_pretrained turns it
+into a string, see docs/quantize.md).
 """
 from __future__ import annotations
 
@@ -19,8 +20,15 @@ CARRY_OVER = ("chat_template.jinja", "chat_template.json", "generation_config.js
 def export_checkpoint(model, tokenizer, source_dir: Path, out_dir: Path, debug: bool = False) -> list[str]:
     from modelopt.torch.export import export_hf_checkpoint
 
+    dtype = next(model.parameters()).dtype
     with quiet(debug):
-        export_hf_checkpoint(model, export_dir=str(out_dir))
+        try:
+            export_hf_checkpoint(model, export_dir=str(out_dir))
+        finally:
+            # transformers' save_pretrained (called by the exporter) stores the STRING 'bfloat16'
+            # in the live model.config.dtype; a later `.to(config.dtype)` then fails with
+            # "Invalid device string: 'bfloat16'" (docs/quantize.md). Put the torch dtype back.
+            model.config.dtype = dtype
         tokenizer.save_pretrained(str(out_dir))
     for name in CARRY_OVER:
         src, dst = Path(source_dir) / name, Path(out_dir) / name
