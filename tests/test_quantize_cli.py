@@ -1,0 +1,144 @@
+"""`qtool quantize` refusals and usage errors: right exit code, one line, nothing loaded or written.
+
+The model folders here hold a real config.json but a GARBAGE model.safetensors: a request that
+is refused before loading exits with its code; one that tried to load would fail differently.
+Also: the atomic output folder on Ctrl-C, and the cause of "Invalid device string: 'bfloat16'".
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from qtool.cli import app
+
+runner = CliRunner()
+
+SMOLLM2_SHAPE = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576,
+                 "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+                 "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152,
+                 "max_position_embeddings": 8192}
+
+
+def fake_model(path: Path, config: dict) -> Path:
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "model.safetensors").write_bytes(b"not a safetensors file")
+    return path
+
+
+@pytest.fixture
+def smol_shaped(tmp_path):
+    return fake_model(tmp_path / "smol", SMOLLM2_SHAPE)
+
+
+def invoke(*args):
+    r = runner.invoke(app, ["quantize", *args])
+    assert "Traceback" not in (r.stdout + (r.stderr or "")), r.stdout
+    return r
+
+
+def errors(r) -> list[str]:
+    return [ln for ln in (r.stderr or r.stdout).splitlines() if ln.startswith("error:")]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--quant", "nvfp4", "--kv-cache-quant", "nvfp4"], "NVFP4 KV cache needs fp8"),
+    (["--quant", "nvfp4", "--gpu", "sm90"], "NVFP4 is not supported on Hopper"),
+    (["--quant", "w4a16-awq", "--gpu", "sm120", "--awq-block-size", "64"], "W4A16 AWQ is not supported"),
+    (["--quant", "w4a8-gptq", "--awq-block-size", "64"], "W4A8 GPTQ is not supported"),
+    (["--quant", "mxfp4"], "MXFP4 is not supported for LLaMA"),
+])
+def test_refusals_exit_3_before_loading(smol_shaped, tmp_path, args, needle):
+    out = tmp_path / "out"
+    r = invoke("--model", str(smol_shaped), "-o", str(out), *args)
+    assert r.exit_code == 3, r.stdout + (r.stderr or "")
+    assert len(errors(r)) == 1 and needle in errors(r)[0]
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["smol"]
+
+
+def test_refusal_json_carries_verdict(smol_shaped, tmp_path):
+    r = invoke("--model", str(smol_shaped), "-o", str(tmp_path / "o"), "--quant", "nvfp4", "--gpu", "h100", "--json")
+    assert r.exit_code == 3
+    err = json.loads(r.stdout)["error"]
+    assert err["code"] == "unsupported" and err["verdict"]["supported"] is False
+
+
+def test_family_override_is_checked(smol_shaped, tmp_path):
+    r = invoke("--model", str(smol_shaped), "-o", str(tmp_path / "o"), "--quant", "fp8", "--family", "GPT-OSS")
+    assert r.exit_code == 3 and "GPT-OSS" in errors(r)[0]
+
+
+def test_unknown_recipe_exit_2(smol_shaped, tmp_path):
+    r = invoke("--model", str(smol_shaped), "-o", str(tmp_path / "o"), "--quant", "int3")
+    assert r.exit_code == 2
+
+
+def test_missing_model_path_one_line(tmp_path):
+    r = invoke("--model", str(tmp_path / "nope"), "-o", str(tmp_path / "o"), "--quant", "fp8", "--gpu", "sm90")
+    assert r.exit_code == 2 and len(errors(r)) == 1 and "not found" in errors(r)[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_awq_block_size_names_working_sizes(smol_shaped, tmp_path):
+    r = invoke("--model", str(smol_shaped), "-o", str(tmp_path / "o"), "--quant", "w4a16-awq", "--gpu", "sm90")
+    assert r.exit_code == 2
+    line = errors(r)[0]
+    assert "576" in line and "64" in line and "128" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_builtin_smollm2_awq_block_checked_without_conversion(tmp_path):
+    """The default model's config is known (or cached) before conversion, so the check is instant."""
+    r = invoke("-o", str(tmp_path / "o"), "--quant", "w4a8-awq", "--gpu", "sm90")
+    assert r.exit_code == 2 and "--awq-block-size 64" in errors(r)[0]
+
+
+def test_existing_output_refused_without_force(smol_shaped, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    r = invoke("--model", str(smol_shaped), "-o", str(out), "--quant", "fp8", "--gpu", "sm90")
+    assert r.exit_code == 2 and "not empty" in errors(r)[0]
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_staged_output_removed_on_interrupt(tmp_path):
+    from qtool.quantize.output import staged
+    target = tmp_path / "ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        with staged(target, force=False) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"half")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_staged_output_replaces_only_when_complete(tmp_path):
+    from qtool.quantize.output import staged
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    (target / "old").write_text("old")
+    with pytest.raises(RuntimeError):
+        with staged(target, force=True) as tmp:
+            (tmp / "new").write_text("new")
+            raise RuntimeError("boom")
+    assert [p.name for p in target.iterdir()] == ["old"]
+    with staged(target, force=True) as tmp:
+        (tmp / "new").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["new"]
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_save_pretrained_leaves_string_dtype_on_live_config(tiny_models, tmp_path):
+    """The cause of "Invalid device string: 'bfloat16'" (docs/quantize.md): transformers'
+    save_pretrained (called by export_hf_checkpoint) stores config.dtype as a string."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    m = AutoModelForCausalLM.from_pretrained(tiny_models("llama"), dtype=torch.bfloat16)
+    assert m.config.dtype == torch.bfloat16
+    m.save_pretrained(tmp_path / "s")
+    assert m.config.dtype == "bfloat16"
+    with pytest.raises(RuntimeError, match="Invalid device string: 'bfloat16'"):
+        torch.zeros(1).to(m.config.dtype)
