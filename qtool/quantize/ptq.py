@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import sys
 import warnings
 
@@ -28,8 +29,13 @@ def quiet(show: bool = False):
     with warnings.catch_warnings():
         if not show:
             warnings.simplefilter("ignore")
-        with contextlib.redirect_stdout(sys.stderr if show else buf):
-            yield buf
+            logging.disable(logging.WARNING)    # ModelOpt / deepspeed log warnings on stderr
+        try:
+            with contextlib.redirect_stdout(sys.stderr if show else buf):
+                yield buf
+        finally:
+            if not show:
+                logging.disable(logging.NOTSET)
 
 
 def _quiet_transformers():
