@@ -161,16 +161,25 @@ def _file_key(path: Path) -> str:
 
 def _convert_gguf(gguf: Path, target: Path, progress: bool, title: str) -> None:
     """Dequantize a GGUF into a bf16 HF folder at ``target`` (atomic: temp folder + rename)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as exc:
+        raise Failure(f"cannot write the qtool cache at {target.parent}: {exc.strerror or exc}",
+                      hint="set QTOOL_CACHE to a writable folder") from None
     try:
         with _Steps(progress, f"converting {title} to bf16", total=3) as steps:
             _write_hf_from_gguf(gguf, tmp, steps)
+        if target.exists() and not (target / "config.json").is_file():
+            shutil.rmtree(target)   # not ours and not complete (made by hand?): replace it
         try:
             tmp.rename(target)
         except OSError:
             if not (target / "config.json").is_file():   # lost a race only if the winner finished
                 raise
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise Failure(f"cannot write the converted model to {target}: {exc.strerror or exc}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -205,3 +205,14 @@ def test_corrupt_gguf_is_one_line_failure(monkeypatch, tmp_path):
         resolve_model_source(str(bad), progress=False)
     assert "\n" not in err.value.message
     assert not list((tmp_path / "cache" / "gguf").iterdir())
+
+
+def test_unwritable_cache_is_one_line_failure(monkeypatch, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("QTOOL_CACHE", str(blocker / "cache"))
+    gguf_file = tmp_path / "m.gguf"
+    gguf_file.write_bytes(b"GGUF fake")
+    with pytest.raises(Failure) as err:
+        resolve_model_source(str(gguf_file), progress=False)
+    assert "cannot write the qtool cache" in err.value.message and err.value.hint
