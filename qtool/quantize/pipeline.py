@@ -113,6 +113,12 @@ def _peak_memory() -> dict:
     return out
 
 
+def _cpu_s() -> float:
+    """CPU seconds (user + system) of this process so far: robust to other load on the machine."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return round(ru.ru_utime + ru.ru_stime, 2)
+
+
 def _versions() -> dict:
     from importlib.metadata import version
     out = {}
@@ -220,7 +226,7 @@ def _result(plan: Plan, source, tmp: Path, cfg: dict, versions: dict, modelopt_h
         "peak_memory": peak,
         "device": peak.get("cuda_device") or "cpu",
         "files": sorted(p.name for p in tmp.iterdir()) + ["qtool.json"],
-        "timings_s": {"calibration": round(calib_s, 2), "export": round(export_s, 2)},
+        "timings_s": {"calibration": round(calib_s, 2), "export": round(export_s, 2), "cpu_user_sys": _cpu_s()},
     }
     return {"recipe": req.quant, "kv_cache": req.kv or "none", "format": fmt,
             "quant_algo": hfq.get("quant_algo"), "kv_cache_quant_algo": hfq.get("kv_cache_quant_algo"),
