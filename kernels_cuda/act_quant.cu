@@ -1,7 +1,10 @@
 // act_quant.cu — activation quantization x -> x̂ (float32 out) for every recipe, docs/numerics.md and
-// qtool/formats/activations.py. One kernel, one block of 256 threads per row (grid M); for the dynamic
+// qtool/formats/activations.py. One kernel, one block (256..1024 threads) per row (grid M); for the dynamic
 // per-tensor fallback (scheme fp8 or nvfp4 without input_scale) launch grid 1: the block covers all rows.
 // x f32 [M, ldx]; out f32 [M, ldo]; pqs f32 [K] or null (x *= pqs first); in_scale f32 [1] or null.
+// Optional f16 copy for linear.cu's gemv_h: outh f16 [M, K] = x̂ * 2^k per row (k = 8 - ceil(log2(amax x̂)),
+// so |outh| <= 256), hscale f32 [M] = 2^-k, stored in pair order hperm (1: within each 4 [0,2,1,3];
+// 2: within each 8 [0,4,1,5,2,6,3,7]), matching the weight decoders' pair order. Needs K % 8 == 0.
 // scheme: 0 none (pqs only), 1 fp8 per-tensor static, 2 fp8 per token, 3 fp8 per token x 128-channel group,
 //         4 nvfp4 (global g = in_scale, 16-blocks), 5 mxfp4 (32-blocks, E8M0).
 // Group schemes need K % group == 0 except fp8-block (last group may be short).
@@ -22,7 +25,8 @@ __device__ __forceinline__ float mx_exp(float amax) {  // clamp(ceil(log2(amax/6
 
 extern "C" __global__ void act_quant(const float* __restrict__ x, int ldx, float* __restrict__ out, int ldo, int M,
                                      int K, int scheme, const float* __restrict__ in_scale,
-                                     const float* __restrict__ pqs) {
+                                     const float* __restrict__ pqs, unsigned short* __restrict__ outh,
+                                     float* __restrict__ hscale, int hperm) {
   __shared__ float red[32];
   int r0 = blockIdx.x, r1 = blockIdx.x + 1;
   float ts = 0.0f;
@@ -79,6 +83,29 @@ extern "C" __global__ void act_quant(const float* __restrict__ x, int ldx, float
           if (j < G && i < K) orow[i] = scheme == 3 ? fake_fp8(v[t], S) : nvfp4_q(v[t], S);
         }
       }
+    }
+    if (outh) {
+      __syncthreads();  // this row of `out` was written by other threads of the block
+      float a = 0.0f;
+      for (int i = threadIdx.x; i < K; i += blockDim.x) a = fmaxf(a, fabsf(orow[i]));
+      a = block_max(a, red);
+      int ex = 0;
+      if (a > 0.0f) frexpf(a, &ex);
+      int k = 8 - ex;
+      k = max(-60, min(60, k));
+      float up = ldexpf(1.0f, k);
+      if (threadIdx.x == 0) hscale[r] = ldexpf(1.0f, -k);
+      unsigned short* hrow = outh + (long long)r * K;
+      for (int p = threadIdx.x; p < K; p += blockDim.x) {
+        int q = p & 7, src;
+        if (hperm == 1) src = (p & ~3) + ((p & 3) == 1 ? 2 : ((p & 3) == 2 ? 1 : (p & 3)));
+        else if (hperm == 2) src = (p & ~7) + ((q & 1) ? 4 + (q >> 1) : (q >> 1));
+        else src = p;
+        unsigned short h;
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(orow[src] * up));
+        hrow[p] = h;
+      }
+      __syncthreads();
     }
   }
 }

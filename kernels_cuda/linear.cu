@@ -11,6 +11,11 @@
 // gemv<F, MR>: decode path, M <= MR rows. grid ceil(O/8), block 256 (one warp per output row, 16-byte
 //   streaming weight loads, 4 in flight per lane). Needs K % EPV == 0 (EPV = 8 bf16, 16 fp8, 32 fp4/int4),
 //   16-byte aligned rows, ldx % 4 == 0, and for fp8 sbi % 16 == 0, for int4 sbi % 32 == 0.
+// gemv_h<F, MR> (F = 1..4, not int4 with s2): decode path on f16 math. xh f16 [M, K] from act_quant.cu (x̂ * 2^k
+//   per row, pair order: fp8 [0,2,1,3], fp4/int4 [0,4,1,5,2,6,3,7]), hs f32 [M] = 2^-k. Weight codes become
+//   exact f16 pairs (bit tricks, no conversion instructions), products are accumulated with HFMA2 over 8
+//   elements (|partial| < 2^15), then in f32 with the block scale. sbi is passed as log2 (per-row scale: -1).
+//   Error: f16 rounding of x̂ and of 8-term partial sums, ~1e-3 relative (numerics.md budgets 1e-2).
 // gemm<F>: general path (any M, K), 64x64 tiles of f32 FMA with scalar dequant. grid (ceil(O/64), ceil(M/64)),
 //   block 256.
 #include "common.cuh"
@@ -155,6 +160,106 @@ __global__ void __launch_bounds__(256) gemv(const float* __restrict__ x, int ldx
   }
 }
 
+
+__device__ __forceinline__ unsigned hfma2(unsigned a, unsigned b, unsigned c) {
+  unsigned r; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c)); return r;
+}
+__device__ __forceinline__ unsigned hmul2(unsigned a, unsigned b) {
+  unsigned r; asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r;
+}
+__device__ __forceinline__ float hsum2(unsigned v) { float a, b; h2x2f(v, a, b); return a + b; }
+
+template <int F, int MR>
+__global__ void __launch_bounds__(256) gemv_h(const unsigned short* __restrict__ xh, const float* __restrict__ hs,
+                                              const u8* __restrict__ w, const void* __restrict__ sc,
+                                              const float* __restrict__ zp, float gs,
+                                              const float* __restrict__ bias, float* __restrict__ y, int ldy, int M,
+                                              int O, int K, int sld, int sbo, int sbi_log2) {
+  constexpr int EPV = F == FMT_FP8 ? 16 : 32;
+  constexpr int U = 4;
+  int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  int o = blockIdx.x * 8 + warp;
+  if (o >= O) return;
+  int nch = K / EPV;
+  const uint4* wr = (const uint4*)(w + (long long)o * nch * 16);
+  float acc[MR];
+#pragma unroll
+  for (int m = 0; m < MR; ++m) acc[m] = 0.0f;
+  const float* fsc = (const float*)sc;
+  const u8* bsc = (const u8*)sc;
+  long long srow = F == FMT_FP8 ? (long long)(o / sbo) * sld : (long long)o * sld;
+  unsigned zz = 0;
+  for (int c0 = lane; c0 < nch; c0 += 32 * U) {
+    uint4 r[U];
+#pragma unroll
+    for (int t = 0; t < U; ++t)
+      if (c0 + 32 * t < nch) r[t] = ld_stream(wr + c0 + 32 * t);
+#pragma unroll
+    for (int t = 0; t < U; ++t) {
+      int c = c0 + 32 * t;
+      if (c >= nch) break;
+      int e = c * EPV;
+      unsigned u[4] = {r[t].x, r[t].y, r[t].z, r[t].w};
+      // decoded weight pairs in the x pair order, and the scale of each 8- or 16-element half
+      unsigned wp[EPV / 2];
+      float s0 = 1.0f, s1 = 1.0f;
+      if (F == FMT_FP8) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) fp8x4_to_h2(u[j], wp[2 * j], wp[2 * j + 1]);
+        if (sbi_log2 >= 0) s0 = s1 = fsc[srow + (e >> sbi_log2)];
+      } else {
+        const unsigned TWO14 = 0x74007400u;  // f16x2 (2^14, 2^14)
+        if (F == FMT_INT4) {
+          long long g = srow + (e >> sbi_log2);
+          s0 = s1 = fsc[g];
+          unsigned short zh; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(zh) : "f"(1024.0f + zp[g]));
+          zz = ((unsigned)zh << 16) | zh;
+        } else if (F == FMT_NVFP4) {
+          s0 = e4m3_to_f32(bsc[srow + (e >> 4)]) * gs;
+          s1 = e4m3_to_f32(bsc[srow + (e >> 4) + 1]) * gs;
+        } else {
+          s0 = s1 = e8m0_to_f32(bsc[srow + (e >> 5)]);
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          unsigned h[4];
+          if (F == FMT_INT4) u4x8_to_h2(u[j], h); else fp4x8_to_h2(u[j], h);
+#pragma unroll
+          for (int k = 0; k < 4; ++k) wp[4 * j + k] = F == FMT_INT4 ? hsub2(h[k], zz) : hmul2(h[k], TWO14);
+        }
+      }
+#pragma unroll
+      for (int m = 0; m < MR; ++m) {
+        if (m < M) {
+          const uint4* xp = (const uint4*)(xh + (long long)m * K + e);
+          unsigned p0 = 0, p1 = 0;  // f16x2 partial sums of the two halves of the chunk
+#pragma unroll
+          for (int q = 0; q < EPV / 8; ++q) {
+            uint4 xv = xp[q];
+            unsigned xs[4] = {xv.x, xv.y, xv.z, xv.w};
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              if (q < EPV / 16) p0 = hfma2(wp[4 * q + i], xs[i], p0);
+              else p1 = hfma2(wp[4 * q + i], xs[i], p1);
+            }
+          }
+          acc[m] += hsum2(p0) * s0 + hsum2(p1) * s1;
+        }
+      }
+    }
+  }
+  float rs = 1.0f;
+  if (F == FMT_FP8) rs = (sbi_log2 < 0 ? fsc[srow] : 1.0f) * 256.0f;
+#pragma unroll
+  for (int m = 0; m < MR; ++m) acc[m] = warp_sum(acc[m]);
+  if (lane == 0) {
+    float b = bias ? bias[o] : 0.0f;
+#pragma unroll
+    for (int m = 0; m < MR; ++m)
+      if (m < M) y[(long long)m * ldy + o] = acc[m] * rs * hs[m] + b;
+  }
+}
+
 template <int F>
 __global__ void __launch_bounds__(256) gemm(const float* __restrict__ x, int ldx, const u8* __restrict__ w,
                                             const void* __restrict__ sc, const float* __restrict__ zp, float gs,
@@ -208,6 +313,15 @@ __global__ void __launch_bounds__(256) gemm(const float* __restrict__ x, int ldx
   template __global__ void gemv<F, 1>(QT_GEMV_ARGS); template __global__ void gemv<F, 2>(QT_GEMV_ARGS); \
   template __global__ void gemv<F, 4>(QT_GEMV_ARGS); template __global__ void gemv<F, 8>(QT_GEMV_ARGS); \
   template __global__ void gemm<F>(QT_GEMV_ARGS);
+#define QT_GEMVH_ARGS const unsigned short*, const float*, const u8*, const void*, const float*, float, \
+  const float*, float*, int, int, int, int, int, int, int
+#define QT_INST_H(F) \
+  template __global__ void gemv_h<F, 1>(QT_GEMVH_ARGS); template __global__ void gemv_h<F, 2>(QT_GEMVH_ARGS); \
+  template __global__ void gemv_h<F, 4>(QT_GEMVH_ARGS); template __global__ void gemv_h<F, 8>(QT_GEMVH_ARGS);
+QT_INST_H(1)
+QT_INST_H(2)
+QT_INST_H(3)
+QT_INST_H(4)
 QT_INST_F(0)
 QT_INST_F(1)
 QT_INST_F(2)

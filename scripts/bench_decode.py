@@ -249,13 +249,68 @@ GRIDS["full"] = GRIDS["quick"] + [(s, f, kv, c) for s in ("llama3.1-8b", "qwen3-
                                   for c in (512, 8192)]
 
 
+def graph_time(fn, reps=20):
+    """Seconds per call of fn, from a CUDA graph holding `reps` calls (launch gaps included, no Python)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    return time_graph(g.replay, n_blocks=5, per_block=5) / reps
+
+
+def kernel_table():
+    """Per-kernel times at Llama-3.1-8B decode shapes (M = 1): linear paths per format, act quant, attention."""
+    print("\n| kernel | shape | us | GB/s |")
+    print("|---|---|---|---|")
+    x = {k: torch.randn(1, k, device=DEV) for k in (4096, 14336)}
+    for fmt in ("bf16", "fp8", "fp8-rowwise", "nvfp4", "w4a16-awq"):
+        for O, K in ((6144, 4096), (4096, 14336), (28672, 4096), (128256, 4096)):
+            kl = rand_linear(fmt, O, K)
+            paths = [("f32", dict(force_f32=True))] + ([("h", {})] if kl.half_ok else [])
+            for name, kw in paths:
+                t = graph_time(lambda: ops.linear(x[K], kl, **kw))
+                print(f"| linear {fmt} {name} | {O}x{K} | {t * 1e6:.1f} | {kl.nbytes() / t / 1e9:.0f} |", flush=True)
+            if fmt != "bf16":
+                t = graph_time(lambda: ops.act_quant(x[K], kl, half=kl.half_ok))
+                print(f"| act_quant {fmt} | 1x{K} | {t * 1e6:.1f} | |", flush=True)
+            del kl
+    for kv in ("bf16", "fp8", "nvfp4"):
+        for ctx in (512, 8192):
+            cache = ops.KVCache(kv, 1, ctx + 64, 1, 8, 128, DEV, [0.05], [0.05])
+            for pair in cache.k + cache.v:
+                for t_ in pair:
+                    if t_ is not None:
+                        t_.copy_(torch.randint(0, 0x7e, t_.shape, device=DEV, dtype=torch.uint8).to(t_.dtype)
+                                 if t_.dtype != torch.bfloat16 else torch.randn(t_.shape, device=DEV))
+            q = torch.randn(1, 32, 128, device=DEV)
+            pos = torch.tensor([[ctx]], device=DEV)
+            t = graph_time(lambda: ops.attention(q, pos, cache, 0, 1))
+            print(f"| attention kv={kv} | ctx {ctx} | {t * 1e6:.1f} | {cache.nbytes() * ctx / (ctx + 64) / t / 1e9:.0f} |",
+                  flush=True)
+    h = torch.randn(1, 4096, device=DEV)
+    w = torch.rand(4096, device=DEV)
+    t = graph_time(lambda: ops.rmsnorm(h, w, 1e-5, h))
+    print(f"| rmsnorm+residual | 1x4096 | {t * 1e6:.1f} | |")
+    gu = torch.randn(1, 28672, device=DEV)
+    t = graph_time(lambda: ops.silu_mul(gu))
+    print(f"| silu_mul | 1x14336 | {t * 1e6:.1f} | |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--kernels", action="store_true", help="print the per-kernel table first")
     ap.add_argument("--grid", default="quick", choices=sorted(GRIDS))
     ap.add_argument("--peer", default="llama3.1-8b:512", help="shape:ctx list for the torch peer, comma-separated")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     bw = copy_bandwidth()
+    if args.kernels:
+        kernel_table()
     print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s (read+write)", flush=True)
     rows = []
     seen = set()

@@ -13,9 +13,9 @@ if [ -d .whl ]; then $PY -m pip install -q --no-index --no-deps --no-compile --n
 t0=$(date +%s)
 timeout "${TEST_BUDGET_S:-330}" $PY -m pytest -m gpu tests/gpu -q -rfE -p no:cacheprovider --timeout 240 --durations=12 ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log"
 t1=$(date +%s)
-if [ "$GRID" != "none" ]; then timeout "${BENCH_BUDGET_S:-220}" $PY scripts/bench_decode.py --grid "$GRID" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"; fi
+if [ "$GRID" != "none" ]; then timeout "${BENCH_BUDGET_S:-220}" $PY scripts/bench_decode.py ${BENCH_ARGS:-} --grid "$GRID" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"; fi
 t2=$(date +%s)
 echo "=== summary: tests $((t1 - t0)) s, bench $((t2 - t1)) s"
 grep -E "passed|failed" "$OUT/pytest.log" | tail -1
 grep -E "^FAILED" "$OUT/pytest.log" | cut -c1-200 | head -40
-[ -f "$OUT/bench.log" ] && grep -E "^\||copy bandwidth|FAILED" "$OUT/bench.log"
+[ -f "$OUT/bench.log" ] && grep -E "^\| (qtool|torch)|copy bandwidth|FAILED" "$OUT/bench.log"

@@ -22,7 +22,8 @@ _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
 
 # template instantiations fetched by name (NVRTC needs them up front to give mangled names back)
 TEMPLATES = {
-    "linear": [f"gemv<{f}, {m}>" for f in range(5) for m in (1, 2, 4, 8)] + [f"gemm<{f}>" for f in range(5)],
+    "linear": [f"gemv<{f}, {m}>" for f in range(5) for m in (1, 2, 4, 8)] + [f"gemm<{f}>" for f in range(5)]
+              + [f"gemv_h<{f}, {m}>" for f in range(1, 5) for m in (1, 2, 4, 8)],
     "attention": [f"attn_partial<{d}>" for d in (64, 128, 256)],
 }
 

@@ -24,10 +24,22 @@ def ptr(t: torch.Tensor | None) -> np.uint64:
 
 
 def launch(file: str, name: str, grid, block, args) -> None:
-    import cupy
     fn = loader.function(file, name)
-    with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
+    with _stream():
         fn(tuple(grid), tuple(block), tuple(args))
+
+
+def _stream():
+    """CuPy view of torch's current stream (cached per stream handle)."""
+    import cupy
+    h = torch.cuda.current_stream().cuda_stream
+    st = _STREAMS.get(h)
+    if st is None:
+        st = _STREAMS[h] = cupy.cuda.ExternalStream(h)
+    return st
+
+
+_STREAMS: dict = {}
 
 
 # ---------------------------------------------------------------- elementwise
@@ -62,29 +74,43 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- linear
-def act_quant(x: torch.Tensor, kl: KLinear) -> torch.Tensor:
+def act_quant(x: torch.Tensor, kl: KLinear, half: bool = False):
+    """x̂ f32 [M, K]; with half=True also (xh f16 [M, K] in the weight format's pair order, hs f32 [M])."""
     M, K = x.shape
     out = torch.empty_like(x)
-    grid = 1 if (kl.act in (1, 4) and kl.in_scale is None) else M
-    launch("act_quant", "act_quant", (grid,), (256,),
+    xh = hs = None
+    if half:
+        xh = torch.empty(M, K, dtype=torch.float16, device=x.device)
+        hs = torch.empty(M, dtype=torch.float32, device=x.device)
+    dyn = kl.act in (1, 4) and kl.in_scale is None
+    grid = 1 if dyn else M
+    hperm = 0 if not half else (1 if kl.fmt == 1 else 2)
+    launch("act_quant", "act_quant", (grid,), (1024,),
            (ptr(x), i32(x.stride(0)), ptr(out), i32(K), i32(M), i32(K), i32(kl.act), ptr(kl.in_scale),
-            ptr(kl.pqs)))
-    return out
+            ptr(kl.pqs), ptr(xh), ptr(hs), i32(hperm)))
+    return (out, xh, hs) if half else out
 
 
-def linear(x: torch.Tensor, kl: KLinear, force_gemm: bool = False) -> torch.Tensor:
+def linear(x: torch.Tensor, kl: KLinear, force_gemm: bool = False, force_f32: bool = False) -> torch.Tensor:
+    """y = x̂ W^T + b. M <= 8: gemv_h (f16 pair math, quantized formats) or gemv (f32); else the tiled gemm."""
     x = x.to(torch.float32).contiguous()
     if kl.perm is not None:
         x = x.index_select(1, kl.perm)
-    if kl.act or kl.pqs is not None:
-        x = act_quant(x, kl)
     M = x.shape[0]
     O, K = kl.out_features, kl.in_features
     y = torch.empty(M, O, dtype=torch.float32, device=x.device)
+    mr = 1 if M == 1 else 2 if M == 2 else 4 if M <= 4 else 8
+    if M <= 8 and kl.half_ok and not (force_gemm or force_f32):
+        _, xh, hs = act_quant(x, kl, half=True)
+        launch("linear", f"gemv_h<{kl.fmt}, {mr}>", (math.ceil(O / 8),), (256,),
+               (ptr(xh), ptr(hs), ptr(kl.w), ptr(kl.sc), ptr(kl.zp), f32(kl.gs), ptr(kl.bias), ptr(y), i32(O),
+                i32(M), i32(O), i32(K), i32(kl.sld), i32(kl.sbo), i32(kl.sbi_log2)))
+        return y
+    if kl.act or kl.pqs is not None:
+        x = act_quant(x, kl)
     args = (ptr(x), i32(K), ptr(kl.w), ptr(kl.sc), ptr(kl.zp), f32(kl.gs), f32(kl.s2), ptr(kl.bias), ptr(y),
             i32(O), i32(M), i32(O), i32(K), i32(kl.sld), i32(kl.sbo), i32(kl.sbi))
     if M <= 8 and kl.gemv_ok and not force_gemm:
-        mr = 1 if M == 1 else 2 if M == 2 else 4 if M <= 4 else 8
         launch("linear", f"gemv<{kl.fmt}, {mr}>", (math.ceil(O / 8),), (256,), args)
     else:
         launch("linear", f"gemm<{kl.fmt}>", (math.ceil(O / 64), math.ceil(M / 64)), (256,), args)

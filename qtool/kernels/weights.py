@@ -49,9 +49,30 @@ class KLinear:
             return self.sbi % 32 == 0
         return True
 
+    @property
+    def half_ok(self) -> bool:
+        """Whether gemv_h (f16 pair math) applies: quantized formats with power-of-two scale blocks."""
+        if not self.gemv_ok or self.fmt == F_BF16 or self.in_features % 8:
+            return False
+        if self.fmt == F_INT4:
+            return self.s2 == 0.0 and _pow2(self.sbi)
+        if self.fmt == F_FP8:
+            return self.sbi >= self.in_features or _pow2(self.sbi)
+        return True
+
+    @property
+    def sbi_log2(self) -> int:
+        if self.fmt == F_FP8 and self.sbi >= self.in_features:
+            return -1
+        return self.sbi.bit_length() - 1
+
     def nbytes(self) -> int:
         ts = (self.w, self.sc, self.zp, self.bias, self.pqs)
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
 
 
 def _pack_rows_along_in(u: torch.Tensor) -> torch.Tensor:
