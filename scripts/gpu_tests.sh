@@ -12,10 +12,25 @@ if [ -d .whl ]; then $PY -m pip install -q --no-index --no-deps --no-compile --n
   $PY -c "import torch, cupy, transformers; print('torch', torch.__version__, 'cupy', cupy.__version__, 'transformers', transformers.__version__)"; } 2>&1 | tee "$OUT/env.txt"
 t0=$(date +%s)
 timeout "${TEST_BUDGET_S:-330}" $PY -m pytest -m gpu tests/gpu -q -rfE -p no:cacheprovider --timeout 240 --durations=12 ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log"
+# CLI smoke: qtool run on a tiny random checkpoint, CUDA vs torch backend (greedy text must match)
+$PY - <<'PYEOF' 2>&1 | tee "$OUT/cli.log"
+import subprocess, sys
+sys.path.insert(0, "tests")
+from tiny_models import make_tiny_model
+p = make_tiny_model("llama3", "/tmp/qtool_tiny_llama3", seed=1)
+outs = {}
+for be in ("cuda", "torch"):
+    r = subprocess.run([sys.executable, "-m", "qtool", "run", str(p), "hello world", "--backend", be,
+                        "--max-new-tokens", "24"], capture_output=True, text=True)
+    outs[be] = r.stdout
+    print(f"[{be}] rc={r.returncode} stdout={r.stdout.strip()[:200]!r} stderr_tail={r.stderr.strip()[-300:]!r}")
+print("CLI cuda == torch:", outs["cuda"] == outs["torch"])
+PYEOF
 t1=$(date +%s)
 if [ "$GRID" != "none" ]; then timeout "${BENCH_BUDGET_S:-220}" $PY scripts/bench_decode.py ${BENCH_ARGS:-} --grid "$GRID" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"; fi
 t2=$(date +%s)
 echo "=== summary: tests $((t1 - t0)) s, bench $((t2 - t1)) s"
 grep -E "passed|failed" "$OUT/pytest.log" | tail -1
+grep -E "CLI cuda" "$OUT/cli.log"
 grep -E "^FAILED" "$OUT/pytest.log" | cut -c1-200 | head -40
 [ -f "$OUT/bench.log" ] && grep -E "^\| (qtool|torch)|copy bandwidth|FAILED" "$OUT/bench.log"
