@@ -192,11 +192,10 @@ def _declared(files: CheckpointFiles, bad) -> _Declared:
 
 
 def _gptq_producer(qc: dict) -> str:
-    meta = qc.get("meta") or {}
-    q = meta.get("quantizer") if isinstance(meta, dict) else None
-    if isinstance(q, list) and q:
-        return str(q[0])
-    return str(q) if q else "gptq"
+    meta = qc.get("meta") if isinstance(qc.get("meta"), dict) else {}
+    q = meta.get("quantizer")
+    name = str(q[0]) if isinstance(q, list) and q else (str(q) if q else "gptq")
+    return f"{meta['producer']} ({name})" if meta.get("producer") else name
 
 
 def _check_method_params(d: _Declared, bad) -> None:
