@@ -245,3 +245,24 @@ def test_unknown_family_and_bad_checkpoint(tiny_models, tmp_path):
     (broken / "model.safetensors").write_bytes((broken / "model.safetensors").read_bytes()[:5000])
     with pytest.raises(CheckpointError):
         load_model_weights(str(broken), progress=False)
+
+
+def test_hub_id_downloads_or_fails_in_one_line(tiny_models, monkeypatch):
+    import huggingface_hub
+
+    from qtool.errors import Failure
+    calls = []
+
+    def fake_download(repo_id, allow_patterns=None, **kw):
+        calls.append((repo_id, allow_patterns))
+        return str(tiny_models("llama"))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    mw = load_model_weights("someorg/tiny-llama", progress=False)
+    assert mw.source == "someorg/tiny-llama" and calls[0][0] == "someorg/tiny-llama"
+    assert "*.safetensors" in calls[0][1]
+
+    def offline(repo_id, **kw):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(Failure, match="cannot download someorg/other"):
+        load_model_weights("someorg/other", progress=False)
