@@ -469,3 +469,36 @@ def test_hub_cache_snapshot_used_offline(tmp_path, modelopt_ckpt, monkeypatch):
     r, doc = run_json("acme/cached")
     assert r.exit_code == 0, r.stderr
     assert doc["source"] == "acme/cached" and doc["recipe"]["name"] == "w4a8-awq"
+
+
+@pytest.mark.parametrize("family", ["llama3", "mistral", "qwen2", "qwen3"])
+def test_other_families_are_sound(family, tiny_models):
+    """q/k/v bias (qwen2), per-head q/k norms (qwen3) and llama3 rope config read without problems."""
+    r, doc = run_json(tiny_models(family))
+    assert r.exit_code == 0 and doc["problems"] == [], doc["problems"]
+    assert doc["recipe"]["name"] is None and doc["recipe"]["weights"] == ["bf16"]
+    cfg = json.loads((tiny_models(family) / "config.json").read_text())
+    assert doc["model"]["model_type"] == cfg["model_type"] and doc["model"]["family_rows"]
+    original = load_file(str(tiny_models(family) / "model.safetensors"))
+    assert doc["sizes"]["parameters"] == sum(t.numel() for t in original.values())
+    assert doc["sizes"]["bits_per_weight"] == 16
+
+
+def test_sharded_truncated_shard_names_tensor(tmp_path, tiny_models):
+    import transformers as tf
+    out = tmp_path / "sharded"
+    tf.AutoModelForCausalLM.from_pretrained(tiny_models("llama"), dtype=torch.bfloat16).save_pretrained(
+        out, max_shard_size="600KB")
+    for f in tiny_models("llama").iterdir():
+        if f.name.startswith(("tokenizer", "chat_template")):
+            shutil.copy(f, out / f.name)
+    r, doc = run_json(out)
+    shards = sorted(out.glob("*.safetensors"))
+    assert r.exit_code == 0 and len(doc["files"]["shards"]) == len(shards) > 1
+    assert doc["sizes"]["bytes_on_disk"] == sum(p.stat().st_size for p in shards)
+    last = shards[-1]
+    with open(last, "r+b") as f:
+        f.truncate(last.stat().st_size - 100)
+    r, doc = run_json(out)
+    assert r.exit_code == 1 and len(doc["problems"]) == 1
+    assert doc["problems"][0].startswith(f"{last.name}: tensor ") and "truncated" in doc["problems"][0]

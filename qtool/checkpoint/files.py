@@ -83,8 +83,9 @@ def parse_header(header: bytes, file: Path, file_size: int, problems: list[str] 
                  ) -> dict[str, TensorInfo]:
     """Parse the JSON header bytes of a safetensors file (the part after the 8-byte length).
 
-    Raises CheckpointError at the first problem, or appends it to `problems` when given (the
-    tensors that are sound are still returned).
+    Raises CheckpointError at the first problem, or appends it to `problems` when given (then
+    the tensors with a sound entry are returned, including those whose data lies past the end
+    of a truncated file).
     """
     def bad(msg: str):
         if problems is None:
@@ -117,10 +118,9 @@ def parse_header(header: bytes, file: Path, file_size: int, problems: list[str] 
             bad(f"{file.name}: tensor {name}: data_offsets {begin}..{end} do not match "
                 f"{dtype} {list(shape)} ({_tensor_nbytes(dtype, shape)} bytes)")
             continue
-        if data_start + end > file_size:
+        if data_start + end > file_size:     # kept (the header is sound) so the layer is still described
             bad(f"{file.name}: tensor {name}: data ends at byte {data_start + end} but the file has "
                 f"{file_size} bytes (truncated)")
-            continue
         out[name] = TensorInfo(name, dtype, shape, file, data_start + begin, end - begin)
     return out
 
@@ -189,6 +189,10 @@ def shard_names(root: Path, index: dict | None, listing: list[str]) -> tuple[lis
             raise CheckpointError(f"{INDEX_NAME}: no usable weight_map")
         return sorted(set(wm.values())), wm
     names = sorted(n for n in listing if n.endswith(".safetensors"))
+    if "model.safetensors" in names:          # ignore side files such as Mistral's consolidated.safetensors
+        names = ["model.safetensors"]
+    elif any(not n.startswith("consolidated") for n in names):
+        names = [n for n in names if not n.startswith("consolidated")]
     if not names:
         bins = [n for n in listing if n.endswith((".bin", ".pt", ".pth", ".gguf"))]
         hint = ("only PyTorch/GGUF weights found (" + ", ".join(bins[:3]) + "); qtool reads safetensors"
