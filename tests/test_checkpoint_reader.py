@@ -250,3 +250,70 @@ def test_packed_sizes(name, packed_ckpt, tiny_models):
         assert sz.tensor_bytes == sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
     cfg = json.loads((info.path / "config.json").read_text())
     assert sz.kv_cache_bytes == 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg["head_dim"] * 1000 * 3 * 2
+
+
+@pytest.mark.parametrize("case", ["fp8_kvfp8", "nvfp4_kvnvfp4", "w4a8_awq", "mixed"])
+def test_modelopt_config_json_block_alone(case, tmp_path, modelopt_ckpt):
+    """Without hf_quant_config.json, config.json's `quant_method: modelopt` block (§2) gives the same layers."""
+    out = tmp_path / case
+    shutil.copytree(modelopt_ckpt(case), out)
+    (out / "hf_quant_config.json").unlink()
+    a = describe(open_checkpoint(str(modelopt_ckpt(case))))
+    b = describe(open_checkpoint(str(out)))
+    assert b.quant_method == "modelopt" and b.quant_algo == a.quant_algo and b.kv_format == a.kv_format
+    assert b.linears == a.linears and b.recipe == a.recipe
+
+
+def test_awq_block_64_without_declared_group(tmp_path, modelopt_ckpt):
+    """Group size comes from the weight_scale shape; config.json's modelopt block states none."""
+    out = tmp_path / "g64"
+    shutil.copytree(modelopt_ckpt("int4_awq"), out)
+    (out / "hf_quant_config.json").unlink()
+    sd = load_file(str(out / "model.safetensors"))
+    for k in [k for k in sd if k.endswith(".weight_scale")]:
+        sd[k] = sd[k].repeat_interleave(2, dim=1)          # [out, in/64]
+    save_file(sd, str(out / "model.safetensors"))
+    s = describe(open_checkpoint(str(out)))
+    assert {spec.group_size for m, spec in s.linears.items() if m != "lm_head"} == {64}
+
+
+def test_deepseek_v3_like_moe_mla_mtp(tmp_path, tiny_models):
+    """DeepSeek-V3 naming: MLA projections, routed experts (own sizes), a bf16 router, an MTP layer after the last."""
+    from qtool.checkpoint import soundness
+    out = tmp_path / "dsv3"
+    out.mkdir()
+    for f in tiny_models("llama").iterdir():
+        if f.name.startswith(("tokenizer", "chat_template")):
+            shutil.copy(f, out / f.name)
+    hidden, moe_inter, vocab = 256, 128, 384
+
+    def fp8(o, i):
+        return {"weight": torch.zeros(o, i, dtype=torch.float8_e4m3fn),
+                "weight_scale_inv": torch.ones(-(-o // 128), -(-i // 128))}
+    sd = {"model.embed_tokens.weight": torch.zeros(vocab, hidden, dtype=torch.bfloat16),
+          "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+          "lm_head.weight": torch.zeros(vocab, hidden, dtype=torch.bfloat16)}
+    for i in range(3):                                     # layers 0-1 + MTP layer 2
+        p = f"model.layers.{i}."
+        mods = {"self_attn.q_a_proj": (96, hidden), "self_attn.q_b_proj": (512, 96),
+                "self_attn.kv_a_proj_with_mqa": (160, hidden), "self_attn.kv_b_proj": (768, 128),
+                "self_attn.o_proj": (hidden, 512), "mlp.shared_experts.gate_proj": (moe_inter, hidden)}
+        mods.update({f"mlp.experts.{e}.{n}": (moe_inter, hidden) if n != "down_proj" else (hidden, moe_inter)
+                     for e in range(2) for n in ("gate_proj", "up_proj", "down_proj")})
+        for m, (o, k) in mods.items():
+            sd.update({f"{p}{m}.{r}": t for r, t in fp8(o, k).items()})
+        sd[p + "mlp.gate.weight"] = torch.zeros(2, hidden, dtype=torch.bfloat16)
+        sd[p + "input_layernorm.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
+    save_file(sd, str(out / "model.safetensors"))
+    cfg = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "hidden_size": hidden,
+           "intermediate_size": 1024, "moe_intermediate_size": moe_inter, "num_hidden_layers": 2,
+           "num_nextn_predict_layers": 1, "num_attention_heads": 4, "kv_lora_rank": 128, "vocab_size": vocab,
+           "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                   "weight_block_size": [128, 128]}}
+    (out / "config.json").write_text(json.dumps(cfg))
+    files = open_checkpoint(str(out))
+    s = describe(files)
+    assert s.recipe == "fp8-block" and s.linears["model.layers.0.mlp.gate"].format == "bf16"
+    assert "model.layers.0.mlp.gate" in s.excluded
+    assert s.linears["model.layers.2.mlp.experts.1.down_proj"].format == "fp8-block"
+    assert soundness.check(files, s)[0] == []

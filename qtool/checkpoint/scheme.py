@@ -392,7 +392,7 @@ def _default_activation(fmt: str, roles: dict[str, TensorInfo]) -> str:
 def _linear(module: str, roles: dict[str, TensorInfo], d: _Declared, bad, notes) -> tuple[LinearSpec, bool]:
     """The spec of one linear and whether the config leaves it unquantized."""
     fmt = _infer_format(roles, d.method)
-    declared_algo, declared_group = (None, None)
+    declared_algo, declared_group, default_group = None, None, None
     activation, stage, excluded = None, False, False
     if d.method == "modelopt":
         declared_algo, declared_group = _modelopt_module(d, module, bad)
@@ -404,7 +404,6 @@ def _linear(module: str, roles: dict[str, TensorInfo], d: _Declared, bad, notes)
             bad(f"{module}: quant_algo {declared_algo} is not a format qtool reads")
         else:
             want_fmt, activation, default_group, stage = MODELOPT_ALGOS[declared_algo]
-            declared_group = declared_group or default_group
             if fmt == "bf16" and "weight" in roles:      # left unquantized although the config says otherwise
                 bad(f"{module}.weight: unquantized {roles['weight'].dtype} tensor but the config declares "
                     f"{declared_algo} ({want_fmt})")
@@ -437,6 +436,8 @@ def _linear(module: str, roles: dict[str, TensorInfo], d: _Declared, bad, notes)
         group = in_f if declared_group in (None, -1, 0) else declared_group
     elif group is not None and declared_group and group != declared_group and fmt != "fp8-block":
         bad(f"{roles['weight_scale'].name}: group size {group} from the shape, config declares {declared_group}")
+    elif group is None and fmt in ("nvfp4", "mxfp4", "int4-awq"):
+        group = declared_group or default_group      # shapes did not tell (the scale is reported as a problem)
     if d.method == "fp8" and fmt == "fp8-block":
         group = d.qcfg.get("weight_block_size", [128, 128])[-1]
     spec = LinearSpec(module, fmt, activation, group, out_f, in_f, {r: t.name for r, t in roles.items()}, stage)

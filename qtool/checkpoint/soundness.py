@@ -42,7 +42,8 @@ def _config_vs_tensors(files: CheckpointFiles, scheme: CheckpointScheme) -> list
         prefix = _layer_prefix(files)
         for i in sorted(set(range(n)) - seen):
             out.append(f"{prefix}{i}: no tensors, but config.json num_hidden_layers is {n}")
-        for i in sorted(i for i in seen if i >= n):
+        extra = c.get("num_nextn_predict_layers") or 0      # DeepSeek-V3 MTP layers follow the last one
+        for i in sorted(i for i in seen if i >= n + (extra if isinstance(extra, int) else 0)):
             out.append(f"{prefix}{i}: tensors beyond config.json num_hidden_layers = {n}")
     want = {  # projection name -> (out, in) from the config
         "q_proj": (heads * head_dim if heads and head_dim else None, hidden),
@@ -52,9 +53,12 @@ def _config_vs_tensors(files: CheckpointFiles, scheme: CheckpointScheme) -> list
         "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter),
         "lm_head": (vocab, hidden),
     }
+    if c.get("kv_lora_rank"):               # multi-head latent attention (DeepSeek): other projection shapes
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            want.pop(name)
     for module, spec in scheme.linears.items():
         exp = want.get(module.rsplit(".", 1)[-1])
-        if not exp or not spec.out_features:
+        if not exp or not spec.out_features or "expert" in module:    # MoE experts have their own sizes
             continue
         got = (spec.out_features, spec.in_features)
         if any(isinstance(e, int) and e != g for e, g in zip(exp, got)):
