@@ -11,17 +11,21 @@ parameters overwritten with the export's tensors decoded by THIS file's decoders
 layouts of shared/reference/checkpoint-formats.md; GPTQ via tests/packers.py), activation
 quantization emulated with forward pre-hooks (x → q(x · pre_quant_scale)), and KV quantization
 emulated after RoPE by a custom attention function registered in transformers' AttentionInterface
-(it quantizes the cached K/V, per token, before eager attention).
+(it quantizes the cached K/V, per token, before eager attention). Where the runtime documents a
+deviation from the checkpoint (qtool/runtime/fusion.py: fused FP8 q|k|v or gate|up with different
+per-tensor weight scales are re-quantized to the largest scale, and the largest input_scale is used),
+the test applies that documented rule to the checkpoint's tensors itself.
 
 Tolerances (relative = max|Δlogit| / max|logit_HF| over prefill + 16 steps):
-  * bf16 (and bf16 weights with FP8 KV): 1e-4. Both sides are float32 with the same weights, so
-    the only difference is summation order (≈1e-6); 1e-4 leaves margin, and any real numerics
-    difference (a wrong rope, norm or KV rounding) is ≥1e-3.
-  * quantized recipes: 2e-2, plus ≥ 90 % top-1 agreement. The two sides compute the same rounding,
-    but float32 summation-order noise (≈1e-6) occasionally moves an activation across a
-    quantization boundary, changing it by one code step (1/16 relative for FP8, up to 1/3 for
-    FP4) on one element; such flips perturb the logits by ~1e-3 each. A wrong scale, nibble order
-    or block layout gives errors of 0.1–1, far above 2e-2.
+  * bf16: 1e-4. Both sides are float32 with the same weights; the only difference is operation order
+    (measured ≤ 5e-6, e.g. where the q/k/v bias is added); a real numerics difference (rope, norm, KV
+    rounding) is ≥ 1e-3.
+  * every other recipe: 5e-2 and ≥ 90 % top-1 agreement. Both sides apply the same rounding, and
+    measured they agree to ≤ 5e-6 in every case (most exactly) once the test's decoders multiply in the
+    same order as a kernel (NVFP4: E2M1 × (block scale × global scale)). But a 1-ulp float32 difference
+    anywhere can move one quantized activation across a rounding boundary, changing it by a whole
+    FP8/FP4 step; one such flip measured 4.1e-2 in this 2-layer model (a different NVFP4 multiplication
+    order). A wrong scale, nibble order, block layout or KV rule gives 0.1–1.
 """
 from __future__ import annotations
 
@@ -50,7 +54,7 @@ RECIPES = {
     "fp8-kvnvfp4": ("FP8_DEFAULT_CFG", "NVFP4_KV_CFG"),
 }
 PROMPT_LEN, DECODE_STEPS = 12, 16
-TIGHT, LOOSE, TOP1 = 1e-4, 2e-2, 0.9
+TIGHT, LOOSE, TOP1 = 1e-4, 5e-2, 0.9
 
 _EXPORTS: dict = {}
 
@@ -118,8 +122,8 @@ def decode_linear(algo: str, t: dict, group: int | None) -> torch.Tensor:
         return w.float() * s.repeat_interleave(128, 0).repeat_interleave(128, 1)
     if algo == "NVFP4":
         vals = E2M1[nibbles_low_first(w)]
-        sb = t["weight_scale"].float().repeat_interleave(16, 1)
-        return vals * sb * t["weight_scale_2"].float()
+        s = (t["weight_scale"].float() * t["weight_scale_2"].float()).repeat_interleave(16, 1)
+        return vals * s          # one combined block scale, as a kernel applies it
     if algo == "MXFP4":
         vals = E2M1[nibbles_low_first(w)]
         return vals * torch.exp2(t["weight_scale"].to(torch.int64).float() - 127).repeat_interleave(32, 1)
@@ -340,4 +344,4 @@ def test_quantization_is_visible(tiny_models, exports_root):
     for recipe in ("nvfp4", "fp8-kvnvfp4"):
         ckpt = build_checkpoint(tiny_models, "llama", recipe, exports_root)
         q = qtool_logits(ckpt, ids, "nvfp4" if "kv" in recipe else "bf16")
-        assert ((q - plain).abs().max() / plain.abs().max()).item() > 10 * LOOSE * 0.1
+        assert ((q - plain).abs().max() / plain.abs().max()).item() > LOOSE

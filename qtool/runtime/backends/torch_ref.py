@@ -142,15 +142,14 @@ class TorchRefBackend:
         k = kv_decode(cache.fmt, *(t[:, :length] for t in cache.k[layer]), scale=self.k_scales[layer])
         v = kv_decode(cache.fmt, *(t[:, :length] for t in cache.v[layer]), scale=self.v_scales[layer])
         hq, d = q.shape[1], q.shape[2]
-        rep = hq // k.shape[2]
-        k = k.repeat_interleave(rep, dim=2)              # [B, L, Hq, d]
-        v = v.repeat_interleave(rep, dim=2)
-        qb = q.reshape(B, T, hq, d)
-        scores = torch.einsum("bthd,blhd->bhtl", qb, k) / math.sqrt(d)
+        rep = hq // k.shape[2]                            # query head h uses KV head h // rep
+        k = k.repeat_interleave(rep, dim=2).transpose(1, 2)       # [B, Hq, L, d]
+        v = v.repeat_interleave(rep, dim=2).transpose(1, 2)
+        qb = q.reshape(B, T, hq, d).transpose(1, 2)               # [B, Hq, T, d]
+        scores = torch.matmul(qb, k.transpose(2, 3)) * d ** -0.5
         visible = torch.arange(length)[None, None, :] <= positions[:, :, None]     # [B, T, L]
         scores = scores.masked_fill(~visible[:, None], float("-inf"))
-        probs = scores.softmax(dim=-1)
-        out = torch.einsum("bhtl,blhd->bthd", probs, v)
+        out = torch.matmul(scores.softmax(dim=-1), v).transpose(1, 2)            # [B, T, Hq, d]
         return out.reshape(B * T, hq * d)
 
     # -- misc ----------------------------------------------------------------------------------
