@@ -54,12 +54,6 @@ def _ref_decode(sd: dict, module: str, algo: str, stage: bool) -> torch.Tensor:
     return w.float()
 
 
-def _half_e4m3_step(ref: torch.Tensor, scale: float) -> torch.Tensor:
-    """Half the e4m3 spacing at |ref|/scale, times scale: the error bound of one re-rounding to that grid."""
-    v = (ref.double().abs() / scale).clamp(min=2.0 ** -6)
-    return 0.5 * torch.exp2(torch.floor(torch.log2(v)) - 3) * scale
-
-
 def _check_layers(mw, sd: dict, decode):
     for i, layer in enumerate(mw.layers):
         for attr, mods in GROUPS.items():
@@ -67,14 +61,7 @@ def _check_layers(mw, sd: dict, decode):
             got = lw.dequantize()
             ref = torch.cat([decode(sd, f"model.layers.{i}.{m}") for m in mods])
             assert got.shape == ref.shape
-            if "requantized weight to the shared (max) weight_scale" in lw.note:   # FP8 per-tensor q/k/v
-                bound = _half_e4m3_step(ref, float(lw.tensors["weight_scale"]))
-                assert ((got.double() - ref.double()).abs() <= bound * (1 + 1e-6)).all()
-                rows = [sd[f"model.layers.{i}.{m}.weight"].shape[0] for m in mods]
-                exact = [torch.equal(a, b) for a, b in zip(got.split(rows), ref.split(rows))]
-                assert any(exact)                                 # the max-scale part stays bit-exact
-            else:
-                torch.testing.assert_close(got, ref, rtol=2.4e-7, atol=0)      # 2 float32 ulps
+            torch.testing.assert_close(got, ref, rtol=2.4e-7, atol=0)      # 2 float32 ulps
         assert torch.equal(layer.input_norm, sd[f"model.layers.{i}.input_layernorm.weight"])
         assert torch.equal(layer.post_attn_norm, sd[f"model.layers.{i}.post_attention_layernorm.weight"])
 
@@ -90,7 +77,7 @@ def test_modelopt_exports_load_and_decode(exported, recipe):
     lw = mw.layers[0].qkv
     assert lw.activation == activation and lw.fp8_weight_stage == stage
     assert lw.note.startswith("fused") and lw.parts is None
-    assert ("requantized" in lw.note) == (recipe == "fp8")    # only FP8 per-tensor has per-module weight scales
+    assert ("per-row" in lw.note) == (recipe == "fp8")        # only FP8 per-tensor has per-module weight scales
     if activation in ("fp8", "nvfp4"):
         assert torch.equal(lw.input_scale, sd["model.layers.0.self_attn.q_proj.input_scale"])
     assert all(t.device.type == "cpu" for t in lw.tensors.values())        # kept quantized, on the CPU
@@ -172,19 +159,27 @@ def _fp8_part(w: torch.Tensor, scale: float, input_scale: float) -> LinearWeight
                          {"weight": q, "weight_scale": s, "input_scale": torch.tensor(input_scale)})
 
 
-def test_fp8_fusion_requantizes_to_max_scale():
+def test_fp8_fusion_keeps_per_module_scales_exactly():
     torch.manual_seed(0)
-    parts = [_fp8_part(torch.randn(32, 64) * a, a * 4 / 448, 0.01 * (1 + k)) for k, a in enumerate((1.0, 0.3))]
-    fused = fuse(parts, "q/k")
-    assert "requantized" in fused.note and "input_scale" in fused.note
-    assert float(fused.tensors["weight_scale"]) == float(parts[0].tensors["weight_scale"])
-    assert torch.equal(fused.input_scale, torch.tensor(0.02))
-    unfused = torch.cat([p.dequantize() for p in parts])
-    got = fused.dequantize()
-    assert torch.equal(got[:32], unfused[:32])                  # the max-scale part is untouched
-    # the other part is re-rounded on the coarser grid: at most half an e4m3 step of the max scale
-    step = (unfused[32:].abs() * 2 ** -3).clamp(min=2 ** -9 * float(fused.tensors["weight_scale"]))
-    assert ((got[32:] - unfused[32:]).abs() <= step * 0.51 + 1e-12).all()
+    parts = [_fp8_part(torch.randn(n, 64) * a, a * 4 / 448, 0.01 * (1 + k))
+             for k, (n, a) in enumerate(((32, 1.0), (16, 0.3), (16, 0.5)))]
+    fused = fuse(parts, "q/k/v")
+    assert "per-row" in fused.note and "input_scale" in fused.note and fused.activation == "fp8"
+    assert fused.tensors["weight_scale"].shape == (64,)
+    assert torch.equal(fused.dequantize(), torch.cat([p.dequantize() for p in parts]))   # exact
+    assert torch.equal(fused.input_scale, torch.tensor(0.03))                          # the max, said in note
+    same = fuse([_fp8_part(torch.randn(8, 64), 0.01, 0.02) for _ in range(2)], "gate/up")
+    assert same.note == "fused gate/up" and same.tensors["weight_scale"].dim() == 0
+
+
+def test_requantize_e4m3_code_map_is_exact():
+    from qtool.formats import e4m3
+    from qtool.runtime.fusion import requantize_e4m3
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn)
+    q = codes[torch.randint(0, 256, (4096,))]
+    for ratio in (1.0, 0.73, 0.5, 1e-3):
+        ref = e4m3(q.float() * ratio).view(torch.uint8)
+        assert torch.equal(requantize_e4m3(q, ratio).view(torch.uint8), ref)
 
 
 def test_nvfp4_fusion_rescales_block_scales(exported):
@@ -196,7 +191,7 @@ def test_nvfp4_fusion_rescales_block_scales(exported):
     assert fuse(parts, "gate/up").note == "fused gate/up"       # shared weight_scale_2: plain concatenation
     parts[1].tensors["weight_scale_2"] = parts[1].tensors["weight_scale_2"] * 0.5
     fused = fuse(parts, "gate/up")
-    assert "requantized weight_scale" in fused.note
+    assert "requantized weight_scale to the shared (max) weight_scale_2" in fused.note
     unfused = torch.cat([p.dequantize() for p in parts])
     got = fused.dequantize()
     assert torch.equal(got[:512], unfused[:512])

@@ -147,14 +147,15 @@ def load_model_weights(path_or_id: str, progress: bool = True) -> ModelWeights:
 
     embed = need("model.embed_tokens.weight")
     layers: list[LayerWeights] = []
+    fusion_notes: dict[str, int] = {}
     with _progress(progress, config.num_layers, files.source) as advance:
         for i in range(config.num_layers):
             p = f"model.layers.{i}."
-            qkv = fuse([lin(p + "self_attn." + m) for m in ATTN], f"layer {i} q/k/v")
-            gate_up = fuse([lin(p + "mlp." + m) for m in MLP], f"layer {i} gate/up")
+            qkv = fuse([lin(p + "self_attn." + m) for m in ATTN], "q/k/v")
+            gate_up = fuse([lin(p + "mlp." + m) for m in MLP], "gate/up")
             for lw in (qkv, gate_up):
-                if "requantized" in lw.note or "parts" in lw.note or "max" in lw.note:
-                    notes.append(lw.note)
+                if ";" in lw.note or lw.parts is not None:      # anything beyond a plain concatenation
+                    fusion_notes[lw.note] = fusion_notes.get(lw.note, 0) + 1
             k_scale, v_scale = _kv_scales(scheme, i, reader, notes)
             layers.append(LayerWeights(
                 input_norm=need(p + "input_layernorm.weight"), post_attn_norm=need(p + "post_attention_layernorm.weight"),
@@ -163,6 +164,7 @@ def load_model_weights(path_or_id: str, progress: bool = True) -> ModelWeights:
                 k_norm=need(p + "self_attn.k_norm.weight") if config.qk_norm else None,
                 k_scale=k_scale, v_scale=v_scale))
             advance()
+    notes += [f"{note} (in {n} of {config.num_layers} layers)" for note, n in fusion_notes.items()]
     if "lm_head" in scheme.linears:
         lm_head = lin("lm_head")
     else:

@@ -2,7 +2,8 @@
 
 Contract: ``LinearWeights.tensors`` maps ROLES (weight, weight_scale, weight_scale_2, weight_scale_inv,
 input_scale, pre_quant_scale, qweight, qzeros, scales, g_idx) to tensors exactly as stored in the checkpoint
-(or as re-quantized by fusion, which ``note`` then says). ``dequantize()`` is the float32 ``[out, in]`` weight
+(or as fused by qtool.runtime.fusion, which ``note`` then describes: e.g. a fused FP8 per-tensor q|k|v carries a
+per-row ``weight_scale [out]``). ``dequantize()`` is the float32 ``[out, in]`` weight
 per docs/numerics.md; ``quantize_input(x)`` is the activation side (``x * pre_quant_scale`` then the activation
 rule). A group that could not be fused exactly (rare: see qtool/runtime/fusion.py) has ``format == 'parts'``
 and ``parts`` set: apply each part to the same input and concatenate the outputs along the last dim
