@@ -261,3 +261,30 @@ def test_hub_id_downloads_or_fails_in_one_line(tiny_models, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(Failure, match="cannot download someorg/other"):
         load_model_weights("someorg/other", progress=False)
+
+
+def test_partly_excluded_group_stays_as_exact_parts(tiny_models, tmp_path):
+    """A ModelOpt FP8 export with one q_proj left in bf16: layer 0's q|k|v cannot be fused (bf16 + fp8), so it is
+    kept as parts whose decodes still equal the checkpoint's; the other layers fuse normally."""
+    import copy
+
+    import modelopt.torch.quantization as mtq
+    import transformers as tf
+    from modelopt.torch.export import export_hf_checkpoint
+    model = tf.AutoModelForCausalLM.from_pretrained(tiny_models("llama"), dtype=torch.bfloat16)
+    cfg = copy.deepcopy(mtq.FP8_DEFAULT_CFG)
+    cfg["quant_cfg"].append({"quantizer_name": "*layers.0.self_attn.q_proj*", "enable": False})
+    batch = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    mtq.quantize(model, cfg, lambda m: m(input_ids=batch))
+    export_hf_checkpoint(model, export_dir=str(tmp_path / "mixed"))
+    mw = load_model_weights(str(tmp_path / "mixed"), progress=False)
+    sd = MD.load_tensors(tmp_path / "mixed")
+    qkv0 = mw.layers[0].qkv
+    assert qkv0.format == "parts" and [p.format for p in qkv0.parts] == ["bf16", "fp8", "fp8"]
+    assert any("parts" in n for n in mw.notes)
+    ref = torch.cat([sd["model.layers.0.self_attn.q_proj.weight"].float(),
+                     MD.fp8(sd, "model.layers.0.self_attn.k_proj").float(),
+                     MD.fp8(sd, "model.layers.0.self_attn.v_proj").float()])
+    torch.testing.assert_close(qkv0.dequantize(), ref, rtol=2.4e-7, atol=0)
+    assert mw.layers[1].qkv.format == "fp8" and mw.layers[1].qkv.parts is None
+    assert qkv0.nbytes() == sum(p.nbytes() for p in qkv0.parts)
