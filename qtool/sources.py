@@ -120,10 +120,35 @@ def _looks_like_hub_id(model: str) -> bool:
 
 # ---------------------------------------------------------------- GGUF conversion
 
+def conversion_target(model: str) -> Path | None:
+    """Cache folder that holds (or will hold) the conversion of a built-in name or a .gguf path; no work done.
+
+    None when ``model`` needs no conversion (HF folder, hub id) or cannot be located. Check
+    ``(result / "config.json").is_file()`` to know whether the conversion already exists.
+    """
+    try:
+        if model.lower() in BUILTIN_MODELS:
+            spec = BUILTIN_MODELS[model.lower()]
+            return _builtin_target(spec, builtin_gguf_path(spec))
+        path = Path(model).expanduser()
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            return _gguf_target(path.resolve())
+    except (UsageError, OSError):
+        pass
+    return None
+
+
+def _builtin_target(spec: BuiltinModel, gguf: Path) -> Path:
+    return cache_dir() / "models" / f"{spec.name}-{spec.package}-{spec.version}-{_file_key(gguf)}"
+
+
+def _gguf_target(path: Path) -> Path:
+    return cache_dir() / "gguf" / f"{path.stem}-{_file_key(path)}"
+
+
 def _builtin_source(spec: BuiltinModel, progress: bool) -> ModelSource:
     gguf = builtin_gguf_path(spec)
-    key = _file_key(gguf)
-    target = cache_dir() / "models" / f"{spec.name}-{spec.package}-{spec.version}-{key}"
+    target = _builtin_target(spec, gguf)
     label = (f"{spec.name}: {spec.title} ({spec.package} {spec.version} GGUF {spec.gguf_type}, "
              f"dequantized to bf16)")
     if not (target / "config.json").is_file():
@@ -147,7 +172,7 @@ def builtin_gguf_path(spec: BuiltinModel) -> Path:
 
 def _gguf_source(path: Path, progress: bool) -> ModelSource:
     path = path.resolve()
-    target = cache_dir() / "gguf" / f"{path.stem}-{_file_key(path)}"
+    target = _gguf_target(path)
     if not (target / "config.json").is_file():
         _convert_gguf(path, target, progress, title=path.name)
     return ModelSource(path=target, label=f"GGUF {path} (dequantized to bf16)", kind="gguf")

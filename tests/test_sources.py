@@ -127,6 +127,7 @@ def test_builtin_conversion_is_complete_and_cached(smollm2, monkeypatch):
     assert gen.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
     # a second resolve reuses the cache (conversion would raise here)
     monkeypatch.setenv("QTOOL_CACHE", str(cache))
+    assert sources.conversion_target("smollm2-135m") == src.path
     monkeypatch.setattr(sources, "_convert_gguf", lambda *a, **k: pytest.fail("converted twice"))
     assert resolve_model_source("smollm2-135m", progress=False).path == src.path
 
@@ -182,6 +183,7 @@ def test_gguf_file_cache_key_and_atomicity(monkeypatch, tmp_path, smollm2):
     assert first.kind == "gguf" and first.path.parent == tmp_path / "cache" / "gguf"
     assert (first.path / "config.json").is_file() and len(calls) == 1
     assert resolve_model_source(str(gguf_file), progress=False).path == first.path and len(calls) == 1
+    assert sources.conversion_target(str(gguf_file)) == first.path
     gguf_file.write_bytes(b"GGUF changed content")          # new size/mtime -> new key, new conversion
     second = resolve_model_source(str(gguf_file), progress=False)
     assert second.path != first.path and len(calls) == 2
