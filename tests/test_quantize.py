@@ -50,6 +50,8 @@ RUNS = [
     ("llama-w4a8awq", "llama", "w4a8-awq", None, []),
     ("llama-w4a16gptq", "llama", "w4a16-gptq", None, []),
     ("llama-w4a8gptq", "llama", "w4a8-gptq", None, ["--force"]),
+    # layers that do not fit in --max-memory are offloaded to disk by accelerate during calibration
+    ("llama-fp8-diskoffload", "llama", "fp8", None, ["--device-map", "auto", "--max-memory", "cpu=1500KB"]),
     ("mistral-fp8-kvfp8", "mistral", "fp8", "fp8", []),
     ("mistral-w4a16awq", "mistral", "w4a16-awq", None, []),
     ("qwen2-nvfp4", "qwen2", "nvfp4", None, []),

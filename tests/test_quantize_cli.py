@@ -142,3 +142,36 @@ def test_save_pretrained_leaves_string_dtype_on_live_config(tiny_models, tmp_pat
     assert m.config.dtype == "bfloat16"
     with pytest.raises(RuntimeError, match="Invalid device string: 'bfloat16'"):
         torch.zeros(1).to(m.config.dtype)
+
+
+def _hf_example(*args):
+    import os
+    import subprocess
+    script = Path(__file__).resolve().parent.parent / "scripts" / "huggingface_example.sh"
+    return subprocess.run(["bash", str(script), *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": "echo"})     # print the qtool command instead of running it
+
+
+def test_huggingface_example_maps_modelopt_flags():
+    r = _hf_example("--model", "m", "--quant", "fp8", "--kv_cache_quant", "nvfp4", "--calib", "64,64",
+                    "--calib_seq=128", "--awq_block_size", "64", "--tp", "1", "--output", "o")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["-m", "qtool", "quantize", "--model", "m", "--quant", "fp8", "--kv-cache-quant", "nvfp4",
+                                "--calib-size", "64", "--calib-seq-len", "128", "--batch-size", "0", "--output", "o",
+                                "--awq-block-size", "64"]
+    assert "--tp is ignored" in r.stderr
+
+
+@pytest.mark.parametrize("modelopt,qtool_name", [("fp8_pc_pt", "fp8-rowwise"), ("fp8_pb_wo", "fp8-block"),
+                                                 ("int4_awq", "w4a16-awq"), ("w4a8_awq", "w4a8-awq"),
+                                                 ("int4_gptq", "w4a16-gptq"), ("mxfp4", "mxfp4")])
+def test_huggingface_example_quant_names(modelopt, qtool_name):
+    r = _hf_example("--quant", modelopt, "--kv_cache_quant", "none")
+    assert r.returncode == 0 and f"--quant {qtool_name} " in r.stdout
+
+
+@pytest.mark.parametrize("args", [["--quant", "int8_sq"], ["--kv_cache_quant", "int8"], ["--calib_dataset", "cnn_dailymail"],
+                                  ["--bogus", "1"]])
+def test_huggingface_example_rejects_in_one_line(args):
+    r = _hf_example(*args)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error:")

@@ -41,6 +41,7 @@ def quantize(
     batch_size: int = typer.Option(0, "--batch-size", min=0, help="Calibration batch size (0 = auto: 16 on CUDA, 4 on CPU)."),
     awq_block_size: int = typer.Option(128, "--awq-block-size", min=8, help="INT4 block (group) size for the AWQ and GPTQ recipes."),
     device_map: Optional[str] = typer.Option(None, "--device-map", help="Passed to from_pretrained, e.g. 'auto' to offload layers that do not fit on the GPU to CPU RAM."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="With --device-map: memory per device, e.g. '0=70GiB,cpu=32GiB'; what does not fit is offloaded (to disk last)."),
     force: bool = typer.Option(False, "--force", help="Run a request the support matrices refuse (recorded in qtool.json), and replace a non-empty --output."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON result on stdout; no progress display."),
 ):
@@ -50,7 +51,7 @@ def quantize(
     req = pipeline.Request(model=model, quant=value(quant), kv=value(kv_cache_quant), output=output, gpu=gpu,
                            family=family, calib_data=calib_data, calib_size=calib_size,
                            calib_seq_len=calib_seq_len, batch_size=batch_size, block_size=awq_block_size,
-                           device_map=device_map, force=force, progress=not json_output)
+                           device_map=device_map, max_memory=max_memory, force=force, progress=not json_output)
     plan = pipeline.prepare(req)               # every refusal happens here, before loading
     if plan.force_warning:
         warn(plan.force_warning)

@@ -35,6 +35,7 @@ class Request:
     batch_size: int = 0
     block_size: int = 128
     device_map: str | None = None
+    max_memory: str | None = None
     force: bool = False
     progress: bool = True
     debug: bool = False
@@ -91,6 +92,11 @@ def prepare(req: Request) -> Plan:
         from qtool.errors import Failure
         raise Failure(cuda, hint="run it on a machine with an NVIDIA GPU")
     from qtool.calibration import calibration_texts
+    if req.max_memory:
+        from qtool.quantize.ptq import parse_max_memory
+        parse_max_memory(req.max_memory)
+        if not req.device_map:
+            raise UsageError("--max-memory needs --device-map (e.g. --device-map auto)")
     texts, desc = calibration_texts(str(req.calib_data) if req.calib_data else None, req.calib_size)
     return Plan(req, rows, rows_how, arch, verdict, force_warning, cfg, texts, desc, block)
 
@@ -146,13 +152,15 @@ def run(plan: Plan) -> dict:
 
     req = plan.req
     t0 = time.perf_counter()
+    _sigterm_as_interrupt()
     source = resolve_model_source(req.model, progress=req.progress)
     spec = configs.recipe("weights", req.quant).spec
     label = req.quant + (f" + kv {req.kv}" if req.kv else "")
     with staged(req.output, req.force) as tmp, Stages(req.progress) as stages:
         stages.stage(f"loading {source.path.name}")
+        offload = tmp / ".offload"
         with ptq.quiet(req.debug):
-            model, tok = ptq.load_model(source.path, req.device_map)
+            model, tok = ptq.load_model(source.path, req.device_map, ptq.parse_max_memory(req.max_memory), offload)
             cfg = configs.build_config(req.quant, req.kv, plan.block_size)
         from qtool.calibration import calibration_batches
         batch = _auto_batch(req)
@@ -172,6 +180,9 @@ def run(plan: Plan) -> dict:
             conv = _gptq(tmp, plan.block_size, bool(spec.get("fp8_activations")), versions["modelopt_version"])
             modelopt_hf = conv["modelopt_hf_quant_config"]
         export_s = time.perf_counter() - t_exp
+        if offload.exists():
+            import shutil
+            shutil.rmtree(offload, ignore_errors=True)
         stages.stage("writing qtool.json")
         result = _result(plan, source, tmp, cfg, versions, modelopt_hf, batch, n_samples, n_tokens, passes,
                          calib_s, export_s, t0)
@@ -181,6 +192,18 @@ def run(plan: Plan) -> dict:
     result.pop("manifest")
     result["output"] = str(Path(req.output).resolve())
     return result
+
+
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM unwinds like Ctrl-C, so the staged output folder is removed (main thread only)."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:      # not the main thread (e.g. an embedding test runner)
+        pass
 
 
 def _gptq(tmp: Path, group: int, fp8_act: bool, modelopt_version: str) -> dict:

@@ -1,8 +1,8 @@
 """Load a Hugging Face model and run ModelOpt PTQ (`mtq.quantize`) on calibration batches.
 
-Contract: `load_model(path, device_map)` → (model, tokenizer) in the checkpoint's dtype, on CUDA
-when available (or spread by `device_map`, e.g. 'auto' to offload to CPU/disk through
-accelerate); `calibrate(model, cfg, batches, stages)` runs `mtq.quantize` with a forward loop
+Contract: `load_model(path, device_map, max_memory, offload_dir)` → (model, tokenizer) in the
+checkpoint's dtype, on CUDA when available (or spread by `device_map`, e.g. 'auto': GPU, then CPU
+RAM, then disk in `offload_dir`, through accelerate); `calibrate(model, cfg, batches, stages)` runs `mtq.quantize` with a forward loop
 over `batches` (progress per sample; a second pass, as GPTQ makes, restarts the bar). ModelOpt's
 chatter on stdout is captured (shown with --debug) so `--json` output stays clean. Nothing runs
 a fake-quant forward after calibration (NVFP4/MX fake quant has no CPU path). A ModelOpt failure
@@ -44,7 +44,22 @@ def _quiet_transformers():
     transformers.logging.set_verbosity_error()
 
 
-def load_model(path, device_map: str | None = None):
+def parse_max_memory(text: str | None) -> dict | None:
+    """'0=70GiB,cpu=20GiB' → {0: '70GiB', 'cpu': '20GiB'} (accelerate's max_memory)."""
+    if not text:
+        return None
+    out = {}
+    for part in text.split(","):
+        key, sep, val = part.partition("=")
+        if not sep or not val.strip():
+            from qtool.errors import UsageError
+            raise UsageError(f"--max-memory: expected DEVICE=SIZE[,DEVICE=SIZE…] (e.g. 0=70GiB,cpu=32GiB), got {text!r}")
+        key = key.strip()
+        out[int(key) if key.isdigit() else key] = val.strip()
+    return out
+
+
+def load_model(path, device_map: str | None = None, max_memory: dict | None = None, offload_dir=None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -52,6 +67,10 @@ def load_model(path, device_map: str | None = None):
     kwargs = {"dtype": "auto", "low_cpu_mem_usage": True}
     if device_map:
         kwargs["device_map"] = device_map
+        if max_memory:
+            kwargs["max_memory"] = max_memory
+        if offload_dir is not None:
+            kwargs["offload_folder"] = str(offload_dir)     # layers that fit nowhere go to disk
     elif torch.cuda.is_available():
         kwargs["device_map"] = "cuda"
     try:
