@@ -195,10 +195,11 @@ def run(plan: Plan) -> dict:
 
 
 def _sigterm_as_interrupt() -> None:
-    """SIGTERM unwinds like Ctrl-C, so the staged output folder is removed (main thread only)."""
+    """The first SIGTERM unwinds like Ctrl-C, so the staged output folder is removed (main thread only)."""
     import signal
 
     def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)    # a second SIGTERM kills at once
         raise KeyboardInterrupt
     try:
         signal.signal(signal.SIGTERM, handler)
