@@ -502,3 +502,25 @@ def test_sharded_truncated_shard_names_tensor(tmp_path, tiny_models):
     r, doc = run_json(out)
     assert r.exit_code == 1 and len(doc["problems"]) == 1
     assert doc["problems"][0].startswith(f"{last.name}: tensor ") and "truncated" in doc["problems"][0]
+
+
+def test_runtime_model_types_match_the_loader():
+    from qtool.checkpoint.report import RUNTIME_MODEL_TYPES
+    from qtool.runtime.loader import FAMILIES
+    assert tuple(RUNTIME_MODEL_TYPES) == tuple(FAMILIES)
+
+
+def test_mixed_precision_verdict_needs_every_recipe(modelopt_ckpt, tmp_path, tiny_models):
+    out = copy_ckpt(modelopt_ckpt("mixed"), tmp_path / "mixed")
+    r, doc = run_json(out)
+    assert r.exit_code == 0, doc["problems"]
+    assert doc["recipe"]["name"] is None and doc["recipe"]["weights"] == ["fp8", "nvfp4"]
+    assert doc["support"]["recipes"] == ["fp8", "nvfp4"]
+    hw, mm = read_matrix("hardware"), read_matrix("model")
+    for key, a in doc["support"]["architectures"].items():
+        want = all(hw[a["row"]][c] == "Y" and any(mm[row][c] == "Y" for row in doc["model"]["family_rows"])
+                   for c in ("FP8(per tensor)", "NVFP4"))
+        assert a["supported"] == want, key
+    groups = [(g["modules"], g["layers"], g["format"]) for g in doc["layer_groups"]]
+    assert ("model.layers.*.self_attn.o_proj", "1", "bf16") in groups
+    assert ("model.layers.*.self_attn.o_proj", "0", "fp8") in groups

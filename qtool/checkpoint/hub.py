@@ -76,11 +76,11 @@ def _fetch_header(repo_id: str, filename: str, timeout: float) -> tuple[bytes, i
 
 
 def open_hub(repo_id: str, strict: bool = True) -> F.CheckpointFiles:
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(int(_timeout())))      # read when huggingface_hub loads
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", str(int(_timeout())))
     snap = _cached_snapshot(repo_id)
     if snap is not None:
         return F.open_local(snap, repo_id, strict)
-    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(int(_timeout())))
-    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", str(int(_timeout())))
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
@@ -101,7 +101,7 @@ def open_hub(repo_id: str, strict: bool = True) -> F.CheckpointFiles:
     try:
         for name in F.JSON_NAMES:
             if name in listing:
-                local = Path(hf_hub_download(repo_id, name))
+                local = Path(hf_hub_download(repo_id, name, etag_timeout=timeout))
                 root = local.parent
                 jsons[name] = F.read_json(local)
             else:

@@ -15,7 +15,7 @@ import shutil
 from collections import OrderedDict
 
 from qtool.checkpoint.files import CheckpointFiles
-from qtool.checkpoint.scheme import FORMATS, LAYER_RE, CheckpointScheme, num_layers, text_config
+from qtool.checkpoint.scheme import FORMATS, LAYER_RE, CheckpointScheme, layer_recipes, num_layers, text_config
 from qtool.checkpoint.sizes import Sizes, human_bytes, human_count
 from qtool.errors import QtoolError
 
@@ -100,35 +100,48 @@ def _recipe(scheme: CheckpointScheme) -> dict:
             "quantized_linears": len(quant), "linears": len(scheme.linears), "excluded": scheme.excluded}
 
 
+def checked_recipes(scheme: CheckpointScheme) -> list[str] | None:
+    """Recipes whose matrix columns decide the verdict ([] for bf16); None when a format has no column."""
+    if scheme.quant_method == "none":
+        return []
+    return [scheme.recipe] if scheme.recipe else layer_recipes(scheme.linears)
+
+
 def _support(model: dict, scheme: CheckpointScheme) -> dict:
-    """Matrix verdict per architecture; model-matrix and recipe-rule reasons are listed once."""
+    """Matrix verdict per architecture; model-matrix and recipe-rule reasons are listed once.
+
+    A MIXED_PRECISION checkpoint is supported where every recipe its layers use is supported.
+    """
     from qtool.support.check import check_request, runtime_cell
     from qtool.support.gpus import archs
     rows = model["family_rows"] or None
     kv = scheme.kv_format if scheme.kv_format != "bf16" else None
-    unmapped = scheme.quant_method != "none" and scheme.recipe is None
-    out = {"rows": model["family_rows"], "recipe": scheme.recipe, "kv": kv, "model_reasons": [],
-           "rule_reasons": [], "architectures": {}}
+    recipes = checked_recipes(scheme)
+    unmapped = recipes is None
+    out = {"rows": model["family_rows"], "recipe": scheme.recipe, "recipes": recipes or [], "kv": kv,
+           "model_reasons": [], "rule_reasons": [], "architectures": {}}
     if unmapped:
         out["note"] = f"{scheme.quant_algo} has no column in the support matrices (no verdict for the weights)"
     for key, arch in archs().items():
-        v = check_request(rows, scheme.recipe, kv, arch)
+        verdicts = [check_request(rows, r, kv, arch) for r in (recipes or [None])]
         blocked = []
-        for f in v.findings:
+        for f in (f for v in verdicts for f in v.findings):
             if f.supported:
                 continue
             if f.matrix == "hardware":
-                blocked.append(f.column)
+                if f.column not in blocked:
+                    blocked.append(f.column)
             elif f.matrix == "rule" and f.detail not in out["rule_reasons"]:
                 out["rule_reasons"].append(f.detail)
-            elif f.matrix == "model" and not any(g.supported for g in v.findings
-                                                 if g.matrix == "model" and g.column == f.column):
+            elif f.matrix == "model":
                 msg = f"{f.column} is not supported for {', '.join(model['family_rows'])} (model matrix)"
-                if msg not in out["model_reasons"]:
+                if msg not in out["model_reasons"] and not any(
+                        g.supported for v in verdicts for g in v.findings if g.matrix == "model" and g.column == f.column):
                     out["model_reasons"].append(msg)
+        ok = all(v.supported for v in verdicts)
         cells = [runtime_cell(arch, lb) for lb in _labels(scheme)]
         qtool_cuda = "." if "." in cells or unmapped else ("q" if "q" in cells else "Y")
-        out["architectures"][key] = {"row": arch.row, "supported": None if unmapped and v.supported else v.supported,
+        out["architectures"][key] = {"row": arch.row, "supported": None if unmapped and ok else ok,
                                      "hardware_blocked": blocked, "qtool_cuda": qtool_cuda}
     return out
 
@@ -150,7 +163,7 @@ def _local_arch():
 
 
 def _labels(scheme: CheckpointScheme) -> list[str]:
-    out = [scheme.recipe] if scheme.recipe else []
+    out = list(checked_recipes(scheme) or [])
     return out + ([f"kv {scheme.kv_format}"] if scheme.kv_format != "bf16" else [])
 
 
@@ -166,7 +179,7 @@ def _runtime(files: CheckpointFiles, scheme: CheckpointScheme) -> dict:
         why = "PyTorch is not installed"
     cuda_why, arch = why, None
     if cuda_why is None:
-        if scheme.quant_method != "none" and scheme.recipe is None:
+        if checked_recipes(scheme) is None:
             cuda_why = f"{scheme.quant_algo} is no qtool recipe; the CUDA kernels cover the recipes only"
         elif importlib.util.find_spec("cupy") is None:
             cuda_why = "CuPy is not installed (pip install 'qtool[cuda12]' or 'qtool[cuda13]')"
@@ -205,8 +218,8 @@ def build(files: CheckpointFiles, scheme: CheckpointScheme, sizes: Sizes, proble
 
 def _recipe_line(r: dict) -> str:
     name = r["name"] or ("none (bf16)" if r["quant_method"] == "none" else "no qtool recipe")
-    w = ", ".join(FORMAT_TITLES.get(f, f) for f in r["weights"])
-    a = ", ".join(ACT_TITLES.get(x, x) for x in r["activations"])
+    w = " + ".join(FORMAT_TITLES.get(f, f) for f in r["weights"])
+    a = " + ".join(ACT_TITLES.get(x, x) for x in r["activations"])
     g = f", group {r['group_size']}" if r["group_size"] else ""
     stage = " + FP8 stage" if r["fp8_weight_stage"] else ""
     kv = r["kv_cache"] + ("" if r["kv_scales"] is None else f" (k/v scales {r['kv_scales']})")
@@ -244,7 +257,7 @@ def render(rep: dict, console) -> None:
     console.print(f"Memory    weights {human_bytes(s['tensor_bytes'])} + KV cache {human_bytes(s['kv_cache_bytes'])} "
                   f"({s['kv_format']}, context {s['context']} x batch {s['batch']}) = {human_bytes(s['memory_bytes'])}")
     sup = rep["support"]
-    what = " + ".join([sup["recipe"] or (r["quant_algo"] or "bf16")] + ([f"kv {sup['kv']}"] if sup["kv"] else []))
+    what = " + ".join((sup["recipes"] or [r["quant_algo"] or "bf16"]) + ([f"kv {sup['kv']}"] if sup["kv"] else []))
     console.print(f"Support   {escape(what)} on each GPU architecture (TensorRT-LLM matrices; qtool CUDA runtime cell)")
     t = Table(box=None, pad_edge=False, show_edge=False, show_header=False)
     for _ in range(5):

@@ -473,25 +473,35 @@ def _kv(files: CheckpointFiles, d: _Declared, kv_tensors: dict[str, TensorInfo],
     return kv_format, {i: tuple(found.get(i, [None, None])) for i in layers}
 
 
+# (format, activation, fp8 weight stage) of a quantized linear -> qtool recipe name
+FORMAT_RECIPE = {("fp8", "fp8", False): "fp8", ("fp8-rowwise", "fp8-token", False): "fp8-rowwise",
+                 ("fp8-block", "fp8-block", False): "fp8-block", ("nvfp4", "nvfp4", False): "nvfp4",
+                 ("mxfp4", "mxfp4", False): "mxfp4", ("int4-awq", "none", False): "w4a16-awq",
+                 ("int4-awq", "fp8", True): "w4a8-awq", ("gptq", "none", False): "w4a16-gptq",
+                 ("gptq", "fp8", False): "w4a8-gptq", ("autoawq", "none", False): "w4a16-awq"}
+
+
+def layer_recipes(linears: dict[str, LinearSpec]) -> list[str] | None:
+    """The qtool recipes of the quantized linears (sorted, unique), or None when one has no recipe."""
+    out = set()
+    for s in linears.values():
+        if s.format == "bf16":
+            continue
+        r = FORMAT_RECIPE.get((s.format, s.activation, s.fp8_weight_stage))
+        if r is None:
+            return None
+        out.add(r)
+    return sorted(out)
+
+
 def _recipe(d: _Declared, linears: dict[str, LinearSpec]) -> str | None:
     algo = (d.algo or "").upper()
-    if d.method == "modelopt":
-        if algo == "MIXED_PRECISION":
-            used = {(s.format, s.activation, s.fp8_weight_stage) for s in linears.values() if s.format != "bf16"}
-            recipes = set()
-            for a in ALGO_RECIPE:
-                f, act, _, st = MODELOPT_ALGOS[a]
-                if (f, act, st) in used:
-                    recipes.add(ALGO_RECIPE[a])
-            return recipes.pop() if len(recipes) == 1 and len(used) == 1 else None
+    if d.method == "modelopt" and algo != "MIXED_PRECISION":
         return ALGO_RECIPE.get(algo)
-    if d.method == "gptq":
-        return "w4a8-gptq" if any(s.activation == "fp8" for s in linears.values()) else "w4a16-gptq"
-    if d.method == "awq":
-        return "w4a16-awq"
-    if d.method == "fp8":
-        return "fp8-block"
-    return None
+    if d.method == "none":
+        return None
+    found = layer_recipes(linears)
+    return found[0] if found and len(found) == 1 else None
 
 
 def describe(files: CheckpointFiles, strict: bool = True) -> CheckpointScheme:

@@ -17,7 +17,7 @@ from qtool.errors import CheckpointError, UsageError
 
 EPILOG = ("Examples:  qtool inspect ./Llama-3.1-8B-fp8  |  qtool inspect nvidia/Llama-3.1-8B-Instruct-FP8  |  "
           "qtool inspect ./ckpt --context 32768 --batch 8  |  qtool inspect ./ckpt --deep --json.  "
-          "Exit codes: 0 sound, 1 a problem was found or the checkpoint cannot be read. " + EXIT_CODES_HELP)
+          "Any problem found exits 1.  " + EXIT_CODES_HELP)
 
 
 def _positive(name: str, v: int) -> int:
