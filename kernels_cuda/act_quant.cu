@@ -109,3 +109,110 @@ extern "C" __global__ void act_quant(const float* __restrict__ x, int ldx, float
     }
   }
 }
+
+// act_quant_fast: the same numerics for the common case (K % 16 == 0, K <= 16 * blockDim.x, scheme 0..5 with a
+// static scale where one is expected), values in registers, 16 contiguous elements per thread (so a 16-group is
+// one thread, a 32-group two, a 128-group eight: group amax by shuffles). grid M, block ceil(K/16) rounded to 32.
+// Outputs (each optional): out f32 x̂ [M, K]; outh/hscale as above (hperm 1 or 2); outq e4m3 codes of x / s
+// [M, K] with qscale (scheme 1, 2: [M] = s; scheme 3: [M, ceil(K/128)] = s per group), for linear.cu's gemv_mma.
+// Schemes 4/5 with outh and qscale: outh holds the exact E2M1 values (no 2^k factor, hscale = 1) and qscale the
+// block scales S [M, K/16] (nvfp4) or [M, K/32] (mxfp4), so gemv_h's f16 products and 8-term sums are exact.
+extern "C" __global__ void act_quant_fast(const float* __restrict__ x, int ldx, float* __restrict__ out, int M,
+                                          int K, int scheme, const float* __restrict__ in_scale,
+                                          const float* __restrict__ pqs, unsigned short* __restrict__ outh,
+                                          float* __restrict__ hscale, int hperm, u8* __restrict__ outq,
+                                          float* __restrict__ qscale) {
+  __shared__ float red[32];
+  int r = blockIdx.x, t = threadIdx.x;
+  int i0 = t * 16;
+  bool live = i0 < K;
+  const float* xr = x + (long long)r * ldx;
+  float v[16];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    float4 a = live ? *(const float4*)(xr + i0 + 4 * q) : make_float4(0.f, 0.f, 0.f, 0.f);
+    v[4 * q] = a.x; v[4 * q + 1] = a.y; v[4 * q + 2] = a.z; v[4 * q + 3] = a.w;
+  }
+  if (pqs && live) {
+#pragma unroll
+    for (int j = 0; j < 16; ++j) v[j] *= pqs[i0 + j];
+  }
+  float a16 = 0.0f;
+#pragma unroll
+  for (int j = 0; j < 16; ++j) a16 = fmaxf(a16, fabsf(v[j]));
+  float S = 1.0f;  // the scale of this thread's elements (fp8 schemes: s; fp4: block scale)
+  if (scheme == 1) S = in_scale[0];
+  else if (scheme == 2) S = fmaxf(block_max(a16, red), 1e-12f) / 448.0f;
+  else if (scheme == 3) {
+    float a = a16;
+#pragma unroll
+    for (int o = 1; o < 8; o <<= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
+    S = fmaxf(a, 1e-4f) / 448.0f;  // groups past K only reach threads that are not live
+  } else if (scheme == 4) {
+    float g = in_scale[0];
+    S = e4m3_round(a16 / (6.0f * g)) * g;
+    if (!(S >= 1e-5f)) S = 1.0f;
+  } else if (scheme == 5) {
+    S = mx_exp(fmaxf(a16, __shfl_xor_sync(0xffffffffu, a16, 1)));
+  }
+  unsigned codes[4] = {0, 0, 0, 0};
+  float amax_hat = 0.0f;
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    float q = v[j];
+    if (scheme == 1 || scheme == 2 || scheme == 3) {
+      unsigned c = f32_to_e4m3(v[j] / S);
+      codes[j >> 2] |= c << (8 * (j & 3));
+      q = e4m3_to_f32(c) * S;
+    } else if (scheme >= 4) {
+      q = nvfp4_q(v[j], S);
+    }
+    v[j] = q;
+    amax_hat = fmaxf(amax_hat, fabsf(q));
+  }
+  long long ob = (long long)r * K + i0;
+  if (out && live) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) *(float4*)(out + ob + 4 * q) = make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
+  }
+  if (outq) {
+    if (live) *(uint4*)(outq + ob) = make_uint4(codes[0], codes[1], codes[2], codes[3]);
+    if (scheme == 3) { if (live && (t & 7) == 0) qscale[(long long)r * ((K + 127) / 128) + t / 8] = S; }
+    else if (t == 0) qscale[r] = S;
+  }
+  bool fp4codes = outh && qscale && scheme >= 4;
+  if (fp4codes && live) {
+    if (scheme == 4) qscale[(long long)r * (K / 16) + t] = S;
+    else if ((t & 1) == 0) qscale[(long long)r * (K / 32) + t / 2] = S;
+  }
+  if (outh) {
+    float up = 1.0f;
+    if (fp4codes) {
+      if (t == 0) hscale[r] = 1.0f;
+#pragma unroll
+      for (int j = 0; j < 16; ++j) v[j] = v[j] / S;  // exact: v = e2m1 * S
+    } else {
+      float a = block_max(amax_hat, red);
+      int ex = 0;
+      if (a > 0.0f) frexpf(a, &ex);
+      int k = max(-60, min(60, 8 - ex));
+      up = ldexpf(1.0f, k);
+      if (t == 0) hscale[r] = ldexpf(1.0f, -k);
+    }
+    unsigned hw[8];
+#pragma unroll
+    for (int p = 0; p < 16; p += 2) {
+      int s0, s1;
+      if (hperm == 1) { s0 = (p & ~3) + ((p & 3) == 0 ? 0 : 1); s1 = (p & ~3) + ((p & 3) == 0 ? 2 : 3); }
+      else { s0 = (p & ~7) + ((p & 7) >> 1); s1 = s0 + 4; }
+      unsigned short h0, h1;
+      asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h0) : "f"(v[s0] * up));
+      asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h1) : "f"(v[s1] * up));
+      hw[p >> 1] = (unsigned)h0 | ((unsigned)h1 << 16);
+    }
+    if (live) {
+      *(uint4*)(outh + ob) = make_uint4(hw[0], hw[1], hw[2], hw[3]);
+      *(uint4*)(outh + ob + 8) = make_uint4(hw[4], hw[5], hw[6], hw[7]);
+    }
+  }
+}

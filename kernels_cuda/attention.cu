@@ -44,27 +44,34 @@ __global__ void attn_partial(const float* __restrict__ q, const long long* __res
     }
   }
   long long rowbase = ((long long)(n / T) * Hkv + kh) * L;
-  for (int p = c0 + warp; p < c1; p += NW) {
-    long long row = rowbase + p;
-    float kv[DPL], vv[DPL];
+  constexpr int PU = D >= 256 ? 2 : 4;  // positions per warp whose loads are in flight together
+  for (int p0 = c0 + warp; p0 < c1; p0 += NW * PU) {
+    float kv[PU][DPL], vv[PU][DPL];
 #pragma unroll
-    for (int i = 0; i < DPL; ++i) {
-      kv[i] = kv_load(kv_fmt, kc, ks, row, D, lane * DPL + i, k_scale);
-      vv[i] = kv_load(kv_fmt, vc, vs, row, D, lane * DPL + i, v_scale);
+    for (int u = 0; u < PU; ++u) {
+      int p = p0 + u * NW;
+      if (p < c1) {
+        kv_load_vec<DPL>(kv_fmt, kc, ks, rowbase + p, D, lane * DPL, k_scale, kv[u]);
+        kv_load_vec<DPL>(kv_fmt, vc, vs, rowbase + p, D, lane * DPL, v_scale, vv[u]);
+      }
     }
 #pragma unroll
-    for (int g = 0; g < GMAX; ++g) {
-      if (g < G) {
-        float s = 0.0f;
+    for (int u = 0; u < PU; ++u) {
+      if (p0 + u * NW >= c1) break;
 #pragma unroll
-        for (int i = 0; i < DPL; ++i) s += qv[g][i] * kv[i];
-        s = warp_sum(s);
-        float mn = fmaxf(m[g], s);
-        float corr = expf(m[g] - mn), e = expf(s - mn);
-        l[g] = l[g] * corr + e;
+      for (int g = 0; g < GMAX; ++g) {
+        if (g < G) {
+          float s = 0.0f;
 #pragma unroll
-        for (int i = 0; i < DPL; ++i) acc[g][i] = acc[g][i] * corr + e * vv[i];
-        m[g] = mn;
+          for (int i = 0; i < DPL; ++i) s += qv[g][i] * kv[u][i];
+          s = warp_sum(s);
+          float mn = fmaxf(m[g], s);
+          float corr = expf(m[g] - mn), e = expf(s - mn);
+          l[g] = l[g] * corr + e;
+#pragma unroll
+          for (int i = 0; i < DPL; ++i) acc[g][i] = acc[g][i] * corr + e * vv[u][i];
+          m[g] = mn;
+        }
       }
     }
   }

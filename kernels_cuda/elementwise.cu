@@ -4,8 +4,8 @@
 // embed_gather(ids int32 [N], table bf16 [V,H], out f32 [N,H], H)           grid N, block 256
 // embed_gather_f32(ids, table f32 [V,H], out, H)                           grid N, block 256
 // rmsnorm_residual(x f32 [N,H], res f32 [N,H] or null, w f32 [H], y f32 [N,H], res_out f32 [N,H], H, eps)
-//     r = x + res (or x); res_out = r; y = r * rsqrt(mean(r^2) + eps) * w.   grid N, block 256
-//     (res_out may alias res; y may not alias x.)
+//     r = x + res (or x); res_out = r; y = r * rsqrt(mean(r^2) + eps) * w.   grid N, block ceil(H/16) rounded to 32
+//     (res_out may alias res; y may not alias x.) Needs H <= 16 * blockDim.x.
 // silu_mul(gu f32 [N, 2I] = [gate | up], out f32 [N, I], I): out = silu(g) * u.  grid (ceil(I/256), N), block 256
 #include "common.cuh"
 
@@ -27,21 +27,30 @@ extern "C" __global__ void embed_gather_f32(const int* __restrict__ ids, const f
 
 extern "C" __global__ void rmsnorm_residual(const float* __restrict__ x, const float* res, const float* __restrict__ w,
                                             float* __restrict__ y, float* res_out, int H, float eps) {
+  // values stay in registers between the two passes: up to 16 per thread (H <= 16 * blockDim.x)
   __shared__ float red[32];
   long long base = (long long)blockIdx.x * H;
+  float v[16];
   float ss = 0.0f;
-  for (int i = threadIdx.x; i < H; i += blockDim.x) {
-    float r = x[base + i];
-    if (res) r += res[base + i];
-    ss += r * r;
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    int i = threadIdx.x + j * blockDim.x;
+    v[j] = 0.0f;
+    if (i < H) {
+      v[j] = x[base + i];
+      if (res) v[j] += res[base + i];
+      ss += v[j] * v[j];
+    }
   }
   ss = block_sum(ss, red);
   float inv = rsqrtf(ss / (float)H + eps);
-  for (int i = threadIdx.x; i < H; i += blockDim.x) {
-    float r = x[base + i];
-    if (res) r += res[base + i];
-    if (res_out) res_out[base + i] = r;
-    y[base + i] = r * inv * w[i];
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    int i = threadIdx.x + j * blockDim.x;
+    if (i < H) {
+      if (res_out) res_out[base + i] = v[j];
+      y[base + i] = v[j] * inv * w[i];
+    }
   }
 }
 

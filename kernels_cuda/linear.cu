@@ -15,7 +15,9 @@
 //   per row, pair order: fp8 [0,2,1,3], fp4/int4 [0,4,1,5,2,6,3,7]), hs f32 [M] = 2^-k. Weight codes become
 //   exact f16 pairs (bit tricks, no conversion instructions), products are accumulated with HFMA2 over 8
 //   elements (|partial| < 2^15), then in f32 with the block scale. sbi is passed as log2 (per-row scale: -1).
-//   Error: f16 rounding of x̂ and of 8-term partial sums, ~1e-3 relative (numerics.md budgets 1e-2).
+//   Error: f16 rounding of x̂ and of 8-term partial sums, ~1e-3 relative (numerics.md budgets 1e-2). With xsc
+//   (nvfp4 / mxfp4 activations given as exact E2M1 values, block scales xsc [M, K >> xsc_log2]) every product
+//   and 8-term sum is exact in f16.
 // gemm<F>: general path (any M, K), 64x64 tiles of f32 FMA with scalar dequant. grid (ceil(O/64), ceil(M/64)),
 //   block 256.
 #include "common.cuh"
@@ -174,7 +176,8 @@ __global__ void __launch_bounds__(256) gemv_h(const unsigned short* __restrict__
                                               const u8* __restrict__ w, const void* __restrict__ sc,
                                               const float* __restrict__ zp, float gs,
                                               const float* __restrict__ bias, float* __restrict__ y, int ldy, int M,
-                                              int O, int K, int sld, int sbo, int sbi_log2) {
+                                              int O, int K, int sld, int sbo, int sbi_log2,
+                                              const float* __restrict__ xsc, int xsc_log2) {
   constexpr int EPV = F == FMT_FP8 ? 16 : 32;
   constexpr int U = 4;
   int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -187,7 +190,9 @@ __global__ void __launch_bounds__(256) gemv_h(const unsigned short* __restrict__
   for (int m = 0; m < MR; ++m) acc[m] = 0.0f;
   const float* fsc = (const float*)sc;
   const u8* bsc = (const u8*)sc;
-  long long srow = F == FMT_FP8 ? (long long)(o / sbo) * sld : (long long)o * sld;
+  long long srow = F == FMT_FP8 ? (long long)(o / sbo) * sld
+                 : (F == FMT_NVFP4 ? (long long)o * (K / 16) : (F == FMT_MXFP4 ? (long long)o * (K / 32)
+                                                                               : (long long)o * sld));
   unsigned zz = 0;
   for (int c0 = lane; c0 < nch; c0 += 32 * U) {
     uint4 r[U];
@@ -243,7 +248,12 @@ __global__ void __launch_bounds__(256) gemv_h(const unsigned short* __restrict__
               else p1 = hfma2(wp[4 * q + i], xs[i], p1);
             }
           }
-          acc[m] += hsum2(p0) * s0 + hsum2(p1) * s1;
+          if (xsc) {  // per-block activation scales (nvfp4 / mxfp4 activations as exact E2M1 values)
+            const float* xr = xsc + (long long)m * (K >> xsc_log2);
+            acc[m] += hsum2(p0) * (s0 * xr[e >> xsc_log2]) + hsum2(p1) * (s1 * xr[(e + 16) >> xsc_log2]);
+          } else {
+            acc[m] += hsum2(p0) * s0 + hsum2(p1) * s1;
+          }
         }
       }
     }
@@ -314,7 +324,7 @@ __global__ void __launch_bounds__(256) gemm(const float* __restrict__ x, int ldx
   template __global__ void gemv<F, 4>(QT_GEMV_ARGS); template __global__ void gemv<F, 8>(QT_GEMV_ARGS); \
   template __global__ void gemm<F>(QT_GEMV_ARGS);
 #define QT_GEMVH_ARGS const unsigned short*, const float*, const u8*, const void*, const float*, float, \
-  const float*, float*, int, int, int, int, int, int, int
+  const float*, float*, int, int, int, int, int, int, int, const float*, int
 #define QT_INST_H(F) \
   template __global__ void gemv_h<F, 1>(QT_GEMVH_ARGS); template __global__ void gemv_h<F, 2>(QT_GEMVH_ARGS); \
   template __global__ void gemv_h<F, 4>(QT_GEMVH_ARGS); template __global__ void gemv_h<F, 8>(QT_GEMVH_ARGS);
@@ -327,3 +337,87 @@ QT_INST_F(1)
 QT_INST_F(2)
 QT_INST_F(3)
 QT_INST_F(4)
+
+// gemv_mma: FP8 weights x FP8 activations on the tensor cores (mma.sync m16n8k32 e4m3, f32 accumulate), the
+// decode path of the fp8 / fp8-rowwise / fp8-block recipes. Exact products, f32 sums: matches x̂ @ W^T to f32
+// rounding. wq e4m3 [O, K]; xq e4m3 codes [M, K] (M <= 8) and xs (per row [M], or per 128-group [M, K/128] when
+// xs_group); weight scale grid ws as for gemv (sbo, sld, sbi_log2 = -1 for one scale per row). One warp = 16
+// output rows x one K slice of kslice (multiple of 128; K % 64 == 0): lane (g, t) loads 16 B of rows g and g+8
+// at k = 16 t (+64 per round) and 16 B of x row g at the same k; two mma steps per round (the k order inside a
+// round is permuted identically for W and x, which a dot product allows). Writes part f32 [S, M, O] (scaled);
+// gemv_mma_reduce sums the S slices and adds the bias. grid (ceil(O/64), S), block 128.
+__device__ __forceinline__ void mma_e4m3(float d[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                         unsigned b0, unsigned b1) {
+  asm volatile("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+extern "C" __global__ void __launch_bounds__(128) gemv_mma(const u8* __restrict__ xq, const float* __restrict__ xs,
+    int xs_group, const u8* __restrict__ wq, const float* __restrict__ ws, float* __restrict__ part, int M, int O,
+    int K, int sld, int sbo, int sbi_log2, int kslice) {
+  int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  int g = lane >> 2, t = lane & 3;
+  int r0 = (blockIdx.x * 4 + warp) * 16;
+  if (r0 >= O) return;
+  int k0 = blockIdx.y * kslice, k1 = min(K, k0 + kslice);
+  int ra = r0 + g, rb = r0 + g + 8;
+  bool va = ra < O, vb = rb < O, vx = g < M;
+  const u8* pa = wq + (long long)(va ? ra : 0) * K;
+  const u8* pb = wq + (long long)(vb ? rb : 0) * K;
+  const u8* px = xq + (long long)(vx ? g : 0) * K;
+  int m0 = 2 * t, m1 = 2 * t + 1;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};  // rows (ra, m0), (ra, m1), (rb, m0), (rb, m1)
+  int blk = sbi_log2 < 0 ? K : 128;
+  for (int kb0 = k0; kb0 < k1; kb0 += blk) {
+    int kb1 = min(k1, kb0 + blk);
+    float d[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int kb = kb0; kb < kb1; kb += 128) {  // two rounds of 64 per iteration, loads first
+      uint4 A[2], B[2], X[2];
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        int k = kb + 64 * u + 16 * t;
+        bool in = k < kb1;
+        uint4 z = make_uint4(0, 0, 0, 0);
+        A[u] = (va && in) ? ld_stream((const uint4*)(pa + k)) : z;
+        B[u] = (vb && in) ? ld_stream((const uint4*)(pb + k)) : z;
+        X[u] = (vx && in) ? *(const uint4*)(px + k) : z;
+      }
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        mma_e4m3(d, A[u].x, B[u].x, A[u].y, B[u].y, X[u].x, X[u].y);
+        mma_e4m3(d, A[u].z, B[u].z, A[u].w, B[u].w, X[u].z, X[u].w);
+      }
+    }
+    // scale this block's sums: weight scale (per row or per 128x128 block) x activation scale
+    float wa, wb;
+    if (sbi_log2 < 0) { wa = ws[(long long)((va ? ra : 0) / sbo) * sld]; wb = ws[(long long)((vb ? rb : 0) / sbo) * sld]; }
+    else {
+      int kbi = kb0 >> sbi_log2;
+      wa = ws[(long long)((va ? ra : 0) / sbo) * sld + kbi]; wb = ws[(long long)((vb ? rb : 0) / sbo) * sld + kbi];
+    }
+    float x0, x1;
+    if (xs_group) {
+      int gi = kb0 >> 7, ng = (K + 127) / 128;
+      x0 = m0 < M ? xs[(long long)m0 * ng + gi] : 0.f; x1 = m1 < M ? xs[(long long)m1 * ng + gi] : 0.f;
+    } else {
+      x0 = m0 < M ? xs[m0] : 0.f; x1 = m1 < M ? xs[m1] : 0.f;
+    }
+    acc[0] += d[0] * (wa * x0); acc[1] += d[1] * (wa * x1); acc[2] += d[2] * (wb * x0); acc[3] += d[3] * (wb * x1);
+  }
+  float* ps = part + (long long)blockIdx.y * M * O;
+  if (va && m0 < M) ps[(long long)m0 * O + ra] = acc[0];
+  if (va && m1 < M) ps[(long long)m1 * O + ra] = acc[1];
+  if (vb && m0 < M) ps[(long long)m0 * O + rb] = acc[2];
+  if (vb && m1 < M) ps[(long long)m1 * O + rb] = acc[3];
+}
+
+extern "C" __global__ void gemv_mma_reduce(const float* __restrict__ part, int S, const float* __restrict__ bias,
+                                           float* __restrict__ y, int ldy, int M, int O) {
+  int o = blockIdx.x * blockDim.x + threadIdx.x, m = blockIdx.y;
+  if (o >= O) return;
+  float a = bias ? bias[o] : 0.0f;
+  for (int s = 0; s < S; ++s) a += part[((long long)s * M + m) * O + o];
+  y[(long long)m * ldy + o] = a;
+}

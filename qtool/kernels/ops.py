@@ -56,12 +56,19 @@ def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tensor
     x = x.contiguous()
     H = x.shape[-1]
     rows = x.numel() // H
+    if H > 16 * 1024:
+        raise ValueError(f"rmsnorm kernel supports rows of at most 16384 elements, got {H}")
     y = torch.empty_like(x)
     res_out = torch.empty_like(x) if residual is not None else x
-    launch("elementwise", "rmsnorm_residual", (rows,), (256,),
+    launch("elementwise", "rmsnorm_residual", (rows,), (_threads(H),),
            (ptr(x), ptr(residual), ptr(w), ptr(y), ptr(res_out if residual is not None else None), i32(H),
             f32(eps)))
     return y, res_out
+
+
+def _threads(n: int) -> int:
+    """Block size for kernels holding 16 elements per thread: ceil(n/16) rounded up to a warp, at least 64."""
+    return max(64, min(1024, ((n + 15) // 16 + 31) // 32 * 32))
 
 
 def silu_mul(gu: torch.Tensor) -> torch.Tensor:
@@ -74,25 +81,67 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- linear
-def act_quant(x: torch.Tensor, kl: KLinear, half: bool = False):
-    """x̂ f32 [M, K]; with half=True also (xh f16 [M, K] in the weight format's pair order, hs f32 [M])."""
+def act_quant(x: torch.Tensor, kl: KLinear, half: bool = False, codes: bool = False, fp4codes: bool = False):
+    """x̂ f32 [M, K] (act_quant.cu). half=True: also (xh f16 [M, K] in the weight format's pair order, hs f32 [M]);
+    fp4codes=True (with half, schemes nvfp4/mxfp4): xh holds exact E2M1 values and xsc the block scales;
+    codes=True (fp8 schemes): e4m3 codes xq u8 [M, K] and their scales. Returns a dict."""
     M, K = x.shape
-    out = torch.empty_like(x)
-    xh = hs = None
-    if half:
-        xh = torch.empty(M, K, dtype=torch.float16, device=x.device)
-        hs = torch.empty(M, dtype=torch.float32, device=x.device)
+    dev = x.device
+    res = {"x": torch.empty_like(x)}
     dyn = kl.act in (1, 4) and kl.in_scale is None
-    grid = 1 if dyn else M
     hperm = 0 if not half else (1 if kl.fmt == 1 else 2)
-    launch("act_quant", "act_quant", (grid,), (1024,),
-           (ptr(x), i32(x.stride(0)), ptr(out), i32(K), i32(M), i32(K), i32(kl.act), ptr(kl.in_scale),
-            ptr(kl.pqs), ptr(xh), ptr(hs), i32(hperm)))
-    return (out, xh, hs) if half else out
+    if half:
+        res["xh"] = torch.empty(M, K, dtype=torch.float16, device=dev)
+        res["hs"] = torch.empty(M, dtype=torch.float32, device=dev)
+    fast = K % 16 == 0 and K <= 16 * 1024 and not dyn
+    if not fast:
+        if codes or fp4codes:
+            raise ValueError("quantized activation codes need the fast act_quant kernel")
+        launch("act_quant", "act_quant", (1 if dyn else M,), (1024,),
+               (ptr(x), i32(x.stride(0)), ptr(res["x"]), i32(K), i32(M), i32(K), i32(kl.act), ptr(kl.in_scale),
+                ptr(kl.pqs), ptr(res.get("xh")), ptr(res.get("hs")), i32(hperm)))
+        return res
+    qs = None
+    if codes:
+        res["xq"] = torch.empty(M, K, dtype=torch.uint8, device=dev)
+        ng = (K + 127) // 128 if kl.act == 3 else 1
+        qs = res["xs"] = torch.empty(M, ng, dtype=torch.float32, device=dev)
+    elif fp4codes:
+        qs = res["xsc"] = torch.empty(M, K // (16 if kl.act == 4 else 32), dtype=torch.float32, device=dev)
+    launch("act_quant", "act_quant_fast", (M,), (_threads(K),),
+           (ptr(x), i32(x.stride(0)), ptr(res["x"]), i32(M), i32(K), i32(kl.act), ptr(kl.in_scale), ptr(kl.pqs),
+            ptr(res.get("xh")), ptr(res.get("hs")), i32(hperm), ptr(res.get("xq")), ptr(qs)))
+    return res
 
 
-def linear(x: torch.Tensor, kl: KLinear, force_gemm: bool = False, force_f32: bool = False) -> torch.Tensor:
-    """y = x̂ W^T + b. M <= 8: gemv_h (f16 pair math, quantized formats) or gemv (f32); else the tiled gemm."""
+# decode paths, each checked once per process against the f32 path before first use (see _path_ok)
+PATHS = ("mma", "half")
+_PATH_STATE: dict[str, bool] = {}
+
+
+def _mma_ok(kl: KLinear, M: int) -> bool:
+    return (kl.fmt == 1 and kl.act in (1, 2, 3) and M <= 8 and kl.in_features % 64 == 0
+            and kl.in_features <= 16 * 1024 and (kl.sbi_log2 < 0 or kl.sbi == 128) and kl.pqs is None
+            and not (kl.act == 1 and kl.in_scale is None))
+
+
+def _half_ok(kl: KLinear, M: int) -> bool:
+    """gemv_h applies to weight-only recipes (x̂ = x rounded to f16) and to nvfp4/mxfp4 weights with fp4
+    activations (exact E2M1 codes + block scales); fp8 activations on non-fp8 weights stay on the f32 path."""
+    if not (M <= 8 and kl.half_ok):
+        return False
+    if kl.act == 0:
+        return True
+    if kl.act in (4, 5):
+        return (kl.fmt in (2, 3) and kl.in_features % 32 == 0 and kl.in_features <= 16 * 1024
+                and (kl.act == 5 or kl.in_scale is not None))
+    return False
+
+
+def linear(x: torch.Tensor, kl: KLinear, force_gemm: bool = False, force_f32: bool = False,
+           path: str | None = None) -> torch.Tensor:
+    """y = x̂ W^T + b. M <= 8: gemv_mma (fp8 x fp8 tensor cores), gemv_h (f16 pair math) or gemv (f32);
+    else the tiled gemm. ``path`` forces 'mma' / 'half' / 'f32' / 'gemm' (tests)."""
     x = x.to(torch.float32).contiguous()
     if kl.perm is not None:
         x = x.index_select(1, kl.perm)
@@ -100,21 +149,91 @@ def linear(x: torch.Tensor, kl: KLinear, force_gemm: bool = False, force_f32: bo
     O, K = kl.out_features, kl.in_features
     y = torch.empty(M, O, dtype=torch.float32, device=x.device)
     mr = 1 if M == 1 else 2 if M == 2 else 4 if M <= 4 else 8
-    if M <= 8 and kl.half_ok and not (force_gemm or force_f32):
-        _, xh, hs = act_quant(x, kl, half=True)
+    if path is None:
+        path = "gemm" if force_gemm else "f32" if force_f32 else None
+    if path is None:
+        if _mma_ok(kl, M) and _path_ok("mma"):
+            path = "mma"
+        elif _half_ok(kl, M) and _path_ok("half"):
+            path = "half"
+        else:
+            path = "f32" if (M <= 8 and kl.gemv_ok) else "gemm"
+    if path == "mma":
+        q = act_quant(x, kl, codes=True)
+        S, kslice = _mma_split(O, K)
+        part = torch.empty(S, M, O, dtype=torch.float32, device=x.device)
+        launch("linear", "gemv_mma", (math.ceil(O / 64), S), (128,),
+               (ptr(q["xq"]), ptr(q["xs"]), i32(1 if kl.act == 3 else 0), ptr(kl.w), ptr(kl.sc), ptr(part), i32(M),
+                i32(O), i32(K), i32(kl.sld), i32(kl.sbo), i32(kl.sbi_log2), i32(kslice)))
+        launch("linear", "gemv_mma_reduce", (math.ceil(O / 256), M), (256,),
+               (ptr(part), i32(S), ptr(kl.bias), ptr(y), i32(O), i32(M), i32(O)))
+        return y
+    if path == "half":
+        fp4c = kl.act in (4, 5)
+        q = act_quant(x, kl, half=True, fp4codes=fp4c)
+        xsc = q.get("xsc")
         launch("linear", f"gemv_h<{kl.fmt}, {mr}>", (math.ceil(O / 8),), (256,),
-               (ptr(xh), ptr(hs), ptr(kl.w), ptr(kl.sc), ptr(kl.zp), f32(kl.gs), ptr(kl.bias), ptr(y), i32(O),
-                i32(M), i32(O), i32(K), i32(kl.sld), i32(kl.sbo), i32(kl.sbi_log2)))
+               (ptr(q["xh"]), ptr(q["hs"]), ptr(kl.w), ptr(kl.sc), ptr(kl.zp), f32(kl.gs), ptr(kl.bias), ptr(y),
+                i32(O), i32(M), i32(O), i32(K), i32(kl.sld), i32(kl.sbo), i32(kl.sbi_log2), ptr(xsc),
+                i32(4 if kl.act == 4 else 5)))
         return y
     if kl.act or kl.pqs is not None:
-        x = act_quant(x, kl)
+        x = act_quant(x, kl)["x"]
     args = (ptr(x), i32(K), ptr(kl.w), ptr(kl.sc), ptr(kl.zp), f32(kl.gs), f32(kl.s2), ptr(kl.bias), ptr(y),
             i32(O), i32(M), i32(O), i32(K), i32(kl.sld), i32(kl.sbo), i32(kl.sbi))
-    if M <= 8 and kl.gemv_ok and not force_gemm:
+    if path == "f32":
         launch("linear", f"gemv<{kl.fmt}, {mr}>", (math.ceil(O / 8),), (256,), args)
     else:
         launch("linear", f"gemm<{kl.fmt}>", (math.ceil(O / 64), math.ceil(M / 64)), (256,), args)
     return y
+
+
+def _mma_split(O: int, K: int) -> tuple[int, int]:
+    """K slices for gemv_mma: enough warps (O/16 per slice) to fill the GPU; slices are multiples of 128."""
+    warps = max(1, math.ceil(O / 16))
+    S = max(1, min(math.ceil(2048 / warps), math.ceil(K / 128)))
+    kslice = math.ceil(math.ceil(K / S) / 128) * 128
+    return math.ceil(K / kslice), kslice
+
+
+def _path_ok(name: str) -> bool:
+    """Run the fast path once on random data against the f32 path; a mismatch disables it for this process
+    (a safety net: the GPU tests check each path directly)."""
+    ok = _PATH_STATE.get(name)
+    if ok is None:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        _PATH_STATE[name] = False       # while checking, nested calls take the f32 path
+        try:
+            ok = _self_check(name)
+        except Exception as exc:  # noqa: BLE001
+            import warnings
+            warnings.warn(f"qtool CUDA: fast path {name!r} failed its self-check ({exc}); using the f32 path")
+            ok = False
+        _PATH_STATE[name] = ok
+    return ok
+
+
+def _self_check(name: str) -> bool:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    O, K = 96, 512
+    dev = torch.device("cuda")
+    w = torch.randint(0, 0x7e, (O, K), generator=g, device=dev, dtype=torch.uint8)
+    w |= torch.randint(0, 2, (O, K), generator=g, device=dev, dtype=torch.uint8) << 7
+    if name == "mma":
+        kl = KLinear(1, O, K, w, sc=torch.rand(O, generator=g, device=dev) * 1e-2 + 1e-3, sbo=1, sbi=K, act=2)
+    else:
+        s = torch.rand(O, K // 128, generator=g, device=dev) * 1e-2
+        kl = KLinear(4, O, K, w, sc=s, zp=torch.full_like(s, 8.0), sld=K // 128, sbi=128)
+    x = torch.randn(3, K, generator=g, device=dev)
+    a = linear(x, kl, path=name)
+    b = linear(x, kl, path="f32")
+    err = float((a - b).norm() / b.norm())
+    if not err < 5e-3:
+        import warnings
+        warnings.warn(f"qtool CUDA: fast path {name!r} differs from the f32 path by {err:.2e}; disabled")
+        return False
+    return True
 
 
 # ---------------------------------------------------------------- rope + KV cache + attention
@@ -137,7 +256,7 @@ class KVCache:
         self.k = [mk() for _ in range(layers)]
         self.v = [mk() for _ in range(layers)]
         # split length of the attention kernel: fixed per cache so a captured graph keeps its grid
-        self.chunk = 64 if max_len <= 4096 else 128
+        self.chunk = 32 if max_len <= 1024 else 64 if max_len <= 4096 else 128
         self.splits = math.ceil(max_len / self.chunk)
 
     def nbytes(self) -> int:

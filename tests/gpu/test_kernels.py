@@ -66,10 +66,42 @@ def test_act_quant_exact(scheme, m, k):
     kl = KLinear(0, 1, k, torch.empty(0), act=ACT_CODES[name],
                  in_scale=None if ins is None or name not in ("fp8", "nvfp4") else ins.reshape(1).to(DEV))
     poison()
-    got = ops.act_quant(x.to(DEV), kl).cpu()
+    got = ops.act_quant(x.to(DEV), kl)["x"].cpu()
     ref = quantize_activation(name, x, ins if name in ("fp8", "nvfp4") else None)
     mism = int((got != ref).sum())
     assert mism <= max(1, got.numel() // 1000), f"{scheme}: {mism} of {got.numel()} elements differ"
+
+
+@pytest.mark.parametrize("scheme", ["fp8", "fp8-token", "fp8-block", "nvfp4", "mxfp4", "none"])
+@pytest.mark.parametrize("m,k", [(1, 4096), (3, 576), (2, 14336)])
+def test_act_quant_fast_outputs(scheme, m, k):
+    """The register kernel: x̂ exact; fp8 codes * scales == x̂; f16 copy == x̂ * 2^k in pair order."""
+    from qtool.formats import quantize_activation
+    from qtool.kernels import ops
+    from qtool.kernels.weights import ACT_CODES, KLinear
+    g = torch.Generator().manual_seed(m + k + len(scheme))
+    x = torch.randn(m, k, generator=g) * 2
+    ins = {"fp8": torch.tensor(0.02), "nvfp4": torch.tensor(6 / 2688)}.get(scheme)
+    fmt = 1 if scheme.startswith("fp8") else 2
+    kl = KLinear(fmt, 1, k, torch.empty(0), act=ACT_CODES[scheme],
+                 in_scale=None if ins is None else ins.reshape(1).to(DEV))
+    ref = quantize_activation(scheme, x, ins)
+    codes = scheme.startswith("fp8")
+    poison()
+    res = ops.act_quant(x.to(DEV), kl, half=True, codes=codes)
+    got = res["x"].cpu()
+    assert int((got != ref).sum()) <= max(1, got.numel() // 1000)
+    if codes:
+        xq = res["xq"].cpu().view(torch.float8_e4m3fn).float()
+        xs = res["xs"].cpu()
+        if xs.shape[1] > 1:
+            xs = xs.repeat_interleave(128, 1)[:, :k]
+        assert int((xq * xs != got).sum()) == 0
+    hp = 1 if fmt == 1 else 2
+    perm = [0, 2, 1, 3] if hp == 1 else [0, 4, 1, 5, 2, 6, 3, 7]
+    n = len(perm)
+    want = (got * res["hs"].cpu()[:, None].reciprocal()).view(m, k // n, n)[:, :, perm].reshape(m, k).half()
+    assert torch.equal(res["xh"].cpu(), want)
 
 
 # ------------------------------------------------------------------ linear, every format
@@ -125,12 +157,28 @@ def test_linear_vs_reference(fmt, act, m, o, k):
     xq = lw.quantize_input(x).double()
     ref = xq @ W.t() + (lw.bias.double() if lw.bias is not None else 0)
     kl = prepare_linear(lw, DEV)
-    # f32 paths (gemv, gemm) ~1e-6; the default decode path gemv_h uses f16 pair math (x̂ rounded to f16,
-    # 8-term f16 partial sums), ~1e-3, inside numerics.md's 1e-2 per-kernel budget
-    for path, tol in (("default", 5e-3 if kl.half_ok and m <= 8 else 1e-4), ("f32", 1e-4), ("gemm", 1e-4)):
+    for path, tol in _paths(kl, m):
         poison()
-        y = ops.linear(x.to(DEV), kl, force_gemm=path == "gemm", force_f32=path == "f32")
+        y = ops.linear(x.to(DEV), kl, path=path)
         assert rel(y, ref) < tol, f"{fmt}/{act} {path}: rel {rel(y, ref):.2e}"
+    poison()
+    y = ops.linear(x.to(DEV), kl)
+    assert rel(y, ref) < 5e-3, f"{fmt}/{act} default path: rel {rel(y, ref):.2e}"
+
+
+def _paths(kl, m):
+    """Every path that applies, with its bound: f32 paths (gemv, gemm) and gemv_mma (exact fp8 products, f32
+    sums) ~1e-6; gemv_h with exact fp4 codes likewise; gemv_h on weight-only recipes rounds x̂ to f16 and sums
+    8 terms in f16, ~1e-3, inside numerics.md's 1e-2 per-kernel budget."""
+    from qtool.kernels import ops
+    out = [("gemm", 1e-4)]
+    if m <= 8 and kl.gemv_ok:
+        out.append(("f32", 1e-4))
+    if ops._mma_ok(kl, m):
+        out.append(("mma", 1e-4))
+    if ops._half_ok(kl, m):
+        out.append(("half", 1e-4 if kl.act in (4, 5) else 5e-3))
+    return out
 
 
 @pytest.mark.parametrize("fmt", ["gptq", "gptq-actorder", "autoawq", "fp8-deepseek"])
@@ -167,13 +215,10 @@ def test_linear_packed_formats(fmt):
         x = torch.randn(m, K, generator=g)
         ref = lw.quantize_input(x).double() @ W.t()
         kl = prepare_linear(lw, DEV)
-        poison()
-        y = ops.linear(x.to(DEV), kl)
-        tol = 5e-3 if kl.half_ok and m <= 8 else 1e-4
-        assert rel(y, ref) < tol, f"{fmt} m={m}: {rel(y, ref):.2e}"
-        poison()
-        y = ops.linear(x.to(DEV), kl, force_f32=True)
-        assert rel(y, ref) < 1e-4, f"{fmt} m={m} f32: {rel(y, ref):.2e}"
+        for path, tol in _paths(kl, m):
+            poison()
+            y = ops.linear(x.to(DEV), kl, path=path)
+            assert rel(y, ref) < tol, f"{fmt} m={m} {path}: {rel(y, ref):.2e}"
 
 
 # ------------------------------------------------------------------ rope + KV write + attention
