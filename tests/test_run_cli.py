@@ -120,3 +120,20 @@ def test_cuda_backend_without_gpu_is_one_line(tiny_models):
         pytest.skip("a GPU with CuPy is present")
     r = _run(tiny_models("llama"), "Hi", "--backend", "cuda")
     assert r.exit_code == 1 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+
+
+def test_hub_id_offline_is_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    r = _run("someorg/some-model", "Hi")
+    assert r.exit_code == 1
+    assert r.stderr.startswith("error:") and "hub" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_stop_string_cuts_output(tiny_models):
+    path = tiny_models("llama")
+    full = _json(_run(path, "Water boils at", "--max-new-tokens", 12, "--json"))["completions"][0]
+    if len(full["text"]) < 4:
+        pytest.fail(f"the tiny model produced too little text to test --stop: {full['text']!r}")
+    stop = full["text"][2:4]
+    cut = _json(_run(path, "Water boils at", "--max-new-tokens", 12, "--stop", stop, "--json"))["completions"][0]
+    assert cut["finish_reason"] == "stop" and cut["text"] == full["text"][:full["text"].find(stop)]
