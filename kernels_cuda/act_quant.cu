@@ -117,26 +117,13 @@ extern "C" __global__ void act_quant(const float* __restrict__ x, int ldx, float
 // [M, K] with qscale (scheme 1, 2: [M] = s; scheme 3: [M, ceil(K/128)] = s per group), for linear.cu's gemv_mma.
 // Schemes 4/5 with outh and qscale: outh holds the exact E2M1 values (no 2^k factor, hscale = 1) and qscale the
 // block scales S [M, K/16] (nvfp4) or [M, K/32] (mxfp4), so gemv_h's f16 products and 8-term sums are exact.
-extern "C" __global__ void act_quant_fast(const float* __restrict__ x, int ldx, float* __restrict__ out, int M,
+// quantize one row held in registers (16 contiguous elements per thread starting at i0 = 16 t); the shared body of
+// act_quant_fast and rmsnorm_quant. All threads of the block must call it (block reductions inside).
+__device__ __forceinline__ void quant_row(float v[16], int r, int t, bool live, float* red, float* __restrict__ out,
                                           int K, int scheme, const float* __restrict__ in_scale,
-                                          const float* __restrict__ pqs, unsigned short* __restrict__ outh,
-                                          float* __restrict__ hscale, int hperm, u8* __restrict__ outq,
-                                          float* __restrict__ qscale) {
-  __shared__ float red[32];
-  int r = blockIdx.x, t = threadIdx.x;
+                                          unsigned short* __restrict__ outh, float* __restrict__ hscale, int hperm,
+                                          u8* __restrict__ outq, float* __restrict__ qscale) {
   int i0 = t * 16;
-  bool live = i0 < K;
-  const float* xr = x + (long long)r * ldx;
-  float v[16];
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    float4 a = live ? *(const float4*)(xr + i0 + 4 * q) : make_float4(0.f, 0.f, 0.f, 0.f);
-    v[4 * q] = a.x; v[4 * q + 1] = a.y; v[4 * q + 2] = a.z; v[4 * q + 3] = a.w;
-  }
-  if (pqs && live) {
-#pragma unroll
-    for (int j = 0; j < 16; ++j) v[j] *= pqs[i0 + j];
-  }
   float a16 = 0.0f;
 #pragma unroll
   for (int j = 0; j < 16; ++j) a16 = fmaxf(a16, fabsf(v[j]));
@@ -216,3 +203,69 @@ extern "C" __global__ void act_quant_fast(const float* __restrict__ x, int ldx, 
     }
   }
 }
+
+extern "C" __global__ void act_quant_fast(const float* __restrict__ x, int ldx, float* __restrict__ out, int M,
+                                          int K, int scheme, const float* __restrict__ in_scale,
+                                          const float* __restrict__ pqs, unsigned short* __restrict__ outh,
+                                          float* __restrict__ hscale, int hperm, u8* __restrict__ outq,
+                                          float* __restrict__ qscale) {
+  __shared__ float red[32];
+  int r = blockIdx.x, t = threadIdx.x;
+  int i0 = t * 16;
+  bool live = i0 < K;
+  const float* xr = x + (long long)r * ldx;
+  float v[16];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    float4 a = live ? *(const float4*)(xr + i0 + 4 * q) : make_float4(0.f, 0.f, 0.f, 0.f);
+    v[4 * q] = a.x; v[4 * q + 1] = a.y; v[4 * q + 2] = a.z; v[4 * q + 3] = a.w;
+  }
+  if (pqs && live) {
+#pragma unroll
+    for (int j = 0; j < 16; ++j) v[j] *= pqs[i0 + j];
+  }
+  quant_row(v, r, t, live, red, out, K, scheme, in_scale, outh, hscale, hperm, outq, qscale);
+}
+
+// rmsnorm_quant: rmsnorm_residual (elementwise.cu) fused with act_quant_fast for the linear that reads its
+// output: r = x + res; res_out = r; y = r * rsqrt(mean(r^2) + eps) * w; then y (* pqs) -> the quantized forms.
+// out receives y (before pqs). grid M, block ceil(H/16) rounded to 32; H % 16 == 0, H <= 16 * blockDim.
+extern "C" __global__ void rmsnorm_quant(const float* __restrict__ x, const float* res, const float* __restrict__ w,
+                                         float eps, float* __restrict__ y, float* res_out, int H, int scheme,
+                                         const float* __restrict__ in_scale, const float* __restrict__ pqs,
+                                         unsigned short* __restrict__ outh, float* __restrict__ hscale, int hperm,
+                                         u8* __restrict__ outq, float* __restrict__ qscale) {
+  __shared__ float red[32];
+  int r = blockIdx.x, t = threadIdx.x;
+  int i0 = t * 16;
+  bool live = i0 < H;
+  long long base = (long long)r * H + i0;
+  float v[16];
+  float ss = 0.0f;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    float4 a = live ? *(const float4*)(x + base + 4 * q) : make_float4(0.f, 0.f, 0.f, 0.f);
+    if (res && live) {
+      float4 b = *(const float4*)(res + base + 4 * q);
+      a.x += b.x; a.y += b.y; a.z += b.z; a.w += b.w;
+    }
+    v[4 * q] = a.x; v[4 * q + 1] = a.y; v[4 * q + 2] = a.z; v[4 * q + 3] = a.w;
+    if (res_out && live) *(float4*)(res_out + base + 4 * q) = a;
+  }
+#pragma unroll
+  for (int j = 0; j < 16; ++j) ss += v[j] * v[j];
+  ss = block_sum(ss, red);
+  float inv = rsqrtf(ss / (float)H + eps);
+#pragma unroll
+  for (int j = 0; j < 16; ++j) v[j] = live ? v[j] * inv * w[i0 + j] : 0.0f;
+  if (live) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) *(float4*)(y + base + 4 * q) = make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
+  }
+  if (pqs && live) {
+#pragma unroll
+    for (int j = 0; j < 16; ++j) v[j] *= pqs[i0 + j];
+  }
+  quant_row(v, r, t, live, red, nullptr, H, scheme, in_scale, outh, hscale, hperm, outq, qscale);
+}
+

@@ -33,6 +33,7 @@ SHAPES = {  # hidden, inter, layers, heads, kv heads, head_dim, vocab
     "smollm2-135m": (576, 1536, 30, 9, 3, 64, 49152),
 }
 DEV = "cuda"
+FUSE = True   # rmsnorm fused with the next linear's activation quantization (as CudaBackend does)
 
 
 def rand_linear(fmt: str, O: int, K: int) -> KLinear:
@@ -94,15 +95,15 @@ class Decoder:
         qn = self.HQ * self.D
         kn = self.HKV * self.D
         for i, Ly in enumerate(self.layers):
-            a, res = ops.rmsnorm(x, Ly["n1"], 1e-5, res)
-            qkv = ops.linear(a, Ly["qkv"])
+            a, res, pre = ops.rmsnorm_quant(x, Ly["n1"], 1e-5, res, Ly["qkv"]) if FUSE else (*ops.rmsnorm(x, Ly["n1"], 1e-5, res), None)
+            qkv = ops.linear(a, Ly["qkv"], pre=pre)
             q = qkv[:, :qn].view(-1, self.HQ, self.D)
             k = qkv[:, qn:qn + kn].view(-1, self.HKV, self.D)
             v = qkv[:, qn + kn:].view(-1, self.HKV, self.D)
             qr = ops.rope_and_store(q, k, v, pos, self.cache, i, self.cos, self.sin, 1)
             x = ops.linear(ops.attention(qr, pos, self.cache, i, 1), Ly["o"])
-            m, res = ops.rmsnorm(x, Ly["n2"], 1e-5, res)
-            x = ops.linear(ops.silu_mul(ops.linear(m, Ly["gu"])), Ly["down"])
+            m, res, pre = ops.rmsnorm_quant(x, Ly["n2"], 1e-5, res, Ly["gu"]) if FUSE else (*ops.rmsnorm(x, Ly["n2"], 1e-5, res), None)
+            x = ops.linear(ops.silu_mul(ops.linear(m, Ly["gu"], pre=pre)), Ly["down"])
         h, _ = ops.rmsnorm(x, self.norm, 1e-5, res)
         return ops.linear(h, self.head)
 
@@ -306,7 +307,10 @@ def main():
     ap.add_argument("--grid", default="quick", choices=sorted(GRIDS))
     ap.add_argument("--peer", default="llama3.1-8b:512", help="shape:ctx list for the torch peer, comma-separated")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--no-fuse", action="store_true", help="unfused rmsnorm + act_quant (for comparison)")
     args = ap.parse_args()
+    global FUSE
+    FUSE = not args.no_fuse
     bw = copy_bandwidth()
     if args.kernels:
         kernel_table()

@@ -138,8 +138,53 @@ def _half_ok(kl: KLinear, M: int) -> bool:
     return False
 
 
+def decode_path(kl: KLinear, M: int) -> str:
+    """The path ``linear`` takes for M rows by default."""
+    if _mma_ok(kl, M) and _path_ok("mma"):
+        return "mma"
+    if _half_ok(kl, M) and _path_ok("half"):
+        return "half"
+    return "f32" if (M <= 8 and kl.gemv_ok) else "gemm"
+
+
+def _quant_outputs(kl: KLinear, M: int, K: int, path: str, dev) -> dict:
+    """Empty buffers for the quantized forms of x that ``path`` reads (see act_quant)."""
+    res = {}
+    if path == "mma":
+        res["xq"] = torch.empty(M, K, dtype=torch.uint8, device=dev)
+        res["xs"] = torch.empty(M, (K + 127) // 128 if kl.act == 3 else 1, dtype=torch.float32, device=dev)
+    elif path == "half":
+        res["xh"] = torch.empty(M, K, dtype=torch.float16, device=dev)
+        res["hs"] = torch.empty(M, dtype=torch.float32, device=dev)
+        if kl.act in (4, 5):
+            res["xsc"] = torch.empty(M, K // (16 if kl.act == 4 else 32), dtype=torch.float32, device=dev)
+    return res
+
+
+def rmsnorm_quant(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tensor | None, kl: KLinear):
+    """rmsnorm (as ``rmsnorm``) fused with the activation quantization of the linear ``kl`` that reads it,
+    when that linear takes the mma or half decode path: returns (y, new_residual, pre) with ``pre`` to pass to
+    ``linear(y, kl, pre=pre)``, or pre None (then nothing was fused)."""
+    x = x.contiguous()
+    M, H = x.shape
+    path = decode_path(kl, M)
+    if path not in ("mma", "half") or H % 16 or H > 16 * 1024 or kl.perm is not None:
+        y, r = rmsnorm(x, w, eps, residual)
+        return y, r, None
+    y = torch.empty_like(x)
+    res_out = torch.empty_like(x) if residual is not None else None
+    pre = _quant_outputs(kl, M, H, path, x.device)
+    pre["path"] = path
+    hperm = 0 if path != "half" else (1 if kl.fmt == 1 else 2)
+    launch("act_quant", "rmsnorm_quant", (M,), (_threads(H),),
+           (ptr(x), ptr(residual), ptr(w), f32(eps), ptr(y), ptr(res_out), i32(H), i32(kl.act), ptr(kl.in_scale),
+            ptr(kl.pqs), ptr(pre.get("xh")), ptr(pre.get("hs")), i32(hperm), ptr(pre.get("xq")),
+            ptr(pre.get("xs", pre.get("xsc")))))
+    return y, (res_out if residual is not None else x), pre
+
+
 def linear(x: torch.Tensor, kl: KLinear, force_gemm: bool = False, force_f32: bool = False,
-           path: str | None = None) -> torch.Tensor:
+           path: str | None = None, pre: dict | None = None) -> torch.Tensor:
     """y = x̂ W^T + b. M <= 8: gemv_mma (fp8 x fp8 tensor cores), gemv_h (f16 pair math) or gemv (f32);
     else the tiled gemm. ``path`` forces 'mma' / 'half' / 'f32' / 'gemm' (tests)."""
     x = x.to(torch.float32).contiguous()
@@ -151,15 +196,12 @@ def linear(x: torch.Tensor, kl: KLinear, force_gemm: bool = False, force_f32: bo
     mr = 1 if M == 1 else 2 if M == 2 else 4 if M <= 4 else 8
     if path is None:
         path = "gemm" if force_gemm else "f32" if force_f32 else None
+    if pre is not None:
+        path = pre["path"]
     if path is None:
-        if _mma_ok(kl, M) and _path_ok("mma"):
-            path = "mma"
-        elif _half_ok(kl, M) and _path_ok("half"):
-            path = "half"
-        else:
-            path = "f32" if (M <= 8 and kl.gemv_ok) else "gemm"
+        path = decode_path(kl, M)
     if path == "mma":
-        q = act_quant(x, kl, codes=True)
+        q = pre if pre is not None else act_quant(x, kl, codes=True)
         S, kslice = _mma_split(O, K)
         part = torch.empty(S, M, O, dtype=torch.float32, device=x.device)
         launch("linear", "gemv_mma", (math.ceil(O / 64), S), (128,),
@@ -170,7 +212,7 @@ def linear(x: torch.Tensor, kl: KLinear, force_gemm: bool = False, force_f32: bo
         return y
     if path == "half":
         fp4c = kl.act in (4, 5)
-        q = act_quant(x, kl, half=True, fp4codes=fp4c)
+        q = pre if pre is not None else act_quant(x, kl, half=True, fp4codes=fp4c)
         xsc = q.get("xsc")
         launch("linear", f"gemv_h<{kl.fmt}, {mr}>", (math.ceil(O / 8),), (256,),
                (ptr(q["xh"]), ptr(q["hs"]), ptr(kl.w), ptr(kl.sc), ptr(kl.zp), f32(kl.gs), ptr(kl.bias), ptr(y),

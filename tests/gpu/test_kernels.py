@@ -181,6 +181,31 @@ def _paths(kl, m):
     return out
 
 
+@pytest.mark.parametrize("fmt,act", [("fp8", "fp8"), ("fp8-rowwise", "fp8-token"), ("fp8-block", "fp8-block"),
+                                     ("nvfp4", "nvfp4"), ("mxfp4", "mxfp4"), ("int4-awq", "none")])
+@pytest.mark.parametrize("m,h", [(1, 4096), (3, 576)])
+def test_rmsnorm_fused_quant(fmt, act, m, h):
+    """rmsnorm_quant + linear(pre=...) == rmsnorm + linear, and y / residual as the reference."""
+    from qtool.kernels import ops
+    from qtool.kernels.weights import prepare_linear
+    g = torch.Generator().manual_seed(m + h + len(fmt))
+    lw = _lw(fmt, torch.randn(256, h, generator=g) * 0.05, act, g)
+    kl = prepare_linear(lw, DEV)
+    x, r = torch.randn(m, h, generator=g), torch.randn(m, h, generator=g)
+    w = torch.rand(h, generator=g) + 0.5
+    poison()
+    y, res, pre = ops.rmsnorm_quant(x.to(DEV), w.to(DEV), 1e-6, r.to(DEV), kl)
+    assert pre is not None and pre["path"] in ("mma", "half")
+    hd = x.double() + r.double()
+    yref = hd * torch.rsqrt(hd.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
+    assert rel(y, yref) < 1e-5 and rel(res, hd) < 1e-6
+    out = ops.linear(y, kl, pre=pre)
+    ref = lw.quantize_input(y.cpu()).double() @ lw.dequantize().double().t()
+    if lw.bias is not None:
+        ref = ref + lw.bias.double()
+    assert rel(out, ref) < (5e-3 if pre["path"] == "half" and act == "none" else 1e-4)
+
+
 @pytest.mark.parametrize("fmt", ["gptq", "gptq-actorder", "autoawq", "fp8-deepseek"])
 def test_linear_packed_formats(fmt):
     """GPTQ / AutoAWQ / DeepSeek-FP8 tensors built by the independent test packers' layouts."""

@@ -27,7 +27,11 @@ class CudaBackend:
         self._lin: dict[int, KLinear | list] = {}
         self._rng = torch.zeros(1, dtype=torch.int64, device=self.device)
         self._cos = self._sin = None
+        self._old_tables: list = []
         self.notes: list[str] = []
+        self._consumer: dict[int, object] = {}   # id(norm weight) -> the LinearWeights reading its output
+        self._pre: dict = {}                     # (data_ptr of a norm output, id(linear)) -> quantized forms
+        self.fuse = True
 
     # -- weights -----------------------------------------------------------------------------
     def prepare(self, weights) -> None:
@@ -45,6 +49,8 @@ class CudaBackend:
                     self.norms[id(t)] = t.to(dev, torch.float32).contiguous()
             for lw in (L.qkv, L.o, L.gate_up, L.down):
                 self._register(lw)
+            self._consumer[id(L.input_norm)] = L.qkv
+            self._consumer[id(L.post_attn_norm)] = L.gate_up
         head = weights.lm_head
         hw = head.tensors.get("weight")
         if (head.format == "bf16" and hw is not None and hw.data_ptr() == emb.data_ptr()
@@ -73,6 +79,8 @@ class CudaBackend:
     def _ensure_rope(self, n: int) -> None:
         if self._cos is not None and self._cos.shape[0] >= n:
             return
+        if self._cos is not None:
+            self._old_tables.append((self._cos, self._sin))   # captured graphs may still read them
         cos, sin = rope.cos_sin(self.inv_freq, torch.arange(n))
         half = self.config.head_dim // 2
         self._cos = cos[:, :half].contiguous().to(self.device)
@@ -84,9 +92,17 @@ class CudaBackend:
 
     # -- ops -----------------------------------------------------------------------------------
     def embed(self, ids):
+        self._pre.clear()
         return ops.embed(ids, self.embed_table)
 
     def rmsnorm(self, x, weight, eps, residual=None):
+        lw = self._consumer.get(id(weight)) if self.fuse else None
+        kl = self._lin.get(id(lw)) if lw is not None else None
+        if isinstance(kl, KLinear) and x.dim() == 2 and x.shape[0] <= 8:
+            y, res, pre = ops.rmsnorm_quant(x, self._norm(weight), eps, residual, kl)
+            if pre is not None:   # the next linear(y, lw) skips its own activation quantization
+                self._pre[(y.data_ptr(), id(kl))] = pre
+            return y, res
         return ops.rmsnorm(x, self._norm(weight), eps, residual)
 
     def head_rmsnorm(self, x, weight, eps):
@@ -99,7 +115,10 @@ class CudaBackend:
         kl = self._lin[id(lw)]
         if isinstance(kl, list):
             return torch.cat([ops.linear(x, p) for p in kl], dim=-1)
-        return ops.linear(x, kl)
+        pre = self._pre.pop((x.data_ptr(), id(kl)), None) if self._pre else None
+        if pre is not None and x.shape[0] != pre.get("xq", pre.get("xh")).shape[0]:
+            pre = None
+        return ops.linear(x, kl, pre=pre)
 
     def final_logits(self, x):
         h, _ = ops.rmsnorm(x, self.final_norm, self.config.rms_norm_eps)
