@@ -28,7 +28,7 @@ print("CLI cuda == torch:", outs["cuda"] == outs["torch"])
 PYEOF
 t1=$(date +%s)
 if [ "$GRID" != "none" ]; then timeout "${BENCH_BUDGET_S:-220}" $PY scripts/bench_decode.py ${BENCH_ARGS:-} --grid "$GRID" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"; fi
-if [ "$GRID" != "none" ]; then timeout 90 $PY scripts/bench_decode.py --grid must --no-fuse --peer "" 2>&1 | grep -E "^\| qtool" | sed 's/^/unfused /' | tee "$OUT/bench_nofuse.log"; fi
+if [ "$GRID" != "none" ]; then timeout "${NOFUSE_BUDGET_S:-60}" $PY scripts/bench_decode.py --grid must --no-fuse --peer "" 2>&1 | grep -E "^\| qtool" | sed 's/^/unfused /' | tee "$OUT/bench_nofuse.log"; fi
 t2=$(date +%s)
 echo "=== summary: tests $((t1 - t0)) s, bench $((t2 - t1)) s"
 grep -E "passed|failed" "$OUT/pytest.log" | tail -1
