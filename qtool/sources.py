@@ -250,6 +250,11 @@ def _write_hf_from_gguf(gguf: Path, out: Path, steps: "_Steps") -> None:
                                                pad_token_id=cfg.pad_token_id)
     if isinstance(getattr(cfg, "max_position_embeddings", None), int):
         tok.model_max_length = cfg.max_position_embeddings
+    # transformers >= 5.15 marks a GGUF-loaded model as quantized (GGUF) and refuses to save it; its
+    # weights are already dequantized to bf16, so drop the marker and save a plain checkpoint.
+    model.hf_quantizer = None
+    if getattr(cfg, "quantization_config", None) is not None:
+        del cfg.quantization_config
     steps.advance("saving bf16 safetensors")
     bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()
