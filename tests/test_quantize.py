@@ -216,3 +216,13 @@ def test_real_smollm2_fp8_nvfp4_kv(tmp_path):
         assert md.rel_err(md.fp8(sd, mod), md.f64(orig[f"{mod}.weight"])) < 0.035, mod
     tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
     assert (out / "chat_template.jinja").is_file() or tok_cfg.get("chat_template")
+
+
+def test_w4a8_gptq_input_scale_matches_fp8_on_first_layer(quantized):
+    """Layer 0's q/k/v input (embedding → RMSNorm) does not depend on weight quantization, so with the
+    same calibration data the w4a8-gptq FP8 input_scale (amax/448) equals the fp8 recipe's."""
+    a = md.load_tensors(quantized["llama-fp8-kvfp8"][1])
+    b = md.load_tensors(quantized["llama-w4a8gptq"][1])
+    for p in "qkv":
+        key = f"model.layers.0.self_attn.{p}_proj.input_scale"
+        assert float(b[key]) > 0 and torch.equal(a[key], b[key]), key
