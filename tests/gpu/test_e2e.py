@@ -7,8 +7,8 @@ loaded through the real loader. Over prefill + 32 teacher-forced decode steps: l
 and top-1 equal on >= 95% of steps (docs/numerics.md) — or, for recipes whose reference is itself that
 sensitive, within the reference's own noise floor: the reference run against itself with every linear input
 perturbed by 2e-7 relative (float32 rounding level; seen 2026-11-28: dynamic-FP8 recipes on these tiny random
-models move 0.07-0.085 and agree on 85-94% of steps under that perturbation alone), the CUDA backend must stay
-within 2x that error and 10 points of that agreement. Also: CUDA-graph replay == eager (bitwise), and the
+models move up to 0.09 and agree on 79-100% of steps under that perturbation alone), worst of 4 perturbations;
+the CUDA backend must stay within 1.5x that error and 10 points of that agreement. Also: CUDA-graph replay == eager (bitwise), and the
 greedy continuation of a SmolLM2-shaped random model matches the reference.
 """
 from __future__ import annotations
@@ -39,23 +39,26 @@ def _requant(mw, fmt, act, kv="bf16"):
     return dataclasses.replace(mw, layers=layers, kv_format=kv)
 
 
-def _noisy_backend():
+def _noisy_backend(seed: int):
     from qtool.runtime.backends.torch_ref import TorchRefBackend
 
     class Noisy(TorchRefBackend):
         def linear(self, x, lw):
-            g = torch.Generator().manual_seed(x.numel())
+            g = torch.Generator().manual_seed(x.numel() * 7 + seed)
             return super().linear(x * (1 + 2e-7 * torch.randn(x.shape, generator=g)), lw)
     return Noisy()
 
 
 def _check(mw, kv):
-    """Assert the CUDA backend is within numerics.md's bound of the reference, or within its noise floor."""
+    """Assert the CUDA backend is within numerics.md's bound of the reference, or within its noise floor: the
+    worst of 4 float32-rounding-level perturbations of the reference itself (one perturbation is not enough:
+    seen 2026-11-28 on qwen3 fp8-block, four seeds moved the reference by 0.012, 0.047, 0.084, 0.093)."""
     err, agree = _run(mw, kv)
     if err <= 5e-2 and agree >= 0.95:
         return
-    nerr, nagree = _run(mw, kv, other=_noisy_backend())
-    assert err <= max(5e-2, 2 * nerr) and agree >= min(0.95, nagree - 0.10), (err, agree, "noise", nerr, nagree)
+    noise = [_run(mw, kv, other=_noisy_backend(s)) for s in range(4)]
+    nerr, nagree = max(n[0] for n in noise), min(n[1] for n in noise)
+    assert err <= max(5e-2, 1.5 * nerr) and agree >= min(0.95, nagree - 0.10), (err, agree, "noise", noise)
 
 
 def _run(mw, kv, prompt_len=12, steps=STEPS, seed=0, other=None):
