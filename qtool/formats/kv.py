@@ -16,7 +16,7 @@ import torch
 from qtool.formats.activations import NVFP4_MIN_SCALE
 from qtool.formats.fp4 import (E2M1_MAX, NVFP4_BLOCK, _blocks, e2m1_decode, e2m1_encode, pack_nibbles,
                                unpack_nibbles)
-from qtool.formats.fp8 import E4M3_MAX, e4m3
+from qtool.formats.fp8 import E4M3_MAX, e4m3, fp8_to_float
 
 KV_FORMATS = ("bf16", "fp8", "nvfp4")
 
@@ -32,7 +32,7 @@ def kv_encode(fmt: str, x: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tens
         xb = _blocks(x.float(), NVFP4_BLOCK)
         amax = xb.abs().amax(-1, keepdim=True)
         sb = e4m3(torch.clamp(amax / (6.0 * g), max=E4M3_MAX))
-        s = sb.float() * g
+        s = fp8_to_float(sb) * g
         ok = s >= NVFP4_MIN_SCALE
         codes = e2m1_encode(torch.where(ok, xb / torch.where(ok, s, torch.ones_like(s)), torch.zeros_like(xb)))
         return pack_nibbles(codes.reshape(x.shape)), sb.squeeze(-1)
@@ -44,10 +44,10 @@ def kv_decode(fmt: str, *stored: torch.Tensor, scale: float = 1.0) -> torch.Tens
         return stored[0].float()
     scale = float(scale)
     if fmt == "fp8":
-        return stored[0].float() * scale
+        return fp8_to_float(stored[0]) * scale
     if fmt == "nvfp4":
         packed, sb = stored
         g = torch.tensor(scale, dtype=torch.float32, device=packed.device) / E2M1_MAX
         vals = _blocks(e2m1_decode(unpack_nibbles(packed)), NVFP4_BLOCK)
-        return (vals * (sb.float() * g).unsqueeze(-1)).reshape(vals.shape[:-2] + (-1,))
+        return (vals * (fp8_to_float(sb) * g).unsqueeze(-1)).reshape(vals.shape[:-2] + (-1,))
     raise ValueError(f"unknown KV cache format {fmt!r}; expected one of {', '.join(KV_FORMATS)}")
