@@ -66,7 +66,8 @@ def model_config(cfg: dict, gen: dict | None, tensor_names) -> ModelConfig:
             head_dim=int(cfg.get("head_dim") or hidden // heads), vocab_size=int(cfg["vocab_size"]),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)) or "lm_head.weight" not in names,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False))
+            or not ({"lm_head.weight", "lm_head.qweight"} & names),
             qkv_bias="model.layers.0.self_attn.q_proj.bias" in names,
             qk_norm="model.layers.0.self_attn.q_norm.weight" in names,
             bos_token_id=cfg.get("bos_token_id") if isinstance(cfg.get("bos_token_id"), int) else None,
@@ -132,8 +133,8 @@ def _summary(scheme) -> str:
 def load_model_weights(path_or_id: str, progress: bool = True) -> ModelWeights:
     from qtool.checkpoint.scheme import describe
     files = _local_path(path_or_id)
+    config = model_config(files.config, files.generation_config, files.tensors)   # family first: Unsupported
     scheme = describe(files)
-    config = model_config(files.config, files.generation_config, files.tensors)
     reader, notes = _Reader(files), list(scheme.notes)
 
     def need(name: str) -> torch.Tensor:
@@ -165,9 +166,9 @@ def load_model_weights(path_or_id: str, progress: bool = True) -> ModelWeights:
                 k_scale=k_scale, v_scale=v_scale))
             advance()
     notes += [f"{note} (in {n} of {config.num_layers} layers)" for note, n in fusion_notes.items()]
-    if "lm_head" in scheme.linears:
+    if "lm_head" in scheme.linears and not config.tie_word_embeddings:
         lm_head = lin("lm_head")
-    else:
+    else:   # tied (as transformers does, even when a copy of lm_head.weight is also stored)
         lm_head = LinearWeights("bf16", "none", config.vocab_size, config.hidden_size, {"weight": embed},
                                 note="tied to the embedding")
     return ModelWeights(config=config, embed=embed, final_norm=need("model.norm.weight"), lm_head=lm_head,
