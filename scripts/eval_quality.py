@@ -7,7 +7,8 @@ block 64, nvfp4, fp8 + NVFP4 KV), this script
   1. produces the checkpoint with `python -m qtool quantize` (cached under --work; skipped when present),
   2. measures perplexity on the held-out text `qtool/data/heldout_en.txt` (not used for calibration),
      in non-overlapping windows of --window tokens, on the PyTorch reference backend (float32 CPU,
-     the checkpoint's own KV-cache format),
+     the checkpoint's own KV-cache format; one extra row runs the bf16 model with an FP8 KV cache and no
+     calibrated scales, i.e. scale 1.0, as `qtool run --kv-cache-dtype fp8` does),
   3. measures greedy-token agreement with bf16 over a fixed prompt set: bf16 generates --gen-tokens
      greedy tokens per prompt (chat template); each recipe is teacher-forced on bf16's continuation and
      the share of positions whose argmax equals bf16's token is reported, plus the share of prompts whose
@@ -38,7 +39,11 @@ RECIPES = {
     "w4a8-awq (block 64)": ["--quant", "w4a8-awq", "--awq-block-size", "64"],
     "nvfp4": ["--quant", "nvfp4"],
     "fp8 + nvfp4 KV": ["--quant", "fp8", "--kv-cache-quant", "nvfp4"],
+    "fp8 + fp8 KV": ["--quant", "fp8", "--kv-cache-quant", "fp8"],
+    "bf16 + fp8 KV (uncalibrated)": None,
 }
+# runs with a KV-cache dtype other than the checkpoint's (as `qtool run --kv-cache-dtype`)
+KV_OVERRIDE = {"bf16 + fp8 KV (uncalibrated)": "fp8"}
 PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -142,7 +147,7 @@ def main() -> int:
             rows.append({"recipe": name, "error": f"qtool quantize failed (exit {exc.returncode})"})
             continue
         model, w = load(path)
-        kv = w.kv_format
+        kv = KV_OVERRIDE.get(name, w.kv_format)
         ppl, n_tok = perplexity(model, kv, ids, a.window)
         own = greedy(model, tok, kv, prompts, a.gen_tokens)
         if base_cont is None:
@@ -193,7 +198,13 @@ def write_report(a, rows, n_ids) -> None:
         lines.append(f"| {r['recipe']} | {r['kv_cache']} | {r['weight_bytes'] / 2**20:.1f} | {r['perplexity']:.3f} | "
                      f"{d} | {100 * r['top1_agreement']:.1f} % | {r['identical_continuations']}/{r['prompts']} |")
     lines += ["", "Weights are the bytes the runtime holds (quantized form; embeddings and the tied lm_head stay "
-              "bf16, which dominates at 135M parameters).", ""]
+              "bf16, which dominates at 135M parameters)."]
+    if any(r["recipe"] in KV_OVERRIDE for r in rows):
+        lines += ["", "The uncalibrated FP8 KV row is what `qtool run --kv-cache-dtype fp8` gives on a checkpoint "
+                  "without k_scale/v_scale: scale 1.0, so values below E4M3's smallest normal (2^-6 ≈ 0.016) are "
+                  "stored as subnormals with few significant bits. SmolLM2's V in layer 0 has a median magnitude of "
+                  "about 0.02, so this hurts; quantize with `--kv-cache-quant fp8` for calibrated scales."]
+    lines.append("")
     a.out.write_text("\n".join(lines))
     print(f"wrote {a.out}")
 

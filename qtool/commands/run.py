@@ -162,23 +162,24 @@ def run(
             note("hardware matrix: " + hw.message() + " (running on qtool's own kernels anyway; --strict refuses)")
     elif strict and be_name == "torch":
         note("--strict: no GPU in use, so the hardware matrix does not apply to the CPU reference backend")
+    from types import SimpleNamespace
     from qtool.runtime.families import family_class
+    family_class(SimpleNamespace(family=config.get("model_type", "?")))     # model code exists (else exit 3)
+    from qtool.runtime.chat import eos_ids, load_tokenizer, prompt_ids
+    tok = load_tokenizer(folder)
+    ids = [prompt_ids(tok, t, system, raw) for t in texts]
 
     # 2. load, build, generate
     from qtool.runtime.loader import load_model_weights
     weights = load_model_weights(str(folder), progress=not json_output)
-    family_class(weights.config)
     if kv in ("fp8", "nvfp4") and any(L.k_scale is None or L.v_scale is None for L in weights.layers):
         note(f"the checkpoint has no calibrated k_scale/v_scale: the {kv} KV cache uses scale 1.0 "
              "(quantize with --kv-cache-quant for calibrated scales)")
     be = make_backend(be_name)
     if be.name == "torch":
         info("backend: torch — the PyTorch reference (float32 on CPU); it defines the numerics and is slow")
-    from qtool.runtime.chat import eos_ids, load_tokenizer, prompt_ids
     from qtool.runtime.generate import GenerateOptions, generate, stats_line
     from qtool.runtime.model import Model
-    tok = load_tokenizer(folder)
-    ids = [prompt_ids(tok, t, system, raw) for t in texts]
     net = Model(weights, be)
     opts = GenerateOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            seed=seed, stop=list(stop or []))
