@@ -123,7 +123,8 @@ def matrix(
                                      for c in hm.columns])
         stdout.print(t)
         stdout.print("[dim]qtool runtime: Y = supported and run by qtool's CUDA kernels; q = run by qtool's kernels "
-                     "(decoded in-kernel) although the hardware matrix says '.'; `qtool run --strict` refuses q.[/dim]")
+                     "(decoded in-kernel) although the hardware matrix says '.'; `qtool run --strict` refuses q. "
+                     f"GPU tests have passed on: {', '.join(data.runtime_support().get('cuda', {}).get('tested', []))}.[/dim]")
         stdout.print(f"{arch.label} supports: " + (", ".join(usable_recipes(None, arch)) or "none"))
         t = Table(title=f"What each model family can use on {arch.label}", title_justify="left")
         t.add_column("Family", style="bold")
