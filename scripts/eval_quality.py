@@ -44,6 +44,13 @@ RECIPES = {
 }
 # runs with a KV-cache dtype other than the checkpoint's (as `qtool run --kv-cache-dtype`)
 KV_OVERRIDE = {"bf16 + fp8 KV (uncalibrated)": "fp8"}
+UNCALIBRATED_NOTE = (
+    "The uncalibrated FP8 KV row is what `qtool run --kv-cache-dtype fp8` gives on a checkpoint without "
+    "k_scale/v_scale: scale 1.0, so K/V values below E4M3's smallest normal (2^-6 ≈ 0.016) are stored as "
+    "subnormals with few significant bits (SmolLM2's V in layer 0 has a median magnitude of about 0.02). The "
+    "perplexity cost is small, but greedy answers change (on 'What is the capital of France?' the bf16 model "
+    "answers 'Paris', the uncalibrated FP8-KV run does not); quantize with `--kv-cache-quant fp8` for "
+    "calibrated scales.")
 PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -200,10 +207,7 @@ def write_report(a, rows, n_ids) -> None:
     lines += ["", "Weights are the bytes the runtime holds (quantized form; embeddings and the tied lm_head stay "
               "bf16, which dominates at 135M parameters)."]
     if any(r["recipe"] in KV_OVERRIDE for r in rows):
-        lines += ["", "The uncalibrated FP8 KV row is what `qtool run --kv-cache-dtype fp8` gives on a checkpoint "
-                  "without k_scale/v_scale: scale 1.0, so values below E4M3's smallest normal (2^-6 ≈ 0.016) are "
-                  "stored as subnormals with few significant bits. SmolLM2's V in layer 0 has a median magnitude of "
-                  "about 0.02, so this hurts; quantize with `--kv-cache-quant fp8` for calibrated scales."]
+        lines += ["", UNCALIBRATED_NOTE]
     lines.append("")
     a.out.write_text("\n".join(lines))
     print(f"wrote {a.out}")
