@@ -354,6 +354,15 @@ __device__ __forceinline__ void mma_e4m3(float d[4], unsigned a0, unsigned a1, u
                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// the 4 accumulators of an mma fragment, rows (ra, rb) x columns (m0, m1), + a per-row offset, into p [M, ld]
+__device__ __forceinline__ void store_frag(float* p, int ld, int ra, int rb, bool va, bool vb, int m0, int m1,
+                                           int M, const float acc[4], float ba, float bb) {
+  if (va && m0 < M) p[(long long)m0 * ld + ra] = ba + acc[0];
+  if (va && m1 < M) p[(long long)m1 * ld + ra] = ba + acc[1];
+  if (vb && m0 < M) p[(long long)m0 * ld + rb] = bb + acc[2];
+  if (vb && m1 < M) p[(long long)m1 * ld + rb] = bb + acc[3];
+}
+
 extern "C" __global__ void __launch_bounds__(128) gemv_mma(const u8* __restrict__ xq, const float* __restrict__ xs,
     int xs_group, const u8* __restrict__ wq, const float* __restrict__ ws, float* __restrict__ part, int M, int O,
     int K, int sld, int sbo, int sbi_log2, int kslice) {
@@ -406,11 +415,7 @@ extern "C" __global__ void __launch_bounds__(128) gemv_mma(const u8* __restrict_
     }
     acc[0] += d[0] * (wa * x0); acc[1] += d[1] * (wa * x1); acc[2] += d[2] * (wb * x0); acc[3] += d[3] * (wb * x1);
   }
-  float* ps = part + (long long)blockIdx.y * M * O;
-  if (va && m0 < M) ps[(long long)m0 * O + ra] = acc[0];
-  if (va && m1 < M) ps[(long long)m1 * O + ra] = acc[1];
-  if (vb && m0 < M) ps[(long long)m0 * O + rb] = acc[2];
-  if (vb && m1 < M) ps[(long long)m1 * O + rb] = acc[3];
+  store_frag(part + (long long)blockIdx.y * M * O, O, ra, rb, va, vb, m0, m1, M, acc, 0.0f, 0.0f);
 }
 
 extern "C" __global__ void gemv_mma_reduce(const float* __restrict__ part, int S, const float* __restrict__ bias,
@@ -420,4 +425,113 @@ extern "C" __global__ void gemv_mma_reduce(const float* __restrict__ part, int S
   float a = bias ? bias[o] : 0.0f;
   for (int s = 0; s < S; ++s) a += part[((long long)s * M + m) * O + o];
   y[(long long)m * ldy + o] = a;
+}
+
+// gemv_mma4 (v4): the gemv_mma computation (same fragments, same k permutation, same operands and scales) with
+// more bytes in flight and no reduce launch. Each lane issues 4 rounds of 64 k (12 16-B loads) before its 8
+// mma steps; the k loop walks 256 k per step. Scales: per-row weight scale with per-row activation scale ->
+// one multiply at the end of the slice; per-128 weight blocks (sbi_log2 = 7) and/or per-128 activation groups
+// (xs_group) -> one multiply per 128-k half. S = gridDim.y K slices of kslice (multiple of 256, K % 64 == 0).
+// S == 1: y = acc + bias written directly. S > 1: each block writes its slice into part f32 [S, M, O], then
+// takes a ticket on cnt[blockIdx.x] (u32, zero before the launch); the block that draws S - 1 sums the S slices
+// of its 64 rows in slice order (deterministic: bias first, then s = 0..S-1, as gemv_mma_reduce), writes y and
+// resets its counter to zero (so the next launch, and every CUDA graph replay, finds zeros). grid (ceil(O/64),
+// S), block 128.
+__device__ __forceinline__ float ld_cg(const float* p) {
+  float v; asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p)); return v;
+}
+
+extern "C" __global__ void __launch_bounds__(128) gemv_mma4(const u8* __restrict__ xq, const float* __restrict__ xs,
+    int xs_group, const u8* __restrict__ wq, const float* __restrict__ ws, const float* __restrict__ bias,
+    float* __restrict__ part, unsigned* __restrict__ cnt, float* __restrict__ y, int ldy, int M, int O, int K,
+    int sld, int sbo, int sbi_log2, int kslice) {
+  __shared__ unsigned is_last;
+  int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  int g = lane >> 2, t = lane & 3;
+  int r0 = (blockIdx.x * 4 + warp) * 16;
+  int S = gridDim.y;
+  int k0 = blockIdx.y * kslice, k1 = min(K, k0 + kslice);
+  int ra = r0 + g, rb = r0 + g + 8;
+  bool va = ra < O, vb = rb < O, vx = g < M;
+  const u8* pa = wq + (long long)(va ? ra : 0) * K;
+  const u8* pb = wq + (long long)(vb ? rb : 0) * K;
+  const u8* px = xq + (long long)(vx ? g : 0) * K;
+  int m0 = 2 * t, m1 = 2 * t + 1;
+  const float* wsa = ws + (long long)((va ? ra : 0) / sbo) * sld;
+  const float* wsb = ws + (long long)((vb ? rb : 0) / sbo) * sld;
+  int ng = (K + 127) / 128;
+  bool grouped = sbi_log2 >= 0 || xs_group;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};  // rows (ra, m0), (ra, m1), (rb, m0), (rb, m1)
+  float d[4] = {0.f, 0.f, 0.f, 0.f};    // unscaled sums (per-row scales)
+  if (r0 < O) {
+    for (int kb = k0; kb < k1; kb += 256) {
+      uint4 A[4], B[4], X[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        int k = kb + 64 * u + 16 * t;
+        bool in = k < k1;
+        uint4 z = make_uint4(0, 0, 0, 0);
+        A[u] = (va && in) ? ld_stream((const uint4*)(pa + k)) : z;
+        B[u] = (vb && in) ? ld_stream((const uint4*)(pb + k)) : z;
+        X[u] = (vx && in) ? *(const uint4*)(px + k) : z;
+      }
+      if (grouped) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          int kh = kb + 128 * h;
+          if (kh < k1) {
+            float e[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+            for (int u = 2 * h; u < 2 * h + 2; ++u) {
+              mma_e4m3(e, A[u].x, B[u].x, A[u].y, B[u].y, X[u].x, X[u].y);
+              mma_e4m3(e, A[u].z, B[u].z, A[u].w, B[u].w, X[u].z, X[u].w);
+            }
+            int kbi = sbi_log2 >= 0 ? (kh >> sbi_log2) : 0;
+            float wa = wsa[kbi], wb = wsb[kbi];
+            float x0, x1;
+            if (xs_group) {
+              int gi = kh >> 7;
+              x0 = m0 < M ? xs[(long long)m0 * ng + gi] : 0.f; x1 = m1 < M ? xs[(long long)m1 * ng + gi] : 0.f;
+            } else {
+              x0 = m0 < M ? xs[m0] : 0.f; x1 = m1 < M ? xs[m1] : 0.f;
+            }
+            acc[0] += e[0] * (wa * x0); acc[1] += e[1] * (wa * x1);
+            acc[2] += e[2] * (wb * x0); acc[3] += e[3] * (wb * x1);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          mma_e4m3(d, A[u].x, B[u].x, A[u].y, B[u].y, X[u].x, X[u].y);
+          mma_e4m3(d, A[u].z, B[u].z, A[u].w, B[u].w, X[u].z, X[u].w);
+        }
+      }
+    }
+    if (!grouped) {
+      float wa = wsa[0], wb = wsb[0];
+      float x0 = m0 < M ? xs[m0] : 0.f, x1 = m1 < M ? xs[m1] : 0.f;
+      acc[0] = d[0] * (wa * x0); acc[1] = d[1] * (wa * x1); acc[2] = d[2] * (wb * x0); acc[3] = d[3] * (wb * x1);
+    }
+  }
+  if (S == 1) {
+    store_frag(y, ldy, ra, rb, va, vb, m0, m1, M, acc, (bias && va) ? bias[ra] : 0.0f,
+               (bias && vb) ? bias[rb] : 0.0f);
+    return;
+  }
+  store_frag(part + (long long)blockIdx.y * M * O, O, ra, rb, va, vb, m0, m1, M, acc, 0.0f, 0.0f);
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) is_last = atomicAdd(&cnt[blockIdx.x], 1u) == (unsigned)(S - 1);
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  int o0 = blockIdx.x * 64;
+  for (int i = threadIdx.x; i < 64 * M; i += blockDim.x) {
+    int m = i >> 6, o = o0 + (i & 63);
+    if (o >= O) continue;
+    float a = bias ? bias[o] : 0.0f;
+    for (int s = 0; s < S; ++s) a += ld_cg(part + ((long long)s * M + m) * O + o);
+    y[(long long)m * ldy + o] = a;
+  }
+  if (threadIdx.x == 0) cnt[blockIdx.x] = 0u;
 }

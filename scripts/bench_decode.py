@@ -46,6 +46,11 @@ def rand_linear(fmt: str, O: int, K: int) -> KLinear:
             return KLinear(1, O, K, w, sc=torch.full((1,), 1e-3, device=DEV), sbo=O, sbi=K, act=1,
                            in_scale=torch.full((1,), 0.02, device=DEV))
         return KLinear(1, O, K, w, sc=torch.rand(O, device=DEV) * 1e-3, sbo=1, sbi=K, act=2)
+    if fmt == "fp8-block":
+        w = (torch.randint(0, 0x7e, (O, K), device=DEV, dtype=torch.uint8)
+             | (torch.randint(0, 2, (O, K), device=DEV, dtype=torch.uint8) << 7))
+        sc = torch.rand(math.ceil(O / 128), math.ceil(K / 128), device=DEV) * 1e-3
+        return KLinear(1, O, K, w, sc=sc, sld=sc.shape[1], sbo=128, sbi=128, act=3)
     if fmt == "nvfp4":
         return KLinear(2, O, K, torch.randint(0, 256, (O, K // 2), device=DEV, dtype=torch.uint8),
                        sc=torch.randint(0x30, 0x50, (O, K // 16), device=DEV, dtype=torch.uint8), gs=1e-3, act=4,
@@ -301,9 +306,46 @@ def kernel_table():
     print(f"| silu_mul | 1x14336 | {t * 1e6:.1f} | |", flush=True)
 
 
+def gemv_table():
+    """FP8 decode GEMV paths against the bf16 GEMV at Llama-3.1-8B shapes (M = 1, graph-timed, weight GB/s).
+    x̂ is quantized once outside the timed region (in decode it comes fused with the rmsnorm)."""
+    rows = []
+    shapes = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096))
+    x = {k: torch.randn(1, k, device=DEV) for k in (4096, 14336)}
+    bf = {}
+    for fmt, paths in (("bf16", ("f32",)), ("fp8", ("f32", "mma", "mma4")), ("fp8-rowwise", ("mma", "mma4")),
+                       ("fp8-block", ("mma", "mma4"))):
+        for O, K in shapes:
+            kl = rand_linear(fmt, O, K)
+            for path in paths:
+                if path.startswith("mma") and not ops._path_ok(path):
+                    rows.append((fmt, path, f"{O}x{K}", None, None, None))
+                    continue
+                pre = None
+                if path.startswith("mma"):
+                    pre = ops.act_quant(x[K], kl, codes=True)
+                    pre["path"] = path
+                t = graph_time(lambda: ops.linear(x[K], kl, path=path, pre=pre))
+                gbs = kl.nbytes() / t / 1e9
+                if fmt == "bf16":
+                    bf[(O, K)] = gbs
+                rows.append((fmt, path, f"{O}x{K}", t * 1e6, gbs, bf.get((O, K))))
+            del kl
+            torch.cuda.empty_cache()
+    print("\n| gemv | path | shape | us | GB/s | bf16 GB/s |")
+    print("|---|---|---|---|---|---|")
+    for fmt, path, shp, us, gbs, b in rows:
+        if us is None:
+            print(f"| {fmt} | {path} | {shp} | self-check FAILED | | |")
+        else:
+            print(f"| {fmt} | {path} | {shp} | {us:.1f} | {gbs:.0f} | {b:.0f} |" if b else
+                  f"| {fmt} | {path} | {shp} | {us:.1f} | {gbs:.0f} | |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--kernels", action="store_true", help="print the per-kernel table first")
+    ap.add_argument("--gemv", action="store_true", help="only the FP8-vs-bf16 GEMV table, then exit")
     ap.add_argument("--grid", default="quick", choices=sorted(GRIDS))
     ap.add_argument("--peer", default="llama3.1-8b:512", help="shape:ctx list for the torch peer, comma-separated")
     ap.add_argument("--json", default=None)
@@ -311,6 +353,9 @@ def main():
     args = ap.parse_args()
     global FUSE
     FUSE = not args.no_fuse
+    if args.gemv:
+        gemv_table()
+        return
     bw = copy_bandwidth()
     if args.kernels:
         kernel_table()

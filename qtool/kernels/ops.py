@@ -114,8 +114,10 @@ def act_quant(x: torch.Tensor, kl: KLinear, half: bool = False, codes: bool = Fa
     return res
 
 
-# decode paths, each checked once per process against the f32 path before first use (see _path_ok)
-PATHS = ("mma", "half")
+# decode paths, each checked once per process against the f32 path before first use (see _path_ok);
+# "mma4" (gemv_mma4: deeper loads, reduce folded in) is preferred, "mma" (gemv_mma + reduce) is its fallback
+PATHS = ("mma4", "mma", "half")
+MMA_PATHS = ("mma4", "mma")
 _PATH_STATE: dict[str, bool] = {}
 
 
@@ -140,8 +142,10 @@ def _half_ok(kl: KLinear, M: int) -> bool:
 
 def decode_path(kl: KLinear, M: int) -> str:
     """The path ``linear`` takes for M rows by default."""
-    if _mma_ok(kl, M) and _path_ok("mma"):
-        return "mma"
+    if _mma_ok(kl, M):
+        for p in MMA_PATHS:
+            if _path_ok(p):
+                return p
     if _half_ok(kl, M) and _path_ok("half"):
         return "half"
     return "f32" if (M <= 8 and kl.gemv_ok) else "gemm"
@@ -150,7 +154,7 @@ def decode_path(kl: KLinear, M: int) -> str:
 def _quant_outputs(kl: KLinear, M: int, K: int, path: str, dev) -> dict:
     """Empty buffers for the quantized forms of x that ``path`` reads (see act_quant)."""
     res = {}
-    if path == "mma":
+    if path in MMA_PATHS:
         res["xq"] = torch.empty(M, K, dtype=torch.uint8, device=dev)
         res["xs"] = torch.empty(M, (K + 127) // 128 if kl.act == 3 else 1, dtype=torch.float32, device=dev)
     elif path == "half":
@@ -168,7 +172,7 @@ def rmsnorm_quant(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.
     x = x.contiguous()
     M, H = x.shape
     path = decode_path(kl, M)
-    if path not in ("mma", "half") or H % 16 or H > 16 * 1024 or kl.perm is not None:
+    if path not in (*MMA_PATHS, "half") or H % 16 or H > 16 * 1024 or kl.perm is not None:
         y, r = rmsnorm(x, w, eps, residual)
         return y, r, None
     y = torch.empty_like(x)
@@ -185,8 +189,8 @@ def rmsnorm_quant(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.
 
 def linear(x: torch.Tensor, kl: KLinear, force_gemm: bool = False, force_f32: bool = False,
            path: str | None = None, pre: dict | None = None) -> torch.Tensor:
-    """y = x̂ W^T + b. M <= 8: gemv_mma (fp8 x fp8 tensor cores), gemv_h (f16 pair math) or gemv (f32);
-    else the tiled gemm. ``path`` forces 'mma' / 'half' / 'f32' / 'gemm' (tests)."""
+    """y = x̂ W^T + b. M <= 8: gemv_mma4 / gemv_mma (fp8 x fp8 tensor cores), gemv_h (f16 pair math) or gemv
+    (f32); else the tiled gemm. ``path`` forces 'mma4' / 'mma' / 'half' / 'f32' / 'gemm' (tests)."""
     x = x.to(torch.float32).contiguous()
     if kl.perm is not None:
         x = x.index_select(1, kl.perm)
@@ -200,6 +204,12 @@ def linear(x: torch.Tensor, kl: KLinear, force_gemm: bool = False, force_f32: bo
         path = pre["path"]
     if path is None:
         path = decode_path(kl, M)
+    if path == "mma4" and _counters(x.device) is None:
+        path = "mma"                     # no ticket counters yet and capturing a graph: the v3 kernel
+    if path == "mma4":
+        q = pre if pre is not None else act_quant(x, kl, codes=True)
+        _launch_mma4(q, kl, y, M)
+        return y
     if path == "mma":
         q = pre if pre is not None else act_quant(x, kl, codes=True)
         S, kslice = _mma_split(O, K)
@@ -238,6 +248,51 @@ def _mma_split(O: int, K: int) -> tuple[int, int]:
     return math.ceil(K / kslice), kslice
 
 
+def _launch_mma4(q: dict, kl: KLinear, y: torch.Tensor, M: int, S: int | None = None) -> None:
+    """gemv_mma4 into y [M, O] (S K slices; default from _mma4_split)."""
+    O, K = kl.out_features, kl.in_features
+    S, kslice = _mma4_split(O, K) if S is None else _kslices(K, S, 256)
+    cnt = _counters(y.device)
+    if math.ceil(O / 64) > cnt.numel():
+        raise ValueError(f"gemv_mma4 supports at most {cnt.numel() * 64} output features")
+    part = torch.empty(S, M, O, dtype=torch.float32, device=y.device) if S > 1 else None
+    launch("linear", "gemv_mma4", (math.ceil(O / 64), S), (128,),
+           (ptr(q["xq"]), ptr(q["xs"]), i32(1 if kl.act == 3 else 0), ptr(kl.w), ptr(kl.sc), ptr(kl.bias), ptr(part),
+            ptr(cnt), ptr(y), i32(O), i32(M), i32(O), i32(K), i32(kl.sld), i32(kl.sbo), i32(kl.sbi_log2),
+            i32(kslice)))
+
+
+def _kslices(K: int, S: int, gran: int) -> tuple[int, int]:
+    """(number of slices, slice length): about S slices of K, each a multiple of gran."""
+    kslice = math.ceil(math.ceil(K / S) / gran) * gran
+    return math.ceil(K / kslice), kslice
+
+
+def _mma4_split(O: int, K: int) -> tuple[int, int]:
+    """K slices for gemv_mma4: about 2560 warps of 16 rows (~20 resident per SM at 90 registers on 132 SMs,
+    4 KB of weight loads in flight each); slices are multiples of 256 (one k step)."""
+    warps = max(1, math.ceil(O / 16))
+    return _kslices(K, max(1, min(math.ceil(2560 / warps), math.ceil(K / 256))), 256)
+
+
+# ticket counters of gemv_mma4, one u32 per 64-row tile, zero between launches (the last block resets its own)
+_COUNTERS: dict = {}
+
+
+def _counters(dev) -> torch.Tensor | None:
+    """The device's counter buffer, allocated (zeroed) on first use outside graph capture; None while
+    capturing before it exists."""
+    idx = torch.device(dev).index
+    if idx is None:
+        idx = torch.cuda.current_device()
+    c = _COUNTERS.get(idx)
+    if c is None:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        c = _COUNTERS[idx] = torch.zeros(1 << 16, dtype=torch.int32, device=torch.device("cuda", idx))
+    return c
+
+
 def _path_ok(name: str) -> bool:
     """Run the fast path once on random data against the f32 path; a mismatch disables it for this process
     (a safety net: the GPU tests check each path directly)."""
@@ -262,6 +317,8 @@ def _self_check(name: str) -> bool:
     dev = torch.device("cuda")
     w = torch.randint(0, 0x7e, (O, K), generator=g, device=dev, dtype=torch.uint8)
     w |= torch.randint(0, 2, (O, K), generator=g, device=dev, dtype=torch.uint8) << 7
+    if name == "mma4":
+        return _self_check_mma4(g, dev)
     if name == "mma":
         kl = KLinear(1, O, K, w, sc=torch.rand(O, generator=g, device=dev) * 1e-2 + 1e-3, sbo=1, sbi=K, act=2)
     else:
@@ -275,6 +332,35 @@ def _self_check(name: str) -> bool:
         import warnings
         warnings.warn(f"qtool CUDA: fast path {name!r} differs from the f32 path by {err:.2e}; disabled")
         return False
+    return True
+
+
+def _self_check_mma4(g, dev) -> bool:
+    """gemv_mma4 against the f32 path: per-row and 128x128-block scales, odd O, K not a multiple of 256,
+    M = 1 and 3, default split and S = 1, and a repeated launch (counters reset, bit-identical result)."""
+    import warnings
+    for O, K, act, M in ((96, 512, 2, 3), (200, 640, 3, 1), (1000, 4096, 2, 1), (72, 384, 3, 3)):
+        w = torch.randint(0, 0x7e, (O, K), generator=g, device=dev, dtype=torch.uint8)
+        w |= torch.randint(0, 2, (O, K), generator=g, device=dev, dtype=torch.uint8) << 7
+        if act == 3:
+            sc = torch.rand(math.ceil(O / 128), math.ceil(K / 128), generator=g, device=dev) * 1e-2 + 1e-3
+            kl = KLinear(1, O, K, w, sc=sc, sld=sc.shape[1], sbo=128, sbi=128, act=3,
+                         bias=torch.randn(O, generator=g, device=dev))
+        else:
+            kl = KLinear(1, O, K, w, sc=torch.rand(O, generator=g, device=dev) * 1e-2 + 1e-3, sbo=1, sbi=K, act=2)
+        x = torch.randn(M, K, generator=g, device=dev)
+        b = linear(x, kl, path="f32")
+        q = act_quant(x, kl, codes=True)
+        outs = []
+        for S in (None, None, 1):
+            y = torch.full((M, O), float("nan"), device=dev)
+            _launch_mma4(q, kl, y, M, S)
+            outs.append(y)
+        err = max(float((a - b).norm() / b.norm()) for a in outs)
+        if not (err < 1e-4 and torch.equal(outs[0], outs[1])):
+            warnings.warn(f"qtool CUDA: fast path 'mma4' differs from the f32 path by {err:.2e} "
+                          f"(O={O}, K={K}, act={act}, M={M}); disabled")
+            return False
     return True
 
 

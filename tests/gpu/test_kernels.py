@@ -175,10 +175,46 @@ def _paths(kl, m):
     if m <= 8 and kl.gemv_ok:
         out.append(("f32", 1e-4))
     if ops._mma_ok(kl, m):
-        out.append(("mma", 1e-4))
+        out += [("mma", 1e-4), ("mma4", 1e-4)]
     if ops._half_ok(kl, m):
         out.append(("half", 1e-4 if kl.act in (4, 5) else 5e-3))
     return out
+
+
+@pytest.mark.parametrize("fmt,act", [("fp8-rowwise", "fp8-token"), ("fp8-block", "fp8-block"), ("fp8", "fp8")])
+@pytest.mark.parametrize("m,o,k", [(1, 1000, 4096), (3, 200, 640), (8, 96, 14336)])
+def test_mma4_splits_and_ticket(fmt, act, m, o, k):
+    """gemv_mma4 at forced K-slice counts (S = 1 writes y directly; S > 1 folds the reduce into the last block
+    by an atomic ticket): float64 reference, bit-identical repeats (counters reset, fixed summation order),
+    and a CUDA-graph replay equal to the eager launch."""
+    from qtool.kernels import ops
+    from qtool.kernels.weights import prepare_linear
+    g = torch.Generator().manual_seed(m * 11 + o + k + len(fmt))
+    lw = _lw(fmt, torch.randn(o, k, generator=g) * 0.05, act, g)
+    x = torch.randn(m, k, generator=g)
+    ref = lw.quantize_input(x).double() @ lw.dequantize().double().t()
+    if lw.bias is not None:
+        ref = ref + lw.bias.double()
+    kl = prepare_linear(lw, DEV)
+    q = ops.act_quant(x.to(DEV), kl, codes=True)
+    for S in (1, 2, 3, 7, None):
+        outs = []
+        for _ in range(2):
+            y = torch.full((m, o), float("nan"), device=DEV)
+            ops._launch_mma4(q, kl, y, m, S)
+            outs.append(y)
+        assert rel(outs[0], ref) < 1e-4, f"S={S}: rel {rel(outs[0], ref):.2e}"
+        assert torch.equal(outs[0], outs[1]), f"S={S}: repeat differs"
+    assert int(ops._counters(torch.device(DEV)).abs().sum()) == 0
+    y = torch.full((m, o), float("nan"), device=DEV)
+    gr = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(gr):
+        ops._launch_mma4(q, kl, y, m)
+    for _ in range(3):
+        y.fill_(float("nan"))
+        gr.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, outs[0])
 
 
 @pytest.mark.parametrize("fmt,act", [("fp8", "fp8"), ("fp8-rowwise", "fp8-token"), ("fp8-block", "fp8-block"),
@@ -195,7 +231,7 @@ def test_rmsnorm_fused_quant(fmt, act, m, h):
     w = torch.rand(h, generator=g) + 0.5
     poison()
     y, res, pre = ops.rmsnorm_quant(x.to(DEV), w.to(DEV), 1e-6, r.to(DEV), kl)
-    assert pre is not None and pre["path"] in ("mma", "half")
+    assert pre is not None and pre["path"] in ("mma4", "mma", "half")
     hd = x.double() + r.double()
     yref = hd * torch.rsqrt(hd.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
     assert rel(y, yref) < 1e-5 and rel(res, hd) < 1e-6
