@@ -227,6 +227,24 @@ extern "C" __global__ void act_quant_fast(const float* __restrict__ x, int ldx, 
   quant_row(v, r, t, live, red, out, K, scheme, in_scale, outh, hscale, hperm, outq, qscale);
 }
 
+// the tail of the fused kernels: dst[0..16) = v (the unquantized row part), v *= pqs, then quant_row
+__device__ __forceinline__ void store_and_quant(float v[16], float* __restrict__ dst, const float* __restrict__ pqs,
+                                                int r, int t, bool live, float* red, int K, int scheme,
+                                                const float* __restrict__ in_scale, unsigned short* __restrict__ outh,
+                                                float* __restrict__ hscale, int hperm, u8* __restrict__ outq,
+                                                float* __restrict__ qscale) {
+  int i0 = t * 16;
+  if (live) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) *(float4*)(dst + 4 * q) = make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
+  }
+  if (pqs && live) {
+#pragma unroll
+    for (int j = 0; j < 16; ++j) v[j] *= pqs[i0 + j];
+  }
+  quant_row(v, r, t, live, red, nullptr, K, scheme, in_scale, outh, hscale, hperm, outq, qscale);
+}
+
 // rmsnorm_quant: rmsnorm_residual (elementwise.cu) fused with act_quant_fast for the linear that reads its
 // output: r = x + res; res_out = r; y = r * rsqrt(mean(r^2) + eps) * w; then y (* pqs) -> the quantized forms.
 // out receives y (before pqs). grid M, block ceil(H/16) rounded to 32; H % 16 == 0, H <= 16 * blockDim.
@@ -258,14 +276,31 @@ extern "C" __global__ void rmsnorm_quant(const float* __restrict__ x, const floa
   float inv = rsqrtf(ss / (float)H + eps);
 #pragma unroll
   for (int j = 0; j < 16; ++j) v[j] = live ? v[j] * inv * w[i0 + j] : 0.0f;
-  if (live) {
-#pragma unroll
-    for (int q = 0; q < 4; ++q) *(float4*)(y + base + 4 * q) = make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
-  }
-  if (pqs && live) {
-#pragma unroll
-    for (int j = 0; j < 16; ++j) v[j] *= pqs[i0 + j];
-  }
-  quant_row(v, r, t, live, red, nullptr, H, scheme, in_scale, outh, hscale, hperm, outq, qscale);
+  store_and_quant(v, y + base, pqs, r, t, live, red, H, scheme, in_scale, outh, hscale, hperm, outq, qscale);
 }
 
+
+// silu_mul_quant: elementwise.cu's silu_mul (out = silu(g) * u over gu f32 [M, 2I] = [gate | up]) fused with
+// act_quant_fast for the linear that reads out (the down projection): the same expressions, so the same bits
+// as silu_mul followed by act_quant_fast. out f32 [M, I] receives silu(g) * u (before pqs); quantized forms as
+// act_quant_fast. grid M, block ceil(I/16) rounded to 32; I % 16 == 0, I <= 16 * blockDim.
+extern "C" __global__ void silu_mul_quant(const float* __restrict__ gu, float* __restrict__ out, int I, int scheme,
+                                          const float* __restrict__ in_scale, const float* __restrict__ pqs,
+                                          unsigned short* __restrict__ outh, float* __restrict__ hscale, int hperm,
+                                          u8* __restrict__ outq, float* __restrict__ qscale) {
+  __shared__ float red[32];
+  int r = blockIdx.x, t = threadIdx.x;
+  int i0 = t * 16;
+  bool live = i0 < I;
+  const float* gr = gu + (long long)r * 2 * I + i0;
+  float v[16];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    float4 a = live ? *(const float4*)(gr + 4 * q) : make_float4(0.f, 0.f, 0.f, 0.f);
+    float4 b = live ? *(const float4*)(gr + I + 4 * q) : make_float4(0.f, 0.f, 0.f, 0.f);
+    v[4 * q] = a.x / (1.0f + expf(-a.x)) * b.x; v[4 * q + 1] = a.y / (1.0f + expf(-a.y)) * b.y;
+    v[4 * q + 2] = a.z / (1.0f + expf(-a.z)) * b.z; v[4 * q + 3] = a.w / (1.0f + expf(-a.w)) * b.w;
+  }
+  store_and_quant(v, out + (long long)r * I + i0, pqs, r, t, live, red, I, scheme, in_scale, outh, hscale, hperm,
+                  outq, qscale);
+}

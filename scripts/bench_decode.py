@@ -4,8 +4,9 @@ PyTorch bf16 torch.compile(mode="reduce-overhead") static-cache decoder, all in 
 
 Contract: `python3 scripts/bench_decode.py [--grid quick|full] [--json out.json]`. Weights of Llama-3.1-8B /
 Qwen3-8B / SmolLM2-135M shape are generated on the GPU directly in the kernels' layouts (random codes, no
-checkpoint). One decode step = embed, per layer (rmsnorm, act-quant, qkv GEMV, RoPE + KV write, split attention,
-o GEMV, rmsnorm, gate_up GEMV, silu*mul, down GEMV), final norm, lm_head (bf16, as ModelOpt exports it), GPU
+checkpoint). One decode step = embed, per layer (rmsnorm + act-quant, qkv GEMV, RoPE + KV write, split attention,
+act-quant, o GEMV, rmsnorm + act-quant, gate_up GEMV, silu*mul + act-quant, down GEMV; "+" = one fused kernel
+where the linear takes an mma path, unless --no-fuse), final norm, lm_head (bf16, as ModelOpt exports it), GPU
 sampling, position advance: captured once as a CUDA graph, timed over replays with CUDA events (median of 5
 blocks of 20 tokens). The KV cache is filled with random codes to the context length. Prints per row: tok/s,
 bytes moved per token (weights + KV read), the bandwidth limit (copy bandwidth measured here / bytes), and
@@ -33,7 +34,7 @@ SHAPES = {  # hidden, inter, layers, heads, kv heads, head_dim, vocab
     "smollm2-135m": (576, 1536, 30, 9, 3, 64, 49152),
 }
 DEV = "cuda"
-FUSE = True   # rmsnorm fused with the next linear's activation quantization (as CudaBackend does)
+FUSE = True   # rmsnorm and silu_mul fused with the next linear's activation quantization (as CudaBackend does)
 
 
 def rand_linear(fmt: str, O: int, K: int) -> KLinear:
@@ -108,7 +109,9 @@ class Decoder:
             qr = ops.rope_and_store(q, k, v, pos, self.cache, i, self.cos, self.sin, 1)
             x = ops.linear(ops.attention(qr, pos, self.cache, i, 1), Ly["o"])
             m, res, pre = ops.rmsnorm_quant(x, Ly["n2"], 1e-5, res, Ly["gu"]) if FUSE else (*ops.rmsnorm(x, Ly["n2"], 1e-5, res), None)
-            x = ops.linear(ops.silu_mul(ops.linear(m, Ly["gu"], pre=pre)), Ly["down"])
+            gu = ops.linear(m, Ly["gu"], pre=pre)
+            act, pre = ops.silu_mul_quant(gu, Ly["down"]) if FUSE else (ops.silu_mul(gu), None)
+            x = ops.linear(act, Ly["down"], pre=pre)
         h, _ = ops.rmsnorm(x, self.norm, 1e-5, res)
         return ops.linear(h, self.head)
 
@@ -313,19 +316,26 @@ def gemv_table():
     shapes = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096))
     x = {k: torch.randn(1, k, device=DEV) for k in (4096, 14336)}
     bf = {}
-    for fmt, paths in (("bf16", ("f32",)), ("fp8", ("f32", "mma", "mma4")), ("fp8-rowwise", ("mma", "mma4")),
-                       ("fp8-block", ("mma", "mma4"))):
+    # "mma4 S=1" / "mma4 S=2x": gemv_mma4 at one K slice / twice the default slices (split tuning)
+    for fmt, paths in (("bf16", ("f32",)), ("fp8", ("f32", "mma", "mma4", "mma4 S=1", "mma4 S=2x")),
+                       ("fp8-rowwise", ("mma", "mma4")), ("fp8-block", ("mma", "mma4"))):
         for O, K in shapes:
             kl = rand_linear(fmt, O, K)
             for path in paths:
-                if path.startswith("mma") and not ops._path_ok(path):
+                base = path.split()[0]
+                if base.startswith("mma") and not ops._path_ok(base):
                     rows.append((fmt, path, f"{O}x{K}", None, None, None))
                     continue
                 pre = None
-                if path.startswith("mma"):
+                if base.startswith("mma"):
                     pre = ops.act_quant(x[K], kl, codes=True)
-                    pre["path"] = path
-                t = graph_time(lambda: ops.linear(x[K], kl, path=path, pre=pre))
+                    pre["path"] = base
+                if " S=" in path:
+                    S = 1 if path.endswith("S=1") else 2 * ops._mma4_split(O, K)[0]
+                    y = torch.empty(1, O, device=DEV)
+                    t = graph_time(lambda: ops._launch_mma4(pre, kl, y, 1, S))
+                else:
+                    t = graph_time(lambda: ops.linear(x[K], kl, path=base, pre=pre))
                 gbs = kl.nbytes() / t / 1e9
                 if fmt == "bf16":
                     bf[(O, K)] = gbs
@@ -349,7 +359,8 @@ def main():
     ap.add_argument("--grid", default="quick", choices=sorted(GRIDS))
     ap.add_argument("--peer", default="llama3.1-8b:512", help="shape:ctx list for the torch peer, comma-separated")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--no-fuse", action="store_true", help="unfused rmsnorm + act_quant (for comparison)")
+    ap.add_argument("--no-fuse", action="store_true",
+                    help="unfused rmsnorm / silu_mul + act_quant (for comparison)")
     args = ap.parse_args()
     global FUSE
     FUSE = not args.no_fuse

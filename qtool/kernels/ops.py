@@ -187,6 +187,32 @@ def rmsnorm_quant(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.
     return y, (res_out if residual is not None else x), pre
 
 
+def silu_mul_quant(gu: torch.Tensor, kl: KLinear):
+    """silu_mul (as ``silu_mul``) fused with the activation quantization of the linear ``kl`` that reads it (the
+    down projection), when that linear takes an mma decode path (fp8 activations): returns (out, pre) as
+    rmsnorm_quant, pre None when nothing was fused (then out comes from plain silu_mul)."""
+    gu = gu.contiguous()
+    M, I2 = gu.shape
+    I = I2 // 2
+    path = decode_path(kl, M)
+    if (path not in MMA_PATHS or I % 16 or I > 16 * 1024 or kl.perm is not None
+            or not _path_ok("silu_quant")):
+        return silu_mul(gu), None
+    out = torch.empty(M, I, dtype=torch.float32, device=gu.device)
+    pre = _quant_outputs(kl, M, I, path, gu.device)
+    pre["path"] = path
+    _launch_silu_quant(gu, out, kl, pre, path)
+    return out, pre
+
+
+def _launch_silu_quant(gu, out, kl, pre, path) -> None:
+    M, I = out.shape
+    launch("act_quant", "silu_mul_quant", (M,), (_threads(I),),
+           (ptr(gu), ptr(out), i32(I), i32(kl.act), ptr(kl.in_scale), ptr(kl.pqs), ptr(pre.get("xh")),
+            ptr(pre.get("hs")), i32(0 if path != "half" else (1 if kl.fmt == 1 else 2)), ptr(pre.get("xq")),
+            ptr(pre.get("xs", pre.get("xsc")))))
+
+
 def linear(x: torch.Tensor, kl: KLinear, force_gemm: bool = False, force_f32: bool = False,
            path: str | None = None, pre: dict | None = None) -> torch.Tensor:
     """y = x̂ W^T + b. M <= 8: gemv_mma4 / gemv_mma (fp8 x fp8 tensor cores), gemv_h (f16 pair math) or gemv
@@ -319,6 +345,8 @@ def _self_check(name: str) -> bool:
     w |= torch.randint(0, 2, (O, K), generator=g, device=dev, dtype=torch.uint8) << 7
     if name == "mma4":
         return _self_check_mma4(g, dev)
+    if name == "silu_quant":
+        return _self_check_silu_quant(g, dev)
     if name == "mma":
         kl = KLinear(1, O, K, w, sc=torch.rand(O, generator=g, device=dev) * 1e-2 + 1e-3, sbo=1, sbi=K, act=2)
     else:
@@ -360,6 +388,27 @@ def _self_check_mma4(g, dev) -> bool:
         if not (err < 1e-4 and torch.equal(outs[0], outs[1])):
             warnings.warn(f"qtool CUDA: fast path 'mma4' differs from the f32 path by {err:.2e} "
                           f"(O={O}, K={K}, act={act}, M={M}); disabled")
+            return False
+    return True
+
+
+def _self_check_silu_quant(g, dev) -> bool:
+    """silu_mul_quant == silu_mul + act_quant bit for bit (out, e4m3 codes, scales) for per-tensor, per-token
+    and per-128-group fp8 activations at I = 14336 and 176, M = 1 and 2."""
+    import warnings
+    for I, act, M in ((14336, 2, 1), (176, 3, 2), (14336, 1, 1)):
+        w = torch.zeros(64, I, dtype=torch.uint8, device=dev)
+        kl = KLinear(1, 64, I, w, sc=torch.ones(64, device=dev), sbo=1, sbi=I, act=act,
+                     in_scale=torch.full((1,), 0.01, device=dev) if act == 1 else None)
+        gu = torch.randn(M, 2 * I, generator=g, device=dev) * 3
+        ref_out = silu_mul(gu)
+        ref = act_quant(ref_out, kl, codes=True)
+        out = torch.full((M, I), float("nan"), device=dev)
+        pre = _quant_outputs(kl, M, I, "mma", dev)
+        _launch_silu_quant(gu, out, kl, pre, "mma")
+        if not (torch.equal(out, ref_out) and torch.equal(pre["xq"], ref["xq"]) and torch.equal(pre["xs"], ref["xs"])):
+            warnings.warn(f"qtool CUDA: silu_mul_quant differs from silu_mul + act_quant (I={I}, act={act}); "
+                          "unfused")
             return False
     return True
 

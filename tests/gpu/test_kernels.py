@@ -182,6 +182,30 @@ def _paths(kl, m):
 
 
 @pytest.mark.parametrize("fmt,act", [("fp8-rowwise", "fp8-token"), ("fp8-block", "fp8-block"), ("fp8", "fp8")])
+@pytest.mark.parametrize("m,i", [(1, 14336), (3, 320)])
+def test_silu_mul_fused_quant(fmt, act, m, i):
+    """silu_mul_quant + linear(pre=...) == silu_mul + linear: silu(g) * u against float64, the down projection
+    of it against the float64 reference of the quantized input."""
+    from qtool.kernels import ops
+    from qtool.kernels.weights import prepare_linear
+    g = torch.Generator().manual_seed(m + i + len(fmt))
+    lw = _lw(fmt, torch.randn(192, i, generator=g) * 0.05, act, g)
+    kl = prepare_linear(lw, DEV)
+    gu = torch.randn(m, 2 * i, generator=g) * 2
+    poison()
+    out, pre = ops.silu_mul_quant(gu.to(DEV), kl)
+    assert pre is not None and pre["path"] in ("mma4", "mma")
+    gd, ud = gu[:, :i].double(), gu[:, i:].double()
+    assert rel(out, gd * torch.sigmoid(gd) * ud) < 1e-6
+    assert torch.equal(out, ops.silu_mul(gu.to(DEV)))
+    y = ops.linear(out, kl, pre=pre)
+    ref = lw.quantize_input(out.cpu()).double() @ lw.dequantize().double().t()
+    if lw.bias is not None:
+        ref = ref + lw.bias.double()
+    assert rel(y, ref) < 1e-4
+
+
+@pytest.mark.parametrize("fmt,act", [("fp8-rowwise", "fp8-token"), ("fp8-block", "fp8-block"), ("fp8", "fp8")])
 @pytest.mark.parametrize("m,o,k", [(1, 1000, 4096), (3, 200, 640), (8, 96, 14336)])
 def test_mma4_splits_and_ticket(fmt, act, m, o, k):
     """gemv_mma4 at forced K-slice counts (S = 1 writes y directly; S > 1 folds the reduce into the last block

@@ -30,6 +30,8 @@ class CudaBackend:
         self._old_tables: list = []
         self.notes: list[str] = []
         self._consumer: dict[int, object] = {}   # id(norm weight) -> the LinearWeights reading its output
+        self._down: dict[int, object] = {}       # id(gate_up LinearWeights) -> that layer's down projection
+        self._next_down = None                   # the down projection after the last gate_up linear
         self._pre: dict = {}                     # (data_ptr of a norm output, id(linear)) -> quantized forms
         self.fuse = True
 
@@ -51,6 +53,7 @@ class CudaBackend:
                 self._register(lw)
             self._consumer[id(L.input_norm)] = L.qkv
             self._consumer[id(L.post_attn_norm)] = L.gate_up
+            self._down[id(L.gate_up)] = L.down
         head = weights.lm_head
         hw = head.tensors.get("weight")
         if (head.format == "bf16" and hw is not None and hw.data_ptr() == emb.data_ptr()
@@ -109,9 +112,17 @@ class CudaBackend:
         return ops.rmsnorm(x, self._norm(weight), eps)[0]
 
     def silu_mul(self, gate_up):
+        lw, self._next_down = self._next_down, None
+        kl = self._lin.get(id(lw)) if (lw is not None and self.fuse) else None
+        if isinstance(kl, KLinear) and gate_up.dim() == 2 and gate_up.shape[0] <= 8:
+            out, pre = ops.silu_mul_quant(gate_up, kl)
+            if pre is not None:   # the next linear(out, down) skips its own activation quantization
+                self._pre[(out.data_ptr(), id(kl))] = pre
+            return out
         return ops.silu_mul(gate_up)
 
     def linear(self, x, lw):
+        self._next_down = self._down.get(id(lw))
         kl = self._lin[id(lw)]
         if isinstance(kl, list):
             return torch.cat([ops.linear(x, p) for p in kl], dim=-1)
