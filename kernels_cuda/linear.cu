@@ -428,8 +428,9 @@ extern "C" __global__ void gemv_mma_reduce(const float* __restrict__ part, int S
 }
 
 // gemv_mma4 (v4): the gemv_mma computation (same fragments, same k permutation, same operands and scales) with
-// more bytes in flight and no reduce launch. Each lane issues 4 rounds of 64 k (12 16-B loads) before its 8
-// mma steps; the k loop walks 256 k per step. Scales: per-row weight scale with per-row activation scale ->
+// more bytes in flight and no reduce launch. Each lane issues U = 4 rounds of 64 k (12 16-B loads) before its 8
+// mma steps; the k loop walks 256 k per step. gemv_mma8: U = 8 (512 k per step; kslice a multiple of 512), an
+// experiment timed by bench_decode.py --gemv only. Scales: per-row weight scale with per-row activation scale ->
 // one multiply at the end of the slice; per-128 weight blocks (sbi_log2 = 7) and/or per-128 activation groups
 // (xs_group) -> one multiply per 128-k half. S = gridDim.y K slices of kslice (multiple of 256, K % 64 == 0).
 // S == 1: y = acc + bias written directly. S > 1: each block writes its slice into part f32 [S, M, O], then
@@ -441,7 +442,8 @@ __device__ __forceinline__ float ld_cg(const float* p) {
   float v; asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p)); return v;
 }
 
-extern "C" __global__ void __launch_bounds__(128) gemv_mma4(const u8* __restrict__ xq, const float* __restrict__ xs,
+template <int U>
+__device__ __forceinline__ void gemv_mma_deep(const u8* __restrict__ xq, const float* __restrict__ xs,
     int xs_group, const u8* __restrict__ wq, const float* __restrict__ ws, const float* __restrict__ bias,
     float* __restrict__ part, unsigned* __restrict__ cnt, float* __restrict__ y, int ldy, int M, int O, int K,
     int sld, int sbo, int sbi_log2, int kslice) {
@@ -464,10 +466,10 @@ extern "C" __global__ void __launch_bounds__(128) gemv_mma4(const u8* __restrict
   float acc[4] = {0.f, 0.f, 0.f, 0.f};  // rows (ra, m0), (ra, m1), (rb, m0), (rb, m1)
   float d[4] = {0.f, 0.f, 0.f, 0.f};    // unscaled sums (per-row scales)
   if (r0 < O) {
-    for (int kb = k0; kb < k1; kb += 256) {
-      uint4 A[4], B[4], X[4];
+    for (int kb = k0; kb < k1; kb += 64 * U) {
+      uint4 A[U], B[U], X[U];
 #pragma unroll
-      for (int u = 0; u < 4; ++u) {
+      for (int u = 0; u < U; ++u) {
         int k = kb + 64 * u + 16 * t;
         bool in = k < k1;
         uint4 z = make_uint4(0, 0, 0, 0);
@@ -477,7 +479,7 @@ extern "C" __global__ void __launch_bounds__(128) gemv_mma4(const u8* __restrict
       }
       if (grouped) {
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
+        for (int h = 0; h < U / 2; ++h) {
           int kh = kb + 128 * h;
           if (kh < k1) {
             float e[4] = {0.f, 0.f, 0.f, 0.f};
@@ -501,7 +503,7 @@ extern "C" __global__ void __launch_bounds__(128) gemv_mma4(const u8* __restrict
         }
       } else {
 #pragma unroll
-        for (int u = 0; u < 4; ++u) {
+        for (int u = 0; u < U; ++u) {
           mma_e4m3(d, A[u].x, B[u].x, A[u].y, B[u].y, X[u].x, X[u].y);
           mma_e4m3(d, A[u].z, B[u].z, A[u].w, B[u].w, X[u].z, X[u].w);
         }
@@ -535,3 +537,11 @@ extern "C" __global__ void __launch_bounds__(128) gemv_mma4(const u8* __restrict
   }
   if (threadIdx.x == 0) cnt[blockIdx.x] = 0u;
 }
+
+#define QT_MMA_DEEP_ARGS const u8* __restrict__ xq, const float* __restrict__ xs, int xs_group, \
+  const u8* __restrict__ wq, const float* __restrict__ ws, const float* __restrict__ bias, float* __restrict__ part, \
+  unsigned* __restrict__ cnt, float* __restrict__ y, int ldy, int M, int O, int K, int sld, int sbo, int sbi_log2, \
+  int kslice
+#define QT_MMA_DEEP_PASS xq, xs, xs_group, wq, ws, bias, part, cnt, y, ldy, M, O, K, sld, sbo, sbi_log2, kslice
+extern "C" __global__ void __launch_bounds__(128) gemv_mma4(QT_MMA_DEEP_ARGS) { gemv_mma_deep<4>(QT_MMA_DEEP_PASS); }
+extern "C" __global__ void __launch_bounds__(128) gemv_mma8(QT_MMA_DEEP_ARGS) { gemv_mma_deep<8>(QT_MMA_DEEP_PASS); }

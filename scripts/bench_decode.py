@@ -316,13 +316,14 @@ def gemv_table():
     shapes = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096))
     x = {k: torch.randn(1, k, device=DEV) for k in (4096, 14336)}
     bf = {}
-    # "mma4 S=1" / "mma4 S=2x": gemv_mma4 at one K slice / twice the default slices (split tuning)
-    for fmt, paths in (("bf16", ("f32",)), ("fp8", ("f32", "mma", "mma4", "mma4 S=1", "mma4 S=2x")),
+    # "mma4 S=1" / "mma4 S=2x": gemv_mma4 at one K slice / twice the default slices (split tuning);
+    # "mma8 U=8": gemv_mma8 (8 rounds of loads in flight, default split for it)
+    for fmt, paths in (("bf16", ("f32",)), ("fp8", ("f32", "mma", "mma4", "mma4 S=1", "mma4 S=2x", "mma8 U=8")),
                        ("fp8-rowwise", ("mma", "mma4")), ("fp8-block", ("mma", "mma4"))):
         for O, K in shapes:
             kl = rand_linear(fmt, O, K)
             for path in paths:
-                base = path.split()[0]
+                base = "mma4" if path.startswith("mma8") else path.split()[0]
                 if base.startswith("mma") and not ops._path_ok(base):
                     rows.append((fmt, path, f"{O}x{K}", None, None, None))
                     continue
@@ -330,10 +331,11 @@ def gemv_table():
                 if base.startswith("mma"):
                     pre = ops.act_quant(x[K], kl, codes=True)
                     pre["path"] = base
-                if " S=" in path:
-                    S = 1 if path.endswith("S=1") else 2 * ops._mma4_split(O, K)[0]
+                if " " in path:
+                    U = 8 if path.endswith("U=8") else 4
+                    S = None if U == 8 else 1 if path.endswith("S=1") else 2 * ops._mma4_split(O, K)[0]
                     y = torch.empty(1, O, device=DEV)
-                    t = graph_time(lambda: ops._launch_mma4(pre, kl, y, 1, S))
+                    t = graph_time(lambda: ops._launch_mma4(pre, kl, y, 1, S, U))
                 else:
                     t = graph_time(lambda: ops.linear(x[K], kl, path=base, pre=pre))
                 gbs = kl.nbytes() / t / 1e9

@@ -274,15 +274,16 @@ def _mma_split(O: int, K: int) -> tuple[int, int]:
     return math.ceil(K / kslice), kslice
 
 
-def _launch_mma4(q: dict, kl: KLinear, y: torch.Tensor, M: int, S: int | None = None) -> None:
-    """gemv_mma4 into y [M, O] (S K slices; default from _mma4_split)."""
+def _launch_mma4(q: dict, kl: KLinear, y: torch.Tensor, M: int, S: int | None = None, U: int = 4) -> None:
+    """gemv_mma4 (U = 4; U = 8: gemv_mma8, the benchmark's experiment) into y [M, O] (S K slices; default from
+    _mma4_split)."""
     O, K = kl.out_features, kl.in_features
-    S, kslice = _mma4_split(O, K) if S is None else _kslices(K, S, 256)
+    S, kslice = _mma4_split(O, K, U) if S is None else _kslices(K, S, 64 * U)
     cnt = _counters(y.device)
     if math.ceil(O / 64) > cnt.numel():
         raise ValueError(f"gemv_mma4 supports at most {cnt.numel() * 64} output features")
     part = torch.empty(S, M, O, dtype=torch.float32, device=y.device) if S > 1 else None
-    launch("linear", "gemv_mma4", (math.ceil(O / 64), S), (128,),
+    launch("linear", f"gemv_mma{U}", (math.ceil(O / 64), S), (128,),
            (ptr(q["xq"]), ptr(q["xs"]), i32(1 if kl.act == 3 else 0), ptr(kl.w), ptr(kl.sc), ptr(kl.bias), ptr(part),
             ptr(cnt), ptr(y), i32(O), i32(M), i32(O), i32(K), i32(kl.sld), i32(kl.sbo), i32(kl.sbi_log2),
             i32(kslice)))
@@ -294,11 +295,14 @@ def _kslices(K: int, S: int, gran: int) -> tuple[int, int]:
     return math.ceil(K / kslice), kslice
 
 
-def _mma4_split(O: int, K: int) -> tuple[int, int]:
+def _mma4_split(O: int, K: int, U: int = 4) -> tuple[int, int]:
     """K slices for gemv_mma4: about 2560 warps of 16 rows (~20 resident per SM at 90 registers on 132 SMs,
-    4 KB of weight loads in flight each); slices are multiples of 256 (one k step)."""
+    4 KB of weight loads in flight each); slices are multiples of 256 (one k step). gemv_mma8 (158 registers,
+    ~12 warps per SM, 8 KB each): about 1536 warps, slices multiples of 512."""
     warps = max(1, math.ceil(O / 16))
-    return _kslices(K, max(1, min(math.ceil(2560 / warps), math.ceil(K / 256))), 256)
+    step = 64 * U
+    target = 2560 if U == 4 else 1536
+    return _kslices(K, max(1, min(math.ceil(target / warps), math.ceil(K / step))), step)
 
 
 # ticket counters of gemv_mma4, one u32 per 64-row tile, zero between launches (the last block resets its own)

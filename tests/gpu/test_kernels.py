@@ -208,8 +208,8 @@ def test_silu_mul_fused_quant(fmt, act, m, i):
 @pytest.mark.parametrize("fmt,act", [("fp8-rowwise", "fp8-token"), ("fp8-block", "fp8-block"), ("fp8", "fp8")])
 @pytest.mark.parametrize("m,o,k", [(1, 1000, 4096), (3, 200, 640), (8, 96, 14336)])
 def test_mma4_splits_and_ticket(fmt, act, m, o, k):
-    """gemv_mma4 at forced K-slice counts (S = 1 writes y directly; S > 1 folds the reduce into the last block
-    by an atomic ticket): float64 reference, bit-identical repeats (counters reset, fixed summation order),
+    """gemv_mma4 (and the benchmark's gemv_mma8) at forced K-slice counts (S = 1 writes y directly; S > 1 folds
+    the reduce into the last block by an atomic ticket): float64 reference, bit-identical repeats (counters reset, fixed summation order),
     and a CUDA-graph replay equal to the eager launch."""
     from qtool.kernels import ops
     from qtool.kernels.weights import prepare_linear
@@ -221,14 +221,14 @@ def test_mma4_splits_and_ticket(fmt, act, m, o, k):
         ref = ref + lw.bias.double()
     kl = prepare_linear(lw, DEV)
     q = ops.act_quant(x.to(DEV), kl, codes=True)
-    for S in (1, 2, 3, 7, None):
+    for U, S in [(4, s) for s in (1, 2, 3, 7)] + [(8, 3), (8, None), (4, None)]:   # gemv_mma8 (bench) too
         outs = []
         for _ in range(2):
             y = torch.full((m, o), float("nan"), device=DEV)
-            ops._launch_mma4(q, kl, y, m, S)
+            ops._launch_mma4(q, kl, y, m, S, U)
             outs.append(y)
-        assert rel(outs[0], ref) < 1e-4, f"S={S}: rel {rel(outs[0], ref):.2e}"
-        assert torch.equal(outs[0], outs[1]), f"S={S}: repeat differs"
+        assert rel(outs[0], ref) < 1e-4, f"U={U} S={S}: rel {rel(outs[0], ref):.2e}"
+        assert torch.equal(outs[0], outs[1]), f"U={U} S={S}: repeat differs"
     assert int(ops._counters(torch.device(DEV)).abs().sum()) == 0
     y = torch.full((m, o), float("nan"), device=DEV)
     gr = torch.cuda.CUDAGraph()
