@@ -34,6 +34,6 @@ echo "=== summary: tests $((t1 - t0)) s, bench $((t2 - t1)) s"
 grep -E "passed|failed" "$OUT/pytest.log" | tail -1
 grep -E "CLI cuda" "$OUT/cli.log"
 grep -E "^FAILED" "$OUT/pytest.log" | cut -c1-200 | head -40
-grep -E "self-check|differs from the f32 path" "$OUT/pytest.log" "$OUT/bench.log" "$OUT/gemv.log" 2>/dev/null | sort -u | head -5
+grep -E "qtool CUDA:" "$OUT/pytest.log" "$OUT/bench.log" "$OUT/gemv.log" 2>/dev/null | sort -u | head -5
 [ -f "$OUT/gemv.log" ] && grep -E "^\| " "$OUT/gemv.log"
 [ -f "$OUT/bench.log" ] && grep -E "^\| (qtool|torch)|copy bandwidth|FAILED" "$OUT/bench.log"
