@@ -335,7 +335,7 @@ def _path_ok(name: str) -> bool:
             ok = _self_check(name)
         except Exception as exc:  # noqa: BLE001
             import warnings
-            warnings.warn(f"qtool CUDA: fast path {name!r} failed its self-check ({exc}); using the f32 path")
+            warnings.warn(f"qtool CUDA: fast path {name!r} failed its self-check ({exc}); disabled (next path)")
             ok = False
         _PATH_STATE[name] = ok
     return ok
