@@ -226,3 +226,24 @@ def test_w4a8_gptq_input_scale_matches_fp8_on_first_layer(quantized):
     for p in "qkv":
         key = f"model.layers.0.self_attn.{p}_proj.input_scale"
         assert float(b[key]) > 0 and torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("run", [r for r in RUNS if "offload" not in r[0]], ids=lambda r: r[0])
+def test_inspect_reads_every_quantize_output(quantized, run):
+    """`qtool inspect --json` on what `qtool quantize` wrote: the recipe, KV format and group size it
+    reports are the ones asked for, and it finds no problem."""
+    rid, fam, quant, kv, extra = run
+    proc, out, _ = quantized[rid]
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    r = subprocess.run([sys.executable, "-m", "qtool", "inspect", str(out), "--json"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-1500:]
+    doc = json.loads(r.stdout)
+    assert doc["ok"] is True and doc["problems"] == []
+    assert doc["recipe"]["name"] == quant
+    assert doc["recipe"]["kv_cache"] == (kv or "bf16")
+    group = EXPECTED[quant][1]
+    if group is not None:
+        assert doc["recipe"]["group_size"] == group
+    bits = doc["sizes"]["bits_per_weight_quantized"]
+    assert (7.9 < bits < 8.6) if quant.startswith("fp8") else (4.0 < bits < 5.0), bits
