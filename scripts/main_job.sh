@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup_env.sh
 out="${OUT:-out/smollm2-fp8-kvnvfp4}"
-mkdir -p "$(dirname "$out")"
+
 qtool quantize --model smollm2-135m --quant fp8 --kv-cache-quant nvfp4 \
     --calib-size 64 --calib-seq-len 256 --output "$out" --force
 qtool inspect "$out"

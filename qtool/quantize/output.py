@@ -2,7 +2,8 @@
 renamed into place only when complete.
 
 Contract: `check_target(path, force)` raises UsageError (exit 2) when `path` is a file or a
-non-empty folder and `force` is not set — call it before loading anything. `staged(path, force)`
+non-empty folder and `force` is not set — call it before loading anything; missing parent folders
+are fine (created by `staged`). `staged(path, force)`
 is a context manager yielding the temporary folder; on normal exit the target is replaced
 (an existing one is moved aside and deleted only after the rename succeeded); on any exception,
 Ctrl-C included, the temporary folder is removed and the target is left as it was.
@@ -26,8 +27,10 @@ def check_target(path: Path, force: bool) -> None:
         raise UsageError(f"--output {path} exists and is not empty",
                          hint="choose another folder, or pass --force to replace it")
     parent = path.resolve().parent
+    while not parent.exists():   # missing parents are created by staged(), under the nearest existing one
+        parent = parent.parent
     if not parent.is_dir():
-        raise UsageError(f"the parent folder of --output does not exist: {parent}")
+        raise UsageError(f"--output {path}: {parent} is not a folder")
     if not os.access(parent, os.W_OK):
         raise UsageError(f"cannot write to {parent}")
 
@@ -36,6 +39,7 @@ def check_target(path: Path, force: bool) -> None:
 def staged(path: Path, force: bool):
     path = Path(path).resolve()
     check_target(path, force)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.qtool-tmp-", dir=path.parent))
     try:
         yield tmp
