@@ -191,3 +191,12 @@ def test_recipe_needing_cuda_refused_in_one_line_on_cpu(smol_shaped, tmp_path, m
     assert r.exit_code == 1 and len(errors(r)) == 1
     assert "fp8 needs CUDA: its fake quant has no CPU kernel" in errors(r)[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_staged_output_creates_missing_parents(tmp_path):
+    from qtool.quantize.output import staged
+    target = tmp_path / "a" / "b" / "out"
+    with staged(target, force=False) as tmp:
+        (tmp / "model.safetensors").write_bytes(b"x")
+    assert (target / "model.safetensors").read_bytes() == b"x"
+    assert [p.name for p in target.parent.iterdir()] == ["out"]   # no staging leftovers
