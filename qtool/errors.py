@@ -13,6 +13,14 @@ EXIT_USAGE = 2
 EXIT_UNSUPPORTED = 3
 
 
+def first_line(exc: BaseException, empty: str | None = None) -> str:
+    """The first line of ``str(exc)`` stripped; when that is empty, ``empty`` (default: the class name)."""
+    s = str(exc).strip()
+    if s:
+        return s.splitlines()[0]
+    return type(exc).__name__ if empty is None else empty
+
+
 class QtoolError(Exception):
     """Base class: a failure with a clear one-line message (exit 1)."""
 

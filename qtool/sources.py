@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from qtool.errors import Failure, UsageError
+from qtool.errors import Failure, UsageError, first_line
 
 HUB_TIMEOUT_S = 5.0
 
@@ -230,8 +230,7 @@ def _write_hf_from_gguf(gguf: Path, out: Path, steps: "_Steps") -> None:
             gguf_utils.tqdm = lambda iterable, desc=None, **_: steps.track(iterable, "tensors")
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
     except (ValueError, KeyError, OSError, RuntimeError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise Failure(f"cannot convert GGUF {gguf.name}: {first}") from None
+        raise Failure(f"cannot convert GGUF {gguf.name}: {first_line(exc)}") from None
     finally:
         if saved_tqdm is not None:
             gguf_utils.tqdm = saved_tqdm
@@ -354,7 +353,7 @@ def _hub_source(repo_id: str, progress: bool) -> ModelSource:
             "*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"])
     except Exception as exc:  # hub errors come in many classes; report one line
         name = type(exc).__name__
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else name
+        first = first_line(exc)
         if "NotFound" in name or "401" in first or "404" in first:
             raise UsageError(f"hub model not found or gated: {repo_id}") from None
         raise Failure(f"download of {repo_id} from the Hugging Face hub failed: {first}") from None

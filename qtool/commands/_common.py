@@ -15,7 +15,7 @@ import sys
 import typer
 from rich.console import Console
 
-from qtool.errors import QtoolError
+from qtool.errors import QtoolError, first_line
 
 stdout = Console(highlight=False, soft_wrap=True)
 if stdout.width < 120:  # wide tables (the matrices) need ~110 columns; a pipe or narrow terminal gets 120
@@ -81,7 +81,7 @@ def guarded(fn):
         except Exception as exc:  # noqa: BLE001 - last line of defence: never a traceback
             if debug_enabled():
                 raise
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            first = first_line(exc, empty="")
             err = QtoolError(f"{type(exc).__name__}: {first}".rstrip(": "),
                              hint="run again with --debug for the full traceback")
             _report(err, json_mode)

@@ -16,7 +16,7 @@ import logging
 import sys
 import warnings
 
-from qtool.errors import Failure
+from qtool.errors import Failure, first_line
 
 CUDA_MARKERS = ("must be a CUDA tensor", "CUDA is not available", "Torch not compiled with CUDA",
                 "triton", "cuda_ext")
@@ -77,7 +77,7 @@ def load_model(path, device_map: str | None = None, max_memory: dict | None = No
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
         tok = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError, KeyError) as exc:
-        raise Failure(f"cannot load the model from {path}: {_first_line(exc)}") from None
+        raise Failure(f"cannot load the model from {path}: {first_line(exc)}") from None
     model.eval()
     if not getattr(model.config, "architectures", None):
         model.config.architectures = [type(model).__name__]   # export_hf_checkpoint needs it
@@ -117,14 +117,9 @@ def calibrate(model, cfg: dict, batches: list[dict], stages, label: str, debug: 
         with quiet(debug):
             mtq.quantize(model, cfg, forward_loop)
     except (AssertionError, RuntimeError, ImportError) as exc:
-        msg = _first_line(exc)
+        msg = first_line(exc)
         if any(k.lower() in msg.lower() for k in CUDA_MARKERS) and not torch.cuda.is_available():
             raise Failure(f"{label}: ModelOpt 0.47's calibration for this recipe needs CUDA ({msg})",
                           hint="run it on a machine with an NVIDIA GPU") from None
         raise
     return passes[0]
-
-
-def _first_line(exc: BaseException) -> str:
-    s = str(exc).strip()
-    return s.splitlines()[0] if s else type(exc).__name__
