@@ -7,20 +7,15 @@ Each command runs as its own `python -m qtool` process, exactly as a user types 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from cli_helpers import run_qtool
 
 
 def qtool(*args, timeout=900):
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    return subprocess.run([sys.executable, "-m", "qtool", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return run_qtool(*args, env={"OMP_NUM_THREADS": "2"}, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

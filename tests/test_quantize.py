@@ -8,9 +8,6 @@ expected quant_algo / group_size values below come from shared/reference/checkpo
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,8 +15,8 @@ import pytest
 import torch
 
 import modelopt_decode as md
+from cli_helpers import run_qtool
 
-REPO = Path(__file__).resolve().parent.parent
 CALIB = ["--calib-size", "8", "--calib-seq-len", "64"]
 
 # recipe → (quant_algo in hf_quant_config.json, group_size, decoder key, relative-error bound)
@@ -65,9 +62,7 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
 
 
 def qtool(*args, env_extra=None, timeout=600):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "qtool", "quantize", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return run_qtool("quantize", *args, env={"OMP_NUM_THREADS": "1", **(env_extra or {})}, timeout=timeout)
 
 
 @pytest.fixture(scope="session")
@@ -235,8 +230,7 @@ def test_inspect_reads_every_quantize_output(quantized, run):
     rid, fam, quant, kv, extra = run
     proc, out, _ = quantized[rid]
     assert proc.returncode == 0, proc.stderr[-1500:]
-    r = subprocess.run([sys.executable, "-m", "qtool", "inspect", str(out), "--json"], cwd=REPO,
-                       capture_output=True, text=True, timeout=120)
+    r = run_qtool("inspect", str(out), "--json", timeout=120)
     assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-1500:]
     doc = json.loads(r.stdout)
     assert doc["ok"] is True and doc["problems"] == []
