@@ -83,13 +83,9 @@ def quantized(tiny_models, tmp_path_factory):
         return dict(pool.map(one, RUNS))
 
 
-def _orig(src: Path) -> dict:
-    return md.load_tensors(src)
-
-
 def _decode_vs_original(run_id, quant, out: Path, src: Path):
     algo, _, dec_key, bound = EXPECTED[quant]
-    sd, orig = md.load_tensors(out), _orig(src)
+    sd, orig = md.load_tensors(out), md.load_tensors(src)
     layers = sorted({int(k.split(".")[2]) for k in orig if k.startswith("model.layers.")})
     errs = {}
     for i in layers:
