@@ -3,7 +3,8 @@
 Contract: every expected failure is raised as a QtoolError subclass with a one-line message;
 the CLI prints ``error: <message>`` (plus an optional ``hint:`` line) on stderr and exits
 with the class's code. Exit codes: 0 done, 1 failed, 2 usage error, 3 refused by a support
-matrix. Nothing here imports anything heavy.
+matrix. `first_line(exc)` is the one-line form of any other exception's message. Nothing here
+imports anything heavy.
 """
 from __future__ import annotations
 
