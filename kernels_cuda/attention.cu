@@ -2,25 +2,46 @@
 // One kernel serves decode and prefill: query row n = b*T + t attends to cache positions [0, pos[n]] of batch
 // row b = n / T (the causal mask).
 //
-// attn_partial<D>(q f32 [N, Hq, D], pos int64 [N], T, K/V cache (kv_cache.cuh layout, L = max_len),
+// attn_partial<D, PU>(q f32 [N, Hq, D], pos int64 [N], T, K/V cache (kv_cache.cuh layout, L = max_len),
 //     kv_fmt, k_scale, v_scale, part f32 [N, Hq, S, D], ml f32 [N, Hq, S, 2], Hq, Hkv, L, chunk, sm_scale)
-//     grid (N * Hkv, S), block 128 (4 warps); block (n*Hkv + kh, s) covers positions [s*chunk, (s+1)*chunk) and
-//     all G = Hq/Hkv (<= 8) query heads of KV head kh; writes unnormalised acc, running max m, sum l
-//     (m = -inf when its range is empty). D in {64, 128, 256}.
+//     grid (N * Hkv, S), block 128 (4 warps); block (n*Hkv + kh, s) covers positions [s*chunk, (s+1)*chunk)
+//     (chunk <= 128) and all G = Hq/Hkv (<= 8) query heads of KV head kh. Three phases, no serial chain per
+//     position: (1) scores: each warp takes every 4th position, PU positions' K rows loaded at once, one warp
+//     dot product per (position, head) into shared memory; (2) per head: max m and e = exp(s - m), l = sum e;
+//     (3) each warp accumulates e * V over its positions (PU V rows loaded at once), the 4 warps are summed
+//     in shared memory. Writes unnormalised acc, m and l (m = -inf when its range is empty). D in {64, 128, 256}.
 // attn_combine(part, ml, out f32 [N, Hq*D], S, D): grid N*Hq, block D; merges the splits, normalises.
+// attn_combine_quant(part, ml, out, S, D, HD = Hq*D, + act_quant_fast's outputs): grid N, block
+//     ceil(HD/16) rounded to 32 (HD % 16 == 0, D % 16 == 0, HD <= 16384): the same merge (same expressions,
+//     same bits as attn_combine), then the row (16 elements per thread) quantized for the o projection as
+//     act_quant_fast does (act_quant.cuh), in the same launch.
 #include "kv_cache.cuh"
+#include "act_quant.cuh"
 
 #define GMAX 8
+#define CMAX 128
 
-template <int D>
-__global__ void attn_partial(const float* __restrict__ q, const long long* __restrict__ pos, int T,
-                             const void* kc, const u8* ks, const void* vc, const u8* vs, int kv_fmt, float k_scale,
-                             float v_scale, float* __restrict__ part, float* __restrict__ ml, int Hq, int Hkv, int L,
-                             int chunk, float sm_scale) {
+// rows j0 + u*4 (u < PU, those < np) of one KV head's cache (K or V), DPL elements per lane, into r[u]
+template <int D, int PU>
+__device__ __forceinline__ void load_rows(int kv_fmt, const void* codes, const u8* scales, long long rowbase,
+                                          int j0, int np, int lane, float scale, float r[PU][D / 32]) {
+#pragma unroll
+  for (int u = 0; u < PU; ++u) {
+    int j = j0 + u * 4;
+    if (j < np) kv_load_vec<D / 32>(kv_fmt, codes, scales, rowbase + j, D, lane * (D / 32), scale, r[u]);
+  }
+}
+
+template <int D, int PU>
+__global__ void __launch_bounds__(128) attn_partial(const float* __restrict__ q, const long long* __restrict__ pos,
+    int T, const void* kc, const u8* ks, const void* vc, const u8* vs, int kv_fmt, float k_scale, float v_scale,
+    float* __restrict__ part, float* __restrict__ ml, int Hq, int Hkv, int L, int chunk, float sm_scale) {
+  QT_PDL_ENTRY
   constexpr int DPL = D / 32;
-  const int NW = 4;
-  __shared__ float sm_m[NW][GMAX], sm_l[NW][GMAX];
+  constexpr int NW = 4;
+  __shared__ float sm_s[GMAX][CMAX];      // scores, then exp(s - m)
   __shared__ float sm_acc[NW][GMAX][D];
+  __shared__ float sm_m[GMAX], sm_l[GMAX];
   int n = blockIdx.x / Hkv, kh = blockIdx.x % Hkv, split = blockIdx.y, S = gridDim.y;
   int G = Hq / Hkv;
   int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -33,44 +54,73 @@ __global__ void attn_partial(const float* __restrict__ q, const long long* __res
     }
     return;
   }
-  float qv[GMAX][DPL], acc[GMAX][DPL], m[GMAX], l[GMAX];
+  int np = c1 - c0;
+  long long rowbase = ((long long)(n / T) * Hkv + kh) * L + c0;
+  // phase 1: scores
+  {
+    float qv[GMAX][DPL];
 #pragma unroll
-  for (int g = 0; g < GMAX; ++g) {
-    m[g] = -QT_INF; l[g] = 0.0f;
+    for (int g = 0; g < GMAX; ++g)
 #pragma unroll
-    for (int i = 0; i < DPL; ++i) {
-      acc[g][i] = 0.0f;
-      qv[g][i] = g < G ? q[((long long)n * Hq + kh * G + g) * D + lane * DPL + i] * sm_scale : 0.0f;
-    }
-  }
-  long long rowbase = ((long long)(n / T) * Hkv + kh) * L;
-  constexpr int PU = 1;  // positions per warp per step (4 measured slower at ctx 8192: 158 registers)
-  for (int p0 = c0 + warp; p0 < c1; p0 += NW * PU) {
-    float kv[PU][DPL], vv[PU][DPL];
+      for (int i = 0; i < DPL; ++i)
+        qv[g][i] = g < G ? q[((long long)n * Hq + kh * G + g) * D + lane * DPL + i] * sm_scale : 0.0f;
+    for (int j0 = warp; j0 < np; j0 += NW * PU) {
+      float kv[PU][DPL];
+      load_rows<D, PU>(kv_fmt, kc, ks, rowbase, j0, np, lane, k_scale, kv);
 #pragma unroll
-    for (int u = 0; u < PU; ++u) {
-      int p = p0 + u * NW;
-      if (p < c1) {
-        kv_load_vec<DPL>(kv_fmt, kc, ks, rowbase + p, D, lane * DPL, k_scale, kv[u]);
-        kv_load_vec<DPL>(kv_fmt, vc, vs, rowbase + p, D, lane * DPL, v_scale, vv[u]);
+      for (int u = 0; u < PU; ++u) {
+        int j = j0 + u * NW;
+        if (j < np) {
+#pragma unroll
+          for (int g = 0; g < GMAX; ++g) {
+            if (g < G) {
+              float s = 0.0f;
+#pragma unroll
+              for (int i = 0; i < DPL; ++i) s += qv[g][i] * kv[u][i];
+              s = warp_sum(s);
+              if (lane == 0) sm_s[g][j] = s;
+            }
+          }
+        }
       }
     }
+  }
+  __syncthreads();
+  // phase 2: softmax statistics per head
+  for (int g = warp; g < G; g += NW) {
+    float mx = -QT_INF;
+    for (int j = lane; j < np; j += 32) mx = fmaxf(mx, sm_s[g][j]);
+    mx = warp_max(mx);
+    float l = 0.0f;
+    for (int j = lane; j < np; j += 32) {
+      float e = expf(sm_s[g][j] - mx);
+      sm_s[g][j] = e;
+      l += e;
+    }
+    l = warp_sum(l);
+    if (lane == 0) { sm_m[g] = mx; sm_l[g] = l; }
+  }
+  __syncthreads();
+  // phase 3: e * V
+  float acc[GMAX][DPL];
+#pragma unroll
+  for (int g = 0; g < GMAX; ++g)
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) acc[g][i] = 0.0f;
+  for (int j0 = warp; j0 < np; j0 += NW * PU) {
+    float vv[PU][DPL];
+    load_rows<D, PU>(kv_fmt, vc, vs, rowbase, j0, np, lane, v_scale, vv);
 #pragma unroll
     for (int u = 0; u < PU; ++u) {
-      if (p0 + u * NW >= c1) break;
+      int j = j0 + u * NW;
+      if (j < np) {
 #pragma unroll
-      for (int g = 0; g < GMAX; ++g) {
-        if (g < G) {
-          float s = 0.0f;
+        for (int g = 0; g < GMAX; ++g) {
+          if (g < G) {
+            float e = sm_s[g][j];
 #pragma unroll
-          for (int i = 0; i < DPL; ++i) s += qv[g][i] * kv[u][i];
-          s = warp_sum(s);
-          float mn = fmaxf(m[g], s);
-          float corr = expf(m[g] - mn), e = expf(s - mn);
-          l[g] = l[g] * corr + e;
-#pragma unroll
-          for (int i = 0; i < DPL; ++i) acc[g][i] = acc[g][i] * corr + e * vv[u][i];
-          m[g] = mn;
+            for (int i = 0; i < DPL; ++i) acc[g][i] += e * vv[u][i];
+          }
         }
       }
     }
@@ -78,7 +128,6 @@ __global__ void attn_partial(const float* __restrict__ q, const long long* __res
 #pragma unroll
   for (int g = 0; g < GMAX; ++g) {
     if (g < G) {
-      if (lane == 0) { sm_m[warp][g] = m[g]; sm_l[warp][g] = l[g]; }
 #pragma unroll
       for (int i = 0; i < DPL; ++i) sm_acc[warp][g][lane * DPL + i] = acc[g][i];
     }
@@ -86,27 +135,18 @@ __global__ void attn_partial(const float* __restrict__ q, const long long* __res
   __syncthreads();
   for (int t = threadIdx.x; t < G * D; t += blockDim.x) {
     int g = t / D, d = t % D;
-    float M = -QT_INF;
-    for (int w = 0; w < NW; ++w) M = fmaxf(M, sm_m[w][g]);
-    float a = 0.0f, ls = 0.0f;
-    for (int w = 0; w < NW; ++w) {
-      if (sm_m[w][g] == -QT_INF) continue;
-      float c = expf(sm_m[w][g] - M);
-      a += c * sm_acc[w][g][d];
-      ls += c * sm_l[w][g];
-    }
+    float a = 0.0f;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) a += sm_acc[w][g][d];
     long long o = ((long long)n * Hq + kh * G + g) * S + split;
     part[o * D + d] = a;
-    if (d == 0) { ml[o * 2] = M; ml[o * 2 + 1] = ls; }
+    if (d == 0) { ml[o * 2] = sm_m[g]; ml[o * 2 + 1] = sm_l[g]; }
   }
 }
 
-extern "C" __global__ void attn_combine(const float* __restrict__ part, const float* __restrict__ ml,
-                                        float* __restrict__ out, int S, int D) {
-  long long nh = blockIdx.x;
-  int d = threadIdx.x;
-  float M = -QT_INF;
-  for (int s = 0; s < S; ++s) M = fmaxf(M, ml[(nh * S + s) * 2]);
+// merged, normalised value of element d of head row nh (the shared expression of both combine kernels)
+__device__ __forceinline__ float combine_one(const float* __restrict__ part, const float* __restrict__ ml,
+                                             long long nh, int S, int D, int d, float M) {
   float a = 0.0f, ls = 0.0f;
   for (int s = 0; s < S; ++s) {
     float ms = ml[(nh * S + s) * 2];
@@ -115,12 +155,61 @@ extern "C" __global__ void attn_combine(const float* __restrict__ part, const fl
     a += c * part[(nh * S + s) * D + d];
     ls += c * ml[(nh * S + s) * 2 + 1];
   }
-  out[nh * D + d] = a / ls;
+  return a / ls;
 }
 
-template __global__ void attn_partial<64>(const float*, const long long*, int, const void*, const u8*, const void*,
-                                          const u8*, int, float, float, float*, float*, int, int, int, int, float);
-template __global__ void attn_partial<128>(const float*, const long long*, int, const void*, const u8*, const void*,
-                                           const u8*, int, float, float, float*, float*, int, int, int, int, float);
-template __global__ void attn_partial<256>(const float*, const long long*, int, const void*, const u8*, const void*,
-                                           const u8*, int, float, float, float*, float*, int, int, int, int, float);
+__device__ __forceinline__ float combine_max(const float* __restrict__ ml, long long nh, int S) {
+  float M = -QT_INF;
+  for (int s = 0; s < S; ++s) M = fmaxf(M, ml[(nh * S + s) * 2]);
+  return M;
+}
+
+extern "C" __global__ void attn_combine(const float* __restrict__ part, const float* __restrict__ ml,
+                                        float* __restrict__ out, int S, int D) {
+  QT_PDL_ENTRY
+  long long nh = blockIdx.x;
+  int d = threadIdx.x;
+  out[nh * D + d] = combine_one(part, ml, nh, S, D, d, combine_max(ml, nh, S));
+}
+
+extern "C" __global__ void attn_combine_quant(const float* __restrict__ part, const float* __restrict__ ml,
+                                              float* __restrict__ out, int S, int D, int HD, int scheme,
+                                              const float* __restrict__ in_scale, const float* __restrict__ pqs,
+                                              unsigned short* __restrict__ outh, float* __restrict__ hscale,
+                                              int hperm, u8* __restrict__ outq, float* __restrict__ qscale) {
+  QT_PDL_ENTRY
+  __shared__ float red[32];
+  int r = blockIdx.x, t = threadIdx.x;
+  int i0 = t * 16;
+  bool live = i0 < HD;
+  float v[16];
+#pragma unroll
+  for (int j = 0; j < 16; ++j) v[j] = 0.0f;
+  if (live) {  // combine_one's sums, split by split (same order per element, so the same bits)
+    int h = i0 / D, d0 = i0 % D;
+    long long nh = (long long)r * (HD / D) + h;
+    float M = combine_max(ml, nh, S), ls = 0.0f;
+    for (int s = 0; s < S; ++s) {
+      float ms = ml[(nh * S + s) * 2];
+      if (ms == -QT_INF) continue;
+      float c = expf(ms - M);
+      const float4* ps = (const float4*)(part + (nh * S + s) * D + d0);
+#pragma unroll
+      for (int q4 = 0; q4 < 4; ++q4) {
+        float4 pv = ps[q4];
+        v[4 * q4] += c * pv.x; v[4 * q4 + 1] += c * pv.y; v[4 * q4 + 2] += c * pv.z; v[4 * q4 + 3] += c * pv.w;
+      }
+      ls += c * ml[(nh * S + s) * 2 + 1];
+    }
+#pragma unroll
+    for (int j = 0; j < 16; ++j) v[j] = v[j] / ls;
+  }
+  store_and_quant(v, out + (long long)r * HD + i0, pqs, r, t, live, red, HD, scheme, in_scale, outh, hscale, hperm,
+                  outq, qscale);
+}
+
+#define QT_ATTN_ARGS const float*, const long long*, int, const void*, const u8*, const void*, const u8*, int, float, \
+  float, float*, float*, int, int, int, int, float
+template __global__ void attn_partial<64, 8>(QT_ATTN_ARGS);
+template __global__ void attn_partial<128, 8>(QT_ATTN_ARGS);
+template __global__ void attn_partial<256, 4>(QT_ATTN_ARGS);

@@ -24,6 +24,22 @@ __device__ __forceinline__ void h2x2f(unsigned v, float& lo, float& hi) {
   lo = h2f((unsigned short)(v & 0xffffu)); hi = h2f((unsigned short)(v >> 16));
 }
 
+// Programmatic dependent launch (sm_90+; no-ops when the kernel was launched without the attribute, and on
+// older GPUs). Every qtool kernel calls pdl_wait() in every block before it reads anything an earlier kernel
+// wrote or writes anything (so a kernel launched early by qtool/kernels/pdl.py is ordered as if it were not),
+// and pdl_trigger() to let the next kernel be scheduled once all of its blocks have started.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+#define QT_PDL_ENTRY pdl_wait(); pdl_trigger();
+
 // exact scalar e4m3fn decode
 __device__ __forceinline__ float e4m3_to_f32(unsigned c) {
   unsigned e = (c >> 3) & 15u, m = c & 7u;

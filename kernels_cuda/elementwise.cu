@@ -11,6 +11,7 @@
 
 extern "C" __global__ void embed_gather(const int* __restrict__ ids, const bf16_t* __restrict__ table,
                                         float* __restrict__ out, int H) {
+  QT_PDL_ENTRY
   long long row = ids[blockIdx.x];
   const bf16_t* src = table + row * H;
   float* dst = out + (long long)blockIdx.x * H;
@@ -19,6 +20,7 @@ extern "C" __global__ void embed_gather(const int* __restrict__ ids, const bf16_
 
 extern "C" __global__ void embed_gather_f32(const int* __restrict__ ids, const float* __restrict__ table,
                                             float* __restrict__ out, int H) {
+  QT_PDL_ENTRY
   long long row = ids[blockIdx.x];
   const float* src = table + row * H;
   float* dst = out + (long long)blockIdx.x * H;
@@ -27,6 +29,7 @@ extern "C" __global__ void embed_gather_f32(const int* __restrict__ ids, const f
 
 extern "C" __global__ void rmsnorm_residual(const float* __restrict__ x, const float* res, const float* __restrict__ w,
                                             float* __restrict__ y, float* res_out, int H, float eps) {
+  QT_PDL_ENTRY
   // values stay in registers between the two passes: up to 16 per thread (H <= 16 * blockDim.x)
   __shared__ float red[32];
   long long base = (long long)blockIdx.x * H;
@@ -55,6 +58,7 @@ extern "C" __global__ void rmsnorm_residual(const float* __restrict__ x, const f
 }
 
 extern "C" __global__ void silu_mul(const float* __restrict__ gu, float* __restrict__ out, int I) {
+  QT_PDL_ENTRY
   int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= I) return;
   long long r = blockIdx.y;

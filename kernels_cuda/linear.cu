@@ -132,6 +132,7 @@ __global__ void __launch_bounds__(256) gemv(const float* __restrict__ x, int ldx
                                             const void* __restrict__ sc, const float* __restrict__ zp, float gs,
                                             float s2, const float* __restrict__ bias, float* __restrict__ y,
                                             int ldy, int M, int O, int K, int sld, int sbo, int sbi) {
+  QT_PDL_ENTRY
   constexpr int EPV = Epv<F>::v;
   constexpr int U = 4;
   int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -178,6 +179,7 @@ __global__ void __launch_bounds__(256) gemv_h(const unsigned short* __restrict__
                                               const float* __restrict__ bias, float* __restrict__ y, int ldy, int M,
                                               int O, int K, int sld, int sbo, int sbi_log2,
                                               const float* __restrict__ xsc, int xsc_log2) {
+  QT_PDL_ENTRY
   constexpr int EPV = F == FMT_FP8 ? 16 : 32;
   constexpr int U = 4;
   int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -275,6 +277,7 @@ __global__ void __launch_bounds__(256) gemm(const float* __restrict__ x, int ldx
                                             const void* __restrict__ sc, const float* __restrict__ zp, float gs,
                                             float s2, const float* __restrict__ bias, float* __restrict__ y,
                                             int ldy, int M, int O, int K, int sld, int sbo, int sbi) {
+  QT_PDL_ENTRY
   const int BM = 64, BN = 64, BK = 16;
   __shared__ float As[BK][BM + 4], Bs[BK][BN + 4];
   int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
@@ -366,6 +369,7 @@ __device__ __forceinline__ void store_frag(float* p, int ld, int ra, int rb, boo
 extern "C" __global__ void __launch_bounds__(128) gemv_mma(const u8* __restrict__ xq, const float* __restrict__ xs,
     int xs_group, const u8* __restrict__ wq, const float* __restrict__ ws, float* __restrict__ part, int M, int O,
     int K, int sld, int sbo, int sbi_log2, int kslice) {
+  QT_PDL_ENTRY
   int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   int g = lane >> 2, t = lane & 3;
   int r0 = (blockIdx.x * 4 + warp) * 16;
@@ -420,6 +424,7 @@ extern "C" __global__ void __launch_bounds__(128) gemv_mma(const u8* __restrict_
 
 extern "C" __global__ void gemv_mma_reduce(const float* __restrict__ part, int S, const float* __restrict__ bias,
                                            float* __restrict__ y, int ldy, int M, int O) {
+  QT_PDL_ENTRY
   int o = blockIdx.x * blockDim.x + threadIdx.x, m = blockIdx.y;
   if (o >= O) return;
   float a = bias ? bias[o] : 0.0f;
@@ -438,6 +443,7 @@ extern "C" __global__ void gemv_mma_reduce(const float* __restrict__ part, int S
 // of its 64 rows in slice order (deterministic: bias first, then s = 0..S-1, as gemv_mma_reduce), writes y and
 // resets its counter to zero (so the next launch, and every CUDA graph replay, finds zeros). grid (ceil(O/64),
 // S), block 128.
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" :: "l"(p)); }
 __device__ __forceinline__ float ld_cg(const float* p) {
   float v; asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p)); return v;
 }
@@ -463,6 +469,16 @@ __device__ __forceinline__ void gemv_mma_deep(const u8* __restrict__ xq, const f
   const float* wsb = ws + (long long)((vb ? rb : 0) / sbo) * sld;
   int ng = (K + 127) / 128;
   bool grouped = sbi_log2 >= 0 || xs_group;
+  // PDL: this warp's weights for its first two k steps go to L2 before waiting for the previous kernel (the
+  // weights are constant; x̂, the scales' consumers, part, cnt and y are only touched after pdl_wait)
+  if (r0 < O && t == 0) {
+#pragma unroll
+    for (int j = 0; j < U; ++j) {
+      int k = k0 + 128 * j;
+      if (k < k1) { if (va) prefetch_l2(pa + k); if (vb) prefetch_l2(pb + k); }
+    }
+  }
+  QT_PDL_ENTRY
   float acc[4] = {0.f, 0.f, 0.f, 0.f};  // rows (ra, m0), (ra, m1), (rb, m0), (rb, m1)
   float d[4] = {0.f, 0.f, 0.f, 0.f};    // unscaled sums (per-row scales)
   if (r0 < O) {

@@ -31,6 +31,7 @@ extern "C" __global__ void rope_kv_write(const float* __restrict__ qs, int ldq, 
                                          const float* __restrict__ kn, float eps, float* __restrict__ q_out,
                                          void* kc, u8* ks, void* vc, u8* vs, int kv_fmt, float k_scale,
                                          float v_scale, int Hq, int Hkv, int D, int L) {
+  QT_PDL_ENTRY
   __shared__ float buf[1024];
   __shared__ float red[32];
   int n = blockIdx.x, h = blockIdx.y, d = threadIdx.x;

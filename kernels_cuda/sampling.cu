@@ -24,6 +24,7 @@ __device__ __forceinline__ float hash_uniform(unsigned long long z) {
 extern "C" __global__ void __launch_bounds__(1024) sample_tokens(const float* __restrict__ logits, int ldl, int V,
     long long* __restrict__ out, int B, float temperature, int top_k, float top_p, const float* __restrict__ u,
     unsigned long long* rng) {
+  QT_PDL_ENTRY
   __shared__ float redf[32];
   __shared__ int redi[32];
   __shared__ float wsum[32];

@@ -5,8 +5,8 @@ PyTorch bf16 torch.compile(mode="reduce-overhead") static-cache decoder, all in 
 Contract: `python3 scripts/bench_decode.py [--grid quick|full] [--json out.json]`. Weights of Llama-3.1-8B /
 Qwen3-8B / SmolLM2-135M shape are generated on the GPU directly in the kernels' layouts (random codes, no
 checkpoint). One decode step = embed, per layer (rmsnorm + act-quant, qkv GEMV, RoPE + KV write, split attention,
-act-quant, o GEMV, rmsnorm + act-quant, gate_up GEMV, silu*mul + act-quant, down GEMV; "+" = one fused kernel
-where the linear takes an mma path, unless --no-fuse), final norm, lm_head (bf16, as ModelOpt exports it), GPU
+split merge + act-quant, o GEMV, rmsnorm + act-quant, gate_up GEMV, silu*mul + act-quant, down GEMV; "+" = one
+fused kernel where the linear takes an mma path, unless --no-fuse), final norm, lm_head (bf16, as ModelOpt exports it), GPU
 sampling, position advance: captured once as a CUDA graph, timed over replays with CUDA events (median of 5
 blocks of 20 tokens). The KV cache is filled with random codes to the context length. Prints per row: tok/s,
 bytes moved per token (weights + KV read), the bandwidth limit (copy bandwidth measured here / bytes), and
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -107,7 +108,8 @@ class Decoder:
             k = qkv[:, qn:qn + kn].view(-1, self.HKV, self.D)
             v = qkv[:, qn + kn:].view(-1, self.HKV, self.D)
             qr = ops.rope_and_store(q, k, v, pos, self.cache, i, self.cos, self.sin, 1)
-            x = ops.linear(ops.attention(qr, pos, self.cache, i, 1), Ly["o"])
+            att, pre = ops.attention_quant(qr, pos, self.cache, i, 1, Ly["o"]) if FUSE else (ops.attention(qr, pos, self.cache, i, 1), None)
+            x = ops.linear(att, Ly["o"], pre=pre)
             m, res, pre = ops.rmsnorm_quant(x, Ly["n2"], 1e-5, res, Ly["gu"]) if FUSE else (*ops.rmsnorm(x, Ly["n2"], 1e-5, res), None)
             gu = ops.linear(m, Ly["gu"], pre=pre)
             act, pre = ops.silu_mul_quant(gu, Ly["down"]) if FUSE else (ops.silu_mul(gu), None)
@@ -132,7 +134,8 @@ def time_graph(fn_next, n_blocks=5, per_block=20):
     return statistics.median(times)
 
 
-def bench_qtool(shape, fmt, kv, ctx):
+def _decode_loop(shape, fmt, kv, ctx):
+    """(Decoder, step function): one captured decode step + sampling, replayed at position ctx."""
     from qtool.runtime.backends.cuda import DecodeLoop
 
     class _Be:  # DecodeLoop needs only the rng buffer
@@ -147,11 +150,46 @@ def bench_qtool(shape, fmt, kv, ctx):
     def nxt():
         loop.pos.fill_(ctx)   # stay at the context length (a tiny memset captured outside the graph)
         loop.graph.replay()
+    return dec, loop, nxt
+
+
+def bench_qtool(shape, fmt, kv, ctx):
+    dec, loop, nxt = _decode_loop(shape, fmt, kv, ctx)
     t = time_graph(nxt)
     out = dict(weight_bytes=dec.weight_bytes, kv_bytes=dec.kv_bytes, sec_per_tok=t)
     del loop, dec
     torch.cuda.empty_cache()
     return out
+
+
+def profile_step(shape="llama3.1-8b", fmt="fp8", kv="bf16", ctx=512, tokens=20):
+    """Per-kernel GPU time per token inside the replayed decode graph (torch.profiler / CUPTI), against the
+    replay wall time: the difference is launch gaps and idle time between kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    dec, loop, nxt = _decode_loop(shape, fmt, kv, ctx)
+    wall = time_graph(nxt)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(tokens):
+            nxt()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None)
+        if us is None:
+            us = getattr(e, "cuda_time_total", 0.0)
+        if us > 0:
+            rows.append((us / tokens, e.count / tokens, e.key))
+    rows.sort(reverse=True)
+    busy = sum(r[0] for r in rows)
+    print(f"\nprofile {shape} {fmt} kv={kv} ctx {ctx} ({'PDL' if ops.pdl.available() else 'no PDL'}): "
+          f"wall {wall * 1e6:.0f} us/token, kernels {busy:.0f} us/token "
+          f"(gaps and overlap {wall * 1e6 - busy:+.0f} us)")
+    print("| kernel | launches/token | us/token |")
+    print("|---|---|---|")
+    for us, cnt, name in rows[:16]:
+        print(f"| {name[:70]} | {cnt:.0f} | {us:.1f} |")
+    del loop, dec
+    torch.cuda.empty_cache()
 
 
 class TorchPeer(torch.nn.Module):
@@ -260,15 +298,8 @@ GRIDS["full"] = GRIDS["quick"] + [(s, f, kv, c) for s in ("llama3.1-8b", "qwen3-
 
 def graph_time(fn, reps=20):
     """Seconds per call of fn, from a CUDA graph holding `reps` calls (launch gaps included, no Python)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
+    from qtool.runtime.backends.cuda import warm_and_capture
+    g, _ = warm_and_capture(lambda: [fn() for _ in range(reps)])
     return time_graph(g.replay, n_blocks=5, per_block=5) / reps
 
 
@@ -361,13 +392,26 @@ def main():
     ap.add_argument("--grid", default="quick", choices=sorted(GRIDS))
     ap.add_argument("--peer", default="llama3.1-8b:512", help="shape:ctx list for the torch peer, comma-separated")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", action="store_true",
+                    help="only the per-kernel profile of the Llama-3.1-8B FP8 decode step, with and without PDL")
+    ap.add_argument("--pdl-compare", action="store_true",
+                    help="also time the Llama-3.1-8B fp8 and bf16 rows with plain launches (QTOOL_PDL=0)")
     ap.add_argument("--no-fuse", action="store_true",
-                    help="unfused rmsnorm / silu_mul + act_quant (for comparison)")
+                    help="unfused rmsnorm / silu_mul / attention combine + act_quant (for comparison)")
     args = ap.parse_args()
     global FUSE
     FUSE = not args.no_fuse
     if args.gemv:
         gemv_table()
+        return
+    if args.profile:
+        for pdl_on in ("1", "0"):
+            os.environ["QTOOL_PDL"] = pdl_on
+            try:
+                profile_step()
+            except Exception as exc:
+                print(f"FAILED profile: {type(exc).__name__}: {exc}", flush=True)
+        del os.environ["QTOOL_PDL"]
         return
     bw = copy_bandwidth()
     if args.kernels:
@@ -388,6 +432,18 @@ def main():
         r.update(engine="qtool", shape=shape, fmt=fmt, kv=kv, ctx=ctx)
         rows.append(r)
         _print(r, bw)
+    if args.pdl_compare and ops.pdl.available():
+        os.environ["QTOOL_PDL"] = "0"
+        for cfg in (("llama3.1-8b", "fp8", "bf16", 512), ("llama3.1-8b", "bf16", "bf16", 512)):
+            try:
+                r = bench_qtool(*cfg)
+            except Exception as exc:
+                print(f"FAILED no-PDL {cfg}: {type(exc).__name__}: {exc}", flush=True)
+                continue
+            r.update(engine="qtool (no PDL)", shape=cfg[0], fmt=cfg[1], kv=cfg[2], ctx=cfg[3])
+            rows.append(r)
+            _print(r, bw)
+        del os.environ["QTOOL_PDL"]
     for spec in filter(None, args.peer.split(",")):
         shape, ctx = spec.split(":")
         try:

@@ -27,8 +27,9 @@ for be in ("cuda", "torch"):
 print("CLI cuda == torch:", outs["cuda"] == outs["torch"])
 PYEOF
 t1=$(date +%s)
-if [ "$GRID" != "none" ]; then timeout "${BENCH_BUDGET_S:-220}" $PY scripts/bench_decode.py ${BENCH_ARGS:-} --grid "$GRID" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"; fi
+if [ "$GRID" != "none" ]; then timeout "${BENCH_BUDGET_S:-220}" $PY scripts/bench_decode.py --kernels --pdl-compare ${BENCH_ARGS:-} --grid "$GRID" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"; fi
 if [ "$GRID" != "none" ]; then timeout "${GEMV_BUDGET_S:-90}" $PY scripts/bench_decode.py --gemv 2>&1 | tee "$OUT/gemv.log"; fi
+if [ "$GRID" != "none" ]; then timeout "${PROFILE_BUDGET_S:-60}" $PY scripts/bench_decode.py --profile 2>&1 | tee "$OUT/profile.log"; fi
 t2=$(date +%s)
 echo "=== summary: tests $((t1 - t0)) s, bench $((t2 - t1)) s"
 grep -E "passed|failed" "$OUT/pytest.log" | tail -1
@@ -36,4 +37,5 @@ grep -E "CLI cuda" "$OUT/cli.log"
 grep -E "^FAILED" "$OUT/pytest.log" | cut -c1-200 | head -40
 grep -E "qtool CUDA:" "$OUT/pytest.log" "$OUT/bench.log" "$OUT/gemv.log" 2>/dev/null | sort -u | head -5
 [ -f "$OUT/gemv.log" ] && grep -E "^\| " "$OUT/gemv.log"
-[ -f "$OUT/bench.log" ] && grep -E "^\| (qtool|torch)|copy bandwidth|FAILED" "$OUT/bench.log"
+[ -f "$OUT/profile.log" ] && grep -E "^profile|FAILED" "$OUT/profile.log"
+[ -f "$OUT/bench.log" ] && grep -E "^\| (qtool|torch|attention)|copy bandwidth|FAILED" "$OUT/bench.log"

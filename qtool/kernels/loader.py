@@ -24,7 +24,7 @@ _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
 TEMPLATES = {
     "linear": [f"gemv<{f}, {m}>" for f in range(5) for m in (1, 2, 4, 8)] + [f"gemm<{f}>" for f in range(5)]
               + [f"gemv_h<{f}, {m}>" for f in range(1, 5) for m in (1, 2, 4, 8)],
-    "attention": [f"attn_partial<{d}>" for d in (64, 128, 256)],
+    "attention": [f"attn_partial<{d}, {pu}>" for d, pu in ((64, 8), (128, 8), (256, 4))],
 }
 
 

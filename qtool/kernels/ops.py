@@ -7,12 +7,13 @@ One allocator: all memory comes from torch (CuPy allocates nothing).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 import torch
 
-from qtool.kernels import loader
+from qtool.kernels import loader, pdl
 from qtool.kernels.weights import KLinear
 
 i32, f32 = np.int32, np.float32
@@ -24,7 +25,17 @@ def ptr(t: torch.Tensor | None) -> np.uint64:
 
 
 def launch(file: str, name: str, grid, block, args) -> None:
+    """One kernel on torch's current stream: with programmatic dependent launch where available (pdl.py; the
+    kernels wait for their predecessor in-kernel), else through CuPy."""
     fn = loader.function(file, name)
+    if pdl.available():
+        try:
+            pdl.launch(fn, grid, block, torch.cuda.current_stream().cuda_stream, args)
+            return
+        except RuntimeError as exc:
+            import warnings
+            warnings.warn(f"qtool CUDA: programmatic dependent launch failed ({exc}); plain launches from now on")
+            pdl.disable()
     with _stream():
         fn(tuple(grid), tuple(block), tuple(args))
 
@@ -297,12 +308,41 @@ def _kslices(K: int, S: int, gran: int) -> tuple[int, int]:
 
 def _mma4_split(O: int, K: int, U: int = 4) -> tuple[int, int]:
     """K slices for gemv_mma4: about 2560 warps of 16 rows (~20 resident per SM at 90 registers on 132 SMs,
-    4 KB of weight loads in flight each); slices are multiples of 256 (one k step). gemv_mma8 (158 registers,
-    ~12 warps per SM, 8 KB each): about 1536 warps, slices multiples of 512."""
+    4 KB of weight loads in flight each), but never more blocks than fit at once (one wave): run 4 measured a
+    second, partial wave costing more than the extra warps gain (28672x4096: S=2, 1.36 waves, 3124 GB/s; S=1,
+    0.68 wave, 3545 GB/s). Slices are multiples of 256 (one k step). gemv_mma8 (158 registers, ~12 warps per
+    SM, 8 KB each): about 1536 warps, slices multiples of 512."""
     warps = max(1, math.ceil(O / 16))
     step = 64 * U
     target = 2560 if U == 4 else 1536
-    return _kslices(K, max(1, min(math.ceil(target / warps), math.ceil(K / step))), step)
+    S = max(1, min(math.ceil(target / warps), math.ceil(K / step)))
+    tiles = math.ceil(O / 64)
+    S = max(1, min(S, _resident_blocks(U) // tiles))
+    return _kslices(K, S, step)
+
+
+@functools.lru_cache(maxsize=None)
+def _resident_blocks(U: int) -> int:
+    """Blocks of gemv_mma{U} (128 threads) resident at once on the current GPU: registers per SM / registers
+    per block (the compiled kernel's count, ~92 or ~158 per thread, rounded to the 256-register warp
+    allocation unit) x SMs."""
+    try:
+        regs = int(loader.function("linear", f"gemv_mma{U}").num_regs)
+    except Exception:  # noqa: BLE001 - an attribute CuPy lacks: the nvcc -Xptxas -v counts
+        regs = 92 if U == 4 else 158
+    per_warp = math.ceil(regs * 32 / 256) * 256
+    per_sm = 65536 // (4 * per_warp)
+    return per_sm * _sm_count()
+
+
+_SMS: dict = {}
+
+
+def _sm_count() -> int:
+    dev = torch.cuda.current_device()
+    if dev not in _SMS:
+        _SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
+    return _SMS[dev]
 
 
 # ticket counters of gemv_mma4, one u32 per 64-row tile, zero between launches (the last block resets its own)
@@ -351,6 +391,8 @@ def _self_check(name: str) -> bool:
         return _self_check_mma4(g, dev)
     if name == "silu_quant":
         return _self_check_silu_quant(g, dev)
+    if name == "attn_quant":
+        return _self_check_attn_quant(g, dev)
     if name == "mma":
         kl = KLinear(1, O, K, w, sc=torch.rand(O, generator=g, device=dev) * 1e-2 + 1e-3, sbo=1, sbi=K, act=2)
     else:
@@ -466,27 +508,90 @@ def rope_and_store(q, k, v, positions, cache: KVCache, layer: int, cos: torch.Te
     return q_out
 
 
-def attention(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, layer: int, T: int) -> torch.Tensor:
-    """q [N,Hq,d] f32 contiguous; positions int64 [N]; returns [N, Hq*d]."""
+ATTN_PU = {64: 8, 128: 8, 256: 4}   # positions in flight per warp of attn_partial<D, PU> (loader.TEMPLATES)
+
+
+def _attn_partial(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, layer: int, T: int):
+    """attn_partial over every split: (part f32 [N, Hq, S, D], ml f32 [N, Hq, S, 2])."""
     N, Hq, D = q.shape
     Hkv = cache.hkv
-    if Hq % Hkv or Hq // Hkv > 8 or D not in (64, 128, 256):
+    if Hq % Hkv or Hq // Hkv > 8 or D not in ATTN_PU:
         raise ValueError(f"attention kernel supports head_dim 64/128/256 and <= 8 query heads per KV head "
                          f"(got d={D}, {Hq}/{Hkv})")
     S = cache.splits
     part = torch.empty(N, Hq, S, D, dtype=torch.float32, device=q.device)
     ml = torch.empty(N, Hq, S, 2, dtype=torch.float32, device=q.device)
-    out = torch.empty(N, Hq * D, dtype=torch.float32, device=q.device)
     kc, ks = cache.k[layer]
     vc, vs = cache.v[layer]
     pos = positions.reshape(-1).to(torch.int64).contiguous()
     q = q.contiguous()
-    launch("attention", f"attn_partial<{D}>", (N * Hkv, S), (128,),
+    launch("attention", f"attn_partial<{D}, {ATTN_PU[D]}>", (N * Hkv, S), (128,),
            (ptr(q), ptr(pos), i32(T), ptr(kc), ptr(ks), ptr(vc), ptr(vs), i32(cache.code),
             f32(cache.k_scales[layer]), f32(cache.v_scales[layer]), ptr(part), ptr(ml), i32(Hq), i32(Hkv),
             i32(cache.max_len), i32(cache.chunk), f32(1.0 / math.sqrt(D))))
-    launch("attention", "attn_combine", (N * Hq,), (D,), (ptr(part), ptr(ml), ptr(out), i32(S), i32(D)))
+    return part, ml
+
+
+def attention(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, layer: int, T: int) -> torch.Tensor:
+    """q [N,Hq,d] f32 contiguous; positions int64 [N]; returns [N, Hq*d]."""
+    N, Hq, D = q.shape
+    part, ml = _attn_partial(q, positions, cache, layer, T)
+    out = torch.empty(N, Hq * D, dtype=torch.float32, device=q.device)
+    launch("attention", "attn_combine", (N * Hq,), (D,), (ptr(part), ptr(ml), ptr(out), i32(cache.splits), i32(D)))
     return out
+
+
+def attention_quant(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, layer: int, T: int, kl: KLinear):
+    """``attention`` with the split merge fused with the activation quantization of the o projection ``kl``
+    (attn_combine_quant), when that linear takes the mma or half decode path: returns (out, pre) as
+    rmsnorm_quant; pre None when nothing was fused (out then comes from ``attention``)."""
+    N, Hq, D = q.shape
+    HD = Hq * D
+    path = decode_path(kl, N)
+    if (path not in (*MMA_PATHS, "half") or HD % 16 or D % 16 or HD > 16 * 1024 or kl.perm is not None
+            or not _path_ok("attn_quant")):
+        return attention(q, positions, cache, layer, T), None
+    part, ml = _attn_partial(q, positions, cache, layer, T)
+    out = torch.empty(N, HD, dtype=torch.float32, device=q.device)
+    pre = _quant_outputs(kl, N, HD, path, q.device)
+    pre["path"] = path
+    _launch_combine_quant(part, ml, out, cache.splits, D, kl, pre, path)
+    return out, pre
+
+
+def _launch_combine_quant(part, ml, out, S, D, kl, pre, path) -> None:
+    N, HD = out.shape
+    launch("attention", "attn_combine_quant", (N,), (_threads(HD),),
+           (ptr(part), ptr(ml), ptr(out), i32(S), i32(D), i32(HD), i32(kl.act), ptr(kl.in_scale), ptr(kl.pqs),
+            ptr(pre.get("xh")), ptr(pre.get("hs")), i32(0 if path != "half" else (1 if kl.fmt == 1 else 2)),
+            ptr(pre.get("xq")), ptr(pre.get("xs", pre.get("xsc")))))
+
+
+def _self_check_attn_quant(g, dev) -> bool:
+    """attn_combine_quant == attn_combine + act_quant bit for bit (out, e4m3 codes, scales) for per-tensor,
+    per-token and per-128-group fp8 activations, with empty splits (ragged positions)."""
+    import warnings
+    hq, hkv, d, L = 8, 2, 128, 200
+    cache = KVCache("bf16", 2, L, 1, hkv, d, dev, [1.0], [1.0])
+    for t in (cache.k[0][0], cache.v[0][0]):
+        t.copy_(torch.randn(t.shape, generator=g, device=dev))
+    pos = torch.tensor([[37], [150]], device=dev)
+    q = torch.randn(2, hq, d, generator=g, device=dev)
+    for act in (1, 2, 3):
+        w = torch.zeros(64, hq * d, dtype=torch.uint8, device=dev)
+        kl = KLinear(1, 64, hq * d, w, sc=torch.ones(64, device=dev), sbo=1, sbi=hq * d, act=act,
+                     in_scale=torch.full((1,), 0.01, device=dev) if act == 1 else None)
+        ref_out = attention(q, pos, cache, 0, 1)
+        ref = act_quant(ref_out, kl, codes=True)
+        part, ml = _attn_partial(q, pos, cache, 0, 1)
+        out = torch.full_like(ref_out, float("nan"))
+        pre = _quant_outputs(kl, 2, hq * d, "mma", dev)
+        _launch_combine_quant(part, ml, out, cache.splits, d, kl, pre, "mma")
+        if not (torch.equal(out, ref_out) and torch.equal(pre["xq"], ref["xq"]) and torch.equal(pre["xs"], ref["xs"])):
+            warnings.warn(f"qtool CUDA: attn_combine_quant differs from attn_combine + act_quant (act={act}); "
+                          "unfused")
+            return False
+    return True
 
 
 # ---------------------------------------------------------------- sampling

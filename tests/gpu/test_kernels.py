@@ -266,6 +266,75 @@ def test_rmsnorm_fused_quant(fmt, act, m, h):
     assert rel(out, ref) < (5e-3 if pre["path"] == "half" and act == "none" else 1e-4)
 
 
+@pytest.mark.parametrize("fmt,act", [("fp8", "fp8"), ("fp8-rowwise", "fp8-token"), ("fp8-block", "fp8-block"),
+                                     ("nvfp4", "nvfp4"), ("int4-awq", "none")])
+@pytest.mark.parametrize("kv,d,hq,hkv", [("bf16", 128, 32, 8), ("fp8", 64, 9, 3), ("nvfp4", 128, 8, 8)])
+def test_attention_fused_quant(fmt, act, kv, d, hq, hkv):
+    """attention_quant (split merge fused with the o projection's input quantization) == attention followed by
+    linear: the merged output bit for bit, and the o projection of it against the float64 reference of the
+    quantized input; ragged positions leave some splits empty."""
+    from qtool.kernels import ops
+    from qtool.kernels.weights import prepare_linear
+    g = torch.Generator().manual_seed(d + hq + len(fmt) + len(kv))
+    lw = _lw(fmt, torch.randn(160, hq * d, generator=g) * 0.05, act, g)
+    kl = prepare_linear(lw, DEV)
+    B, L = 3, 700
+    cache = ops.KVCache(kv, B, L, 1, hkv, d, DEV, [0.05], [0.04])
+    for pair in cache.k + cache.v:
+        for t in pair:
+            if t is not None:
+                t.copy_(torch.randn(t.shape, generator=g).to(t.dtype) if t.dtype == torch.bfloat16 else
+                        torch.randint(0, 0x7e, t.shape, generator=g, dtype=torch.uint8))
+    pos = torch.tensor([[5], [300], [699]], device=DEV)
+    q = torch.randn(B, hq, d, generator=g).to(DEV)
+    poison()
+    out, pre = ops.attention_quant(q, pos, cache, 0, 1, kl)
+    assert pre is not None and pre["path"] in ("mma4", "mma", "half")
+    assert torch.equal(out, ops.attention(q, pos, cache, 0, 1))
+    y = ops.linear(out, kl, pre=pre)
+    ref = lw.quantize_input(out.cpu()).double() @ lw.dequantize().double().t()
+    if lw.bias is not None:
+        ref = ref + lw.bias.double()
+    assert rel(y, ref) < (5e-3 if pre["path"] == "half" and act == "none" else 1e-4)
+
+
+def test_pdl_launch_chain_and_graph():
+    """Kernels launched with programmatic dependent launch (the default on sm_90+) give the plain launches'
+    bits: a chain of dependent kernels (rmsnorm -> fused quant -> gemv_mma4 -> attention merge) eager and
+    replayed from a CUDA graph, against the same chain with QTOOL_PDL=0."""
+    import os
+    from qtool.kernels import ops
+    from qtool.kernels.weights import prepare_linear
+    if not ops.pdl.available():
+        pytest.skip("no PDL on this GPU")
+    g = torch.Generator().manual_seed(7)
+    lw = _lw("fp8", torch.randn(4096, 1024, generator=g) * 0.05, "fp8", g)
+    kl = prepare_linear(lw, DEV)
+    x0, w = torch.randn(1, 1024, generator=g).to(DEV), (torch.rand(1024, generator=g) + 0.5).to(DEV)
+
+    def chain():
+        x = x0
+        for _ in range(6):
+            y, _, pre = ops.rmsnorm_quant(x, w, 1e-6, None, kl)
+            h = ops.linear(y, kl, pre=pre)          # [1, 4096]
+            x = ops.silu_mul(h)[:, :1024].contiguous() * 1.0
+        return x
+
+    ref = None
+    try:
+        os.environ["QTOOL_PDL"] = "0"
+        ref = chain().clone()
+    finally:
+        del os.environ["QTOOL_PDL"]
+    assert torch.equal(chain(), ref)
+    from qtool.runtime.backends.cuda import warm_and_capture
+    gr, out = warm_and_capture(chain)
+    for _ in range(3):
+        gr.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, ref)
+
+
 @pytest.mark.parametrize("fmt", ["gptq", "gptq-actorder", "autoawq", "fp8-deepseek"])
 def test_linear_packed_formats(fmt):
     """GPTQ / AutoAWQ / DeepSeek-FP8 tensors built by the independent test packers' layouts."""

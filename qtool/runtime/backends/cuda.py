@@ -31,6 +31,7 @@ class CudaBackend:
         self.notes: list[str] = []
         self._consumer: dict[int, object] = {}   # id(norm weight) -> the LinearWeights reading its output
         self._down: dict[int, object] = {}       # id(gate_up LinearWeights) -> that layer's down projection
+        self._o_proj: list = []                  # layer index -> its o projection (reads the attention output)
         self._next_down = None                   # the down projection after the last gate_up linear
         self._pre: dict = {}                     # (data_ptr of a norm output, id(linear)) -> quantized forms
         self.fuse = True
@@ -54,6 +55,7 @@ class CudaBackend:
             self._consumer[id(L.input_norm)] = L.qkv
             self._consumer[id(L.post_attn_norm)] = L.gate_up
             self._down[id(L.gate_up)] = L.down
+        self._o_proj = [L.o for L in weights.layers]
         head = weights.lm_head
         hw = head.tensors.get("weight")
         if (head.format == "bf16" and hw is not None and hw.data_ptr() == emb.data_ptr()
@@ -149,7 +151,14 @@ class CudaBackend:
         return ops.rope_and_store(q, k, v, positions, cache, layer, self._cos, self._sin, positions.shape[1])
 
     def attention(self, q, cache, layer, positions):
-        return ops.attention(q, positions, cache, layer, positions.shape[1])
+        T = positions.shape[1]
+        kl = self._lin.get(id(self._o_proj[layer])) if (self.fuse and layer < len(self._o_proj)) else None
+        if isinstance(kl, KLinear) and q.shape[0] <= 8:
+            out, pre = ops.attention_quant(q, positions, cache, layer, T, kl)
+            if pre is not None:   # the next linear(out, o) skips its own activation quantization
+                self._pre[(out.data_ptr(), id(kl))] = pre
+            return out
+        return ops.attention(q, positions, cache, layer, T)
 
     # -- sampling, graphs, misc ----------------------------------------------------------------
     def sample(self, logits, temperature, top_k, top_p, generator):
@@ -181,7 +190,9 @@ class CudaBackend:
         return DecodeLoop(self, step, ids, positions, temperature, top_k, top_p)
 
 
-def _warm_and_capture(fn):
+def warm_and_capture(fn):
+    """(CUDA graph of fn(), its output): fn runs once on a side stream first (kernels compiled and loaded outside
+    the capture), then is captured."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -201,7 +212,7 @@ class _Captured:
     def __init__(self, step, ids, positions):
         self.ids = ids.clone()
         self.pos = positions.clone()
-        self.graph, self.out = _warm_and_capture(lambda: step(self.ids, self.pos))
+        self.graph, self.out = warm_and_capture(lambda: step(self.ids, self.pos))
 
     def __call__(self, ids, positions):
         self.ids.copy_(ids)
@@ -225,7 +236,7 @@ class DecodeLoop:
             self.ids.copy_(tok.view_as(self.ids))
             self.pos.add_(1)
             return tok
-        self.graph, self.tok = _warm_and_capture(body)
+        self.graph, self.tok = warm_and_capture(body)
         self.ids.copy_(start_ids)    # undo the warm-up's advance (its cache writes are overwritten later)
         self.pos.copy_(start_pos)
 

@@ -1,0 +1,92 @@
+"""Kernel launches with programmatic dependent launch (PDL, sm_90+) through the driver's ``cuLaunchKernelEx``.
+
+Contract: ``launch(kernel, grid, block, stream_handle, args)`` launches a CuPy ``RawKernel`` with the attribute
+CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, so the kernel may be scheduled while the previous kernel in
+the stream is still running; every qtool kernel calls ``pdl_wait()`` (kernels_cuda/common.cuh) before touching
+data of earlier kernels, so results are those of plain launches. Stream capture turns the attribute into a
+programmatic edge of the CUDA graph. ``available()`` is False (and callers launch through CuPy) below sm_90,
+when ``QTOOL_PDL=0``, or when the driver lacks the entry point; a failing launch raises ``RuntimeError``.
+Arguments are numpy scalars as CuPy takes them (np.uint64 pointers, np.int32, np.float32).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+
+import numpy as np
+
+_ATTR_PROGRAMMATIC_STREAM_SERIALIZATION = 6
+
+
+class _Attr(ctypes.Structure):        # CUlaunchAttribute: id, pad to 8, 64-byte value union
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
+
+
+class _Config(ctypes.Structure):      # CUlaunchConfig
+    _fields_ = [("gx", ctypes.c_uint), ("gy", ctypes.c_uint), ("gz", ctypes.c_uint),
+                ("bx", ctypes.c_uint), ("by", ctypes.c_uint), ("bz", ctypes.c_uint),
+                ("smem", ctypes.c_uint), ("stream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(_Attr)), ("nattrs", ctypes.c_uint)]
+
+
+_STATE: dict = {}
+
+
+def _entry():
+    fn = _STATE.get("fn")
+    if fn is None and "fn" not in _STATE:
+        try:
+            lib = ctypes.CDLL("libcuda.so.1")
+            fn = lib.cuLaunchKernelEx
+            fn.restype = ctypes.c_int
+            fn.argtypes = [ctypes.POINTER(_Config), ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p),
+                           ctypes.c_void_p]
+        except (OSError, AttributeError):
+            fn = None
+        _STATE["fn"] = fn
+        attr = _Attr()
+        attr.id = _ATTR_PROGRAMMATIC_STREAM_SERIALIZATION
+        attr.value[0] = 1
+        _STATE["attr"] = attr
+    return fn
+
+
+def available() -> bool:
+    """PDL launches are possible here and not switched off (QTOOL_PDL=0)."""
+    if os.environ.get("QTOOL_PDL", "1") == "0":
+        return False
+    ok = _STATE.get("ok")
+    if ok is None:
+        import torch
+        ok = (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9 and _entry() is not None)
+        _STATE["ok"] = ok
+    return ok
+
+
+def disable() -> None:
+    """No PDL launches for the rest of the process (after a failed launch)."""
+    _STATE["ok"] = False
+
+
+def _c_arg(a):
+    if isinstance(a, np.uint64):
+        return ctypes.c_uint64(int(a))
+    if isinstance(a, np.int32):
+        return ctypes.c_int32(int(a))
+    if isinstance(a, np.float32):
+        return ctypes.c_float(float(a))
+    raise TypeError(f"unsupported kernel argument type {type(a).__name__}")
+
+
+def launch(kernel, grid, block, stream_handle: int, args) -> None:
+    fn = _entry()
+    grid = tuple(grid) + (1,) * (3 - len(grid))
+    block = tuple(block) + (1,) * (3 - len(block))
+    cargs = [_c_arg(a) for a in args]
+    params = (ctypes.c_void_p * max(1, len(cargs)))(*[ctypes.cast(ctypes.pointer(c), ctypes.c_void_p)
+                                                      for c in cargs])
+    cfg = _Config(grid[0], grid[1], grid[2], block[0], block[1], block[2], 0, stream_handle,
+                  ctypes.pointer(_STATE["attr"]), 1)
+    rc = fn(ctypes.byref(cfg), ctypes.c_void_p(kernel.kernel.ptr), params, None)
+    if rc != 0:
+        raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {rc}")
