@@ -448,7 +448,7 @@ __device__ __forceinline__ float ld_cg(const float* p) {
   float v; asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p)); return v;
 }
 
-template <int U>
+template <int U, bool P>
 __device__ __forceinline__ void gemv_mma_deep(const u8* __restrict__ xq, const float* __restrict__ xs,
     int xs_group, const u8* __restrict__ wq, const float* __restrict__ ws, const float* __restrict__ bias,
     float* __restrict__ part, unsigned* __restrict__ cnt, float* __restrict__ y, int ldy, int M, int O, int K,
@@ -461,8 +461,11 @@ __device__ __forceinline__ void gemv_mma_deep(const u8* __restrict__ xq, const f
   int k0 = blockIdx.y * kslice, k1 = min(K, k0 + kslice);
   int ra = r0 + g, rb = r0 + g + 8;
   bool va = ra < O, vb = rb < O, vx = g < M;
+  // P (mma-tiled weights, see mma_tile_offset): lane's 16 B of row ra at k lie at tw + (k/64)*1024, row rb's
+  // 512 B further; else row-major rows pa, pb
   const u8* pa = wq + (long long)(va ? ra : 0) * K;
   const u8* pb = wq + (long long)(vb ? rb : 0) * K;
+  const u8* tw = wq + (long long)(r0 >> 4) * (K >> 6) * 1024 + lane * 16;
   const u8* px = xq + (long long)(vx ? g : 0) * K;
   int m0 = 2 * t, m1 = 2 * t + 1;
   const float* wsa = ws + (long long)((va ? ra : 0) / sbo) * sld;
@@ -471,7 +474,15 @@ __device__ __forceinline__ void gemv_mma_deep(const u8* __restrict__ xq, const f
   bool grouped = sbi_log2 >= 0 || xs_group;
   // PDL: this warp's weights for its first two k steps go to L2 before waiting for the previous kernel (the
   // weights are constant; x̂, the scales' consumers, part, cnt and y are only touched after pdl_wait)
-  if (r0 < O && t == 0) {
+  if (P && r0 < O) {            // the warp's 2U KB are contiguous: 2U*8 lines of 128 B
+    const u8* base = wq + ((long long)(r0 >> 4) * (K >> 6) + (k0 >> 6)) * 1024;
+    long long end = (long long)((k1 - k0 + 63) >> 6) * 1024;
+#pragma unroll
+    for (int j = 0; j < U / 2; ++j) {
+      int off = j * 4096 + lane * 128;
+      if (off < end) prefetch_l2(base + off);
+    }
+  } else if (r0 < O && t == 0) {
 #pragma unroll
     for (int j = 0; j < U; ++j) {
       int k = k0 + 128 * j;
@@ -489,8 +500,10 @@ __device__ __forceinline__ void gemv_mma_deep(const u8* __restrict__ xq, const f
         int k = kb + 64 * u + 16 * t;
         bool in = k < k1;
         uint4 z = make_uint4(0, 0, 0, 0);
-        A[u] = (va && in) ? ld_stream((const uint4*)(pa + k)) : z;
-        B[u] = (vb && in) ? ld_stream((const uint4*)(pb + k)) : z;
+        const u8* wa = P ? tw + (long long)(k >> 6) * 1024 : pa + k;
+        const u8* wb = P ? wa + 512 : pb + k;
+        A[u] = (va && in) ? ld_stream((const uint4*)wa) : z;
+        B[u] = (vb && in) ? ld_stream((const uint4*)wb) : z;
         X[u] = (vx && in) ? *(const uint4*)(px + k) : z;
       }
       if (grouped) {
@@ -559,5 +572,10 @@ __device__ __forceinline__ void gemv_mma_deep(const u8* __restrict__ xq, const f
   unsigned* __restrict__ cnt, float* __restrict__ y, int ldy, int M, int O, int K, int sld, int sbo, int sbi_log2, \
   int kslice
 #define QT_MMA_DEEP_PASS xq, xs, xs_group, wq, ws, bias, part, cnt, y, ldy, M, O, K, sld, sbo, sbi_log2, kslice
-extern "C" __global__ void __launch_bounds__(128) gemv_mma4(QT_MMA_DEEP_ARGS) { gemv_mma_deep<4>(QT_MMA_DEEP_PASS); }
-extern "C" __global__ void __launch_bounds__(128) gemv_mma8(QT_MMA_DEEP_ARGS) { gemv_mma_deep<8>(QT_MMA_DEEP_PASS); }
+extern "C" __global__ void __launch_bounds__(128) gemv_mma4(QT_MMA_DEEP_ARGS) { gemv_mma_deep<4, false>(QT_MMA_DEEP_PASS); }
+extern "C" __global__ void __launch_bounds__(128) gemv_mma8(QT_MMA_DEEP_ARGS) { gemv_mma_deep<8, false>(QT_MMA_DEEP_PASS); }
+// gemv_mma4p: gemv_mma4 on mma-tiled fp8 weights (ops.mma_tile_fp8): O padded to 16 rows, K % 64 == 0; byte
+// (o, k) at ((o/16 * K/64 + k/64) * 2 + (o%16)/8) * 512 + ((o%8) * 4 + (k%64)/16) * 16 + k%16, so each warp's
+// 16-B loads of one round read 512 contiguous bytes (row-major: 16 rows x 64 B) and a warp streams one
+// contiguous range. An experiment timed by bench_decode.py --gemv ("mma4 tiled").
+extern "C" __global__ void __launch_bounds__(128) gemv_mma4p(QT_MMA_DEEP_ARGS) { gemv_mma_deep<4, true>(QT_MMA_DEEP_PASS); }

@@ -349,7 +349,9 @@ def gemv_table():
     bf = {}
     # "mma4 S=1" / "mma4 S=2x": gemv_mma4 at one K slice / twice the default slices (split tuning);
     # "mma8 U=8": gemv_mma8 (8 rounds of loads in flight, default split for it)
-    for fmt, paths in (("bf16", ("f32",)), ("fp8", ("f32", "mma", "mma4", "mma4 S=1", "mma4 S=2x", "mma8 U=8")),
+    # "mma4 tiled": gemv_mma4p on the weights in mma-tiled order (each warp reads contiguous 512 B per load)
+    for fmt, paths in (("bf16", ("f32",)), ("fp8", ("f32", "mma", "mma4", "mma4 S=1", "mma4 S=2x", "mma8 U=8",
+                                                    "mma4 tiled")),
                        ("fp8-rowwise", ("mma", "mma4")), ("fp8-block", ("mma", "mma4"))):
         for O, K in shapes:
             kl = rand_linear(fmt, O, K)
@@ -362,7 +364,12 @@ def gemv_table():
                 if base.startswith("mma"):
                     pre = ops.act_quant(x[K], kl, codes=True)
                     pre["path"] = base
-                if " " in path:
+                if path == "mma4 tiled":
+                    tiled = ops.mma_tile_fp8(kl.w)
+                    y = torch.empty(1, O, device=DEV)
+                    t = graph_time(lambda: ops._launch_mma4(pre, kl, y, 1, None, 4, tiled))
+                    del tiled
+                elif " " in path:
                     U = 8 if path.endswith("U=8") else 4
                     S = None if U == 8 else 1 if path.endswith("S=1") else 2 * ops._mma4_split(O, K)[0]
                     y = torch.empty(1, O, device=DEV)

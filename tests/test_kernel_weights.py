@@ -82,3 +82,20 @@ def test_repack_int4_packed(fmt):
     kl = prepare_linear(lw, "cpu")
     assert (kl.perm is not None) == (fmt == "gptq-actorder")
     assert torch.equal(kernel_decode(kl), lw.dequantize())
+
+
+def test_mma_tile_fp8_layout():
+    """ops.mma_tile_fp8 puts byte (o, k) where linear.cu's gemv_mma4p reads it (the offset formula of its header
+    comment, evaluated here element by element), with zero padding rows."""
+    from qtool.kernels.ops import mma_tile_fp8
+    g = torch.Generator().manual_seed(3)
+    O, K = 37, 192
+    w = torch.randint(0, 256, (O, K), generator=g, dtype=torch.uint8)
+    flat = mma_tile_fp8(w).reshape(-1)
+    assert flat.numel() == 48 * K
+    o = torch.arange(48).view(-1, 1).expand(48, K)
+    k = torch.arange(K).view(1, -1).expand(48, K)
+    off = ((o // 16 * (K // 64) + k // 64) * 2 + (o % 16) // 8) * 512 + ((o % 8) * 4 + (k % 64) // 16) * 16 + k % 16
+    got = flat[off.reshape(-1)].view(48, K)
+    assert torch.equal(got[:O], w)
+    assert int(got[O:].abs().sum()) == 0

@@ -285,17 +285,31 @@ def _mma_split(O: int, K: int) -> tuple[int, int]:
     return math.ceil(K / kslice), kslice
 
 
-def _launch_mma4(q: dict, kl: KLinear, y: torch.Tensor, M: int, S: int | None = None, U: int = 4) -> None:
-    """gemv_mma4 (U = 4; U = 8: gemv_mma8, the benchmark's experiment) into y [M, O] (S K slices; default from
-    _mma4_split)."""
+def mma_tile_fp8(w: torch.Tensor) -> torch.Tensor:
+    """fp8 codes [O, K] (K % 64 == 0) in gemv_mma4p's tiled order (linear.cu): rows padded to 16 with zeros, then
+    [O/16, K/64, 2 (rows 0-7 | 8-15), 8 rows, 4 chunks of 16 k, 16 bytes]."""
+    O, K = w.shape
+    if K % 64:
+        raise ValueError(f"mma tiling needs K % 64 == 0 (got {K})")
+    Op = math.ceil(O / 16) * 16
+    if Op != O:
+        w = torch.cat([w, w.new_zeros(Op - O, K)])
+    return w.view(Op // 16, 2, 8, K // 64, 4, 16).permute(0, 3, 1, 2, 4, 5).contiguous()
+
+
+def _launch_mma4(q: dict, kl: KLinear, y: torch.Tensor, M: int, S: int | None = None, U: int = 4,
+                 tiled: torch.Tensor | None = None) -> None:
+    """gemv_mma4 (U = 4; U = 8: gemv_mma8, the benchmark's experiment; ``tiled`` = mma_tile_fp8(kl.w): gemv_mma4p)
+    into y [M, O] (S K slices; default from _mma4_split)."""
     O, K = kl.out_features, kl.in_features
     S, kslice = _mma4_split(O, K, U) if S is None else _kslices(K, S, 64 * U)
     cnt = _counters(y.device)
     if math.ceil(O / 64) > cnt.numel():
         raise ValueError(f"gemv_mma4 supports at most {cnt.numel() * 64} output features")
     part = torch.empty(S, M, O, dtype=torch.float32, device=y.device) if S > 1 else None
-    launch("linear", f"gemv_mma{U}", (math.ceil(O / 64), S), (128,),
-           (ptr(q["xq"]), ptr(q["xs"]), i32(1 if kl.act == 3 else 0), ptr(kl.w), ptr(kl.sc), ptr(kl.bias), ptr(part),
+    launch("linear", f"gemv_mma{U}" + ("p" if tiled is not None else ""), (math.ceil(O / 64), S), (128,),
+           (ptr(q["xq"]), ptr(q["xs"]), i32(1 if kl.act == 3 else 0), ptr(kl.w if tiled is None else tiled),
+            ptr(kl.sc), ptr(kl.bias), ptr(part),
             ptr(cnt), ptr(y), i32(O), i32(M), i32(O), i32(K), i32(kl.sld), i32(kl.sbo), i32(kl.sbi_log2),
             i32(kslice)))
 

@@ -229,6 +229,12 @@ def test_mma4_splits_and_ticket(fmt, act, m, o, k):
             outs.append(y)
         assert rel(outs[0], ref) < 1e-4, f"U={U} S={S}: rel {rel(outs[0], ref):.2e}"
         assert torch.equal(outs[0], outs[1]), f"U={U} S={S}: repeat differs"
+    tiled = ops.mma_tile_fp8(kl.w)   # gemv_mma4p (bench experiment): same sums in the same order
+    for S in (1, 3, None):
+        y0, y1 = (torch.full((m, o), float("nan"), device=DEV) for _ in range(2))
+        ops._launch_mma4(q, kl, y0, m, S)
+        ops._launch_mma4(q, kl, y1, m, S, 4, tiled)
+        assert torch.equal(y0, y1), f"tiled S={S}: differs from gemv_mma4"
     assert int(ops._counters(torch.device(DEV)).abs().sum()) == 0
     y = torch.full((m, o), float("nan"), device=DEV)
     gr = torch.cuda.CUDAGraph()
