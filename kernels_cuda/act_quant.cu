@@ -110,6 +110,7 @@ extern "C" __global__ void act_quant_fast(const float* __restrict__ x, int ldx, 
                                           const float* __restrict__ pqs, unsigned short* __restrict__ outh,
                                           float* __restrict__ hscale, int hperm, u8* __restrict__ outq,
                                           float* __restrict__ qscale) {
+  float ts = static_scale(scheme, in_scale);
   QT_PDL_ENTRY
   __shared__ float red[32];
   int r = blockIdx.x, t = threadIdx.x;
@@ -126,23 +127,31 @@ extern "C" __global__ void act_quant_fast(const float* __restrict__ x, int ldx, 
 #pragma unroll
     for (int j = 0; j < 16; ++j) v[j] *= pqs[i0 + j];
   }
-  quant_row(v, r, t, live, red, out, K, scheme, in_scale, outh, hscale, hperm, outq, qscale);
+  quant_row(v, r, t, live, red, out, K, scheme, ts, outh, hscale, hperm, outq, qscale);
 }
 
 // rmsnorm_quant: rmsnorm_residual (elementwise.cu) fused with act_quant_fast for the linear that reads its
 // output: r = x + res; res_out = r; y = r * rsqrt(mean(r^2) + eps) * w; then y (* pqs) -> the quantized forms.
-// out receives y (before pqs). grid M, block ceil(H/16) rounded to 32; H % 16 == 0, H <= 16 * blockDim.
+// y receives the normalised row (before pqs; y null: not stored, only the quantized forms). grid M, block ceil(H/16) rounded to 32; H % 16 == 0, H <= 16 * blockDim.
 extern "C" __global__ void rmsnorm_quant(const float* __restrict__ x, const float* res, const float* __restrict__ w,
                                          float eps, float* __restrict__ y, float* res_out, int H, int scheme,
                                          const float* __restrict__ in_scale, const float* __restrict__ pqs,
                                          unsigned short* __restrict__ outh, float* __restrict__ hscale, int hperm,
                                          u8* __restrict__ outq, float* __restrict__ qscale) {
-  QT_PDL_ENTRY
   __shared__ float red[32];
   int r = blockIdx.x, t = threadIdx.x;
   int i0 = t * 16;
   bool live = i0 < H;
   long long base = (long long)r * H + i0;
+  // constants first (the norm weights, the static scale): read while the previous kernel may still run
+  float wv[16];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    float4 a = live ? *(const float4*)(w + i0 + 4 * q) : make_float4(0.f, 0.f, 0.f, 0.f);
+    wv[4 * q] = a.x; wv[4 * q + 1] = a.y; wv[4 * q + 2] = a.z; wv[4 * q + 3] = a.w;
+  }
+  float ts = static_scale(scheme, in_scale);
+  QT_PDL_ENTRY
   float v[16];
   float ss = 0.0f;
 #pragma unroll
@@ -160,19 +169,20 @@ extern "C" __global__ void rmsnorm_quant(const float* __restrict__ x, const floa
   ss = block_sum(ss, red);
   float inv = rsqrtf(ss / (float)H + eps);
 #pragma unroll
-  for (int j = 0; j < 16; ++j) v[j] = live ? v[j] * inv * w[i0 + j] : 0.0f;
-  store_and_quant(v, y + base, pqs, r, t, live, red, H, scheme, in_scale, outh, hscale, hperm, outq, qscale);
+  for (int j = 0; j < 16; ++j) v[j] = live ? v[j] * inv * wv[j] : 0.0f;
+  store_and_quant(v, y ? y + base : nullptr, pqs, r, t, live, red, H, scheme, ts, outh, hscale, hperm, outq, qscale);
 }
 
 
 // silu_mul_quant: elementwise.cu's silu_mul (out = silu(g) * u over gu f32 [M, 2I] = [gate | up]) fused with
 // act_quant_fast for the linear that reads out (the down projection): the same expressions, so the same bits
-// as silu_mul followed by act_quant_fast. out f32 [M, I] receives silu(g) * u (before pqs); quantized forms as
+// as silu_mul followed by act_quant_fast. out f32 [M, I] receives silu(g) * u (before pqs; null: not stored); quantized forms as
 // act_quant_fast. grid M, block ceil(I/16) rounded to 32; I % 16 == 0, I <= 16 * blockDim.
 extern "C" __global__ void silu_mul_quant(const float* __restrict__ gu, float* __restrict__ out, int I, int scheme,
                                           const float* __restrict__ in_scale, const float* __restrict__ pqs,
                                           unsigned short* __restrict__ outh, float* __restrict__ hscale, int hperm,
                                           u8* __restrict__ outq, float* __restrict__ qscale) {
+  float ts = static_scale(scheme, in_scale);
   QT_PDL_ENTRY
   __shared__ float red[32];
   int r = blockIdx.x, t = threadIdx.x;
@@ -187,6 +197,6 @@ extern "C" __global__ void silu_mul_quant(const float* __restrict__ gu, float* _
     v[4 * q] = a.x / (1.0f + expf(-a.x)) * b.x; v[4 * q + 1] = a.y / (1.0f + expf(-a.y)) * b.y;
     v[4 * q + 2] = a.z / (1.0f + expf(-a.z)) * b.z; v[4 * q + 3] = a.w / (1.0f + expf(-a.w)) * b.w;
   }
-  store_and_quant(v, out + (long long)r * I + i0, pqs, r, t, live, red, I, scheme, in_scale, outh, hscale, hperm,
+  store_and_quant(v, out ? out + (long long)r * I + i0 : nullptr, pqs, r, t, live, red, I, scheme, ts, outh, hscale, hperm,
                   outq, qscale);
 }

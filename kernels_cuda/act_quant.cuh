@@ -20,7 +20,7 @@ __device__ __forceinline__ float mx_exp(float amax) {  // clamp(ceil(log2(amax/6
 // quantize one row held in registers (16 contiguous elements per thread starting at i0 = 16 t); the shared body of
 // act_quant_fast and rmsnorm_quant. All threads of the block must call it (block reductions inside).
 __device__ __forceinline__ void quant_row(float v[16], int r, int t, bool live, float* red, float* __restrict__ out,
-                                          int K, int scheme, const float* __restrict__ in_scale,
+                                          int K, int scheme, float ts,
                                           unsigned short* __restrict__ outh, float* __restrict__ hscale, int hperm,
                                           u8* __restrict__ outq, float* __restrict__ qscale) {
   int i0 = t * 16;
@@ -28,7 +28,7 @@ __device__ __forceinline__ void quant_row(float v[16], int r, int t, bool live, 
 #pragma unroll
   for (int j = 0; j < 16; ++j) a16 = fmaxf(a16, fabsf(v[j]));
   float S = 1.0f;  // the scale of this thread's elements (fp8 schemes: s; fp4: block scale)
-  if (scheme == 1) S = in_scale[0];
+  if (scheme == 1) S = ts;
   else if (scheme == 2) S = fmaxf(block_max(a16, red), 1e-12f) / 448.0f;
   else if (scheme == 3) {
     float a = a16;
@@ -36,7 +36,7 @@ __device__ __forceinline__ void quant_row(float v[16], int r, int t, bool live, 
     for (int o = 1; o < 8; o <<= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
     S = fmaxf(a, 1e-4f) / 448.0f;  // groups past K only reach threads that are not live
   } else if (scheme == 4) {
-    float g = in_scale[0];
+    float g = ts;
     S = e4m3_round(a16 / (6.0f * g)) * g;
     if (!(S >= 1e-5f)) S = 1.0f;
   } else if (scheme == 5) {
@@ -104,14 +104,20 @@ __device__ __forceinline__ void quant_row(float v[16], int r, int t, bool live, 
   }
 }
 
-// the tail of the fused kernels: dst[0..16) = v (the unquantized row part), v *= pqs, then quant_row
+// the static scale of schemes 1 and 4 (in_scale[0]); callers read it before pdl_wait (a constant)
+__device__ __forceinline__ float static_scale(int scheme, const float* in_scale) {
+  return (scheme == 1 || scheme == 4) && in_scale ? in_scale[0] : 1.0f;
+}
+
+// the tail of the fused kernels: dst[0..16) = v (the unquantized row part; dst null: not stored), v *= pqs, then
+// quant_row
 __device__ __forceinline__ void store_and_quant(float v[16], float* __restrict__ dst, const float* __restrict__ pqs,
                                                 int r, int t, bool live, float* red, int K, int scheme,
-                                                const float* __restrict__ in_scale, unsigned short* __restrict__ outh,
+                                                float ts, unsigned short* __restrict__ outh,
                                                 float* __restrict__ hscale, int hperm, u8* __restrict__ outq,
                                                 float* __restrict__ qscale) {
   int i0 = t * 16;
-  if (live) {
+  if (live && dst) {
 #pragma unroll
     for (int q = 0; q < 4; ++q) *(float4*)(dst + 4 * q) = make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
   }
@@ -119,5 +125,5 @@ __device__ __forceinline__ void store_and_quant(float v[16], float* __restrict__
 #pragma unroll
     for (int j = 0; j < 16; ++j) v[j] *= pqs[i0 + j];
   }
-  quant_row(v, r, t, live, red, nullptr, K, scheme, in_scale, outh, hscale, hperm, outq, qscale);
+  quant_row(v, r, t, live, red, nullptr, K, scheme, ts, outh, hscale, hperm, outq, qscale);
 }

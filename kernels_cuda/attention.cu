@@ -6,15 +6,13 @@
 //     kv_fmt, k_scale, v_scale, part f32 [N, Hq, S, D], ml f32 [N, Hq, S, 2], Hq, Hkv, L, chunk, sm_scale)
 //     grid (N * Hkv, S), block 128 (4 warps); block (n*Hkv + kh, s) covers positions [s*chunk, (s+1)*chunk)
 //     (chunk <= 128) and all G = Hq/Hkv (<= 8) query heads of KV head kh. Three phases, no serial chain per
-//     position: (1) scores: each warp takes every 4th position, PU positions' K rows loaded at once, one warp
-//     dot product per (position, head) into shared memory; (2) per head: max m and e = exp(s - m), l = sum e;
+//     position: (1) scores: each warp takes every 4th position, PU positions' K rows loaded at once, the
+//     PU x 8 dot products (position, head) reduced across the warp together (transpose-reduce), into shared memory; (2) per head: max m and e = exp(s - m), l = sum e;
 //     (3) each warp accumulates e * V over its positions (PU V rows loaded at once), the 4 warps are summed
 //     in shared memory. Writes unnormalised acc, m and l (m = -inf when its range is empty). D in {64, 128, 256}.
-// attn_combine(part, ml, out f32 [N, Hq*D], S, D): grid N*Hq, block D; merges the splits, normalises.
-// attn_combine_quant(part, ml, out, S, D, HD = Hq*D, + act_quant_fast's outputs): grid N, block
-//     ceil(HD/16) rounded to 32 (HD % 16 == 0, D % 16 == 0, HD <= 16384): the same merge (same expressions,
-//     same bits as attn_combine), then the row (16 elements per thread) quantized for the o projection as
-//     act_quant_fast does (act_quant.cuh), in the same launch.
+// attn_combine(part, ml, out f32 [N, Hq*D] or null, S, D, HD = Hq*D, scheme + act_quant_fast's outputs): grid N,
+//     block ceil(HD/16) rounded to 32 (HD % 16 == 0, HD <= 16384): merges the splits, normalises; with scheme > 0
+//     also quantizes the row for the o projection (act_quant.cuh), in the same launch (scheme 0: merge only).
 #include "kv_cache.cuh"
 #include "act_quant.cuh"
 
@@ -29,6 +27,19 @@ __device__ __forceinline__ void load_rows(int kv_fmt, const void* codes, const u
   for (int u = 0; u < PU; ++u) {
     int j = j0 + u * 4;
     if (j < np) kv_load_vec<D / 32>(kv_fmt, codes, scales, rowbase + j, D, lane * (D / 32), scale, r[u]);
+  }
+}
+
+// one step of the warp transpose-reduce over the first N values: keep the half picked by lane bit O, add the
+// partner's copy of it (values N/2 .. N-1 are dead afterwards)
+template <int N, int O>
+__device__ __forceinline__ void bfly_step(float* val, int lane) {
+  bool upper = (lane & O) != 0;
+#pragma unroll
+  for (int i = 0; i < N / 2; ++i) {
+    float send = upper ? val[i] : val[i + N / 2];
+    float keep = upper ? val[i + N / 2] : val[i];
+    val[i] = keep + __shfl_xor_sync(0xffffffffu, send, O);
   }
 }
 
@@ -64,24 +75,32 @@ __global__ void __launch_bounds__(128) attn_partial(const float* __restrict__ q,
 #pragma unroll
       for (int i = 0; i < DPL; ++i)
         qv[g][i] = g < G ? q[((long long)n * Hq + kh * G + g) * D + lane * DPL + i] * sm_scale : 0.0f;
+    constexpr int V = PU * GMAX;   // partial dot products per lane: (position slot u, head g) -> u * GMAX + g
     for (int j0 = warp; j0 < np; j0 += NW * PU) {
       float kv[PU][DPL];
       load_rows<D, PU>(kv_fmt, kc, ks, rowbase, j0, np, lane, k_scale, kv);
+      float val[V];
 #pragma unroll
-      for (int u = 0; u < PU; ++u) {
-        int j = j0 + u * NW;
-        if (j < np) {
+      for (int u = 0; u < PU; ++u)
 #pragma unroll
-          for (int g = 0; g < GMAX; ++g) {
-            if (g < G) {
-              float s = 0.0f;
+        for (int g = 0; g < GMAX; ++g) {
+          float a = 0.0f;
 #pragma unroll
-              for (int i = 0; i < DPL; ++i) s += qv[g][i] * kv[u][i];
-              s = warp_sum(s);
-              if (lane == 0) sm_s[g][j] = s;
-            }
-          }
+          for (int i = 0; i < DPL; ++i) a += qv[g][i] * kv[u][i];
+          val[u * GMAX + g] = a;
         }
+      // transpose-reduce across the warp (V - V/32 shuffles instead of 5 per sum): at each step a lane keeps
+      // the half of its values selected by its lane bit and adds the partner's copy of that half; lane l ends
+      // with the warp sums of values (V/32) l + i, i < V/32
+      bfly_step<V, 16>(val, lane);
+      bfly_step<V / 2, 8>(val, lane);
+      bfly_step<V / 4, 4>(val, lane);
+      bfly_step<V / 8, 2>(val, lane);
+      bfly_step<V / 16, 1>(val, lane);
+#pragma unroll
+      for (int i = 0; i < V / 32; ++i) {
+        int idx = (V / 32) * lane + i, g = idx % GMAX, j = j0 + (idx / GMAX) * NW;
+        if (g < G && j < np) sm_s[g][j] = val[i];
       }
     }
   }
@@ -144,39 +163,17 @@ __global__ void __launch_bounds__(128) attn_partial(const float* __restrict__ q,
   }
 }
 
-// merged, normalised value of element d of head row nh (the shared expression of both combine kernels)
-__device__ __forceinline__ float combine_one(const float* __restrict__ part, const float* __restrict__ ml,
-                                             long long nh, int S, int D, int d, float M) {
-  float a = 0.0f, ls = 0.0f;
-  for (int s = 0; s < S; ++s) {
-    float ms = ml[(nh * S + s) * 2];
-    if (ms == -QT_INF) continue;
-    float c = expf(ms - M);
-    a += c * part[(nh * S + s) * D + d];
-    ls += c * ml[(nh * S + s) * 2 + 1];
-  }
-  return a / ls;
-}
-
-__device__ __forceinline__ float combine_max(const float* __restrict__ ml, long long nh, int S) {
-  float M = -QT_INF;
-  for (int s = 0; s < S; ++s) M = fmaxf(M, ml[(nh * S + s) * 2]);
-  return M;
-}
-
+// attn_combine: merge the S splits of every head of row r (16 elements per thread, thread t covers elements
+// [16t, 16t + 16) of the row = head 16t / D), normalise, and hand the row to store_and_quant: out (if not
+// null) receives it, and with scheme > 0 its quantized forms for the o projection as act_quant_fast writes them
+// (scheme 0, no outputs: a plain merge). Loads are batched 4 splits at a time (part of an empty split is read
+// but not used), so a row costs ~S/4 dependent L2 round trips instead of S.
 extern "C" __global__ void attn_combine(const float* __restrict__ part, const float* __restrict__ ml,
-                                        float* __restrict__ out, int S, int D) {
-  QT_PDL_ENTRY
-  long long nh = blockIdx.x;
-  int d = threadIdx.x;
-  out[nh * D + d] = combine_one(part, ml, nh, S, D, d, combine_max(ml, nh, S));
-}
-
-extern "C" __global__ void attn_combine_quant(const float* __restrict__ part, const float* __restrict__ ml,
-                                              float* __restrict__ out, int S, int D, int HD, int scheme,
-                                              const float* __restrict__ in_scale, const float* __restrict__ pqs,
-                                              unsigned short* __restrict__ outh, float* __restrict__ hscale,
-                                              int hperm, u8* __restrict__ outq, float* __restrict__ qscale) {
+                                        float* __restrict__ out, int S, int D, int HD, int scheme,
+                                        const float* __restrict__ in_scale, const float* __restrict__ pqs,
+                                        unsigned short* __restrict__ outh, float* __restrict__ hscale,
+                                        int hperm, u8* __restrict__ outq, float* __restrict__ qscale) {
+  float ts = static_scale(scheme, in_scale);
   QT_PDL_ENTRY
   __shared__ float red[32];
   int r = blockIdx.x, t = threadIdx.x;
@@ -185,27 +182,43 @@ extern "C" __global__ void attn_combine_quant(const float* __restrict__ part, co
   float v[16];
 #pragma unroll
   for (int j = 0; j < 16; ++j) v[j] = 0.0f;
-  if (live) {  // combine_one's sums, split by split (same order per element, so the same bits)
+  if (live) {
     int h = i0 / D, d0 = i0 % D;
     long long nh = (long long)r * (HD / D) + h;
-    float M = combine_max(ml, nh, S), ls = 0.0f;
-    for (int s = 0; s < S; ++s) {
-      float ms = ml[(nh * S + s) * 2];
-      if (ms == -QT_INF) continue;
-      float c = expf(ms - M);
-      const float4* ps = (const float4*)(part + (nh * S + s) * D + d0);
+    const float* mlr = ml + nh * S * 2;
+    float M = -QT_INF;
+#pragma unroll 8
+    for (int s = 0; s < S; ++s) M = fmaxf(M, mlr[2 * s]);
+    float ls = 0.0f;
+    for (int s0 = 0; s0 < S; s0 += 4) {
+      float ms[4], lv[4];
+      float4 pv[4][4];
 #pragma unroll
-      for (int q4 = 0; q4 < 4; ++q4) {
-        float4 pv = ps[q4];
-        v[4 * q4] += c * pv.x; v[4 * q4 + 1] += c * pv.y; v[4 * q4 + 2] += c * pv.z; v[4 * q4 + 3] += c * pv.w;
+      for (int u = 0; u < 4; ++u) {
+        int s = min(s0 + u, S - 1);
+        ms[u] = mlr[2 * s]; lv[u] = mlr[2 * s + 1];
+        const float4* ps = (const float4*)(part + (nh * S + s) * D + d0);
+#pragma unroll
+        for (int q4 = 0; q4 < 4; ++q4) pv[u][q4] = ps[q4];
       }
-      ls += c * ml[(nh * S + s) * 2 + 1];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        if (s0 + u < S && ms[u] != -QT_INF) {
+          float c = expf(ms[u] - M);
+#pragma unroll
+          for (int q4 = 0; q4 < 4; ++q4) {
+            v[4 * q4] += c * pv[u][q4].x; v[4 * q4 + 1] += c * pv[u][q4].y;
+            v[4 * q4 + 2] += c * pv[u][q4].z; v[4 * q4 + 3] += c * pv[u][q4].w;
+          }
+          ls += c * lv[u];
+        }
+      }
     }
 #pragma unroll
     for (int j = 0; j < 16; ++j) v[j] = v[j] / ls;
   }
-  store_and_quant(v, out + (long long)r * HD + i0, pqs, r, t, live, red, HD, scheme, in_scale, outh, hscale, hperm,
-                  outq, qscale);
+  store_and_quant(v, out ? out + (long long)r * HD + i0 : nullptr, pqs, r, t, live, red, HD, scheme, ts, outh,
+                  hscale, hperm, outq, qscale);
 }
 
 #define QT_ATTN_ARGS const float*, const long long*, int, const void*, const u8*, const void*, const u8*, int, float, \

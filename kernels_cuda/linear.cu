@@ -441,8 +441,9 @@ extern "C" __global__ void gemv_mma_reduce(const float* __restrict__ part, int S
 // S == 1: y = acc + bias written directly. S > 1: each block writes its slice into part f32 [S, M, O], then
 // takes a ticket on cnt[blockIdx.x] (u32, zero before the launch); the block that draws S - 1 sums the S slices
 // of its 64 rows in slice order (deterministic: bias first, then s = 0..S-1, as gemv_mma_reduce), writes y and
-// resets its counter to zero (so the next launch, and every CUDA graph replay, finds zeros). grid (ceil(O/64),
-// S), block 128.
+// resets its counter to zero (so the next launch, and every CUDA graph replay, finds zeros). Block = W warps of
+// 16 rows each (W = blockDim.x / 32; ops uses W = 1: one-warp blocks spread evenly over the SMs), grid
+// (ceil(O / (16 W)), S); the ticket counter is per block.
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" :: "l"(p)); }
 __device__ __forceinline__ float ld_cg(const float* p) {
   float v; asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p)); return v;
@@ -454,9 +455,9 @@ __device__ __forceinline__ void gemv_mma_deep(const u8* __restrict__ xq, const f
     float* __restrict__ part, unsigned* __restrict__ cnt, float* __restrict__ y, int ldy, int M, int O, int K,
     int sld, int sbo, int sbi_log2, int kslice) {
   __shared__ unsigned is_last;
-  int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wpb = blockDim.x >> 5;
   int g = lane >> 2, t = lane & 3;
-  int r0 = (blockIdx.x * 4 + warp) * 16;
+  int r0 = (blockIdx.x * wpb + warp) * 16;
   int S = gridDim.y;
   int k0 = blockIdx.y * kslice, k1 = min(K, k0 + kslice);
   int ra = r0 + g, rb = r0 + g + 8;
@@ -556,9 +557,9 @@ __device__ __forceinline__ void gemv_mma_deep(const u8* __restrict__ xq, const f
   __syncthreads();
   if (!is_last) return;
   __threadfence();
-  int o0 = blockIdx.x * 64;
-  for (int i = threadIdx.x; i < 64 * M; i += blockDim.x) {
-    int m = i >> 6, o = o0 + (i & 63);
+  int rows = 16 * wpb, o0 = blockIdx.x * rows;
+  for (int i = threadIdx.x; i < rows * M; i += blockDim.x) {
+    int m = i / rows, o = o0 + i % rows;
     if (o >= O) continue;
     float a = bias ? bias[o] : 0.0f;
     for (int s = 0; s < S; ++s) a += ld_cg(part + ((long long)s * M + m) * O + o);

@@ -102,17 +102,17 @@ class Decoder:
         qn = self.HQ * self.D
         kn = self.HKV * self.D
         for i, Ly in enumerate(self.layers):
-            a, res, pre = ops.rmsnorm_quant(x, Ly["n1"], 1e-5, res, Ly["qkv"]) if FUSE else (*ops.rmsnorm(x, Ly["n1"], 1e-5, res), None)
+            a, res, pre = ops.rmsnorm_quant(x, Ly["n1"], 1e-5, res, Ly["qkv"], keep_out=False) if FUSE else (*ops.rmsnorm(x, Ly["n1"], 1e-5, res), None)
             qkv = ops.linear(a, Ly["qkv"], pre=pre)
             q = qkv[:, :qn].view(-1, self.HQ, self.D)
             k = qkv[:, qn:qn + kn].view(-1, self.HKV, self.D)
             v = qkv[:, qn + kn:].view(-1, self.HKV, self.D)
             qr = ops.rope_and_store(q, k, v, pos, self.cache, i, self.cos, self.sin, 1)
-            att, pre = ops.attention_quant(qr, pos, self.cache, i, 1, Ly["o"]) if FUSE else (ops.attention(qr, pos, self.cache, i, 1), None)
+            att, pre = ops.attention_quant(qr, pos, self.cache, i, 1, Ly["o"], keep_out=False) if FUSE else (ops.attention(qr, pos, self.cache, i, 1), None)
             x = ops.linear(att, Ly["o"], pre=pre)
-            m, res, pre = ops.rmsnorm_quant(x, Ly["n2"], 1e-5, res, Ly["gu"]) if FUSE else (*ops.rmsnorm(x, Ly["n2"], 1e-5, res), None)
+            m, res, pre = ops.rmsnorm_quant(x, Ly["n2"], 1e-5, res, Ly["gu"], keep_out=False) if FUSE else (*ops.rmsnorm(x, Ly["n2"], 1e-5, res), None)
             gu = ops.linear(m, Ly["gu"], pre=pre)
-            act, pre = ops.silu_mul_quant(gu, Ly["down"]) if FUSE else (ops.silu_mul(gu), None)
+            act, pre = ops.silu_mul_quant(gu, Ly["down"], keep_out=False) if FUSE else (ops.silu_mul(gu), None)
             x = ops.linear(act, Ly["down"], pre=pre)
         h, _ = ops.rmsnorm(x, self.norm, 1e-5, res)
         return ops.linear(h, self.head)

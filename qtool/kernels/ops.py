@@ -176,10 +176,12 @@ def _quant_outputs(kl: KLinear, M: int, K: int, path: str, dev) -> dict:
     return res
 
 
-def rmsnorm_quant(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tensor | None, kl: KLinear):
+def rmsnorm_quant(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tensor | None, kl: KLinear,
+                  keep_out: bool = True):
     """rmsnorm (as ``rmsnorm``) fused with the activation quantization of the linear ``kl`` that reads it,
     when that linear takes the mma or half decode path: returns (y, new_residual, pre) with ``pre`` to pass to
-    ``linear(y, kl, pre=pre)``, or pre None (then nothing was fused)."""
+    ``linear(y, kl, pre=pre)``, or pre None (then nothing was fused). keep_out=False: when fused, y is allocated
+    but not written (the linear reads only ``pre``; saves the row's store)."""
     x = x.contiguous()
     M, H = x.shape
     path = decode_path(kl, M)
@@ -192,16 +194,18 @@ def rmsnorm_quant(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.
     pre["path"] = path
     hperm = 0 if path != "half" else (1 if kl.fmt == 1 else 2)
     launch("act_quant", "rmsnorm_quant", (M,), (_threads(H),),
-           (ptr(x), ptr(residual), ptr(w), f32(eps), ptr(y), ptr(res_out), i32(H), i32(kl.act), ptr(kl.in_scale),
+           (ptr(x), ptr(residual), ptr(w), f32(eps), ptr(y if keep_out else None), ptr(res_out), i32(H), i32(kl.act),
+            ptr(kl.in_scale),
             ptr(kl.pqs), ptr(pre.get("xh")), ptr(pre.get("hs")), i32(hperm), ptr(pre.get("xq")),
             ptr(pre.get("xs", pre.get("xsc")))))
     return y, (res_out if residual is not None else x), pre
 
 
-def silu_mul_quant(gu: torch.Tensor, kl: KLinear):
+def silu_mul_quant(gu: torch.Tensor, kl: KLinear, keep_out: bool = True):
     """silu_mul (as ``silu_mul``) fused with the activation quantization of the linear ``kl`` that reads it (the
     down projection), when that linear takes an mma decode path (fp8 activations): returns (out, pre) as
-    rmsnorm_quant, pre None when nothing was fused (then out comes from plain silu_mul)."""
+    rmsnorm_quant, pre None when nothing was fused (then out comes from plain silu_mul); keep_out as
+    rmsnorm_quant."""
     gu = gu.contiguous()
     M, I2 = gu.shape
     I = I2 // 2
@@ -212,12 +216,11 @@ def silu_mul_quant(gu: torch.Tensor, kl: KLinear):
     out = torch.empty(M, I, dtype=torch.float32, device=gu.device)
     pre = _quant_outputs(kl, M, I, path, gu.device)
     pre["path"] = path
-    _launch_silu_quant(gu, out, kl, pre, path)
+    _launch_silu_quant(gu, out if keep_out else None, kl, pre, path, M, I)
     return out, pre
 
 
-def _launch_silu_quant(gu, out, kl, pre, path) -> None:
-    M, I = out.shape
+def _launch_silu_quant(gu, out, kl, pre, path, M, I) -> None:
     launch("act_quant", "silu_mul_quant", (M,), (_threads(I),),
            (ptr(gu), ptr(out), i32(I), i32(kl.act), ptr(kl.in_scale), ptr(kl.pqs), ptr(pre.get("xh")),
             ptr(pre.get("hs")), i32(0 if path != "half" else (1 if kl.fmt == 1 else 2)), ptr(pre.get("xq")),
@@ -304,10 +307,12 @@ def _launch_mma4(q: dict, kl: KLinear, y: torch.Tensor, M: int, S: int | None = 
     O, K = kl.out_features, kl.in_features
     S, kslice = _mma4_split(O, K, U) if S is None else _kslices(K, S, 64 * U)
     cnt = _counters(y.device)
-    if math.ceil(O / 64) > cnt.numel():
-        raise ValueError(f"gemv_mma4 supports at most {cnt.numel() * 64} output features")
+    rows = 16 * MMA4_WARPS
+    if math.ceil(O / rows) > cnt.numel():
+        raise ValueError(f"gemv_mma4 supports at most {cnt.numel() * rows} output features")
     part = torch.empty(S, M, O, dtype=torch.float32, device=y.device) if S > 1 else None
-    launch("linear", f"gemv_mma{U}" + ("p" if tiled is not None else ""), (math.ceil(O / 64), S), (128,),
+    launch("linear", f"gemv_mma{U}" + ("p" if tiled is not None else ""), (math.ceil(O / rows), S),
+           (32 * MMA4_WARPS,),
            (ptr(q["xq"]), ptr(q["xs"]), i32(1 if kl.act == 3 else 0), ptr(kl.w if tiled is None else tiled),
             ptr(kl.sc), ptr(kl.bias), ptr(part),
             ptr(cnt), ptr(y), i32(O), i32(M), i32(O), i32(K), i32(kl.sld), i32(kl.sbo), i32(kl.sbi_log2),
@@ -330,22 +335,22 @@ def _mma4_split(O: int, K: int, U: int = 4) -> tuple[int, int]:
     step = 64 * U
     target = 2560 if U == 4 else 1536
     S = max(1, min(math.ceil(target / warps), math.ceil(K / step)))
-    tiles = math.ceil(O / 64)
+    tiles = math.ceil(O / (16 * MMA4_WARPS))
     S = max(1, min(S, _resident_blocks(U) // tiles))
     return _kslices(K, S, step)
 
 
 @functools.lru_cache(maxsize=None)
 def _resident_blocks(U: int) -> int:
-    """Blocks of gemv_mma{U} (128 threads) resident at once on the current GPU: registers per SM / registers
-    per block (the compiled kernel's count, ~92 or ~158 per thread, rounded to the 256-register warp
-    allocation unit) x SMs."""
+    """Blocks of gemv_mma{U} (MMA4_WARPS warps) resident at once on the current GPU: registers per SM /
+    registers per block (the compiled kernel's count, ~92 or ~158 per thread, rounded to the 256-register warp
+    allocation unit), at most 32 blocks and 64 warps per SM, x SMs."""
     try:
         regs = int(loader.function("linear", f"gemv_mma{U}").num_regs)
     except Exception:  # noqa: BLE001 - an attribute CuPy lacks: the nvcc -Xptxas -v counts
         regs = 92 if U == 4 else 158
     per_warp = math.ceil(regs * 32 / 256) * 256
-    per_sm = 65536 // (4 * per_warp)
+    per_sm = min(65536 // (MMA4_WARPS * per_warp), 32, 64 // MMA4_WARPS)
     return per_sm * _sm_count()
 
 
@@ -359,7 +364,10 @@ def _sm_count() -> int:
     return _SMS[dev]
 
 
-# ticket counters of gemv_mma4, one u32 per 64-row tile, zero between launches (the last block resets its own)
+# warps per gemv_mma4 block: 1 (run 5 used 4: 448 blocks for 28672 rows left some SMs with 4 blocks, others 3)
+MMA4_WARPS = 1
+
+# ticket counters of gemv_mma4, one u32 per block (16 * MMA4_WARPS rows), zero between launches (the last block resets its own)
 _COUNTERS: dict = {}
 
 
@@ -465,7 +473,7 @@ def _self_check_silu_quant(g, dev) -> bool:
         ref = act_quant(ref_out, kl, codes=True)
         out = torch.full((M, I), float("nan"), device=dev)
         pre = _quant_outputs(kl, M, I, "mma", dev)
-        _launch_silu_quant(gu, out, kl, pre, "mma")
+        _launch_silu_quant(gu, out, kl, pre, "mma", M, I)
         if not (torch.equal(out, ref_out) and torch.equal(pre["xq"], ref["xq"]) and torch.equal(pre["xs"], ref["xs"])):
             warnings.warn(f"qtool CUDA: silu_mul_quant differs from silu_mul + act_quant (I={I}, act={act}); "
                           "unfused")
@@ -551,14 +559,16 @@ def attention(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, layer: i
     N, Hq, D = q.shape
     part, ml = _attn_partial(q, positions, cache, layer, T)
     out = torch.empty(N, Hq * D, dtype=torch.float32, device=q.device)
-    launch("attention", "attn_combine", (N * Hq,), (D,), (ptr(part), ptr(ml), ptr(out), i32(cache.splits), i32(D)))
+    _launch_combine(part, ml, out, cache.splits, D, None, {}, "f32", N, Hq * D)
     return out
 
 
-def attention_quant(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, layer: int, T: int, kl: KLinear):
+def attention_quant(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, layer: int, T: int, kl: KLinear,
+                    keep_out: bool = True):
     """``attention`` with the split merge fused with the activation quantization of the o projection ``kl``
-    (attn_combine_quant), when that linear takes the mma or half decode path: returns (out, pre) as
-    rmsnorm_quant; pre None when nothing was fused (out then comes from ``attention``)."""
+    (attn_combine with a scheme), when that linear takes the mma or half decode path: returns (out, pre) as
+    rmsnorm_quant; pre None when nothing was fused (out then comes from ``attention``); keep_out as
+    rmsnorm_quant."""
     N, Hq, D = q.shape
     HD = Hq * D
     path = decode_path(kl, N)
@@ -569,20 +579,24 @@ def attention_quant(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, la
     out = torch.empty(N, HD, dtype=torch.float32, device=q.device)
     pre = _quant_outputs(kl, N, HD, path, q.device)
     pre["path"] = path
-    _launch_combine_quant(part, ml, out, cache.splits, D, kl, pre, path)
+    _launch_combine(part, ml, out if keep_out else None, cache.splits, D, kl, pre, path, N, HD)
     return out, pre
 
 
-def _launch_combine_quant(part, ml, out, S, D, kl, pre, path) -> None:
-    N, HD = out.shape
-    launch("attention", "attn_combine_quant", (N,), (_threads(HD),),
-           (ptr(part), ptr(ml), ptr(out), i32(S), i32(D), i32(HD), i32(kl.act), ptr(kl.in_scale), ptr(kl.pqs),
-            ptr(pre.get("xh")), ptr(pre.get("hs")), i32(0 if path != "half" else (1 if kl.fmt == 1 else 2)),
-            ptr(pre.get("xq")), ptr(pre.get("xs", pre.get("xsc")))))
+def _launch_combine(part, ml, out, S, D, kl, pre, path, N, HD) -> None:
+    """attn_combine: merge + normalise into out [N, HD] (may be None), and with kl the quantized forms in pre."""
+    if HD % 16 or HD > 16 * 1024:
+        raise ValueError(f"attention merge supports rows of at most 16384 elements (got {HD})")
+    launch("attention", "attn_combine", (N,), (_threads(HD),),
+           (ptr(part), ptr(ml), ptr(out), i32(S), i32(D), i32(HD), i32(kl.act if kl is not None else 0),
+            ptr(kl.in_scale if kl is not None else None), ptr(kl.pqs if kl is not None else None),
+            ptr(pre.get("xh")), ptr(pre.get("hs")),
+            i32(0 if path != "half" else (1 if kl.fmt == 1 else 2)), ptr(pre.get("xq")),
+            ptr(pre.get("xs", pre.get("xsc")))))
 
 
 def _self_check_attn_quant(g, dev) -> bool:
-    """attn_combine_quant == attn_combine + act_quant bit for bit (out, e4m3 codes, scales) for per-tensor,
+    """attn_combine with a scheme == attn_combine (scheme 0) + act_quant bit for bit (out, e4m3 codes, scales) for per-tensor,
     per-token and per-128-group fp8 activations, with empty splits (ragged positions)."""
     import warnings
     hq, hkv, d, L = 8, 2, 128, 200
@@ -600,9 +614,9 @@ def _self_check_attn_quant(g, dev) -> bool:
         part, ml = _attn_partial(q, pos, cache, 0, 1)
         out = torch.full_like(ref_out, float("nan"))
         pre = _quant_outputs(kl, 2, hq * d, "mma", dev)
-        _launch_combine_quant(part, ml, out, cache.splits, d, kl, pre, "mma")
+        _launch_combine(part, ml, out, cache.splits, d, kl, pre, "mma", 2, hq * d)
         if not (torch.equal(out, ref_out) and torch.equal(pre["xq"], ref["xq"]) and torch.equal(pre["xs"], ref["xs"])):
-            warnings.warn(f"qtool CUDA: attn_combine_quant differs from attn_combine + act_quant (act={act}); "
+            warnings.warn(f"qtool CUDA: the fused attention merge differs from attn_combine + act_quant (act={act}); "
                           "unfused")
             return False
     return True

@@ -104,7 +104,7 @@ class CudaBackend:
         lw = self._consumer.get(id(weight)) if self.fuse else None
         kl = self._lin.get(id(lw)) if lw is not None else None
         if isinstance(kl, KLinear) and x.dim() == 2 and x.shape[0] <= 8:
-            y, res, pre = ops.rmsnorm_quant(x, self._norm(weight), eps, residual, kl)
+            y, res, pre = ops.rmsnorm_quant(x, self._norm(weight), eps, residual, kl, keep_out=False)
             if pre is not None:   # the next linear(y, lw) skips its own activation quantization
                 self._pre[(y.data_ptr(), id(kl))] = pre
             return y, res
@@ -117,7 +117,7 @@ class CudaBackend:
         lw, self._next_down = self._next_down, None
         kl = self._lin.get(id(lw)) if (lw is not None and self.fuse) else None
         if isinstance(kl, KLinear) and gate_up.dim() == 2 and gate_up.shape[0] <= 8:
-            out, pre = ops.silu_mul_quant(gate_up, kl)
+            out, pre = ops.silu_mul_quant(gate_up, kl, keep_out=False)
             if pre is not None:   # the next linear(out, down) skips its own activation quantization
                 self._pre[(out.data_ptr(), id(kl))] = pre
             return out
@@ -154,7 +154,7 @@ class CudaBackend:
         T = positions.shape[1]
         kl = self._lin.get(id(self._o_proj[layer])) if (self.fuse and layer < len(self._o_proj)) else None
         if isinstance(kl, KLinear) and q.shape[0] <= 8:
-            out, pre = ops.attention_quant(q, positions, cache, layer, T, kl)
+            out, pre = ops.attention_quant(q, positions, cache, layer, T, kl, keep_out=False)
             if pre is not None:   # the next linear(out, o) skips its own activation quantization
                 self._pre[(out.data_ptr(), id(kl))] = pre
             return out
