@@ -176,7 +176,8 @@ extern "C" __global__ void rmsnorm_quant(const float* __restrict__ x, const floa
 
 // silu_mul_quant: elementwise.cu's silu_mul (out = silu(g) * u over gu f32 [M, 2I] = [gate | up]) fused with
 // act_quant_fast for the linear that reads out (the down projection): the same expressions, so the same bits
-// as silu_mul followed by act_quant_fast. out f32 [M, I] receives silu(g) * u (before pqs; null: not stored); quantized forms as
+// as silu_mul followed by act_quant_fast. Schemes whose scales are local to 16..128 elements (1, 3, 4 and 5 without outh)
+// may run a row over several blocks (grid (M, nb), each block.x threads covering 16 * block.x elements). out f32 [M, I] receives silu(g) * u (before pqs; null: not stored); quantized forms as
 // act_quant_fast. grid M, block ceil(I/16) rounded to 32; I % 16 == 0, I <= 16 * blockDim.
 extern "C" __global__ void silu_mul_quant(const float* __restrict__ gu, float* __restrict__ out, int I, int scheme,
                                           const float* __restrict__ in_scale, const float* __restrict__ pqs,
@@ -185,7 +186,7 @@ extern "C" __global__ void silu_mul_quant(const float* __restrict__ gu, float* _
   float ts = static_scale(scheme, in_scale);
   QT_PDL_ENTRY
   __shared__ float red[32];
-  int r = blockIdx.x, t = threadIdx.x;
+  int r = blockIdx.x, t = blockIdx.y * blockDim.x + threadIdx.x;  // t: 16-element slot of the row
   int i0 = t * 16;
   bool live = i0 < I;
   const float* gr = gu + (long long)r * 2 * I + i0;

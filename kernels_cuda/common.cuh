@@ -40,6 +40,11 @@ __device__ __forceinline__ void pdl_trigger() {
 }
 #define QT_PDL_ENTRY pdl_wait(); pdl_trigger();
 
+// L2 load (bypasses L1): for data other blocks of the same kernel wrote (atomic-ticket reductions)
+__device__ __forceinline__ float ld_cg(const float* p) {
+  float v; asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p)); return v;
+}
+
 // exact scalar e4m3fn decode
 __device__ __forceinline__ float e4m3_to_f32(unsigned c) {
   unsigned e = (c >> 3) & 15u, m = c & 7u;

@@ -445,9 +445,6 @@ extern "C" __global__ void gemv_mma_reduce(const float* __restrict__ part, int S
 // 16 rows each (W = blockDim.x / 32; ops uses W = 1: one-warp blocks spread evenly over the SMs), grid
 // (ceil(O / (16 W)), S); the ticket counter is per block.
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" :: "l"(p)); }
-__device__ __forceinline__ float ld_cg(const float* p) {
-  float v; asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p)); return v;
-}
 
 template <int U, bool P>
 __device__ __forceinline__ void gemv_mma_deep(const u8* __restrict__ xq, const float* __restrict__ xs,
