@@ -10,8 +10,6 @@
 //     PU x 8 dot products (position, head) reduced across the warp together (transpose-reduce), into shared memory; (2) per head: max m and e = exp(s - m), l = sum e;
 //     (3) each warp accumulates e * V over its positions (PU V rows loaded at once), the 4 warps are summed
 //     in shared memory. Writes unnormalised acc, m and l (m = -inf when its range is empty). D in {64, 128, 256}.
-//     Trailing args (cnt, out, in_scale, outq, qscale): the merge folded in by an atomic ticket (see the kernel;
-//     cnt null: partials only, merged by attn_combine).
 // attn_combine(part, ml, out f32 [N, Hq*D] or null, S, D, HD = Hq*D, scheme + act_quant_fast's outputs): grid N,
 //     block ceil(HD/16) rounded to 32 (HD % 16 == 0, HD <= 16384): merges the splits, normalises; with scheme > 0
 //     also quantizes the row for the o projection (act_quant.cuh), in the same launch (scheme 0: merge only).
@@ -46,9 +44,10 @@ __device__ __forceinline__ void bfly_step(float* val, int lane) {
 }
 
 template <int D, int PU>
-__device__ __forceinline__ void attn_split(const float* __restrict__ q, const long long* __restrict__ pos,
+__global__ void __launch_bounds__(128) attn_partial(const float* __restrict__ q, const long long* __restrict__ pos,
     int T, const void* kc, const u8* ks, const void* vc, const u8* vs, int kv_fmt, float k_scale, float v_scale,
     float* __restrict__ part, float* __restrict__ ml, int Hq, int Hkv, int L, int chunk, float sm_scale) {
+  QT_PDL_ENTRY
   constexpr int DPL = D / 32;
   constexpr int NW = 4;
   __shared__ float sm_s[GMAX][CMAX];      // scores, then exp(s - m)
@@ -164,56 +163,6 @@ __device__ __forceinline__ void attn_split(const float* __restrict__ q, const lo
   }
 }
 
-// attn_partial: attn_split, then (cnt not null) the merge folded in: each block takes a ticket on cnt[n*Hkv + kh]
-// (u32, zero before the launch); the block drawing S - 1 merges the S splits of its G heads exactly as
-// attn_combine does (same expressions, split order) into out f32 [N, Hq*D] (if not null) and, with outq, the
-// e4m3 codes of out / in_scale[0] (act_quant's per-tensor static fp8 scheme) with qscale[n] = in_scale[0]; it
-// resets its counter to zero.
-template <int D, int PU>
-__global__ void __launch_bounds__(128) attn_partial(const float* __restrict__ q, const long long* __restrict__ pos,
-    int T, const void* kc, const u8* ks, const void* vc, const u8* vs, int kv_fmt, float k_scale, float v_scale,
-    float* __restrict__ part, float* __restrict__ ml, int Hq, int Hkv, int L, int chunk, float sm_scale,
-    unsigned* __restrict__ cnt, float* __restrict__ out, const float* __restrict__ in_scale, u8* __restrict__ outq,
-    float* __restrict__ qscale) {
-  float ts = in_scale ? in_scale[0] : 1.0f;
-  QT_PDL_ENTRY
-  __shared__ unsigned is_last;
-  attn_split<D, PU>(q, pos, T, kc, ks, vc, vs, kv_fmt, k_scale, v_scale, part, ml, Hq, Hkv, L, chunk, sm_scale);
-  if (cnt == nullptr) return;
-  __threadfence();
-  __syncthreads();
-  int S = gridDim.y;
-  if (threadIdx.x == 0) is_last = atomicAdd(&cnt[blockIdx.x], 1u) == (unsigned)(S - 1);
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();
-  int n = blockIdx.x / Hkv, kh = blockIdx.x % Hkv, G = Hq / Hkv;
-  for (int e = threadIdx.x; e < G * D; e += blockDim.x) {
-    long long nh = (long long)n * Hq + kh * G + e / D;
-    int d = e % D;
-    const float* mlr = ml + nh * S * 2;
-    float M = -QT_INF;
-    for (int s = 0; s < S; ++s) M = fmaxf(M, ld_cg(mlr + 2 * s));
-    float v = 0.0f, ls = 0.0f;
-#pragma unroll 4
-    for (int s = 0; s < S; ++s) {
-      float ms = ld_cg(mlr + 2 * s), lv = ld_cg(mlr + 2 * s + 1), pv = ld_cg(part + (nh * S + s) * D + d);
-      if (ms != -QT_INF) {
-        float c = expf(ms - M);
-        v += c * pv;
-        ls += c * lv;
-      }
-    }
-    float r = v / ls;
-    if (out) out[nh * D + d] = r;
-    if (outq) outq[nh * D + d] = (u8)f32_to_e4m3(r / ts);
-  }
-  if (threadIdx.x == 0) {
-    cnt[blockIdx.x] = 0u;
-    if (outq && kh == 0) qscale[n] = ts;
-  }
-}
-
 // attn_combine: merge the S splits of every head of row r (16 elements per thread, thread t covers elements
 // [16t, 16t + 16) of the row = head 16t / D), normalise, and hand the row to store_and_quant: out (if not
 // null) receives it, and with scheme > 0 its quantized forms for the o projection as act_quant_fast writes them
@@ -273,7 +222,7 @@ extern "C" __global__ void attn_combine(const float* __restrict__ part, const fl
 }
 
 #define QT_ATTN_ARGS const float*, const long long*, int, const void*, const u8*, const void*, const u8*, int, float, \
-  float, float*, float*, int, int, int, int, float, unsigned*, float*, const float*, u8*, float*
+  float, float*, float*, int, int, int, int, float
 template __global__ void attn_partial<64, 8>(QT_ATTN_ARGS);
 template __global__ void attn_partial<128, 8>(QT_ATTN_ARGS);
 template __global__ void attn_partial<256, 4>(QT_ATTN_ARGS);

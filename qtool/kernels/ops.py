@@ -222,7 +222,7 @@ def silu_mul_quant(gu: torch.Tensor, kl: KLinear, keep_out: bool = True):
 
 def _launch_silu_quant(gu, out, kl, pre, path, M, I) -> None:
     # fp8 scales local to 16..128 elements (per-tensor static, per-128 group): the row over blocks of 128
-    # threads (2048 elements each) instead of one block (run 5: 6.1 us for I = 14336 on one SM)
+    # threads (2048 elements each) instead of one block (run 6: 6.1 us for I = 14336 on one SM; run 7: 4.1 us)
     local = path in MMA_PATHS and kl.act in (1, 3)
     grid, block = ((M, math.ceil(I / 2048)), (128,)) if local else ((M,), (_threads(I),))
     launch("act_quant", "silu_mul_quant", grid, block,
@@ -375,20 +375,18 @@ MMA4_WARPS = 1
 _COUNTERS: dict = {}
 
 
-def _counters(dev, kind: str = "gemv", need: int = 0) -> torch.Tensor | None:
-    """The device's ticket counters of one kind ("gemv": gemv_mma4, 2^16; "attn": attn_partial's merge, 2^20),
-    allocated (zeroed) on first use outside graph capture; None while capturing before they exist, or when
-    fewer than ``need`` are available."""
+def _counters(dev) -> torch.Tensor | None:
+    """The device's counter buffer, allocated (zeroed) on first use outside graph capture; None while
+    capturing before it exists."""
     idx = torch.device(dev).index
     if idx is None:
         idx = torch.cuda.current_device()
-    c = _COUNTERS.get((idx, kind))
+    c = _COUNTERS.get(idx)
     if c is None:
         if torch.cuda.is_current_stream_capturing():
             return None
-        n = 1 << (16 if kind == "gemv" else 20)
-        c = _COUNTERS[(idx, kind)] = torch.zeros(n, dtype=torch.int32, device=torch.device("cuda", idx))
-    return c if need <= c.numel() else None
+        c = _COUNTERS[idx] = torch.zeros(1 << 16, dtype=torch.int32, device=torch.device("cuda", idx))
+    return c
 
 
 def _path_ok(name: str) -> bool:
@@ -539,11 +537,8 @@ def rope_and_store(q, k, v, positions, cache: KVCache, layer: int, cos: torch.Te
 ATTN_PU = {64: 8, 128: 8, 256: 4}   # positions in flight per warp of attn_partial<D, PU> (loader.TEMPLATES)
 
 
-def _attn_partial(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, layer: int, T: int,
-                  merge: dict | None = None):
-    """attn_partial over every split: (part f32 [N, Hq, S, D], ml f32 [N, Hq, S, 2]). merge = {cnt, out, kl, xq,
-    xs}: the last block of each KV head merges its splits in the same launch (into out, and with xq/xs the
-    static fp8 codes of the o projection's input)."""
+def _attn_partial(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, layer: int, T: int):
+    """attn_partial over every split: (part f32 [N, Hq, S, D], ml f32 [N, Hq, S, 2])."""
     N, Hq, D = q.shape
     Hkv = cache.hkv
     if Hq % Hkv or Hq // Hkv > 8 or D not in ATTN_PU:
@@ -556,58 +551,38 @@ def _attn_partial(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, laye
     vc, vs = cache.v[layer]
     pos = positions.reshape(-1).to(torch.int64).contiguous()
     q = q.contiguous()
-    m = merge or {}
-    kl = m.get("kl")
     launch("attention", f"attn_partial<{D}, {ATTN_PU[D]}>", (N * Hkv, S), (128,),
            (ptr(q), ptr(pos), i32(T), ptr(kc), ptr(ks), ptr(vc), ptr(vs), i32(cache.code),
             f32(cache.k_scales[layer]), f32(cache.v_scales[layer]), ptr(part), ptr(ml), i32(Hq), i32(Hkv),
-            i32(cache.max_len), i32(cache.chunk), f32(1.0 / math.sqrt(D)), ptr(m.get("cnt")), ptr(m.get("out")),
-            ptr(kl.in_scale if kl is not None else None), ptr(m.get("xq")), ptr(m.get("xs"))))
+            i32(cache.max_len), i32(cache.chunk), f32(1.0 / math.sqrt(D))))
     return part, ml
 
 
 def attention(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, layer: int, T: int) -> torch.Tensor:
-    """q [N,Hq,d] f32 contiguous; positions int64 [N]; returns [N, Hq*d]. One launch (the merge folded into
-    attn_partial by an atomic ticket) once the ticket counters exist, else attn_partial + attn_combine."""
+    """q [N,Hq,d] f32 contiguous; positions int64 [N]; returns [N, Hq*d]."""
     N, Hq, D = q.shape
-    out = torch.empty(N, Hq * D, dtype=torch.float32, device=q.device)
-    cnt = _counters(q.device, "attn", N * cache.hkv)
-    if cnt is not None:
-        _attn_partial(q, positions, cache, layer, T, dict(cnt=cnt, out=out))
-        return out
     part, ml = _attn_partial(q, positions, cache, layer, T)
+    out = torch.empty(N, Hq * D, dtype=torch.float32, device=q.device)
     _launch_combine(part, ml, out, cache.splits, D, None, {}, "f32", N, Hq * D)
     return out
 
 
 def attention_quant(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, layer: int, T: int, kl: KLinear,
                     keep_out: bool = True):
-    """``attention`` with the split merge fused with the activation quantization of the o projection ``kl``,
-    when that linear takes the mma or half decode path: returns (out, pre) as rmsnorm_quant; pre None when
-    nothing was fused (out then comes from ``attention``); keep_out as rmsnorm_quant. Per-tensor static fp8
-    activations (the fp8 recipe): one launch (attn_partial merges and writes the codes); other schemes:
-    attn_partial + attn_combine with the scheme."""
+    """``attention`` with the split merge fused with the activation quantization of the o projection ``kl``
+    (attn_combine with a scheme), when that linear takes the mma or half decode path: returns (out, pre) as
+    rmsnorm_quant; pre None when nothing was fused (out then comes from ``attention``); keep_out as
+    rmsnorm_quant."""
     N, Hq, D = q.shape
     HD = Hq * D
     path = decode_path(kl, N)
     if (path not in (*MMA_PATHS, "half") or HD % 16 or D % 16 or HD > 16 * 1024 or kl.perm is not None
             or not _path_ok("attn_quant")):
         return attention(q, positions, cache, layer, T), None
-    return _attention_quant(q, positions, cache, layer, T, kl, keep_out, path)
-
-
-def _attention_quant(q, positions, cache, layer, T, kl, keep_out, path):
-    N, Hq, D = q.shape
-    HD = Hq * D
+    part, ml = _attn_partial(q, positions, cache, layer, T)
     out = torch.empty(N, HD, dtype=torch.float32, device=q.device)
     pre = _quant_outputs(kl, N, HD, path, q.device)
     pre["path"] = path
-    cnt = _counters(q.device, "attn", N * cache.hkv)
-    if path in MMA_PATHS and kl.act == 1 and kl.in_scale is not None and kl.pqs is None and cnt is not None:
-        _attn_partial(q, positions, cache, layer, T,
-                      dict(cnt=cnt, out=out if keep_out else None, kl=kl, xq=pre["xq"], xs=pre["xs"]))
-        return out, pre
-    part, ml = _attn_partial(q, positions, cache, layer, T)
     _launch_combine(part, ml, out if keep_out else None, cache.splits, D, kl, pre, path, N, HD)
     return out, pre
 
@@ -644,10 +619,7 @@ def _self_check_attn_quant(g, dev) -> bool:
         out = torch.full_like(ref_out, float("nan"))
         pre = _quant_outputs(kl, 2, hq * d, "mma", dev)
         _launch_combine(part, ml, out, cache.splits, d, kl, pre, "mma", 2, hq * d)
-        out2, pre2 = _attention_quant(q, pos, cache, 0, 1, kl, True, "mma")   # act 1: merged in attn_partial
-        if not (torch.equal(out, ref_out) and torch.equal(pre["xq"], ref["xq"]) and torch.equal(pre["xs"], ref["xs"])
-                and torch.equal(out2, ref_out) and torch.equal(pre2["xq"], ref["xq"])
-                and torch.equal(pre2["xs"], ref["xs"])):
+        if not (torch.equal(out, ref_out) and torch.equal(pre["xq"], ref["xq"]) and torch.equal(pre["xs"], ref["xs"])):
             warnings.warn(f"qtool CUDA: the fused attention merge differs from attn_combine + act_quant (act={act}); "
                           "unfused")
             return False

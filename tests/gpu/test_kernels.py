@@ -297,7 +297,6 @@ def test_attention_fused_quant(fmt, act, kv, d, hq, hkv):
     out, pre = ops.attention_quant(q, pos, cache, 0, 1, kl)
     assert pre is not None and pre["path"] in ("mma4", "mma", "half")
     assert torch.equal(out, ops.attention(q, pos, cache, 0, 1))
-    assert int(ops._counters(torch.device(DEV), "attn").abs().sum()) == 0   # merge tickets reset
     y = ops.linear(out, kl, pre=pre)
     ref = lw.quantize_input(out.cpu()).double() @ lw.dequantize().double().t()
     if lw.bias is not None:
