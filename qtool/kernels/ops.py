@@ -176,6 +176,16 @@ def _quant_outputs(kl: KLinear, M: int, K: int, path: str, dev) -> dict:
     return res
 
 
+def _quant_args(kl: KLinear | None, pre: dict, path: str) -> tuple:
+    """The trailing arguments every fused row-quantizing kernel takes (act_quant.cuh's quant_row): scheme,
+    in_scale, pqs, outh, hscale, hperm, outq, qscale; kl None: scheme 0 and no outputs."""
+    if kl is None:
+        return (i32(0),) + (ptr(None),) * 4 + (i32(0),) + (ptr(None),) * 2
+    hperm = 0 if path != "half" else (1 if kl.fmt == 1 else 2)
+    return (i32(kl.act), ptr(kl.in_scale), ptr(kl.pqs), ptr(pre.get("xh")), ptr(pre.get("hs")), i32(hperm),
+            ptr(pre.get("xq")), ptr(pre.get("xs", pre.get("xsc"))))
+
+
 def rmsnorm_quant(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tensor | None, kl: KLinear,
                   keep_out: bool = True):
     """rmsnorm (as ``rmsnorm``) fused with the activation quantization of the linear ``kl`` that reads it,
@@ -192,12 +202,9 @@ def rmsnorm_quant(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.
     res_out = torch.empty_like(x) if residual is not None else None
     pre = _quant_outputs(kl, M, H, path, x.device)
     pre["path"] = path
-    hperm = 0 if path != "half" else (1 if kl.fmt == 1 else 2)
     launch("act_quant", "rmsnorm_quant", (M,), (_threads(H),),
-           (ptr(x), ptr(residual), ptr(w), f32(eps), ptr(y if keep_out else None), ptr(res_out), i32(H), i32(kl.act),
-            ptr(kl.in_scale),
-            ptr(kl.pqs), ptr(pre.get("xh")), ptr(pre.get("hs")), i32(hperm), ptr(pre.get("xq")),
-            ptr(pre.get("xs", pre.get("xsc")))))
+           (ptr(x), ptr(residual), ptr(w), f32(eps), ptr(y if keep_out else None), ptr(res_out), i32(H))
+           + _quant_args(kl, pre, path))
     return y, (res_out if residual is not None else x), pre
 
 
@@ -225,10 +232,7 @@ def _launch_silu_quant(gu, out, kl, pre, path, M, I) -> None:
     # threads (2048 elements each) instead of one block (run 6: 6.1 us for I = 14336 on one SM; run 7: 4.1 us)
     local = path in MMA_PATHS and kl.act in (1, 3)
     grid, block = ((M, math.ceil(I / 2048)), (128,)) if local else ((M,), (_threads(I),))
-    launch("act_quant", "silu_mul_quant", grid, block,
-           (ptr(gu), ptr(out), i32(I), i32(kl.act), ptr(kl.in_scale), ptr(kl.pqs), ptr(pre.get("xh")),
-            ptr(pre.get("hs")), i32(0 if path != "half" else (1 if kl.fmt == 1 else 2)), ptr(pre.get("xq")),
-            ptr(pre.get("xs", pre.get("xsc")))))
+    launch("act_quant", "silu_mul_quant", grid, block, (ptr(gu), ptr(out), i32(I)) + _quant_args(kl, pre, path))
 
 
 def linear(x: torch.Tensor, kl: KLinear, force_gemm: bool = False, force_f32: bool = False,
@@ -355,17 +359,7 @@ def _resident_blocks(U: int) -> int:
         regs = 92 if U == 4 else 158
     per_warp = math.ceil(regs * 32 / 256) * 256
     per_sm = min(65536 // (MMA4_WARPS * per_warp), 32, 64 // MMA4_WARPS)
-    return per_sm * _sm_count()
-
-
-_SMS: dict = {}
-
-
-def _sm_count() -> int:
-    dev = torch.cuda.current_device()
-    if dev not in _SMS:
-        _SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
-    return _SMS[dev]
+    return per_sm * torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
 
 # warps per gemv_mma4 block: 1 (run 5 used 4: 448 blocks for 28672 rows left some SMs with 4 blocks, others 3)
@@ -592,11 +586,7 @@ def _launch_combine(part, ml, out, S, D, kl, pre, path, N, HD) -> None:
     if HD % 16 or HD > 16 * 1024:
         raise ValueError(f"attention merge supports rows of at most 16384 elements (got {HD})")
     launch("attention", "attn_combine", (N,), (_threads(HD),),
-           (ptr(part), ptr(ml), ptr(out), i32(S), i32(D), i32(HD), i32(kl.act if kl is not None else 0),
-            ptr(kl.in_scale if kl is not None else None), ptr(kl.pqs if kl is not None else None),
-            ptr(pre.get("xh")), ptr(pre.get("hs")),
-            i32(0 if path != "half" else (1 if kl.fmt == 1 else 2)), ptr(pre.get("xq")),
-            ptr(pre.get("xs", pre.get("xsc")))))
+           (ptr(part), ptr(ml), ptr(out), i32(S), i32(D), i32(HD)) + _quant_args(kl, pre, path))
 
 
 def _self_check_attn_quant(g, dev) -> bool:
