@@ -15,6 +15,7 @@ the ratio. Numbers are not checked for correctness here (tests/gpu does that).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -135,7 +136,7 @@ def time_graph(fn_next, n_blocks=5, per_block=20):
 
 
 def _decode_loop(shape, fmt, kv, ctx):
-    """(Decoder, step function): one captured decode step + sampling, replayed at position ctx."""
+    """(Decoder, DecodeLoop, next): one captured decode step + sampling; next() replays it at position ctx."""
     from qtool.runtime.backends.cuda import DecodeLoop
 
     class _Be:  # DecodeLoop needs only the rng buffer
@@ -296,6 +297,20 @@ GRIDS["full"] = GRIDS["quick"] + [(s, f, kv, c) for s in ("llama3.1-8b", "qwen3-
                                   for c in (512, 8192)]
 
 
+@contextlib.contextmanager
+def _pdl(on: bool):
+    """Programmatic dependent launch on/off (QTOOL_PDL, read by qtool.kernels.pdl at each launch) inside."""
+    old = os.environ.get("QTOOL_PDL")
+    os.environ["QTOOL_PDL"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["QTOOL_PDL"]
+        else:
+            os.environ["QTOOL_PDL"] = old
+
+
 def graph_time(fn, reps=20):
     """Seconds per call of fn, from a CUDA graph holding `reps` calls (launch gaps included, no Python)."""
     from qtool.runtime.backends.cuda import warm_and_capture
@@ -412,13 +427,12 @@ def main():
         gemv_table()
         return
     if args.profile:
-        for pdl_on in ("1", "0"):
-            os.environ["QTOOL_PDL"] = pdl_on
-            try:
-                profile_step()
-            except Exception as exc:
-                print(f"FAILED profile: {type(exc).__name__}: {exc}", flush=True)
-        del os.environ["QTOOL_PDL"]
+        for pdl_on in (True, False):
+            with _pdl(pdl_on):
+                try:
+                    profile_step()
+                except Exception as exc:
+                    print(f"FAILED profile: {type(exc).__name__}: {exc}", flush=True)
         return
     bw = copy_bandwidth()
     if args.kernels:
@@ -440,17 +454,16 @@ def main():
         rows.append(r)
         _print(r, bw)
     if args.pdl_compare and ops.pdl.available():
-        os.environ["QTOOL_PDL"] = "0"
         for cfg in (("llama3.1-8b", "fp8", "bf16", 512), ("llama3.1-8b", "bf16", "bf16", 512)):
             try:
-                r = bench_qtool(*cfg)
+                with _pdl(False):
+                    r = bench_qtool(*cfg)
             except Exception as exc:
                 print(f"FAILED no-PDL {cfg}: {type(exc).__name__}: {exc}", flush=True)
                 continue
             r.update(engine="qtool (no PDL)", shape=cfg[0], fmt=cfg[1], kv=cfg[2], ctx=cfg[3])
             rows.append(r)
             _print(r, bw)
-        del os.environ["QTOOL_PDL"]
     for spec in filter(None, args.peer.split(",")):
         shape, ctx = spec.split(":")
         try:
