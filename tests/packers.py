@@ -116,6 +116,26 @@ def _unpack_nibbles(p: torch.Tensor, dim: int, order=None) -> torch.Tensor:
 
 # ------------------------------------------------------------------ GPTQ (AutoGPTQ v1, symmetric 4-bit)
 
+def random_int4_linear(fmt: str, g: torch.Generator, O: int = 256, K: int = 512, gs: int = 128):
+    """LinearWeights of random 4-bit codes, zeros and scales in the "gptq" (g_idx in order), "gptq-actorder"
+    (g_idx permuted) or "autoawq" packing of this module's packers."""
+    from qtool.runtime.weights import LinearWeights
+    q = torch.randint(0, 16, (K, O), generator=g)
+    z = torch.randint(0, 15, (K // gs, O), generator=g)
+    s = (torch.rand(K // gs, O, generator=g) * 0.02 + 0.001).half()
+    if fmt.startswith("gptq"):
+        gi = torch.arange(K) // gs
+        if fmt == "gptq-actorder":
+            gi = gi[torch.randperm(K, generator=g)]
+        t = {"qweight": _pack_nibbles(q, 0), "qzeros": _pack_nibbles(z, 1), "scales": s, "g_idx": gi.int()}
+        return LinearWeights("gptq", "none", O, K, t, group_size=gs)
+    if fmt != "autoawq":
+        raise ValueError(fmt)
+    order = [0, 2, 4, 6, 1, 3, 5, 7]
+    t = {"qweight": _pack_nibbles(q, 1, order), "qzeros": _pack_nibbles(z, 1, order), "scales": s}
+    return LinearWeights("autoawq", "none", O, K, t, group_size=gs)
+
+
 def pack_gptq(src, out, group_size: int = 128, w4a8: bool = False, quantize_config_file: bool = False) -> PackInfo:
     def one(module, w):                       # w [out, in]
         o, i = w.shape

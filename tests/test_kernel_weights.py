@@ -61,24 +61,7 @@ def test_repack_decodes_equal(fmt, act, o, k):
 @pytest.mark.parametrize("fmt", ["gptq", "gptq-actorder", "autoawq"])
 def test_repack_int4_packed(fmt):
     import packers
-    from qtool.runtime.weights import LinearWeights
-    g = torch.Generator().manual_seed(len(fmt))
-    O, K, gs = 256, 512, 128
-    q = torch.randint(0, 16, (K, O), generator=g)
-    z = torch.randint(0, 15, (K // gs, O), generator=g)
-    s = (torch.rand(K // gs, O, generator=g) * 0.02 + 0.001).half()
-    if fmt.startswith("gptq"):
-        gi = torch.arange(K) // gs
-        if fmt == "gptq-actorder":
-            gi = gi[torch.randperm(K, generator=g)]
-        t = {"qweight": packers._pack_nibbles(q, 0), "qzeros": packers._pack_nibbles(z, 1), "scales": s,
-             "g_idx": gi.int()}
-        lw = LinearWeights("gptq", "none", O, K, t, group_size=gs)
-    else:
-        order = [0, 2, 4, 6, 1, 3, 5, 7]
-        t = {"qweight": packers._pack_nibbles(q, 1, order), "qzeros": packers._pack_nibbles(z, 1, order),
-             "scales": s}
-        lw = LinearWeights("autoawq", "none", O, K, t, group_size=gs)
+    lw = packers.random_int4_linear(fmt, torch.Generator().manual_seed(len(fmt)))
     kl = prepare_linear(lw, "cpu")
     assert (kl.perm is not None) == (fmt == "gptq-actorder")
     assert torch.equal(kernel_decode(kl), lw.dequantize())

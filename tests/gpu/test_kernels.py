@@ -304,11 +304,10 @@ def test_attention_fused_quant(fmt, act, kv, d, hq, hkv):
     assert rel(y, ref) < (5e-3 if pre["path"] == "half" and act == "none" else 1e-4)
 
 
-def test_pdl_launch_chain_and_graph():
+def test_pdl_launch_chain_and_graph(monkeypatch):
     """Kernels launched with programmatic dependent launch (the default on sm_90+) give the plain launches'
-    bits: a chain of dependent kernels (rmsnorm -> fused quant -> gemv_mma4 -> attention merge) eager and
+    bits: a chain of dependent kernels (rmsnorm + fused quant -> gemv_mma4 -> silu_mul -> a torch op) eager and
     replayed from a CUDA graph, against the same chain with QTOOL_PDL=0."""
-    import os
     from qtool.kernels import ops
     from qtool.kernels.weights import prepare_linear
     if not ops.pdl.available():
@@ -326,12 +325,9 @@ def test_pdl_launch_chain_and_graph():
             x = ops.silu_mul(h)[:, :1024].contiguous() * 1.0
         return x
 
-    ref = None
-    try:
-        os.environ["QTOOL_PDL"] = "0"
-        ref = chain().clone()
-    finally:
-        del os.environ["QTOOL_PDL"]
+    monkeypatch.setenv("QTOOL_PDL", "0")
+    ref = chain().clone()
+    monkeypatch.delenv("QTOOL_PDL")
     assert torch.equal(chain(), ref)
     from qtool.runtime.backends.cuda import warm_and_capture
     gr, out = warm_and_capture(chain)
@@ -350,26 +346,13 @@ def test_linear_packed_formats(fmt):
     from qtool.kernels.weights import prepare_linear
     from qtool.runtime.weights import LinearWeights
     g = torch.Generator().manual_seed(len(fmt))
-    O, K, gs = 256, 512, 128
-    q = torch.randint(0, 16, (K, O), generator=g)
-    z = torch.randint(0, 15, (K // gs, O), generator=g)
-    s = (torch.rand(K // gs, O, generator=g) * 0.02 + 0.001).half()
-    if fmt.startswith("gptq"):
-        t = {"qweight": packers._pack_nibbles(q, 0), "qzeros": packers._pack_nibbles(z, 1), "scales": s}
-        gi = torch.arange(K) // gs
-        if fmt == "gptq-actorder":
-            gi = gi[torch.randperm(K, generator=g)]
-        t["g_idx"] = gi.int()
-        lw = LinearWeights("gptq", "none", O, K, t, group_size=gs)
-    elif fmt == "autoawq":
-        order = [0, 2, 4, 6, 1, 3, 5, 7]
-        t = {"qweight": packers._pack_nibbles(q, 1, order), "qzeros": packers._pack_nibbles(z, 1, order),
-             "scales": s}
-        lw = LinearWeights("autoawq", "none", O, K, t, group_size=gs)
-    else:
+    O, K = 256, 512
+    if fmt == "fp8-deepseek":
         w = torch.randn(O, K, generator=g).clamp(-4, 4).to(torch.float8_e4m3fn)
         t = {"weight": w, "weight_scale_inv": torch.rand(O // 128, K // 128, generator=g) + 0.1}
         lw = LinearWeights("fp8-block", "fp8-block", O, K, t, group_size=None)
+    else:
+        lw = packers.random_int4_linear(fmt, g, O, K)
     W = decode_weight(lw.format, lw.tensors, lw.group_size).double()
     for m in (1, 3, 20):
         x = torch.randn(m, K, generator=g)
@@ -396,7 +379,7 @@ def _decoded(kv, pair, scale, n):
 @pytest.mark.parametrize("kv", ["bf16", "fp8", "nvfp4"])
 @pytest.mark.parametrize("d,hq,hkv", [(64, 4, 2), (128, 32, 8), (64, 9, 3)])
 def test_rope_kv_attention(kv, d, hq, hkv):
-    from qtool.formats import kv_decode, kv_encode
+    from qtool.formats import kv_encode
     from qtool.kernels import ops
     from qtool.runtime import rope
     g = torch.Generator().manual_seed(d + hq + len(kv))
