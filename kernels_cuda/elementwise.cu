@@ -9,23 +9,24 @@
 // silu_mul(gu f32 [N, 2I] = [gate | up], out f32 [N, I], I): out = silu(g) * u.  grid (ceil(I/256), N), block 256
 #include "common.cuh"
 
-extern "C" __global__ void embed_gather(const int* __restrict__ ids, const bf16_t* __restrict__ table,
-                                        float* __restrict__ out, int H) {
-  QT_PDL_ENTRY
-  long long row = ids[blockIdx.x];
-  const bf16_t* src = table + row * H;
-  float* dst = out + (long long)blockIdx.x * H;
-  for (int i = threadIdx.x; i < H; i += blockDim.x) dst[i] = bf16_to_f32(src[i]);
-}
+__device__ __forceinline__ float to_f32(bf16_t v) { return bf16_to_f32(v); }
+__device__ __forceinline__ float to_f32(float v) { return v; }
 
-extern "C" __global__ void embed_gather_f32(const int* __restrict__ ids, const float* __restrict__ table,
+// out row n = table row ids[n], as f32 (the body of both embed_gather kernels)
+template <typename T>
+__device__ __forceinline__ void gather_rows(const int* __restrict__ ids, const T* __restrict__ table,
                                             float* __restrict__ out, int H) {
   QT_PDL_ENTRY
   long long row = ids[blockIdx.x];
-  const float* src = table + row * H;
+  const T* src = table + row * H;
   float* dst = out + (long long)blockIdx.x * H;
-  for (int i = threadIdx.x; i < H; i += blockDim.x) dst[i] = src[i];
+  for (int i = threadIdx.x; i < H; i += blockDim.x) dst[i] = to_f32(src[i]);
 }
+
+extern "C" __global__ void embed_gather(const int* __restrict__ ids, const bf16_t* __restrict__ table,
+                                        float* __restrict__ out, int H) { gather_rows(ids, table, out, H); }
+extern "C" __global__ void embed_gather_f32(const int* __restrict__ ids, const float* __restrict__ table,
+                                            float* __restrict__ out, int H) { gather_rows(ids, table, out, H); }
 
 extern "C" __global__ void rmsnorm_residual(const float* __restrict__ x, const float* res, const float* __restrict__ w,
                                             float* __restrict__ y, float* res_out, int H, float eps) {
