@@ -13,6 +13,8 @@
 // attn_combine(part, ml, out f32 [N, Hq*D] or null, S, D, HD = Hq*D, scheme + act_quant_fast's outputs): grid N,
 //     block ceil(HD/16) rounded to 32 (HD % 16 == 0, HD <= 16384): merges the splits, normalises; with scheme > 0
 //     also quantizes the row for the o projection (act_quant.cuh), in the same launch (scheme 0: merge only).
+//     Schemes whose scales are local to 16..128 elements (0, 1, 3) may spread a row over several blocks:
+//     grid (N, nb), each block.x threads covering 16 * block.x elements (as silu_mul_quant).
 #include "kv_cache.cuh"
 #include "act_quant.cuh"
 
@@ -176,7 +178,7 @@ extern "C" __global__ void attn_combine(const float* __restrict__ part, const fl
   float ts = static_scale(scheme, in_scale);
   QT_PDL_ENTRY
   __shared__ float red[32];
-  int r = blockIdx.x, t = threadIdx.x;
+  int r = blockIdx.x, t = blockIdx.y * blockDim.x + threadIdx.x;  // t: 16-element slot of the row
   int i0 = t * 16;
   bool live = i0 < HD;
   float v[16];

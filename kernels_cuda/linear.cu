@@ -8,6 +8,8 @@
 //   F=3 mxfp4: w u8 [O, K/2]; sc E8M0 u8 [O, K/32]; W = E2M1 * 2^(sc-127)
 //   F=4 int4 : w u8 [O, K/2] unsigned nibbles u; sc f32 [O, sld], zp f32 [O, sld] (group sbi):
 //              W = (u - zp) * sc; if s2 != 0 (W4A8 AWQ): W = e4m3(W / s2) * s2
+//   F=5 fp8 mma-tiled (gemm only): F=1 with the codes in ops.mma_tile_fp8's order (see gemv_mma4p), the layout
+//              gemv_mma_bulk streams; prefill reads the same copy, so no row-major copy is kept
 // gemv<F, MR>: decode path, M <= MR rows. grid ceil(O/8), block 256 (one warp per output row, 16-byte
 //   streaming weight loads, 4 in flight per lane). Needs K % EPV == 0 (EPV = 8 bf16, 16 fp8, 32 fp4/int4),
 //   16-byte aligned rows, ldx % 4 == 0, and for fp8 sbi % 16 == 0, for int4 sbi % 32 == 0.
@@ -21,12 +23,14 @@
 // gemm<F>: general path (any M, K), 64x64 tiles of f32 FMA with scalar dequant. grid (ceil(O/64), ceil(M/64)),
 //   block 256.
 #include "common.cuh"
+#include "bulk_copy.cuh"
 
 #define FMT_BF16 0
 #define FMT_FP8 1
 #define FMT_NVFP4 2
 #define FMT_MXFP4 3
 #define FMT_INT4 4
+#define FMT_FP8T 5
 
 __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
   uint4 r;
@@ -44,6 +48,10 @@ __device__ __forceinline__ float wload1(const u8* w, const void* sc, const float
   if (F == FMT_BF16) return bf16_to_f32(((const bf16_t*)w)[(long long)o * K + k]);
   if (F == FMT_FP8)
     return e4m3_to_f32(w[(long long)o * K + k]) * ((const float*)sc)[(long long)(o / sbo) * sld + k / sbi];
+  if (F == FMT_FP8T)   // mma-tiled fp8 (gemv_mma4p / gemv_mma_bulk layout)
+    return e4m3_to_f32(w[(((long long)(o >> 4) * (K >> 6) + (k >> 6)) * 2 + ((o >> 3) & 1)) * 512 +
+                         ((o & 7) * 4 + ((k & 63) >> 4)) * 16 + (k & 15)]) *
+           ((const float*)sc)[(long long)(o / sbo) * sld + k / sbi];
   unsigned nib = (w[(long long)o * (K / 2) + k / 2] >> (4 * (k & 1))) & 15u;
   if (F == FMT_NVFP4)
     return e2m1_to_f32(nib) * (e4m3_to_f32(((const u8*)sc)[(long long)o * (K / 16) + k / 16]) * gs);
@@ -340,6 +348,7 @@ QT_INST_F(1)
 QT_INST_F(2)
 QT_INST_F(3)
 QT_INST_F(4)
+template __global__ void gemm<FMT_FP8T>(QT_GEMV_ARGS);
 
 // gemv_mma: FP8 weights x FP8 activations on the tensor cores (mma.sync m16n8k32 e4m3, f32 accumulate), the
 // decode path of the fp8 / fp8-rowwise / fp8-block recipes. Exact products, f32 sums: matches x̂ @ W^T to f32
@@ -349,13 +358,16 @@ QT_INST_F(4)
 // at k = 16 t (+64 per round) and 16 B of x row g at the same k; two mma steps per round (the k order inside a
 // round is permuted identically for W and x, which a dot product allows). Writes part f32 [S, M, O] (scaled);
 // gemv_mma_reduce sums the S slices and adds the bias. grid (ceil(O/64), S), block 128.
-__device__ __forceinline__ void mma_e4m3(float d[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
-                                         unsigned b0, unsigned b1) {
-  asm volatile("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-               "{%0,%1,%2,%3};"
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
+// d += A (16 x k, fragments a0..a3) x B (k x 8, b0, b1), f32 accumulators; SHAPE_TYPES names the mma.sync form
+#define QT_MMA_16X8(NAME, SHAPE_TYPES)                                                                         \
+  __device__ __forceinline__ void NAME(float d[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,        \
+                                       unsigned b0, unsigned b1) {                                            \
+    asm volatile("mma.sync.aligned." SHAPE_TYPES " {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"    \
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                            \
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));                                    \
+  }
+QT_MMA_16X8(mma_e4m3, "m16n8k32.row.col.f32.e4m3.e4m3.f32")   // k 32; Hopper runs it as f16 conversions + HMMA
+QT_MMA_16X8(mma_f16, "m16n8k16.row.col.f32.f16.f16.f32")
 
 // the 4 accumulators of an mma fragment, rows (ra, rb) x columns (m0, m1), + a per-row offset, into p [M, ld]
 __device__ __forceinline__ void store_frag(float* p, int ld, int ra, int rb, bool va, bool vb, int m0, int m1,
@@ -577,3 +589,159 @@ extern "C" __global__ void __launch_bounds__(128) gemv_mma8(QT_MMA_DEEP_ARGS) { 
 // 16-B loads of one round read 512 contiguous bytes (row-major: 16 rows x 64 B) and a warp streams one
 // contiguous range. An experiment timed by bench_decode.py --gemv ("mma4 tiled").
 extern "C" __global__ void __launch_bounds__(128) gemv_mma4p(QT_MMA_DEEP_ARGS) { gemv_mma_deep<4, true>(QT_MMA_DEEP_PASS); }
+
+// gemv_mma_bulk<XH> (v8): FP8 x FP8 decode GEMV (exact products, f32 sums, the scales of gemv_mma) on mma-tiled
+// fp8 weights (ops.mma_tile_fp8, the gemv_mma4p layout: a 16-row tile is K * 16 contiguous bytes), streamed by
+// the bulk-copy engine into a ring of shared-memory stages instead of register loads. Persistent: grid G <= number
+// of SMs, block 128 (4 warps), one block per SM (dynamic shared memory, ops._bulk_plan). Block c owns the whole
+// tiles [c T / G, (c+1) T / G) of the T = ceil(O / 16) tiles, i.e. one contiguous byte range of wt, and no K split
+// (no partial sums, no reduce, no counters). Its range is cut into chunks of at most BULK_SB k-blocks (64 k x 16
+// rows = 1 KB) that never straddle a tile; thread 0 keeps `nstages` (<= 16) chunks in flight (ring slot
+// c % nstages, one mbarrier each), the first ones issued before pdl_wait (the weights are constants), so a launch
+// streams weights while the previous kernel finishes. x̂ codes [M, K] (M <= 8) are staged in shared memory once:
+// XH = 1 as f16 (exact for e4m3 values; rows 2K + 16 bytes apart), so the loop converts only weights (cvt
+// e4m3x2 -> f16x2) and runs m16n8k16 f16 mma; XH = 0 as e4m3 codes (rows K + 16 apart) with the m16n8k32 e4m3 mma
+// (which Hopper itself runs as conversions + f16 mma). In each chunk warp w takes the 128-k units w, w + 4, ...;
+// per 64 k, lane (g, t) holds 16 B of rows g and g + 8 (at l * 16 and 512 + l * 16 of the 1 KB k-block) and the
+// x̂ values of column g at the same k (any k order is fine for a dot product, as long as A and B share it).
+// Scales: per-row weight x per-row activation once per tile; 128x128 weight blocks and/or per-128 activation
+// groups once per unit. At a tile's last chunk the 4 warps' fragments are summed in warp order (deterministic)
+// and y = bias + sum is written. Needs K % 64 == 0, sm_90+.
+#define BULK_WARPS 4
+#define BULK_SB 16
+
+__device__ __forceinline__ void bulk_issue(int c, int tile0, int spt, int KB, const u8* __restrict__ wt,
+                                           unsigned ring0, unsigned bar0, int nstages) {
+  int slot = c % nstages, tile = tile0 + c / spt, kb0 = (c % spt) * BULK_SB;
+  unsigned bytes = (unsigned)min(BULK_SB, KB - kb0) * 1024u;
+  unsigned bar = bar0 + 8u * slot;
+  mbar_expect_tx(bar, bytes);
+  bulk_g2s(ring0 + (unsigned)slot * (BULK_SB * 1024u), wt + ((long long)tile * KB + kb0) * 1024, bytes, bar);
+}
+
+__device__ __forceinline__ unsigned e4m3x2_to_h2(unsigned v) {  // bytes 0, 1 of v -> f16x2 (exact)
+  unsigned r;
+  asm("{ .reg .b16 lo; cvt.u16.u32 lo, %1; cvt.rn.f16x2.e4m3x2 %0, lo; }" : "=r"(r) : "r"(v));
+  return r;
+}
+
+// e += the 64-k block at st (lane's 16 B of rows g, g + 8) times x̂ at xp (XH: 16 f16, else 16 e4m3 codes)
+template <int XH>
+__device__ __forceinline__ void bulk_kblock(float e[4], const u8* st, const u8* xp, bool vx) {
+  uint4 A = *(const uint4*)st, B = *(const uint4*)(st + 512);
+  if (XH) {
+    uint4 X0 = vx ? *(const uint4*)xp : make_uint4(0, 0, 0, 0);
+    uint4 X1 = vx ? *(const uint4*)(xp + 16) : make_uint4(0, 0, 0, 0);
+    unsigned a[4] = {A.x, A.y, A.z, A.w}, b[4] = {B.x, B.y, B.z, B.w};
+    unsigned x[8] = {X0.x, X0.y, X0.z, X0.w, X1.x, X1.y, X1.z, X1.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j)   // k 4j .. 4j + 3 of the lane's 16: slots (2t, 2t+1) and (2t+8, 2t+9)
+      mma_f16(e, e4m3x2_to_h2(a[j]), e4m3x2_to_h2(b[j]), e4m3x2_to_h2(a[j] >> 16), e4m3x2_to_h2(b[j] >> 16),
+              x[2 * j], x[2 * j + 1]);
+  } else {
+    uint4 X = vx ? *(const uint4*)xp : make_uint4(0, 0, 0, 0);
+    mma_e4m3(e, A.x, B.x, A.y, B.y, X.x, X.y);
+    mma_e4m3(e, A.z, B.z, A.w, B.w, X.z, X.w);
+  }
+}
+
+template <int XH>
+__global__ void __launch_bounds__(128, 1) gemv_mma_bulk(const u8* __restrict__ xq, const float* __restrict__ xs,
+    int xs_group, const u8* __restrict__ wt, const float* __restrict__ ws, const float* __restrict__ bias,
+    float* __restrict__ y, int ldy, int M, int O, int K, int sld, int sbo, int sbi_log2, int nstages) {
+  extern __shared__ __align__(128) u8 bulk_smem[];
+  constexpr int XB = XH ? 2 : 1;                            // bytes per staged x̂ element
+  u8* ring = bulk_smem + 128;                               // [0, 128): nstages mbarriers
+  u8* xsm = ring + nstages * (BULK_SB * 1024);
+  int xld = XB * K + 16;
+  float4* red = (float4*)(xsm + ((M * xld + 127) & ~127));  // [BULK_WARPS][32] fragments
+  int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  int T = (O + 15) >> 4, KB = K >> 6, spt = (KB + BULK_SB - 1) / BULK_SB;
+  int tile0 = (int)((long long)blockIdx.x * T / gridDim.x);
+  int nc = ((int)((long long)(blockIdx.x + 1) * T / gridDim.x) - tile0) * spt;
+  unsigned bar0 = smem_u32(bulk_smem), ring0 = smem_u32(ring);
+  if (tid == 0) {
+    for (int s = 0; s < nstages; ++s) mbar_init(bar0 + 8u * s, 1u);
+    mbar_fence_init();
+  }
+  __syncthreads();
+  if (tid == 0)
+    for (int c = 0; c < min(nstages, nc); ++c) bulk_issue(c, tile0, spt, KB, wt, ring0, bar0, nstages);
+  QT_PDL_ENTRY
+  for (int i = tid; i < M * (K >> 4); i += blockDim.x) {   // 16 codes per step
+    int m = i / (K >> 4), q = i - m * (K >> 4);
+    uint4 v = *(const uint4*)(xq + (long long)m * K + 16 * q);
+    uint4* dst = (uint4*)(xsm + m * xld + 16 * XB * q);
+    if (XH) {
+      unsigned c[4] = {v.x, v.y, v.z, v.w}, h[8];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) { h[2 * j] = e4m3x2_to_h2(c[j]); h[2 * j + 1] = e4m3x2_to_h2(c[j] >> 16); }
+      dst[0] = make_uint4(h[0], h[1], h[2], h[3]);
+      dst[1] = make_uint4(h[4], h[5], h[6], h[7]);
+    } else {
+      dst[0] = v;
+    }
+  }
+  __syncthreads();
+  bool vx = g < M, grouped = sbi_log2 >= 0 || xs_group;
+  int m0 = 2 * t, m1 = 2 * t + 1, ng = (K + 127) / 128;
+  const u8* xrow = xsm + (vx ? g : 0) * xld + 16 * XB * t;  // + 64 XB per k-block
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};  // rows (ra, m0), (ra, m1), (rb, m0), (rb, m1) of the current tile
+  for (int c = 0; c < nc; ++c) {
+    int slot = c % nstages, tile = tile0 + c / spt, j = c % spt, kb0 = j * BULK_SB;
+    int nkb = min(BULK_SB, KB - kb0);
+    int ra = tile * 16 + g, rb = ra + 8;
+    bool va = ra < O, vb = rb < O;
+    const float* wsa = ws + (long long)((va ? ra : 0) / sbo) * sld;
+    const float* wsb = ws + (long long)((vb ? rb : 0) / sbo) * sld;
+    mbar_wait(bar0 + 8u * slot, (unsigned)(c / nstages) & 1u);
+    const u8* st = ring + slot * (BULK_SB * 1024) + lane * 16;
+    for (int u = warp; 2 * u < nkb; u += BULK_WARPS) {
+      float e[4] = {0.f, 0.f, 0.f, 0.f};
+      bulk_kblock<XH>(e, st + 2 * u * 1024, xrow + (kb0 + 2 * u) * 64 * XB, vx);
+      if (2 * u + 1 < nkb) bulk_kblock<XH>(e, st + (2 * u + 1) * 1024, xrow + (kb0 + 2 * u + 1) * 64 * XB, vx);
+      if (grouped) {
+        int kh = (kb0 + 2 * u) * 64;
+        int kbi = sbi_log2 >= 0 ? (kh >> sbi_log2) : 0;
+        float wa = wsa[kbi], wb = wsb[kbi], x0, x1;
+        if (xs_group) {
+          x0 = m0 < M ? xs[(long long)m0 * ng + (kh >> 7)] : 0.f; x1 = m1 < M ? xs[(long long)m1 * ng + (kh >> 7)] : 0.f;
+        } else {
+          x0 = m0 < M ? xs[m0] : 0.f; x1 = m1 < M ? xs[m1] : 0.f;
+        }
+        acc[0] += e[0] * (wa * x0); acc[1] += e[1] * (wa * x1); acc[2] += e[2] * (wb * x0); acc[3] += e[3] * (wb * x1);
+      } else {
+        acc[0] += e[0]; acc[1] += e[1]; acc[2] += e[2]; acc[3] += e[3];
+      }
+    }
+    if (j == spt - 1) {   // the tile's last chunk: scale, sum the warps' fragments, write y
+      if (!grouped) {
+        float wa = wsa[0], wb = wsb[0], x0 = m0 < M ? xs[m0] : 0.f, x1 = m1 < M ? xs[m1] : 0.f;
+        acc[0] *= wa * x0; acc[1] *= wa * x1; acc[2] *= wb * x0; acc[3] *= wb * x1;
+      }
+      red[warp * 32 + lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+      __syncthreads();
+      if (warp == 0) {
+        float4 s = red[lane];
+#pragma unroll
+        for (int w = 1; w < BULK_WARPS; ++w) {
+          float4 p = red[w * 32 + lane];
+          s.x += p.x; s.y += p.y; s.z += p.z; s.w += p.w;
+        }
+        float sum[4] = {s.x, s.y, s.z, s.w};
+        store_frag(y, ldy, ra, rb, va, vb, m0, m1, M, sum, (bias && va) ? bias[ra] : 0.0f,
+                   (bias && vb) ? bias[rb] : 0.0f);
+      }
+      acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+    }
+    __syncthreads();      // every warp is done with this slot (and with red)
+    if (tid == 0 && c + nstages < nc) {
+      fence_proxy_async_smem();
+      bulk_issue(c + nstages, tile0, spt, KB, wt, ring0, bar0, nstages);
+    }
+  }
+}
+#define QT_BULK_ARGS const u8*, const float*, int, const u8*, const float*, const float*, float*, int, int, int, int, \
+  int, int, int, int
+template __global__ void gemv_mma_bulk<0>(QT_BULK_ARGS);
+template __global__ void gemv_mma_bulk<1>(QT_BULK_ARGS);

@@ -40,6 +40,12 @@ FUSE = True   # rmsnorm and silu_mul fused with the next linear's activation qua
 
 
 def rand_linear(fmt: str, O: int, K: int) -> KLinear:
+    """Random weights of ``fmt`` in the layout CudaBackend would hold (fp8: mma-tiled for gemv_mma_bulk unless
+    QTOOL_BULK=0, see ops.adopt_layout)."""
+    return ops.adopt_layout(_rand_linear(fmt, O, K))
+
+
+def _rand_linear(fmt: str, O: int, K: int) -> KLinear:
     if fmt == "bf16":
         return KLinear(0, O, K, (torch.randn(O, K, device=DEV) * 0.02).to(torch.bfloat16))
     if fmt in ("fp8", "fp8-rowwise"):
@@ -298,17 +304,23 @@ GRIDS["full"] = GRIDS["quick"] + [(s, f, kv, c) for s in ("llama3.1-8b", "qwen3-
 
 
 @contextlib.contextmanager
-def _pdl(on: bool):
-    """Programmatic dependent launch on/off (QTOOL_PDL, read by qtool.kernels.pdl at each launch) inside."""
-    old = os.environ.get("QTOOL_PDL")
-    os.environ["QTOOL_PDL"] = "1" if on else "0"
+def _env(name: str, value: str):
+    """Environment variable ``name`` set to ``value`` inside (QTOOL_PDL is read at each launch, QTOOL_BULK when
+    weights are laid out)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if old is None:
-            del os.environ["QTOOL_PDL"]
+            del os.environ[name]
         else:
-            os.environ["QTOOL_PDL"] = old
+            os.environ[name] = old
+
+
+def _pdl(on: bool):
+    """Programmatic dependent launch on/off inside."""
+    return _env("QTOOL_PDL", "1" if on else "0")
 
 
 def graph_time(fn, reps=20):
@@ -326,7 +338,9 @@ def kernel_table():
     for fmt in ("bf16", "fp8", "fp8-rowwise", "nvfp4", "w4a16-awq"):
         for O, K in ((6144, 4096), (4096, 14336), (28672, 4096), (128256, 4096)):
             kl = rand_linear(fmt, O, K)
-            for name, kw in (("f32", dict(path="f32")), ("default", {})):
+            for name, kw in (("f32", dict(path="f32")), (ops.decode_path(kl, 1), {})):
+                if name == "f32" and kl.tiled:
+                    continue      # tiled fp8: the f32 reference is the prefill gemm, not a decode path
                 t = graph_time(lambda: ops.linear(x[K], kl, **kw))
                 print(f"| linear {fmt} {name} | {O}x{K} | {t * 1e6:.1f} | {kl.nbytes() / t / 1e9:.0f} |", flush=True)
             if fmt != "bf16" and O == 6144:
@@ -355,47 +369,63 @@ def kernel_table():
     print(f"| silu_mul | 1x14336 | {t * 1e6:.1f} | |", flush=True)
 
 
+GEMV_PATHS = {   # format -> the decode GEMV variants timed by --gemv
+    "bf16": ("f32",),
+    # mma4: gemv_mma4 (row-major, 4 rounds of 16-B loads in flight per lane, split-K with an atomic ticket);
+    # mma8 U=8: 8 rounds; mma4 tiled: gemv_mma4p on mma-tiled weights; bulk: gemv_mma_bulk (the default on sm_90:
+    # bulk copies into a shared-memory ring, one block per SM) at its default ring, at 4 and 12 stages of 16 KB,
+    # and with x̂ staged as e4m3 codes (xh=0, the variant for large M x K)
+    "fp8": ("mma4", "mma8 U=8", "mma4 tiled", "bulk", "bulk ns=4", "bulk ns=12", "bulk xh=0"),
+    "fp8-rowwise": ("mma4", "bulk"),
+    "fp8-block": ("mma4", "bulk"),
+}
+COLD_BYTES = 180e6   # weight copies cycled per timed shape: 3x the 60 MB L2, so every call reads DRAM as in decode
+
+
+def _gemv_call(path: str, kl: KLinear, pre: dict, x: torch.Tensor, y: torch.Tensor):
+    """One launch of ``path`` on ``kl`` (row-major for f32/mma4/mma8, mma-tiled for "mma4 tiled" and bulk)."""
+    from qtool.kernels import fp8_bulk
+    if path == "f32":
+        return ops.linear(x, kl, path="f32")
+    if path.startswith("mma"):
+        U = 8 if path.endswith("U=8") else 4
+        return ops._launch_mma4(pre, kl, y, 1, None, U)          # tiled kl: gemv_mma4p
+    opts = dict(a.split("=") for a in path.split()[1:])
+    return fp8_bulk.launch_bulk(pre, kl, y, 1, stages=int(opts.get("ns", 0)) or None,
+                                xh=int(opts["xh"]) if "xh" in opts else None)
+
+
 def gemv_table():
-    """FP8 decode GEMV paths against the bf16 GEMV at Llama-3.1-8B shapes (M = 1, graph-timed, weight GB/s).
-    x̂ is quantized once outside the timed region (in decode it comes fused with the rmsnorm)."""
+    """The decode GEMV variants against the bf16 GEMV at Llama-3.1-8B shapes (M = 1, graph-timed, weight GB/s),
+    each call on another copy of the weights (COLD_BYTES in all), so the L2 holds none of them. x̂ is quantized
+    once outside the timed region (in decode it comes fused with the rmsnorm / silu / attention merge)."""
+    import itertools
+
+    from qtool.kernels import fp8_bulk
     rows = []
     shapes = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096))
     x = {k: torch.randn(1, k, device=DEV) for k in (4096, 14336)}
     bf = {}
-    # "mma4 S=1" / "mma4 S=2x": gemv_mma4 at one K slice / twice the default slices (split tuning);
-    # "mma8 U=8": gemv_mma8 (8 rounds of loads in flight, default split for it)
-    # "mma4 tiled": gemv_mma4p on the weights in mma-tiled order (each warp reads contiguous 512 B per load)
-    for fmt, paths in (("bf16", ("f32",)), ("fp8", ("f32", "mma", "mma4", "mma4 S=1", "mma4 S=2x", "mma8 U=8",
-                                                    "mma4 tiled")),
-                       ("fp8-rowwise", ("mma", "mma4")), ("fp8-block", ("mma", "mma4"))):
+    bulk = fp8_bulk.enabled() and ops._path_ok("bulk")
+    for fmt, paths in GEMV_PATHS.items():
         for O, K in shapes:
-            kl = rand_linear(fmt, O, K)
+            first = _rand_linear(fmt, O, K)
+            kls = [first] + [_rand_linear(fmt, O, K) for _ in range(max(1, math.ceil(COLD_BYTES / first.nbytes())) - 1)]
+            tiled = [fp8_bulk.to_tiled(k) for k in kls] if fmt.startswith("fp8") else []
+            pre = ops.act_quant(x[K], first, codes=True) if fmt.startswith("fp8") else None
+            y = torch.empty(1, O, device=DEV)
             for path in paths:
-                base = "mma4" if path.startswith("mma8") else path.split()[0]
-                if base.startswith("mma") and not ops._path_ok(base):
+                needs = "bulk" if path.startswith("bulk") else "mma4" if path.startswith("mma") else None
+                if needs and not (bulk if needs == "bulk" else ops._path_ok("mma4")):
                     rows.append((fmt, path, f"{O}x{K}", None, None, None))
                     continue
-                pre = None
-                if base.startswith("mma"):
-                    pre = ops.act_quant(x[K], kl, codes=True)
-                    pre["path"] = base
-                if path == "mma4 tiled":
-                    tiled = ops.mma_tile_fp8(kl.w)
-                    y = torch.empty(1, O, device=DEV)
-                    t = graph_time(lambda: ops._launch_mma4(pre, kl, y, 1, None, 4, tiled))
-                    del tiled
-                elif " " in path:
-                    U = 8 if path.endswith("U=8") else 4
-                    S = None if U == 8 else 1 if path.endswith("S=1") else 2 * ops._mma4_split(O, K)[0]
-                    y = torch.empty(1, O, device=DEV)
-                    t = graph_time(lambda: ops._launch_mma4(pre, kl, y, 1, S, U))
-                else:
-                    t = graph_time(lambda: ops.linear(x[K], kl, path=base, pre=pre))
-                gbs = kl.nbytes() / t / 1e9
+                it = itertools.cycle(tiled if (path.startswith("bulk") or path.endswith("tiled")) else kls)
+                t = graph_time(lambda: _gemv_call(path, next(it), pre, x[K], y))
+                gbs = first.nbytes() / t / 1e9
                 if fmt == "bf16":
                     bf[(O, K)] = gbs
                 rows.append((fmt, path, f"{O}x{K}", t * 1e6, gbs, bf.get((O, K))))
-            del kl
+            del kls, tiled, first
             torch.cuda.empty_cache()
     print("\n| gemv | path | shape | us | GB/s | bf16 GB/s |")
     print("|---|---|---|---|---|---|")
@@ -418,6 +448,8 @@ def main():
                     help="only the per-kernel profile of the Llama-3.1-8B FP8 decode step, with and without PDL")
     ap.add_argument("--pdl-compare", action="store_true",
                     help="also time the Llama-3.1-8B fp8 and bf16 rows with plain launches (QTOOL_PDL=0)")
+    ap.add_argument("--bulk-compare", action="store_true",
+                    help="also time the Llama-3.1-8B fp8 row with row-major weights and gemv_mma4 (QTOOL_BULK=0)")
     ap.add_argument("--no-fuse", action="store_true",
                     help="unfused rmsnorm / silu_mul / attention combine + act_quant (for comparison)")
     args = ap.parse_args()
@@ -464,6 +496,16 @@ def main():
             r.update(engine="qtool (no PDL)", shape=cfg[0], fmt=cfg[1], kv=cfg[2], ctx=cfg[3])
             rows.append(r)
             _print(r, bw)
+    if args.bulk_compare:
+        cfg = ("llama3.1-8b", "fp8", "bf16", 512)
+        try:
+            with _env("QTOOL_BULK", "0"):
+                r = bench_qtool(*cfg)
+            r.update(engine="qtool (gemv_mma4)", shape=cfg[0], fmt=cfg[1], kv=cfg[2], ctx=cfg[3])
+            rows.append(r)
+            _print(r, bw)
+        except Exception as exc:
+            print(f"FAILED gemv_mma4 {cfg}: {type(exc).__name__}: {exc}", flush=True)
     for spec in filter(None, args.peer.split(",")):
         shape, ctx = spec.split(":")
         try:

@@ -22,8 +22,9 @@ _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
 
 # template instantiations fetched by name (NVRTC needs them up front to give mangled names back)
 TEMPLATES = {
-    "linear": [f"gemv<{f}, {m}>" for f in range(5) for m in (1, 2, 4, 8)] + [f"gemm<{f}>" for f in range(5)]
-              + [f"gemv_h<{f}, {m}>" for f in range(1, 5) for m in (1, 2, 4, 8)],
+    "linear": [f"gemv<{f}, {m}>" for f in range(5) for m in (1, 2, 4, 8)] + [f"gemm<{f}>" for f in range(6)]
+              + [f"gemv_h<{f}, {m}>" for f in range(1, 5) for m in (1, 2, 4, 8)]
+              + [f"gemv_mma_bulk<{x}>" for x in (0, 1)],
     "attention": [f"attn_partial<{d}, {pu}>" for d, pu in ((64, 8), (128, 8), (256, 4))],
 }
 

@@ -10,47 +10,14 @@ from __future__ import annotations
 import functools
 import math
 
-import numpy as np
 import torch
 
-from qtool.kernels import loader, pdl
+from qtool.kernels import fp8_bulk, loader, pdl  # noqa: F401 - pdl: ops.pdl for callers
+from qtool.kernels.fp8_bulk import mma_tile_fp8, to_tiled  # noqa: F401 - re-exported
+from qtool.kernels.launch import f32, i32, launch, ptr
 from qtool.kernels.weights import KLinear
 
-i32, f32 = np.int32, np.float32
 KV_CODES = {"bf16": 0, "fp8": 1, "nvfp4": 2}
-
-
-def ptr(t: torch.Tensor | None) -> np.uint64:
-    return np.uint64(0 if t is None else t.data_ptr())
-
-
-def launch(file: str, name: str, grid, block, args) -> None:
-    """One kernel on torch's current stream: with programmatic dependent launch where available (pdl.py; the
-    kernels wait for their predecessor in-kernel), else through CuPy."""
-    fn = loader.function(file, name)
-    if pdl.available():
-        try:
-            pdl.launch(fn, grid, block, torch.cuda.current_stream().cuda_stream, args)
-            return
-        except RuntimeError as exc:
-            import warnings
-            warnings.warn(f"qtool CUDA: programmatic dependent launch failed ({exc}); plain launches from now on")
-            pdl.disable()
-    with _stream():
-        fn(tuple(grid), tuple(block), tuple(args))
-
-
-def _stream():
-    """CuPy view of torch's current stream (cached per stream handle)."""
-    import cupy
-    h = torch.cuda.current_stream().cuda_stream
-    st = _STREAMS.get(h)
-    if st is None:
-        st = _STREAMS[h] = cupy.cuda.ExternalStream(h)
-    return st
-
-
-_STREAMS: dict = {}
 
 
 # ---------------------------------------------------------------- elementwise
@@ -126,9 +93,11 @@ def act_quant(x: torch.Tensor, kl: KLinear, half: bool = False, codes: bool = Fa
 
 
 # decode paths, each checked once per process against the f32 path before first use (see _path_ok);
-# "mma4" (gemv_mma4: deeper loads, reduce folded in) is preferred, "mma" (gemv_mma + reduce) is its fallback
-PATHS = ("mma4", "mma", "half")
-MMA_PATHS = ("mma4", "mma")
+# "bulk" (gemv_mma_bulk, fp8_bulk.py) runs on mma-tiled weights (adopt_layout), "mma4" (gemv_mma4: deeper loads,
+# reduce folded in) on row-major ones, with "mma" (gemv_mma + reduce) as its fallback
+PATHS = ("bulk", "mma4", "mma", "half")
+MMA_PATHS = ("bulk", "mma4", "mma")
+ROW_MAJOR_PATHS = ("mma4", "mma", "half", "f32")
 _PATH_STATE: dict[str, bool] = {}
 
 
@@ -151,10 +120,21 @@ def _half_ok(kl: KLinear, M: int) -> bool:
     return False
 
 
+def adopt_layout(kl: KLinear) -> KLinear:
+    """``kl`` with its fp8 weights in the mma-tiled order when its decode GEMV can be gemv_mma_bulk here (sm_90+,
+    fp8 activations, self-check passed, not QTOOL_BULK=0); else ``kl`` unchanged."""
+    if kl.fmt == 1 and not kl.tiled and _mma_ok(kl, 1) and fp8_bulk.enabled() and _path_ok("bulk"):
+        return fp8_bulk.to_tiled(kl)
+    return kl
+
+
 def decode_path(kl: KLinear, M: int) -> str:
     """The path ``linear`` takes for M rows by default."""
+    if kl.tiled:
+        ok = _mma_ok(kl, M) and fp8_bulk.plan(M, kl.in_features) is not None
+        return "bulk" if ok else "gemm"
     if _mma_ok(kl, M):
-        for p in MMA_PATHS:
+        for p in MMA_PATHS[1:]:
             if _path_ok(p):
                 return p
     if _half_ok(kl, M) and _path_ok("half"):
@@ -228,17 +208,16 @@ def silu_mul_quant(gu: torch.Tensor, kl: KLinear, keep_out: bool = True):
 
 
 def _launch_silu_quant(gu, out, kl, pre, path, M, I) -> None:
-    # fp8 scales local to 16..128 elements (per-tensor static, per-128 group): the row over blocks of 128
-    # threads (2048 elements each) instead of one block (run 6: 6.1 us for I = 14336 on one SM; run 7: 4.1 us)
-    local = path in MMA_PATHS and kl.act in (1, 3)
-    grid, block = ((M, math.ceil(I / 2048)), (128,)) if local else ((M,), (_threads(I),))
-    launch("act_quant", "silu_mul_quant", grid, block, (ptr(gu), ptr(out), i32(I)) + _quant_args(kl, pre, path))
+    # local scales: blocks of 128 threads, 2048 elements each (run 6: 6.1 us for I = 14336 on one SM; run 7: 4.1 us)
+    launch("act_quant", "silu_mul_quant", *_row_grid(M, I, kl, path, 2048),
+           (ptr(gu), ptr(out), i32(I)) + _quant_args(kl, pre, path))
 
 
 def linear(x: torch.Tensor, kl: KLinear, force_gemm: bool = False, force_f32: bool = False,
            path: str | None = None, pre: dict | None = None) -> torch.Tensor:
-    """y = x̂ W^T + b. M <= 8: gemv_mma4 / gemv_mma (fp8 x fp8 tensor cores), gemv_h (f16 pair math) or gemv
-    (f32); else the tiled gemm. ``path`` forces 'mma4' / 'mma' / 'half' / 'f32' / 'gemm' (tests)."""
+    """y = x̂ W^T + b. M <= 8: gemv_mma_bulk (mma-tiled fp8) / gemv_mma4 / gemv_mma (fp8 x fp8 tensor cores),
+    gemv_h (f16 pair math) or gemv (f32); else the tiled gemm. ``path`` forces 'bulk' / 'mma4' / 'mma' / 'half' /
+    'f32' / 'gemm' (tests; 'f32' on mma-tiled weights is the gemm, the others need row-major weights)."""
     x = x.to(torch.float32).contiguous()
     if kl.perm is not None:
         x = x.index_select(1, kl.perm)
@@ -252,6 +231,14 @@ def linear(x: torch.Tensor, kl: KLinear, force_gemm: bool = False, force_f32: bo
         path = pre["path"]
     if path is None:
         path = decode_path(kl, M)
+    if kl.tiled and path in ROW_MAJOR_PATHS:
+        if path != "f32":
+            raise ValueError(f"path {path!r} reads row-major weights; this layer's fp8 weights are mma-tiled")
+        path = "gemm"                    # the f32 reference of tiled weights
+    if path == "bulk":
+        q = pre if pre is not None else act_quant(x, kl, codes=True)
+        fp8_bulk.launch_bulk(q, kl, y, M)
+        return y
     if path == "mma4" and _counters(x.device) is None:
         path = "mma"                     # no ticket counters yet and capturing a graph: the v3 kernel
     if path == "mma4":
@@ -284,7 +271,7 @@ def linear(x: torch.Tensor, kl: KLinear, force_gemm: bool = False, force_f32: bo
     if path == "f32":
         launch("linear", f"gemv<{kl.fmt}, {mr}>", (math.ceil(O / 8),), (256,), args)
     else:
-        launch("linear", f"gemm<{kl.fmt}>", (math.ceil(O / 64), math.ceil(M / 64)), (256,), args)
+        launch("linear", f"gemm<{5 if kl.tiled else kl.fmt}>", (math.ceil(O / 64), math.ceil(M / 64)), (256,), args)
     return y
 
 
@@ -296,23 +283,15 @@ def _mma_split(O: int, K: int) -> tuple[int, int]:
     return math.ceil(K / kslice), kslice
 
 
-def mma_tile_fp8(w: torch.Tensor) -> torch.Tensor:
-    """fp8 codes [O, K] (K % 64 == 0) in gemv_mma4p's tiled order (linear.cu): rows padded to 16 with zeros, then
-    [O/16, K/64, 2 (rows 0-7 | 8-15), 8 rows, 4 chunks of 16 k, 16 bytes]."""
-    O, K = w.shape
-    if K % 64:
-        raise ValueError(f"mma tiling needs K % 64 == 0 (got {K})")
-    Op = math.ceil(O / 16) * 16
-    if Op != O:
-        w = torch.cat([w, w.new_zeros(Op - O, K)])
-    return w.view(Op // 16, 2, 8, K // 64, 4, 16).permute(0, 3, 1, 2, 4, 5).contiguous()
-
-
 def _launch_mma4(q: dict, kl: KLinear, y: torch.Tensor, M: int, S: int | None = None, U: int = 4,
                  tiled: torch.Tensor | None = None) -> None:
-    """gemv_mma4 (U = 4; U = 8: gemv_mma8, the benchmark's experiment; ``tiled`` = mma_tile_fp8(kl.w): gemv_mma4p)
-    into y [M, O] (S K slices; default from _mma4_split)."""
+    """gemv_mma4 (U = 4; U = 8: gemv_mma8, the benchmark's experiment; ``tiled`` = mma_tile_fp8(kl.w), or kl
+    itself mma-tiled: gemv_mma4p) into y [M, O] (S K slices; default from _mma4_split)."""
     O, K = kl.out_features, kl.in_features
+    if kl.tiled:
+        if U != 4:
+            raise ValueError("gemv_mma8 reads row-major weights")
+        tiled = kl.w
     S, kslice = _mma4_split(O, K, U) if S is None else _kslices(K, S, 64 * U)
     cnt = _counters(y.device)
     rows = 16 * MMA4_WARPS
@@ -409,10 +388,14 @@ def _self_check(name: str) -> bool:
     w |= torch.randint(0, 2, (O, K), generator=g, device=dev, dtype=torch.uint8) << 7
     if name == "mma4":
         return _self_check_mma4(g, dev)
+    if name == "bulk":
+        return fp8_bulk.self_check(g, dev)
     if name == "silu_quant":
         return _self_check_silu_quant(g, dev)
     if name == "attn_quant":
         return _self_check_attn_quant(g, dev)
+    if name == "merge_split":
+        return _self_check_merge_split(g, dev)
     if name == "mma":
         kl = KLinear(1, O, K, w, sc=torch.rand(O, generator=g, device=dev) * 1e-2 + 1e-3, sbo=1, sbi=K, act=2)
     else:
@@ -581,12 +564,56 @@ def attention_quant(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, la
     return out, pre
 
 
-def _launch_combine(part, ml, out, S, D, kl, pre, path, N, HD) -> None:
-    """attn_combine: merge + normalise into out [N, HD] (may be None), and with kl the quantized forms in pre."""
+def _launch_combine(part, ml, out, S, D, kl, pre, path, N, HD, split: bool | None = None) -> None:
+    """attn_combine: merge + normalise into out [N, HD] (may be None), and with kl the quantized forms in pre.
+    split: rows over several blocks where the scheme allows (default: once the "merge_split" self-check passed)."""
     if HD % 16 or HD > 16 * 1024:
         raise ValueError(f"attention merge supports rows of at most 16384 elements (got {HD})")
-    launch("attention", "attn_combine", (N,), (_threads(HD),),
+    if split is None:
+        split = _path_ok("merge_split")
+    launch("attention", "attn_combine", *(_row_grid(N, HD, kl, path) if split else ((N,), (_threads(HD),))),
            (ptr(part), ptr(ml), ptr(out), i32(S), i32(D), i32(HD)) + _quant_args(kl, pre, path))
+
+
+def _row_grid(M: int, n: int, kl: KLinear | None, path: str, per_block: int = 512) -> tuple[tuple, tuple]:
+    """(grid, block) of a fused row kernel over M rows of n elements (16 per thread): rows whose quantization
+    scales are local to 16..128 elements (no quantization, per-tensor static or per-128-group fp8) spread over
+    blocks of per_block elements, so a row is not pulled through one SM (attn_combine: S splits x n x 4 B; run 6
+    measured 9.3 us for one block); other schemes need the whole row in one block (row-wide amax)."""
+    local = kl is None or (path in MMA_PATHS and kl.act in (1, 3))
+    if local:
+        return (M, math.ceil(n / per_block)), (per_block // 16,)
+    return (M,), (_threads(n),)
+
+
+def _self_check_merge_split(g, dev, hq: int = 32, hkv: int = 8, d: int = 128, n: int = 1) -> bool:
+    """attn_combine with rows over several blocks == one block per row (run 8's verified grid), bit for bit:
+    plain merge and fused per-tensor / per-128-group fp8 quantization (out, e4m3 codes, scales)."""
+    import warnings
+    L = 300
+    cache = KVCache("bf16", n, L, 1, hkv, d, dev, [1.0], [1.0])
+    for t in (cache.k[0][0], cache.v[0][0]):
+        t.copy_(torch.randn(t.shape, generator=g, device=dev))
+    pos = torch.randint(0, L, (n, 1), generator=g, device=dev)
+    q = torch.randn(n, hq, d, generator=g, device=dev)
+    part, ml = _attn_partial(q, pos, cache, 0, 1)
+    for act in (None, 1, 3):
+        kl = None
+        if act is not None:
+            kl = KLinear(1, 64, hq * d, torch.zeros(64, hq * d, dtype=torch.uint8, device=dev),
+                         sc=torch.ones(64, device=dev), sbo=1, sbi=hq * d, act=act,
+                         in_scale=torch.full((1,), 0.01, device=dev) if act == 1 else None)
+        res = []
+        for split in (True, False):
+            out = torch.full((n, hq * d), float("nan"), device=dev)
+            pre = _quant_outputs(kl, n, hq * d, "mma", dev) if kl is not None else {}
+            _launch_combine(part, ml, out, cache.splits, d, kl, pre, "mma", n, hq * d, split=split)
+            res.append([out] + [pre[k] for k in ("xq", "xs") if k in pre])
+        if not all(torch.equal(a, b) for a, b in zip(*res)):
+            warnings.warn(f"qtool CUDA: attn_combine over several blocks differs from one block (act={act}); "
+                          "one block per row")
+            return False
+    return True
 
 
 def _self_check_attn_quant(g, dev) -> bool:

@@ -1,6 +1,6 @@
 """Kernel launches with programmatic dependent launch (PDL, sm_90+) through the driver's ``cuLaunchKernelEx``.
 
-Contract: ``launch(kernel, grid, block, stream_handle, args)`` launches a CuPy ``RawKernel`` with the attribute
+Contract: ``launch(kernel, grid, block, stream_handle, args, smem=0)`` launches a CuPy ``RawKernel`` with the attribute
 CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, so the kernel may be scheduled while the previous kernel in
 the stream is still running; every qtool kernel calls ``pdl_wait()`` (kernels_cuda/common.cuh) before touching
 data of earlier kernels, so results are those of plain launches. Stream capture turns the attribute into a
@@ -78,14 +78,14 @@ def _c_arg(a):
     raise TypeError(f"unsupported kernel argument type {type(a).__name__}")
 
 
-def launch(kernel, grid, block, stream_handle: int, args) -> None:
+def launch(kernel, grid, block, stream_handle: int, args, smem: int = 0) -> None:
     fn = _entry()
     grid = tuple(grid) + (1,) * (3 - len(grid))
     block = tuple(block) + (1,) * (3 - len(block))
     cargs = [_c_arg(a) for a in args]
     params = (ctypes.c_void_p * max(1, len(cargs)))(*[ctypes.cast(ctypes.pointer(c), ctypes.c_void_p)
                                                       for c in cargs])
-    cfg = _Config(grid[0], grid[1], grid[2], block[0], block[1], block[2], 0, stream_handle,
+    cfg = _Config(grid[0], grid[1], grid[2], block[0], block[1], block[2], int(smem), stream_handle,
                   ctypes.pointer(_STATE["attr"]), 1)
     rc = fn(ctypes.byref(cfg), ctypes.c_void_p(kernel.kernel.ptr), params, None)
     if rc != 0:

@@ -5,7 +5,8 @@ Contract: ``prepare_linear(lw, device) -> KLinear``. Every format maps to one of
 all as a scale grid), nvfp4, mxfp4, int4 (ModelOpt AWQ, GPTQ and AutoAWQ all as unsigned nibbles along ``in``
 with per-group f32 scale and zero; GPTQ act-order ``g_idx`` becomes an input permutation). Codes are moved
 bit-exactly, so the decoded weight equals ``lw.dequantize()`` (up to the bf16 cast of non-bf16 dense weights).
-``gemv_ok`` says whether the 16-byte-vector decode path applies (else the general tiled kernel runs).
+``gemv_ok`` says whether the 16-byte-vector decode path applies (else the general tiled kernel runs); fp8
+weights may later be put in the mma-tiled order (``tiled``, see qtool/kernels/fp8_bulk.py).
 """
 from __future__ import annotations
 
@@ -37,11 +38,12 @@ class KLinear:
     pqs: torch.Tensor | None = None
     perm: torch.Tensor | None = None
     note: str = ""
+    tiled: bool = False          # fp8 codes in fp8_bulk.mma_tile_fp8's order instead of row-major [O, K]
 
     @property
     def gemv_ok(self) -> bool:
         k = self.in_features
-        if k % EPV[self.fmt] or self.w.data_ptr() % 16:
+        if self.tiled or k % EPV[self.fmt] or self.w.data_ptr() % 16:
             return False
         if self.fmt == F_FP8:
             return self.sbi >= k or self.sbi % 16 == 0

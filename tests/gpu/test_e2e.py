@@ -108,6 +108,16 @@ def test_recipes(tiny_models, family, fmt, act, kv):
     _check(mw, kv)
 
 
+@pytest.mark.parametrize("fmt,act,kv", [r for r in RECIPES if r[0].startswith("fp8")])
+def test_fp8_recipes_row_major(tiny_models, monkeypatch, fmt, act, kv):
+    """The fp8 recipes with row-major weights (QTOOL_BULK=0: gemv_mma4 decode, gemm<1> prefill), the layout
+    pre-Hopper GPUs use; by default on sm_90 test_recipes runs the mma-tiled layout (gemv_mma_bulk, gemm<5>)."""
+    from qtool.runtime.loader import load_model_weights
+    monkeypatch.setenv("QTOOL_BULK", "0")
+    mw = _requant(load_model_weights(str(tiny_models("llama3")), progress=False), fmt, act, kv)
+    _check(mw, kv)
+
+
 @pytest.mark.parametrize("packer", ["pack_gptq", "pack_autoawq", "pack_deepseek_fp8"])
 def test_packed_checkpoints(tiny_models, tmp_path, packer):
     import packers
@@ -122,9 +132,13 @@ def test_graph_replay_equals_eager(tiny_models):
     from qtool.runtime.backends.cuda import CudaBackend
     from qtool.runtime.loader import load_model_weights
     from qtool.runtime.model import Model
+    from qtool.kernels import fp8_bulk
+    from qtool.kernels.weights import KLinear
     mw = _requant(load_model_weights(str(tiny_models("qwen3")), progress=False), "fp8", "fp8", "fp8")
     be = CudaBackend()
     m = Model(mw, be)
+    if fp8_bulk.enabled():      # the decode step below replays gemv_mma_bulk on mma-tiled weights
+        assert any(kl.tiled for kl in be._lin.values() if isinstance(kl, KLinear))
     prompt = torch.randint(0, mw.config.vocab_size, (1, 9)).cuda()
     outs = []
     for graphed in (False, True):

@@ -23,6 +23,19 @@ def poison():
     torch.cuda.synchronize()
 
 
+def assert_replays_equal(launch, want, times=3):
+    """launch(y) captured in a CUDA graph writes want bit for bit at every replay (y NaN-poisoned before each)."""
+    y = torch.full_like(want, float("nan"))
+    gr = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(gr):
+        launch(y)
+    for _ in range(times):
+        y.fill_(float("nan"))
+        gr.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, want)
+
+
 def rel(a, b):
     a, b = a.double().cpu(), b.double().cpu()
     assert torch.isfinite(a).all(), "non-finite output (unwritten element?)"
@@ -138,6 +151,24 @@ def _lw(fmt, w, act="none", g=None):
                          bias=torch.randn(O, generator=g) if O % 3 == 0 else None)
 
 
+def _ref(lw, x):
+    """float64 reference of the linear lw on the (CPU copy of) input x: its activation quantization, the decoded
+    weight, the bias."""
+    ref = lw.quantize_input(x.cpu()).double() @ lw.dequantize().double().t()
+    return ref + lw.bias.double() if lw.bias is not None else ref
+
+
+def _fp8_case(fmt, act, m, o, k, seed):
+    """A random fp8 linear (row-major, as prepared), an input, its float64 reference and the input's codes."""
+    from qtool.kernels import ops
+    from qtool.kernels.weights import prepare_linear
+    g = torch.Generator().manual_seed(seed)
+    lw = _lw(fmt, torch.randn(o, k, generator=g) * 0.05, act, g)
+    x = torch.randn(m, k, generator=g)
+    kl = prepare_linear(lw, DEV)
+    return kl, x, _ref(lw, x), ops.act_quant(x.to(DEV), kl, codes=True)
+
+
 CASES = [("bf16", "none"), ("fp8", "fp8"), ("fp8-rowwise", "fp8-token"), ("fp8-block", "fp8-block"),
          ("nvfp4", "nvfp4"), ("nvfp4", "none"), ("mxfp4", "mxfp4"), ("mxfp4", "none"), ("int4-awq", "none"),
          ("w4a8-awq", "fp8"), ("fp8", "none")]
@@ -164,6 +195,12 @@ def test_linear_vs_reference(fmt, act, m, o, k):
     poison()
     y = ops.linear(x.to(DEV), kl)
     assert rel(y, ref) < 5e-3, f"{fmt}/{act} default path: rel {rel(y, ref):.2e}"
+    kt = ops.adopt_layout(kl)        # what CudaBackend holds: mma-tiled fp8 on sm_90 (gemv_mma_bulk, gemm<5>)
+    if kt.tiled:
+        for path in ("f32", None):
+            poison()
+            y = ops.linear(x.to(DEV), kt, path=path)
+            assert rel(y, ref) < 1e-4, f"{fmt}/{act} tiled {path or ops.decode_path(kt, m)}: rel {rel(y, ref):.2e}"
 
 
 def _paths(kl, m):
@@ -181,6 +218,16 @@ def _paths(kl, m):
     return out
 
 
+def _layouts(kl):
+    """kl as prepared (row-major), then as CudaBackend holds it when that differs (mma-tiled fp8 on sm_90)."""
+    from qtool.kernels import ops
+    out = [kl]
+    kt = ops.adopt_layout(kl)
+    if kt is not kl:
+        out.append(kt)
+    return out
+
+
 @pytest.mark.parametrize("fmt,act", [("fp8-rowwise", "fp8-token"), ("fp8-block", "fp8-block"), ("fp8", "fp8")])
 @pytest.mark.parametrize("m,i", [(1, 14336), (3, 320)])
 def test_silu_mul_fused_quant(fmt, act, m, i):
@@ -190,19 +237,17 @@ def test_silu_mul_fused_quant(fmt, act, m, i):
     from qtool.kernels.weights import prepare_linear
     g = torch.Generator().manual_seed(m + i + len(fmt))
     lw = _lw(fmt, torch.randn(192, i, generator=g) * 0.05, act, g)
-    kl = prepare_linear(lw, DEV)
     gu = torch.randn(m, 2 * i, generator=g) * 2
-    poison()
-    out, pre = ops.silu_mul_quant(gu.to(DEV), kl)
-    assert pre is not None and pre["path"] in ("mma4", "mma")
-    gd, ud = gu[:, :i].double(), gu[:, i:].double()
-    assert rel(out, gd * torch.sigmoid(gd) * ud) < 1e-6
-    assert torch.equal(out, ops.silu_mul(gu.to(DEV)))
-    y = ops.linear(out, kl, pre=pre)
-    ref = lw.quantize_input(out.cpu()).double() @ lw.dequantize().double().t()
-    if lw.bias is not None:
-        ref = ref + lw.bias.double()
-    assert rel(y, ref) < 1e-4
+    for kl in _layouts(prepare_linear(lw, DEV)):
+        poison()
+        out, pre = ops.silu_mul_quant(gu.to(DEV), kl)
+        assert pre is not None and pre["path"] in ("bulk", "mma4", "mma")
+        gd, ud = gu[:, :i].double(), gu[:, i:].double()
+        assert rel(out, gd * torch.sigmoid(gd) * ud) < 1e-6
+        assert torch.equal(out, ops.silu_mul(gu.to(DEV)))
+        y = ops.linear(out, kl, pre=pre)
+        ref = _ref(lw, out)
+        assert rel(y, ref) < 1e-4, (pre["path"], rel(y, ref))
 
 
 @pytest.mark.parametrize("fmt,act", [("fp8-rowwise", "fp8-token"), ("fp8-block", "fp8-block"), ("fp8", "fp8")])
@@ -212,15 +257,7 @@ def test_mma4_splits_and_ticket(fmt, act, m, o, k):
     the reduce into the last block by an atomic ticket): float64 reference, bit-identical repeats (counters reset, fixed summation order),
     and a CUDA-graph replay equal to the eager launch."""
     from qtool.kernels import ops
-    from qtool.kernels.weights import prepare_linear
-    g = torch.Generator().manual_seed(m * 11 + o + k + len(fmt))
-    lw = _lw(fmt, torch.randn(o, k, generator=g) * 0.05, act, g)
-    x = torch.randn(m, k, generator=g)
-    ref = lw.quantize_input(x).double() @ lw.dequantize().double().t()
-    if lw.bias is not None:
-        ref = ref + lw.bias.double()
-    kl = prepare_linear(lw, DEV)
-    q = ops.act_quant(x.to(DEV), kl, codes=True)
+    kl, x, ref, q = _fp8_case(fmt, act, m, o, k, m * 11 + o + k + len(fmt))
     for U, S in [(4, s) for s in (1, 2, 3, 7)] + [(8, 3), (8, None), (4, None)]:   # gemv_mma8 (bench) too
         outs = []
         for _ in range(2):
@@ -236,15 +273,36 @@ def test_mma4_splits_and_ticket(fmt, act, m, o, k):
         ops._launch_mma4(q, kl, y1, m, S, 4, tiled)
         assert torch.equal(y0, y1), f"tiled S={S}: differs from gemv_mma4"
     assert int(ops._counters(torch.device(DEV)).abs().sum()) == 0
-    y = torch.full((m, o), float("nan"), device=DEV)
-    gr = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(gr):
-        ops._launch_mma4(q, kl, y, m)
-    for _ in range(3):
-        y.fill_(float("nan"))
-        gr.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(y, outs[0])
+    assert_replays_equal(lambda y: ops._launch_mma4(q, kl, y, m), outs[0])
+
+
+@pytest.mark.parametrize("fmt,act", [("fp8-rowwise", "fp8-token"), ("fp8-block", "fp8-block"), ("fp8", "fp8")])
+@pytest.mark.parametrize("m,o,k", [(1, 4096, 4096), (1, 28672, 4096), (3, 200, 640), (8, 96, 14336),
+                                   (2, 1000, 1088), (5, 72, 384), (1, 4096, 14336)])
+def test_bulk_gemv(fmt, act, m, o, k):
+    """gemv_mma_bulk (mma-tiled weights streamed by bulk copies through a shared-memory ring, one block per SM)
+    against float64: both x̂ staging variants where they fit, rings of 2 / 4 / 16 stages (slot reuse, phase
+    parity), odd O (padded tile), K % 128 == 64 (half unit); every output written (NaN-poisoned), bit-identical
+    repeats (fixed summation order), a CUDA-graph replay equal to the eager launch, and the tiled prefill GEMM
+    (gemm<5>) bit-identical to the row-major one (gemm<1>)."""
+    from qtool.kernels import fp8_bulk, ops
+    if not fp8_bulk.enabled():
+        pytest.skip("gemv_mma_bulk needs sm_90+")
+    kl, x, ref, q = _fp8_case(fmt, act, m, o, k, m * 5 + o + k + len(fmt))
+    kt = fp8_bulk.to_tiled(kl)
+    runs = [(None, None), (None, None)] + [(st, xh) for xh in (0, 1) for st in (2, 4, 16)
+                                           if fp8_bulk.plan(m, k, st, xh) is not None]
+    outs = {}
+    for st, xh in runs:
+        y = torch.full((m, o), float("nan"), device=DEV)
+        fp8_bulk.launch_bulk(q, kt, y, m, st, xh)
+        assert rel(y, ref) < 1e-4, f"stages={st} xh={xh}: rel {rel(y, ref):.2e}"
+        outs.setdefault((st, xh), []).append(y)
+    a, b = outs[(None, None)]
+    assert torch.equal(a, b), "repeat differs"
+    assert_replays_equal(lambda y: fp8_bulk.launch_bulk(q, kt, y, m), a)
+    xg = torch.randn(11, k, device=DEV)
+    assert torch.equal(ops.linear(xg, kt, path="gemm"), ops.linear(xg, kl, path="gemm"))
 
 
 @pytest.mark.parametrize("fmt,act", [("fp8", "fp8"), ("fp8-rowwise", "fp8-token"), ("fp8-block", "fp8-block"),
@@ -256,20 +314,18 @@ def test_rmsnorm_fused_quant(fmt, act, m, h):
     from qtool.kernels.weights import prepare_linear
     g = torch.Generator().manual_seed(m + h + len(fmt))
     lw = _lw(fmt, torch.randn(256, h, generator=g) * 0.05, act, g)
-    kl = prepare_linear(lw, DEV)
     x, r = torch.randn(m, h, generator=g), torch.randn(m, h, generator=g)
     w = torch.rand(h, generator=g) + 0.5
-    poison()
-    y, res, pre = ops.rmsnorm_quant(x.to(DEV), w.to(DEV), 1e-6, r.to(DEV), kl)
-    assert pre is not None and pre["path"] in ("mma4", "mma", "half")
-    hd = x.double() + r.double()
-    yref = hd * torch.rsqrt(hd.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
-    assert rel(y, yref) < 1e-5 and rel(res, hd) < 1e-6
-    out = ops.linear(y, kl, pre=pre)
-    ref = lw.quantize_input(y.cpu()).double() @ lw.dequantize().double().t()
-    if lw.bias is not None:
-        ref = ref + lw.bias.double()
-    assert rel(out, ref) < (5e-3 if pre["path"] == "half" and act == "none" else 1e-4)
+    for kl in _layouts(prepare_linear(lw, DEV)):
+        poison()
+        y, res, pre = ops.rmsnorm_quant(x.to(DEV), w.to(DEV), 1e-6, r.to(DEV), kl)
+        assert pre is not None and pre["path"] in ("bulk", "mma4", "mma", "half")
+        hd = x.double() + r.double()
+        yref = hd * torch.rsqrt(hd.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
+        assert rel(y, yref) < 1e-5 and rel(res, hd) < 1e-6
+        out = ops.linear(y, kl, pre=pre)
+        ref = _ref(lw, y)
+        assert rel(out, ref) < (5e-3 if pre["path"] == "half" and act == "none" else 1e-4), pre["path"]
 
 
 @pytest.mark.parametrize("fmt,act", [("fp8", "fp8"), ("fp8-rowwise", "fp8-token"), ("fp8-block", "fp8-block"),
@@ -283,7 +339,6 @@ def test_attention_fused_quant(fmt, act, kv, d, hq, hkv):
     from qtool.kernels.weights import prepare_linear
     g = torch.Generator().manual_seed(d + hq + len(fmt) + len(kv))
     lw = _lw(fmt, torch.randn(160, hq * d, generator=g) * 0.05, act, g)
-    kl = prepare_linear(lw, DEV)
     B, L = 3, 700
     cache = ops.KVCache(kv, B, L, 1, hkv, d, DEV, [0.05], [0.04])
     for pair in cache.k + cache.v:
@@ -293,20 +348,27 @@ def test_attention_fused_quant(fmt, act, kv, d, hq, hkv):
                         torch.randint(0, 0x7e, t.shape, generator=g, dtype=torch.uint8))
     pos = torch.tensor([[5], [300], [699]], device=DEV)
     q = torch.randn(B, hq, d, generator=g).to(DEV)
-    poison()
-    out, pre = ops.attention_quant(q, pos, cache, 0, 1, kl)
-    assert pre is not None and pre["path"] in ("mma4", "mma", "half")
-    assert torch.equal(out, ops.attention(q, pos, cache, 0, 1))
-    y = ops.linear(out, kl, pre=pre)
-    ref = lw.quantize_input(out.cpu()).double() @ lw.dequantize().double().t()
-    if lw.bias is not None:
-        ref = ref + lw.bias.double()
-    assert rel(y, ref) < (5e-3 if pre["path"] == "half" and act == "none" else 1e-4)
+    for kl in _layouts(prepare_linear(lw, DEV)):
+        poison()
+        out, pre = ops.attention_quant(q, pos, cache, 0, 1, kl)
+        assert pre is not None and pre["path"] in ("bulk", "mma4", "mma", "half")
+        assert torch.equal(out, ops.attention(q, pos, cache, 0, 1))
+        y = ops.linear(out, kl, pre=pre)
+        ref = _ref(lw, out)
+        assert rel(y, ref) < (5e-3 if pre["path"] == "half" and act == "none" else 1e-4), pre["path"]
+
+
+@pytest.mark.parametrize("hq,hkv,d,n", [(32, 8, 128, 1), (9, 3, 64, 3), (8, 8, 256, 2), (16, 2, 128, 4)])
+def test_merge_split_equals_one_block(hq, hkv, d, n):
+    """attn_combine spread over blocks of 512 elements (schemes 0, 1, 3) gives one block's bits, incl. a partial
+    last block (9 x 64 = 576) and several rows."""
+    from qtool.kernels import ops
+    assert ops._self_check_merge_split(torch.Generator(device=DEV).manual_seed(hq + d + n), DEV, hq, hkv, d, n)
 
 
 def test_pdl_launch_chain_and_graph(monkeypatch):
     """Kernels launched with programmatic dependent launch (the default on sm_90+) give the plain launches'
-    bits: a chain of dependent kernels (rmsnorm + fused quant -> gemv_mma4 -> silu_mul -> a torch op) eager and
+    bits: a chain of dependent kernels (rmsnorm + fused quant -> gemv_mma4 / gemv_mma_bulk -> silu_mul -> a torch op) eager and
     replayed from a CUDA graph, against the same chain with QTOOL_PDL=0."""
     from qtool.kernels import ops
     from qtool.kernels.weights import prepare_linear
@@ -314,27 +376,27 @@ def test_pdl_launch_chain_and_graph(monkeypatch):
         pytest.skip("no PDL on this GPU")
     g = torch.Generator().manual_seed(7)
     lw = _lw("fp8", torch.randn(4096, 1024, generator=g) * 0.05, "fp8", g)
-    kl = prepare_linear(lw, DEV)
     x0, w = torch.randn(1, 1024, generator=g).to(DEV), (torch.rand(1024, generator=g) + 0.5).to(DEV)
-
-    def chain():
-        x = x0
-        for _ in range(6):
-            y, _, pre = ops.rmsnorm_quant(x, w, 1e-6, None, kl)
-            h = ops.linear(y, kl, pre=pre)          # [1, 4096]
-            x = ops.silu_mul(h)[:, :1024].contiguous() * 1.0
-        return x
-
-    monkeypatch.setenv("QTOOL_PDL", "0")
-    ref = chain().clone()
-    monkeypatch.delenv("QTOOL_PDL")
-    assert torch.equal(chain(), ref)
     from qtool.runtime.backends.cuda import warm_and_capture
-    gr, out = warm_and_capture(chain)
-    for _ in range(3):
-        gr.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, ref)
+    for kl in _layouts(prepare_linear(lw, DEV)):    # gemv_mma4, then gemv_mma_bulk (weights prefetched pre-wait)
+
+        def chain():
+            x = x0
+            for _ in range(6):
+                y, _, pre = ops.rmsnorm_quant(x, w, 1e-6, None, kl)
+                h = ops.linear(y, kl, pre=pre)          # [1, 4096]
+                x = ops.silu_mul(h)[:, :1024].contiguous() * 1.0
+            return x
+
+        monkeypatch.setenv("QTOOL_PDL", "0")
+        ref = chain().clone()
+        monkeypatch.delenv("QTOOL_PDL")
+        assert torch.equal(chain(), ref)
+        gr, out = warm_and_capture(chain)
+        for _ in range(3):
+            gr.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, ref)
 
 
 @pytest.mark.parametrize("fmt", ["gptq", "gptq-actorder", "autoawq", "fp8-deepseek"])

@@ -76,7 +76,7 @@ class CudaBackend:
                 self._register(p)
             self._lin[id(lw)] = [self._lin[id(p)] for p in lw.parts]
             return
-        kl = prepare_linear(lw, self.device)
+        kl = ops.adopt_layout(prepare_linear(lw, self.device))
         if kl.note and kl.note not in self.notes:
             self.notes.append(kl.note)
         self._lin[id(lw)] = kl

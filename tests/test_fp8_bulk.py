@@ -1,0 +1,82 @@
+"""CPU checks of the bulk-copy FP8 GEMV's host side (qtool/kernels/fp8_bulk.py, ops dispatch): the launch plan
+fits the shared-memory layout linear.cu's gemv_mma_bulk computes, mma-tiled weights take only the paths that
+read that layout, and the fused row kernels' grids cover every element. The kernel itself runs in tests/gpu."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from qtool.kernels import fp8_bulk, ops
+from qtool.kernels.weights import KLinear
+
+HOPPER, ADA = 232448, 101376   # cudaDevAttrMaxSharedMemoryPerBlockOptin of sm_90 / sm_89
+
+
+def kernel_smem(M, K, xh, stages):
+    """Bytes gemv_mma_bulk addresses (linear.cu): 128 of mbarriers, the ring, x̂ rows of xb * K + 16 bytes
+    rounded up to 128, then 4 warps x 32 lanes x 16 B of fragments."""
+    xb = 2 if xh else 1
+    return 128 + stages * 16 * 1024 + math.ceil(M * (xb * K + 16) / 128) * 128 + 4 * 32 * 16
+
+
+@pytest.mark.parametrize("limit", [HOPPER, ADA])
+def test_plan_fits_the_kernel_layout(limit):
+    for M in range(1, 9):
+        for K in (64, 576, 1088, 4096, 14336, 16384):
+            p = fp8_bulk.plan(M, K, limit=limit)
+            fits = {xh: (limit - kernel_smem(M, K, xh, 0)) // (16 * 1024) for xh in (0, 1)}
+            if p is None:
+                assert fits[1] < 4 and fits[0] < 2, (M, K)
+                continue
+            xh, stages, smem = p
+            assert smem == kernel_smem(M, K, xh, stages) <= limit
+            assert 2 <= stages <= 16 and stages <= fp8_bulk.DEFAULT_STAGES
+            assert xh == (1 if fits[1] >= 4 else 0), (M, K, fits)   # f16 staging whenever it leaves 4 stages
+            assert stages == min(fp8_bulk.DEFAULT_STAGES, fits[xh])
+    # forced variants and ring sizes
+    assert fp8_bulk.plan(1, 4096, stages=12, limit=HOPPER)[1] == 12
+    assert fp8_bulk.plan(8, 14336, xh=1, limit=HOPPER) is None       # 229 KB of f16 x̂ leaves no ring
+    assert fp8_bulk.plan(8, 14336, limit=HOPPER)[0] == 0
+
+
+def _fp8_linear(O=200, K=640, act=2):
+    return fp8_bulk.random_fp8_linear(torch.Generator().manual_seed(O + K), "cpu", O, K, act)
+
+
+def test_tiled_weights_take_only_tiled_paths(monkeypatch):
+    monkeypatch.setattr(fp8_bulk, "smem_limit", lambda: HOPPER)
+    kl = _fp8_linear()
+    kt = fp8_bulk.to_tiled(kl)
+    assert kt.tiled and not kl.tiled and kt.w.numel() == 208 * 640      # 13 tiles of 16 rows
+    assert not kt.gemv_ok and not kt.half_ok and kl.gemv_ok
+    assert ops.decode_path(kt, 1) == "bulk" and ops.decode_path(kt, 8) == "bulk"
+    assert ops.decode_path(kt, 9) == "gemm"                          # prefill: gemm<5> reads the tiled bytes
+    x = torch.randn(1, 640)
+    for path in ("mma4", "mma", "half"):
+        with pytest.raises(ValueError, match="row-major"):
+            ops.linear(x, kt, path=path)
+    with pytest.raises(ValueError, match="mma-tiled"):
+        fp8_bulk.launch_bulk({}, kl, torch.empty(1, 200), 1)
+    # static fp8 without an input scale cannot be quantized to codes: stays off the mma paths
+    ks = fp8_bulk.to_tiled(KLinear(1, 64, 128, torch.zeros(64, 128, dtype=torch.uint8), sc=torch.ones(1),
+                                   sbo=64, sbi=128, act=1))
+    assert ops.decode_path(ks, 1) == "gemm"
+
+
+def test_row_grids_cover_the_row():
+    local = [None, _fp8_linear(act=1), _fp8_linear(act=3)]
+    whole = [_fp8_linear(act=2)]
+    for n in (176, 576, 4096, 14336):
+        for kl in local + whole:
+            for per_block in (512, 2048):
+                grid, block = ops._row_grid(3, n, kl, "bulk", per_block)
+                assert grid[0] == 3
+                if any(kl is w for w in whole):       # row-wide amax: one block holds the whole row, 16 elements per thread
+                    assert len(grid) == 1 and block[0] * 16 >= n and block[0] % 32 == 0
+                else:
+                    covered = grid[1] * block[0] * 16
+                    assert block[0] * 16 == per_block and covered >= n > covered - per_block
+    # the f16 path needs the row's maximum (hs scale): never split
+    assert len(ops._row_grid(1, 4096, _fp8_linear(act=1), "half")[0]) == 1
