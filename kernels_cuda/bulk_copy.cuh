@@ -4,7 +4,8 @@
 // memory and signals completion on an mbarrier as transaction bytes; the issuing thread first announces them
 // with mbar_expect_tx on the same barrier (which also counts as its one arrival). mbar_wait(bar, parity)
 // returns once the barrier's phase of that parity has completed (uses n = 0, 1, 2, ... of a barrier wait for
-// parity n & 1); it traps after ~2^28 polls instead of hanging forever, so a broken pipeline fails the launch.
+// parity n & 1). After 2 s without completion it traps instead of hanging forever: the launch fails, and so does
+// every later CUDA call of the process (a trap leaves a sticky error), so it is a tripwire, not a fallback.
 #pragma once
 
 __device__ __forceinline__ unsigned smem_u32(const void* p) {
@@ -28,9 +29,14 @@ __device__ __forceinline__ bool mbar_try_wait(unsigned bar, unsigned parity) {
                : "=r"(ok) : "r"(bar), "r"(parity) : "memory");
   return ok != 0u;
 }
+__device__ __forceinline__ unsigned long long globaltimer_ns() {
+  unsigned long long t; asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t)); return t;
+}
 __device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
-  for (unsigned i = 0; !mbar_try_wait(bar, parity); ++i)
-    if (i > (1u << 28)) __trap();
+  if (mbar_try_wait(bar, parity)) return;
+  unsigned long long t0 = globaltimer_ns();
+  while (!mbar_try_wait(bar, parity))
+    if (globaltimer_ns() - t0 > 2000000000ull) __trap();
 }
 // order this thread's earlier generic-proxy accesses of shared memory before its later bulk copies into it
 __device__ __forceinline__ void fence_proxy_async_smem() {

@@ -42,6 +42,12 @@ __device__ __forceinline__ unsigned hsub2(unsigned a, unsigned b) {
   unsigned r; asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r;
 }
 
+// byte offset of fp8 code (o, k) in the mma-tiled layout (ops.mma_tile_fp8; gemv_mma4p, gemv_mma_bulk, gemm<5>)
+__device__ __forceinline__ long long tiled_fp8_offset(int o, int k, int K) {
+  return (((long long)(o >> 4) * (K >> 6) + (k >> 6)) * 2 + ((o >> 3) & 1)) * 512 + ((o & 7) * 4 + ((k & 63) >> 4)) * 16
+         + (k & 15);
+}
+
 template <int F>
 __device__ __forceinline__ float wload1(const u8* w, const void* sc, const float* zp, float gs, float s2, int K,
                                         int sld, int sbo, int sbi, int o, int k) {
@@ -49,9 +55,7 @@ __device__ __forceinline__ float wload1(const u8* w, const void* sc, const float
   if (F == FMT_FP8)
     return e4m3_to_f32(w[(long long)o * K + k]) * ((const float*)sc)[(long long)(o / sbo) * sld + k / sbi];
   if (F == FMT_FP8T)   // mma-tiled fp8 (gemv_mma4p / gemv_mma_bulk layout)
-    return e4m3_to_f32(w[(((long long)(o >> 4) * (K >> 6) + (k >> 6)) * 2 + ((o >> 3) & 1)) * 512 +
-                         ((o & 7) * 4 + ((k & 63) >> 4)) * 16 + (k & 15)]) *
-           ((const float*)sc)[(long long)(o / sbo) * sld + k / sbi];
+    return e4m3_to_f32(w[tiled_fp8_offset(o, k, K)]) * ((const float*)sc)[(long long)(o / sbo) * sld + k / sbi];
   unsigned nib = (w[(long long)o * (K / 2) + k / 2] >> (4 * (k & 1))) & 15u;
   if (F == FMT_NVFP4)
     return e2m1_to_f32(nib) * (e4m3_to_f32(((const u8*)sc)[(long long)o * (K / 16) + k / 16]) * gs);
@@ -597,8 +601,9 @@ extern "C" __global__ void __launch_bounds__(128) gemv_mma4p(QT_MMA_DEEP_ARGS) {
 // tiles [c T / G, (c+1) T / G) of the T = ceil(O / 16) tiles, i.e. one contiguous byte range of wt, and no K split
 // (no partial sums, no reduce, no counters). Its range is cut into chunks of at most BULK_SB k-blocks (64 k x 16
 // rows = 1 KB) that never straddle a tile; thread 0 keeps `nstages` (<= 16) chunks in flight (ring slot
-// c % nstages, one mbarrier each), the first ones issued before pdl_wait (the weights are constants), so a launch
-// streams weights while the previous kernel finishes. x̂ codes [M, K] (M <= 8) are staged in shared memory once:
+// c % nstages, one mbarrier each), the first ones issued before pdl_wait, so a launch streams weights while the
+// previous kernel finishes (wt must not be written by the kernel launched just before: weights are laid out
+// once at load time). x̂ codes [M, K] (M <= 8) are staged in shared memory once:
 // XH = 1 as f16 (exact for e4m3 values; rows 2K + 16 bytes apart), so the loop converts only weights (cvt
 // e4m3x2 -> f16x2) and runs m16n8k16 f16 mma; XH = 0 as e4m3 codes (rows K + 16 apart) with the m16n8k32 e4m3 mma
 // (which Hopper itself runs as conversions + f16 mma). In each chunk warp w takes the 128-k units w, w + 4, ...;
@@ -745,3 +750,182 @@ __global__ void __launch_bounds__(128, 1) gemv_mma_bulk(const u8* __restrict__ x
   int, int, int, int
 template __global__ void gemv_mma_bulk<0>(QT_BULK_ARGS);
 template __global__ void gemv_mma_bulk<1>(QT_BULK_ARGS);
+
+// gemm_tc<F, XC>: y = x̂ W^T (+ bias) for any M (prefill) on the tensor cores: mma.sync m16n8k16 bf16 with f32
+// accumulation, to float32 accuracy. Tiles of 64 rows x 64 outputs x 32 k in shared memory as bf16 (rows padded to
+// 40 elements: the 32-bit fragment loads are conflict-free), block 128 (4 warps of 32 x 32), grid
+// (ceil(O/64), ceil(M/64)); each thread stages 16 consecutive elements of one A row and one W row per k-tile.
+//   A: XC = 1 (fp8 activations on fp8 weights): x̂ as its e4m3 codes xq [M, K] (exact in bf16), scales xs per row
+//      [M] or, with xs_group, per 128-k group [M, ceil(K/128)]; XC = 0: x̂ f32 [M, ldx] split into bf16 hi + lo
+//      (x = hi + lo to 2^-17; one more mma per product).
+//   W: fp8 (F = 1 row-major, F = 5 mma-tiled) as e4m3 codes (exact); bf16 and mxfp4 (e2m1 x 2^e) decode exactly to
+//      bf16; nvfp4 and int4 decode (wload1, scales included) to f32, split hi + lo like x. The fp8 scale grid sc is
+//      applied to each scale group's f32 partial sums (groups of KG = 128 k for 128x128 blocks or per-128
+//      activations, else all of K).
+// Error: products exact or split (dropped lo x lo terms ~2^-18), f32 sums: float32 level, like the f32 gemm.
+// Needs K % 16 == 0 and 16-byte aligned rows; fp8 block scales with sbi % 32 == 0. Partial tiles are zero-filled.
+#define TC_BM 64
+#define TC_BN 64
+#define TC_BK 32
+#define TC_LD (TC_BK + 8)
+
+QT_MMA_16X8(mma_bf16, "m16n8k16.row.col.f32.bf16.bf16.f32")
+
+__device__ __forceinline__ unsigned bf16x2(float lo, float hi) {   // round to nearest even
+  unsigned r; asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo)); return r;
+}
+// 16 f32 values -> bf16 rows hi (and, if lo, the rounding remainders v - hi, also as bf16)
+__device__ __forceinline__ void stage16(const float v[16], unsigned short* hi, unsigned short* lo) {
+  unsigned h[8], l[8];
+#pragma unroll
+  for (int q = 0; q < 8; ++q) {
+    h[q] = bf16x2(v[2 * q], v[2 * q + 1]);
+    l[q] = bf16x2(v[2 * q] - __uint_as_float(h[q] << 16), v[2 * q + 1] - __uint_as_float(h[q] & 0xffff0000u));
+  }
+  *(uint4*)hi = make_uint4(h[0], h[1], h[2], h[3]);
+  *(uint4*)(hi + 8) = make_uint4(h[4], h[5], h[6], h[7]);
+  if (lo) {
+    *(uint4*)lo = make_uint4(l[0], l[1], l[2], l[3]);
+    *(uint4*)(lo + 8) = make_uint4(l[4], l[5], l[6], l[7]);
+  }
+}
+__device__ __forceinline__ void codes16(uint4 c, float v[16]) {   // 16 e4m3 codes -> their values
+  unsigned u[4] = {c.x, c.y, c.z, c.w};
+#pragma unroll
+  for (int i = 0; i < 16; ++i) v[i] = e4m3_to_f32((u[i >> 2] >> (8 * (i & 3))) & 0xffu);
+}
+// the A (16 x 16, rows r, r + 8) and B (8 x 16, row n) fragments of k-step kk from padded bf16 tiles
+__device__ __forceinline__ void frag_a(const unsigned short (*S)[TC_LD], int r, int kk, int t, unsigned a[4]) {
+  a[0] = *(const unsigned*)&S[r][kk + 2 * t];
+  a[1] = *(const unsigned*)&S[r + 8][kk + 2 * t];
+  a[2] = *(const unsigned*)&S[r][kk + 2 * t + 8];
+  a[3] = *(const unsigned*)&S[r + 8][kk + 2 * t + 8];
+}
+__device__ __forceinline__ void frag_b(const unsigned short (*S)[TC_LD], int n, int kk, int t, unsigned b[2]) {
+  b[0] = *(const unsigned*)&S[n][kk + 2 * t];
+  b[1] = *(const unsigned*)&S[n][kk + 2 * t + 8];
+}
+
+template <int F, int XC>
+__global__ void __launch_bounds__(128, 4) gemm_tc(const float* __restrict__ x, int ldx, const u8* __restrict__ xq,
+    const float* __restrict__ xs, int xs_group, const u8* __restrict__ w, const void* __restrict__ sc,
+    const float* __restrict__ zp, float gs, float s2, const float* __restrict__ bias, float* __restrict__ y,
+    int ldy, int M, int O, int K, int sld, int sbo, int sbi) {
+  QT_PDL_ENTRY
+  constexpr bool WC = F == FMT_FP8 || F == FMT_FP8T;       // weights as codes + scale grid
+  constexpr bool SA = !XC;                                 // A split into hi + lo
+  constexpr bool SB = F == FMT_NVFP4 || F == FMT_INT4;     // W split into hi + lo
+  __shared__ __align__(16) unsigned short As[SA ? 2 : 1][TC_BM][TC_LD], Bs[SB ? 2 : 1][TC_BN][TC_LD];
+  int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  int m0 = blockIdx.y * TC_BM, o0 = blockIdx.x * TC_BN;
+  int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
+  int KG = K;                                              // scale group length (a multiple of TC_BK, or K)
+  if (WC && sbi < K) KG = sbi;
+  if (XC && xs_group) KG = min(KG, 128);
+  int ng = (K + 127) / 128;
+  float acc[2][4][4], part[2][4][4];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = part[i][j][e] = 0.0f;
+  int lr = tid >> 1, lk = (tid & 1) * 16;                  // this thread's staging slot: row lr, k offset lk
+  for (int k0 = 0; k0 < K; k0 += TC_BK) {
+    float v[16];
+    int k = k0 + lk;
+    {  // A row m0 + lr
+      int m = m0 + lr;
+      bool in = m < M && k < K;
+#pragma unroll
+      for (int i = 0; i < 16; ++i) v[i] = 0.0f;
+      if (in && XC) codes16(*(const uint4*)(xq + (long long)m * K + k), v);
+      if (in && !XC) {
+        const float4* xp = (const float4*)(x + (long long)m * ldx + k);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          float4 f = xp[q];
+          v[4 * q] = f.x; v[4 * q + 1] = f.y; v[4 * q + 2] = f.z; v[4 * q + 3] = f.w;
+        }
+      }
+      stage16(v, &As[0][lr][lk], SA ? &As[SA ? 1 : 0][lr][lk] : nullptr);
+    }
+    {  // W row o0 + lr
+      int o = o0 + lr;
+      bool in = o < O && k < K;
+#pragma unroll
+      for (int i = 0; i < 16; ++i) v[i] = 0.0f;
+      if (in && WC) codes16(*(const uint4*)(w + (F == FMT_FP8 ? (long long)o * K + k : tiled_fp8_offset(o, k, K))), v);
+      if (in && !WC) {
+#pragma unroll
+        for (int i = 0; i < 16; ++i) v[i] = wload1<F>(w, sc, zp, gs, s2, K, sld, sbo, sbi, o, k + i);
+      }
+      stage16(v, &Bs[0][lr][lk], SB ? &Bs[SB ? 1 : 0][lr][lk] : nullptr);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < TC_BK; kk += 16) {
+      unsigned a[2][2][4], b[4][2][2];                     // [tile][hi, lo][fragment]
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        frag_a(As[0], wm + 16 * i + g, kk, t, a[i][0]);
+        if (SA) frag_a(As[SA ? 1 : 0], wm + 16 * i + g, kk, t, a[i][1]);
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        frag_b(Bs[0], wn + 8 * j + g, kk, t, b[j][0]);
+        if (SB) frag_b(Bs[SB ? 1 : 0], wn + 8 * j + g, kk, t, b[j][1]);
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          mma_bf16(part[i][j], a[i][0][0], a[i][0][1], a[i][0][2], a[i][0][3], b[j][0][0], b[j][0][1]);
+          if (SA) mma_bf16(part[i][j], a[i][1][0], a[i][1][1], a[i][1][2], a[i][1][3], b[j][0][0], b[j][0][1]);
+          if (SB) mma_bf16(part[i][j], a[i][0][0], a[i][0][1], a[i][0][2], a[i][0][3], b[j][1][0], b[j][1][1]);
+        }
+    }
+    __syncthreads();
+    int kn = k0 + TC_BK;
+    if (kn >= K || kn % KG == 0) {   // the end of a scale group: fold its sums into acc with their scales
+      int kg = (k0 / KG) * KG;       // first k of the group
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            float s = 1.0f;
+            if (WC) {
+              int o = min(o0 + wn + 8 * j + 2 * t + (e & 1), O - 1);
+              s = ((const float*)sc)[(long long)(o / sbo) * sld + kg / sbi];
+            }
+            if (XC) {
+              int m = min(m0 + wm + 16 * i + g + (e >> 1) * 8, M - 1);
+              s *= xs_group ? xs[(long long)m * ng + (kg >> 7)] : xs[m];
+            }
+            acc[i][j][e] += part[i][j][e] * s;
+            part[i][j][e] = 0.0f;
+          }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        int m = m0 + wm + 16 * i + g + (e >> 1) * 8, o = o0 + wn + 8 * j + 2 * t + (e & 1);
+        if (m < M && o < O) y[(long long)m * ldy + o] = acc[i][j][e] + (bias ? bias[o] : 0.0f);
+      }
+}
+#define QT_TC_ARGS const float*, int, const u8*, const float*, int, const u8*, const void*, const float*, float, float, \
+  const float*, float*, int, int, int, int, int, int, int
+template __global__ void gemm_tc<0, 0>(QT_TC_ARGS);
+template __global__ void gemm_tc<1, 0>(QT_TC_ARGS);
+template __global__ void gemm_tc<2, 0>(QT_TC_ARGS);
+template __global__ void gemm_tc<3, 0>(QT_TC_ARGS);
+template __global__ void gemm_tc<4, 0>(QT_TC_ARGS);
+template __global__ void gemm_tc<5, 0>(QT_TC_ARGS);
+template __global__ void gemm_tc<1, 1>(QT_TC_ARGS);
+template __global__ void gemm_tc<5, 1>(QT_TC_ARGS);

@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from qtool.kernels import ops  # noqa: E402
+from qtool.kernels.random_weights import random_linear  # noqa: E402
 from qtool.kernels.weights import KLinear  # noqa: E402
 
 SHAPES = {  # hidden, inter, layers, heads, kv heads, head_dim, vocab
@@ -46,30 +47,7 @@ def rand_linear(fmt: str, O: int, K: int) -> KLinear:
 
 
 def _rand_linear(fmt: str, O: int, K: int) -> KLinear:
-    if fmt == "bf16":
-        return KLinear(0, O, K, (torch.randn(O, K, device=DEV) * 0.02).to(torch.bfloat16))
-    if fmt in ("fp8", "fp8-rowwise"):
-        w = (torch.randint(0, 0x7e, (O, K), device=DEV, dtype=torch.uint8)
-             | (torch.randint(0, 2, (O, K), device=DEV, dtype=torch.uint8) << 7))
-        if fmt == "fp8":
-            return KLinear(1, O, K, w, sc=torch.full((1,), 1e-3, device=DEV), sbo=O, sbi=K, act=1,
-                           in_scale=torch.full((1,), 0.02, device=DEV))
-        return KLinear(1, O, K, w, sc=torch.rand(O, device=DEV) * 1e-3, sbo=1, sbi=K, act=2)
-    if fmt == "fp8-block":
-        w = (torch.randint(0, 0x7e, (O, K), device=DEV, dtype=torch.uint8)
-             | (torch.randint(0, 2, (O, K), device=DEV, dtype=torch.uint8) << 7))
-        sc = torch.rand(math.ceil(O / 128), math.ceil(K / 128), device=DEV) * 1e-3
-        return KLinear(1, O, K, w, sc=sc, sld=sc.shape[1], sbo=128, sbi=128, act=3)
-    if fmt == "nvfp4":
-        return KLinear(2, O, K, torch.randint(0, 256, (O, K // 2), device=DEV, dtype=torch.uint8),
-                       sc=torch.randint(0x30, 0x50, (O, K // 16), device=DEV, dtype=torch.uint8), gs=1e-3, act=4,
-                       in_scale=torch.full((1,), 4 / 2688, device=DEV))
-    if fmt == "w4a16-awq":
-        s = torch.rand(O, K // 128, device=DEV) * 1e-3
-        return KLinear(4, O, K, torch.randint(0, 256, (O, K // 2), device=DEV, dtype=torch.uint8), sc=s,
-                       zp=torch.full_like(s, 8.0), sld=K // 128, sbi=128,
-                       pqs=torch.rand(K, device=DEV) + 0.5)
-    raise ValueError(fmt)
+    return random_linear(fmt, O, K, device=DEV)
 
 
 class Decoder:
@@ -369,6 +347,24 @@ def kernel_table():
     print(f"| silu_mul | 1x14336 | {t * 1e6:.1f} | |", flush=True)
 
 
+def prefill_table(M: int = 512):
+    """Prefill GEMMs (M rows at once) at Llama-3.1-8B shapes: the tensor-core gemm_tc ("tc", the default where it
+    applies) against the f32 tiled gemm, in TFLOP/s (2 M O K flops per call; the measured bf16 ceiling of this
+    GPU is ~790 TFLOP/s, KINDS.md)."""
+    print("\n| GEMM | path | M x O x K | ms | TFLOP/s |")
+    print("|---|---|---|---|---|")
+    for fmt in ("bf16", "fp8", "fp8-rowwise", "fp8-block", "w4a16-awq", "nvfp4"):
+        for O, K in ((4096, 4096), (28672, 4096)):
+            kl = rand_linear(fmt, O, K)
+            x = torch.randn(M, K, device=DEV)
+            for path in dict.fromkeys(("gemm", ops.decode_path(kl, M))):
+                t = graph_time(lambda: ops.linear(x, kl, path=path), reps=3)
+                print(f"| prefill {fmt} | {path} | {M}x{O}x{K} | {t * 1e3:.2f} | {2 * M * O * K / t / 1e12:.1f} |",
+                      flush=True)
+            del kl, x
+            torch.cuda.empty_cache()
+
+
 GEMV_PATHS = {   # format -> the decode GEMV variants timed by --gemv
     "bf16": ("f32",),
     # mma4: gemv_mma4 (row-major, 4 rounds of 16-B loads in flight per lane, split-K with an atomic ticket);
@@ -469,6 +465,7 @@ def main():
     bw = copy_bandwidth()
     if args.kernels:
         kernel_table()
+        prefill_table()
     print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s (read+write)", flush=True)
     rows = []
     seen = set()

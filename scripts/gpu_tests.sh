@@ -53,4 +53,4 @@ grep -E "^FAILED" "$OUT/pytest.log" | cut -c1-200 | head -40
 grep -E "qtool CUDA:" "$OUT/pytest.log" "$OUT/bench.log" "$OUT/gemv.log" 2>/dev/null | sort -u | head -5
 [ -f "$OUT/gemv.log" ] && grep -E "^\| " "$OUT/gemv.log"
 [ -f "$OUT/profile.log" ] && grep -E "^profile|FAILED" "$OUT/profile.log"
-[ -f "$OUT/bench.log" ] && grep -E "^\| (qtool|torch|attention)|copy bandwidth|FAILED" "$OUT/bench.log"
+[ -f "$OUT/bench.log" ] && grep -E "^\| (qtool|torch|attention|prefill)|copy bandwidth|FAILED" "$OUT/bench.log"

@@ -7,8 +7,9 @@ kept: prefill reads the same bytes through ``gemm<5>``). ``plan(M, K)`` says how
 inputs here: (XH, stages, dynamic shared-memory bytes), or None when the staged x̂ does not fit. ``launch_bulk``
 runs it on x̂ codes from act_quant (``q["xq"]``, ``q["xs"]``) into y [M, O]: one block per SM (at most one per
 16-row tile), each owning a contiguous range of whole tiles. ``self_check`` compares it with the f32 path on
-fresh random weights (both XH variants, per-row / per-tensor / 128x128-block scales, odd O, K % 128 == 64,
-M = 1..8) and the tiled prefill GEMM with the row-major one, bit for bit.
+fresh random weights (both XH variants, rings of 2 and 8 stages, per-row / per-tensor / 128x128-block scales,
+odd O, K % 128 == 64, M = 1..8, more tiles than SMs) and the tiled prefill GEMM with the row-major one, bit
+for bit.
 """
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ def mma_tile_fp8(w: torch.Tensor) -> torch.Tensor:
 
 
 def to_tiled(kl: KLinear) -> KLinear:
+    """kl with mma-tiled weights. Lay weights out at load time only: gemv_mma_bulk starts reading them before it
+    waits for the previous kernel (programmatic dependent launch), so they must not be written right before it."""
     return replace(kl, w=mma_tile_fp8(kl.w), tiled=True)
 
 
@@ -100,47 +103,36 @@ def launch_bulk(q: dict, kl: KLinear, y: torch.Tensor, M: int, stages: int | Non
             i32(O), i32(M), i32(O), i32(K), i32(kl.sld), i32(kl.sbo), i32(kl.sbi_log2), i32(n)), smem)
 
 
-def random_fp8_linear(g, dev, O: int, K: int, act: int, bias: bool = False) -> KLinear:
-    """Row-major random fp8 KLinear (codes without NaN) with per-row (act 2), per-tensor (act 1, static input
-    scale) or 128x128-block (act 3) scales."""
-    w = torch.randint(0, 0x7e, (O, K), generator=g, device=dev, dtype=torch.uint8)
-    w |= torch.randint(0, 2, (O, K), generator=g, device=dev, dtype=torch.uint8) << 7
-    b = torch.randn(O, generator=g, device=dev) if bias else None
-    if act == 3:
-        sc = torch.rand(math.ceil(O / 128), math.ceil(K / 128), generator=g, device=dev) * 1e-2 + 1e-3
-        return KLinear(1, O, K, w, sc=sc, sld=sc.shape[1], sbo=128, sbi=128, act=3, bias=b)
-    if act == 1:
-        return KLinear(1, O, K, w, sc=torch.full((1,), 3e-3, device=dev), sbo=O, sbi=K, act=1, bias=b,
-                       in_scale=torch.full((1,), 0.02, device=dev))
-    return KLinear(1, O, K, w, sc=torch.rand(O, generator=g, device=dev) * 1e-2 + 1e-3, sbo=1, sbi=K, act=2, bias=b)
-
-
-CHECK_CASES = ((96, 512, 2, 3), (200, 640, 3, 1), (1000, 4096, 1, 1), (72, 384, 3, 8), (80, 14336, 2, 8),
-               (300, 1088, 2, 2))
+# (O, K, recipe, M): odd O, K % 128 == 64, M = 1..8, every scale kind, x̂ too large for f16 staging (80 x 14336,
+# M = 8), and more tiles than SMs (2200 rows: 138 tiles, so blocks own several and reuse their fragment buffer)
+CHECK_CASES = ((96, 512, "fp8-rowwise", 3), (200, 640, "fp8-block", 1), (1000, 4096, "fp8", 1),
+               (72, 384, "fp8-block", 8), (80, 14336, "fp8-rowwise", 8), (300, 1088, "fp8-rowwise", 2),
+               (2200, 1088, "fp8-block", 1))
 
 
 def self_check(g, dev) -> bool:
     import warnings
 
     from qtool.kernels import ops
-    for O, K, act, M in CHECK_CASES:
-        kl = random_fp8_linear(g, dev, O, K, act, bias=O % 3 == 0)
+    from qtool.kernels.random_weights import random_linear
+    for O, K, recipe, M in CHECK_CASES:
+        kl = random_linear(recipe, O, K, g, dev, bias=O % 3 == 0)
         kt = to_tiled(kl)
         x = torch.randn(M, K, generator=g, device=dev)
         b = ops.linear(x, kl, path="f32")
         q = ops.act_quant(x, kl, codes=True)
         outs = []
-        for xh in (None, None, 0, 1):
-            if xh is not None and plan(M, K, xh=xh) is None:
+        for stages, xh in ((None, None), (None, None), (None, 0), (None, 1), (2, 0), (2, 1)):   # 2: the ring wraps
+            if xh is not None and plan(M, K, stages, xh) is None:
                 continue
             y = torch.full((M, O), float("nan"), device=dev)
-            launch_bulk(q, kt, y, M, xh=xh)
+            launch_bulk(q, kt, y, M, stages, xh)
             outs.append(y)
         err = max(float((a - b).norm() / b.norm()) for a in outs)
         xg = torch.randn(9, K, generator=g, device=dev)
         gemm_same = torch.equal(ops.linear(xg, kt, path="gemm"), ops.linear(xg, kl, path="gemm"))
         if not (err < 1e-4 and torch.equal(outs[0], outs[1]) and gemm_same):
             warnings.warn(f"qtool CUDA: fast path 'bulk' differs from the f32 path by {err:.2e} (O={O}, K={K}, "
-                          f"act={act}, M={M}; tiled gemm equal: {gemm_same}); disabled")
+                          f"{recipe}, M={M}; tiled gemm equal: {gemm_same}); disabled")
             return False
     return True

@@ -24,7 +24,8 @@ _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
 TEMPLATES = {
     "linear": [f"gemv<{f}, {m}>" for f in range(5) for m in (1, 2, 4, 8)] + [f"gemm<{f}>" for f in range(6)]
               + [f"gemv_h<{f}, {m}>" for f in range(1, 5) for m in (1, 2, 4, 8)]
-              + [f"gemv_mma_bulk<{x}>" for x in (0, 1)],
+              + [f"gemv_mma_bulk<{x}>" for x in (0, 1)]
+              + [f"gemm_tc<{f}, 0>" for f in range(6)] + [f"gemm_tc<{f}, 1>" for f in (1, 5)],
     "attention": [f"attn_partial<{d}, {pu}>" for d, pu in ((64, 8), (128, 8), (256, 4))],
 }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import replace
 
 import torch
 
@@ -95,16 +96,33 @@ def act_quant(x: torch.Tensor, kl: KLinear, half: bool = False, codes: bool = Fa
 # decode paths, each checked once per process against the f32 path before first use (see _path_ok);
 # "bulk" (gemv_mma_bulk, fp8_bulk.py) runs on mma-tiled weights (adopt_layout), "mma4" (gemv_mma4: deeper loads,
 # reduce folded in) on row-major ones, with "mma" (gemv_mma + reduce) as its fallback
-PATHS = ("bulk", "mma4", "mma", "half")
+PATHS = ("bulk", "mma4", "mma", "half", "tc")
 MMA_PATHS = ("bulk", "mma4", "mma")
 ROW_MAJOR_PATHS = ("mma4", "mma", "half", "f32")
 _PATH_STATE: dict[str, bool] = {}
 
 
+def _fp8_codes_ok(kl: KLinear) -> bool:
+    """fp8 weights whose input act_quant_fast can give as e4m3 codes + scales (fp8 activations, no pre-quant
+    scale, a static input scale where the scheme needs one)."""
+    return (kl.fmt == 1 and kl.act in (1, 2, 3) and kl.in_features <= 16 * 1024 and kl.in_features % 16 == 0
+            and kl.pqs is None and not (kl.act == 1 and kl.in_scale is None))
+
+
 def _mma_ok(kl: KLinear, M: int) -> bool:
-    return (kl.fmt == 1 and kl.act in (1, 2, 3) and M <= 8 and kl.in_features % 64 == 0
-            and kl.in_features <= 16 * 1024 and (kl.sbi_log2 < 0 or kl.sbi == 128) and kl.pqs is None
-            and not (kl.act == 1 and kl.in_scale is None))
+    return (_fp8_codes_ok(kl) and M <= 8 and kl.in_features % 64 == 0 and (kl.sbi_log2 < 0 or kl.sbi == 128))
+
+
+def _tc_ok(kl: KLinear) -> bool:
+    """gemm_tc (tensor-core GEMM for any M) applies: fp8 activations on fp8 weights (x̂ as exact e4m3 codes) or no
+    activation quantization (x, or x * pre_quant_scale, split into two bf16 terms: float32-level sums); K % 16 == 0,
+    16-byte aligned weight rows, fp8 scale blocks along K in multiples of 32 (its k-tile). Other quantized
+    activations (nvfp4, mxfp4, W4A8's fp8 on int4) keep the f32 GEMM: their x̂ is not exact in two bf16 terms, and
+    a small error in x̂ moves the next layers' activation codes (cuda-notes.md, run 2)."""
+    K = kl.in_features
+    if K % 16 or kl.w.data_ptr() % 16 or not (kl.act == 0 or _fp8_codes_ok(kl)):
+        return False
+    return not (kl.fmt == 1 and kl.sbi < K and kl.sbi % 32)
 
 
 def _half_ok(kl: KLinear, M: int) -> bool:
@@ -131,15 +149,17 @@ def adopt_layout(kl: KLinear) -> KLinear:
 def decode_path(kl: KLinear, M: int) -> str:
     """The path ``linear`` takes for M rows by default."""
     if kl.tiled:
-        ok = _mma_ok(kl, M) and fp8_bulk.plan(M, kl.in_features) is not None
-        return "bulk" if ok else "gemm"
-    if _mma_ok(kl, M):
+        if _mma_ok(kl, M) and fp8_bulk.plan(M, kl.in_features) is not None:
+            return "bulk"
+    elif _mma_ok(kl, M):
         for p in MMA_PATHS[1:]:
             if _path_ok(p):
                 return p
-    if _half_ok(kl, M) and _path_ok("half"):
+    elif _half_ok(kl, M) and _path_ok("half"):
         return "half"
-    return "f32" if (M <= 8 and kl.gemv_ok) else "gemm"
+    if M <= 8 and kl.gemv_ok:
+        return "f32"
+    return "tc" if _tc_ok(kl) and _path_ok("tc") else "gemm"
 
 
 def _quant_outputs(kl: KLinear, M: int, K: int, path: str, dev) -> dict:
@@ -216,8 +236,9 @@ def _launch_silu_quant(gu, out, kl, pre, path, M, I) -> None:
 def linear(x: torch.Tensor, kl: KLinear, force_gemm: bool = False, force_f32: bool = False,
            path: str | None = None, pre: dict | None = None) -> torch.Tensor:
     """y = x̂ W^T + b. M <= 8: gemv_mma_bulk (mma-tiled fp8) / gemv_mma4 / gemv_mma (fp8 x fp8 tensor cores),
-    gemv_h (f16 pair math) or gemv (f32); else the tiled gemm. ``path`` forces 'bulk' / 'mma4' / 'mma' / 'half' /
-    'f32' / 'gemm' (tests; 'f32' on mma-tiled weights is the gemm, the others need row-major weights)."""
+    gemv_h (f16 pair math) or gemv (f32); else gemm_tc (tensor cores, "tc") or the f32 tiled gemm. ``path``
+    forces 'bulk' / 'mma4' / 'mma' / 'half' / 'f32' / 'tc' / 'gemm' (tests; 'f32' on mma-tiled weights is the
+    gemm, mma4 / mma / half need row-major weights)."""
     x = x.to(torch.float32).contiguous()
     if kl.perm is not None:
         x = x.index_select(1, kl.perm)
@@ -238,6 +259,9 @@ def linear(x: torch.Tensor, kl: KLinear, force_gemm: bool = False, force_f32: bo
     if path == "bulk":
         q = pre if pre is not None else act_quant(x, kl, codes=True)
         fp8_bulk.launch_bulk(q, kl, y, M)
+        return y
+    if path == "tc":
+        _launch_tc(x, kl, y, M)
         return y
     if path == "mma4" and _counters(x.device) is None:
         path = "mma"                     # no ticket counters yet and capturing a graph: the v3 kernel
@@ -273,6 +297,18 @@ def linear(x: torch.Tensor, kl: KLinear, force_gemm: bool = False, force_f32: bo
     else:
         launch("linear", f"gemm<{5 if kl.tiled else kl.fmt}>", (math.ceil(O / 64), math.ceil(M / 64)), (256,), args)
     return y
+
+
+def _launch_tc(x: torch.Tensor, kl: KLinear, y: torch.Tensor, M: int) -> None:
+    """gemm_tc: x̂ as e4m3 codes (exact) for fp8 x fp8 layers, else x̂ f32 (rounded to bf16 in the kernel)."""
+    O, K = kl.out_features, kl.in_features
+    codes = _fp8_codes_ok(kl)
+    q = act_quant(x, kl, codes=True) if codes else {}
+    xf = x if codes or not (kl.act or kl.pqs is not None) else act_quant(x, kl)["x"]
+    launch("linear", f"gemm_tc<{5 if kl.tiled else kl.fmt}, {int(codes)}>", (math.ceil(O / 64), math.ceil(M / 64)),
+           (128,), (ptr(xf), i32(K), ptr(q.get("xq")), ptr(q.get("xs")), i32(1 if codes and kl.act == 3 else 0),
+                    ptr(kl.w), ptr(kl.sc), ptr(kl.zp), f32(kl.gs), f32(kl.s2), ptr(kl.bias), ptr(y), i32(O), i32(M),
+                    i32(O), i32(K), i32(kl.sld), i32(kl.sbo), i32(kl.sbi)))
 
 
 def _mma_split(O: int, K: int) -> tuple[int, int]:
@@ -390,6 +426,8 @@ def _self_check(name: str) -> bool:
         return _self_check_mma4(g, dev)
     if name == "bulk":
         return fp8_bulk.self_check(g, dev)
+    if name == "tc":
+        return _self_check_tc(g, dev)
     if name == "silu_quant":
         return _self_check_silu_quant(g, dev)
     if name == "attn_quant":
@@ -438,6 +476,32 @@ def _self_check_mma4(g, dev) -> bool:
             warnings.warn(f"qtool CUDA: fast path 'mma4' differs from the f32 path by {err:.2e} "
                           f"(O={O}, K={K}, act={act}, M={M}); disabled")
             return False
+    return True
+
+
+TC_CHECKS = (("fp8-rowwise", 70, 100, 400), ("fp8-block", 9, 200, 640), ("fp8", 130, 64, 256),
+             ("fp8-weight-only", 20, 96, 512), ("bf16", 33, 72, 208), ("w4a16-awq", 17, 64, 256),
+             ("nvfp4", 12, 80, 512), ("mxfp4", 40, 64, 256))   # fp4: weight-only (act 0) here
+
+
+def _self_check_tc(g, dev) -> bool:
+    """gemm_tc against the f32 gemm (same weights, same x̂) to 1e-5 (exact fp8 products, split bf16 operands
+    otherwise): odd M / O, K % 32 == 16, per-tensor / per-row / 128-block scales, tiled fp8, every weight format."""
+    import warnings
+
+    from qtool.kernels.random_weights import random_linear
+    for recipe, M, O, K in TC_CHECKS:
+        kl = random_linear(recipe, O, K, g, dev, bias=O % 3 == 0)
+        if kl.fmt in (2, 3):
+            kl = replace(kl, act=0, in_scale=None)
+        x = torch.randn(M, K, generator=g, device=dev)
+        for k in ((kl, fp8_bulk.to_tiled(kl)) if kl.fmt == 1 and K % 64 == 0 else (kl,)):
+            a, b = linear(x, k, path="tc"), linear(x, k, path="gemm")
+            err = float((a - b).norm() / b.norm())
+            if not err < 1e-5:
+                warnings.warn(f"qtool CUDA: tensor-core GEMM differs from the f32 GEMM by {err:.2e} ({recipe}, "
+                              f"M={M}, O={O}, K={K}{', tiled' if k.tiled else ''}); f32 GEMM for prefill")
+                return False
     return True
 
 

@@ -204,11 +204,13 @@ def test_linear_vs_reference(fmt, act, m, o, k):
 
 
 def _paths(kl, m):
-    """Every path that applies, with its bound: f32 paths (gemv, gemm) and gemv_mma (exact fp8 products, f32
-    sums) ~1e-6; gemv_h with exact fp4 codes likewise; gemv_h on weight-only recipes rounds x̂ to f16 and sums
+    """Every path that applies, with its bound: f32 paths (gemv, gemm), gemm_tc and gemv_mma (exact fp8 products
+    or split bf16 operands, f32 sums) ~1e-6; gemv_h with exact fp4 codes likewise; gemv_h on weight-only recipes rounds x̂ to f16 and sums
     8 terms in f16, ~1e-3, inside numerics.md's 1e-2 per-kernel budget."""
     from qtool.kernels import ops
     out = [("gemm", 1e-4)]
+    if ops._tc_ok(kl):                 # tensor cores: exact fp8 products or split bf16 operands, f32 sums
+        out.append(("tc", 1e-4))
     if m <= 8 and kl.gemv_ok:
         out.append(("f32", 1e-4))
     if ops._mma_ok(kl, m):

@@ -1,6 +1,7 @@
-"""CPU checks of the bulk-copy FP8 GEMV's host side (qtool/kernels/fp8_bulk.py, ops dispatch): the launch plan
-fits the shared-memory layout linear.cu's gemv_mma_bulk computes, mma-tiled weights take only the paths that
-read that layout, and the fused row kernels' grids cover every element. The kernel itself runs in tests/gpu."""
+"""CPU checks of the CUDA backend's host-side choices (qtool/kernels/ops.py, fp8_bulk.py): the bulk GEMV's launch
+plan fits the shared-memory layout linear.cu's gemv_mma_bulk computes, mma-tiled weights take only the paths
+that read that layout, prefill takes the tensor-core GEMM exactly where its operands are exact or split, and the
+fused row kernels' grids cover every element. The kernels themselves run in tests/gpu."""
 from __future__ import annotations
 
 import math
@@ -42,17 +43,20 @@ def test_plan_fits_the_kernel_layout(limit):
 
 
 def _fp8_linear(O=200, K=640, act=2):
-    return fp8_bulk.random_fp8_linear(torch.Generator().manual_seed(O + K), "cpu", O, K, act)
+    from qtool.kernels.random_weights import random_linear
+    recipe = {1: "fp8", 2: "fp8-rowwise", 3: "fp8-block"}[act]
+    return random_linear(recipe, O, K, torch.Generator().manual_seed(O + K), "cpu")
 
 
 def test_tiled_weights_take_only_tiled_paths(monkeypatch):
     monkeypatch.setattr(fp8_bulk, "smem_limit", lambda: HOPPER)
+    monkeypatch.setattr(ops, "_path_ok", lambda name: True)       # as if every self-check passed
     kl = _fp8_linear()
     kt = fp8_bulk.to_tiled(kl)
     assert kt.tiled and not kl.tiled and kt.w.numel() == 208 * 640      # 13 tiles of 16 rows
     assert not kt.gemv_ok and not kt.half_ok and kl.gemv_ok
     assert ops.decode_path(kt, 1) == "bulk" and ops.decode_path(kt, 8) == "bulk"
-    assert ops.decode_path(kt, 9) == "gemm"                          # prefill: gemm<5> reads the tiled bytes
+    assert ops.decode_path(kt, 9) == "tc"                            # prefill: gemm_tc<5, 1> reads the tiled bytes
     x = torch.randn(1, 640)
     for path in ("mma4", "mma", "half"):
         with pytest.raises(ValueError, match="row-major"):
@@ -80,3 +84,26 @@ def test_row_grids_cover_the_row():
                     assert block[0] * 16 == per_block and covered >= n > covered - per_block
     # the f16 path needs the row's maximum (hs scale): never split
     assert len(ops._row_grid(1, 4096, _fp8_linear(act=1), "half")[0]) == 1
+
+
+def test_prefill_path_choice(monkeypatch):
+    """M > 8: gemm_tc ("tc") for fp8 x fp8 (codes) and weight-only recipes, the f32 gemm for other quantized
+    activations (nvfp4, mxfp4, W4A8) and for shapes the kernel does not take; M <= 8 keeps the GEMV paths."""
+    from qtool.kernels.random_weights import random_linear
+    monkeypatch.setattr(ops, "_path_ok", lambda name: True)       # as if every self-check passed
+    monkeypatch.setattr(fp8_bulk, "smem_limit", lambda: HOPPER)
+    g = torch.Generator().manual_seed(0)
+    want = {"bf16": "tc", "fp8": "tc", "fp8-rowwise": "tc", "fp8-block": "tc", "fp8-weight-only": "tc",
+            "w4a16-awq": "tc", "nvfp4": "gemm", "mxfp4": "gemm", "w4a8-awq": "gemm"}
+    for recipe, path in want.items():
+        kl = random_linear(recipe, 96, 256, g, "cpu")
+        assert ops.decode_path(kl, 64) == path, recipe
+        if kl.fmt == 1:
+            assert ops.decode_path(fp8_bulk.to_tiled(kl), 64) == path, recipe + " tiled"
+    from dataclasses import replace
+    nv = random_linear("nvfp4", 96, 256, g, "cpu")
+    assert ops.decode_path(replace(nv, act=0, in_scale=None), 64) == "tc"      # nvfp4 weight-only
+    assert ops.decode_path(random_linear("bf16", 96, 264, g, "cpu"), 64) == "gemm"   # K % 16 != 0
+    odd = random_linear("fp8-block", 96, 256, g, "cpu")
+    assert ops.decode_path(replace(odd, sbi=48, sld=6), 64) == "gemm"            # scale blocks off the k-tile
+    assert ops.decode_path(random_linear("fp8", 96, 256, g, "cpu"), 1) == "mma4"
