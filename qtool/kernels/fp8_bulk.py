@@ -62,9 +62,9 @@ def smem_limit() -> int:
     """Dynamic shared memory one block may opt into on the current GPU (227 KB on Hopper)."""
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     n = getattr(props, "shared_memory_per_block_optin", None)
-    if not n:
+    if not n:   # cudaDevAttrMaxSharedMemoryPerBlockOptin
         import cupy
-        n = cupy.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]
+        n = cupy.cuda.runtime.deviceGetAttribute(97, torch.cuda.current_device())
     return int(n)
 
 

@@ -302,6 +302,8 @@ def linear(x: torch.Tensor, kl: KLinear, force_gemm: bool = False, force_f32: bo
 def _launch_tc(x: torch.Tensor, kl: KLinear, y: torch.Tensor, M: int) -> None:
     """gemm_tc: x̂ as e4m3 codes (exact) for fp8 x fp8 layers, else x̂ f32 (rounded to bf16 in the kernel)."""
     O, K = kl.out_features, kl.in_features
+    if x.data_ptr() % 16:
+        x = x.clone()                    # the kernel reads 16-byte vectors
     codes = _fp8_codes_ok(kl)
     q = act_quant(x, kl, codes=True) if codes else {}
     xf = x if codes or not (kl.act or kl.pqs is not None) else act_quant(x, kl)["x"]
@@ -481,7 +483,8 @@ def _self_check_mma4(g, dev) -> bool:
 
 TC_CHECKS = (("fp8-rowwise", 70, 100, 400), ("fp8-block", 9, 200, 640), ("fp8", 130, 64, 256),
              ("fp8-weight-only", 20, 96, 512), ("bf16", 33, 72, 208), ("w4a16-awq", 17, 64, 256),
-             ("nvfp4", 12, 80, 512), ("mxfp4", 40, 64, 256))   # fp4: weight-only (act 0) here
+             ("nvfp4", 12, 80, 512), ("mxfp4", 40, 64, 256),   # fp4: weight-only (act 0) here
+             ("fp8-block", 20, 130, 320), ("bf16", 64, 128, 4096), ("fp8-rowwise", 10, 64, 14336))
 
 
 def _self_check_tc(g, dev) -> bool:
