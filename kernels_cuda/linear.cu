@@ -597,7 +597,7 @@ extern "C" __global__ void __launch_bounds__(128) gemv_mma4p(QT_MMA_DEEP_ARGS) {
 // gemv_mma_bulk<XH> (v8): FP8 x FP8 decode GEMV (exact products, f32 sums, the scales of gemv_mma) on mma-tiled
 // fp8 weights (ops.mma_tile_fp8, the gemv_mma4p layout: a 16-row tile is K * 16 contiguous bytes), streamed by
 // the bulk-copy engine into a ring of shared-memory stages instead of register loads. Persistent: grid G <= number
-// of SMs, block 128 (4 warps), one block per SM (dynamic shared memory, ops._bulk_plan). Block c owns the whole
+// of SMs, block 256 (8 warps), one block per SM (dynamic shared memory, fp8_bulk.plan). Block c owns the whole
 // tiles [c T / G, (c+1) T / G) of the T = ceil(O / 16) tiles, i.e. one contiguous byte range of wt, and no K split
 // (no partial sums, no reduce, no counters). Its range is cut into chunks of at most BULK_SB k-blocks (64 k x 16
 // rows = 1 KB) that never straddle a tile; thread 0 keeps `nstages` (<= 16) chunks in flight (ring slot
@@ -606,22 +606,26 @@ extern "C" __global__ void __launch_bounds__(128) gemv_mma4p(QT_MMA_DEEP_ARGS) {
 // once at load time). x̂ codes [M, K] (M <= 8) are staged in shared memory once:
 // XH = 1 as f16 (exact for e4m3 values; rows 2K + 16 bytes apart), so the loop converts only weights (cvt
 // e4m3x2 -> f16x2) and runs m16n8k16 f16 mma; XH = 0 as e4m3 codes (rows K + 16 apart) with the m16n8k32 e4m3 mma
-// (which Hopper itself runs as conversions + f16 mma). In each chunk warp w takes the 128-k units w, w + 4, ...;
+// (which Hopper itself runs as conversions + f16 mma). In each chunk warp w takes the 128-k units w, w + 8, ...;
 // per 64 k, lane (g, t) holds 16 B of rows g and g + 8 (at l * 16 and 512 + l * 16 of the 1 KB k-block) and the
 // x̂ values of column g at the same k (any k order is fine for a dot product, as long as A and B share it).
 // Scales: per-row weight x per-row activation once per tile; 128x128 weight blocks and/or per-128 activation
-// groups once per unit. At a tile's last chunk the 4 warps' fragments are summed in warp order (deterministic)
+// groups once per unit. At a tile's last chunk the 8 warps' fragments are summed in warp order (deterministic)
 // and y = bias + sum is written. Needs K % 64 == 0, sm_90+.
-#define BULK_WARPS 4
+#define BULK_WARPS 8
 #define BULK_SB 16
 
 __device__ __forceinline__ void bulk_issue(int c, int tile0, int spt, int KB, const u8* __restrict__ wt,
-                                           unsigned ring0, unsigned bar0, int nstages) {
+                                           unsigned ring0, unsigned bar0, int nstages, int csplit) {
   int slot = c % nstages, tile = tile0 + c / spt, kb0 = (c % spt) * BULK_SB;
-  unsigned bytes = (unsigned)min(BULK_SB, KB - kb0) * 1024u;
+  int nkb = min(BULK_SB, KB - kb0);
   unsigned bar = bar0 + 8u * slot;
-  mbar_expect_tx(bar, bytes);
-  bulk_g2s(ring0 + (unsigned)slot * (BULK_SB * 1024u), wt + ((long long)tile * KB + kb0) * 1024, bytes, bar);
+  mbar_expect_tx(bar, (unsigned)nkb * 1024u);
+  // the chunk as csplit copies of whole k-blocks (more, smaller requests in flight)
+  int per = (nkb + csplit - 1) / csplit;
+  for (int b = 0; b < nkb; b += per)
+    bulk_g2s(ring0 + (unsigned)slot * (BULK_SB * 1024u) + b * 1024u, wt + ((long long)tile * KB + kb0 + b) * 1024,
+             (unsigned)min(per, nkb - b) * 1024u, bar);
 }
 
 __device__ __forceinline__ unsigned e4m3x2_to_h2(unsigned v) {  // bytes 0, 1 of v -> f16x2 (exact)
@@ -639,10 +643,13 @@ __device__ __forceinline__ void bulk_kblock(float e[4], const u8* st, const u8* 
     uint4 X1 = vx ? *(const uint4*)(xp + 16) : make_uint4(0, 0, 0, 0);
     unsigned a[4] = {A.x, A.y, A.z, A.w}, b[4] = {B.x, B.y, B.z, B.w};
     unsigned x[8] = {X0.x, X0.y, X0.z, X0.w, X1.x, X1.y, X1.z, X1.w};
+    float f[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};   // two independent mma chains
 #pragma unroll
     for (int j = 0; j < 4; ++j)   // k 4j .. 4j + 3 of the lane's 16: slots (2t, 2t+1) and (2t+8, 2t+9)
-      mma_f16(e, e4m3x2_to_h2(a[j]), e4m3x2_to_h2(b[j]), e4m3x2_to_h2(a[j] >> 16), e4m3x2_to_h2(b[j] >> 16),
+      mma_f16(f[j & 1], e4m3x2_to_h2(a[j]), e4m3x2_to_h2(b[j]), e4m3x2_to_h2(a[j] >> 16), e4m3x2_to_h2(b[j] >> 16),
               x[2 * j], x[2 * j + 1]);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) e[i] += f[0][i] + f[1][i];
   } else {
     uint4 X = vx ? *(const uint4*)xp : make_uint4(0, 0, 0, 0);
     mma_e4m3(e, A.x, B.x, A.y, B.y, X.x, X.y);
@@ -651,9 +658,9 @@ __device__ __forceinline__ void bulk_kblock(float e[4], const u8* st, const u8* 
 }
 
 template <int XH>
-__global__ void __launch_bounds__(128, 1) gemv_mma_bulk(const u8* __restrict__ xq, const float* __restrict__ xs,
+__global__ void __launch_bounds__(32 * BULK_WARPS, 1) gemv_mma_bulk(const u8* __restrict__ xq, const float* __restrict__ xs,
     int xs_group, const u8* __restrict__ wt, const float* __restrict__ ws, const float* __restrict__ bias,
-    float* __restrict__ y, int ldy, int M, int O, int K, int sld, int sbo, int sbi_log2, int nstages) {
+    float* __restrict__ y, int ldy, int M, int O, int K, int sld, int sbo, int sbi_log2, int nstages, int csplit) {
   extern __shared__ __align__(128) u8 bulk_smem[];
   constexpr int XB = XH ? 2 : 1;                            // bytes per staged x̂ element
   u8* ring = bulk_smem + 128;                               // [0, 128): nstages mbarriers
@@ -671,7 +678,7 @@ __global__ void __launch_bounds__(128, 1) gemv_mma_bulk(const u8* __restrict__ x
   }
   __syncthreads();
   if (tid == 0)
-    for (int c = 0; c < min(nstages, nc); ++c) bulk_issue(c, tile0, spt, KB, wt, ring0, bar0, nstages);
+    for (int c = 0; c < min(nstages, nc); ++c) bulk_issue(c, tile0, spt, KB, wt, ring0, bar0, nstages, csplit);
   QT_PDL_ENTRY
   for (int i = tid; i < M * (K >> 4); i += blockDim.x) {   // 16 codes per step
     int m = i / (K >> 4), q = i - m * (K >> 4);
@@ -702,9 +709,11 @@ __global__ void __launch_bounds__(128, 1) gemv_mma_bulk(const u8* __restrict__ x
     mbar_wait(bar0 + 8u * slot, (unsigned)(c / nstages) & 1u);
     const u8* st = ring + slot * (BULK_SB * 1024) + lane * 16;
     for (int u = warp; 2 * u < nkb; u += BULK_WARPS) {
-      float e[4] = {0.f, 0.f, 0.f, 0.f};
+      float e[4] = {0.f, 0.f, 0.f, 0.f}, e1[4] = {0.f, 0.f, 0.f, 0.f};   // the unit's two k-blocks, independent
       bulk_kblock<XH>(e, st + 2 * u * 1024, xrow + (kb0 + 2 * u) * 64 * XB, vx);
-      if (2 * u + 1 < nkb) bulk_kblock<XH>(e, st + (2 * u + 1) * 1024, xrow + (kb0 + 2 * u + 1) * 64 * XB, vx);
+      if (2 * u + 1 < nkb) bulk_kblock<XH>(e1, st + (2 * u + 1) * 1024, xrow + (kb0 + 2 * u + 1) * 64 * XB, vx);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) e[i] += e1[i];
       if (grouped) {
         int kh = (kb0 + 2 * u) * 64;
         int kbi = sbi_log2 >= 0 ? (kh >> sbi_log2) : 0;
@@ -742,12 +751,12 @@ __global__ void __launch_bounds__(128, 1) gemv_mma_bulk(const u8* __restrict__ x
     __syncthreads();      // every warp is done with this slot (and with red)
     if (tid == 0 && c + nstages < nc) {
       fence_proxy_async_smem();
-      bulk_issue(c + nstages, tile0, spt, KB, wt, ring0, bar0, nstages);
+      bulk_issue(c + nstages, tile0, spt, KB, wt, ring0, bar0, nstages, csplit);
     }
   }
 }
 #define QT_BULK_ARGS const u8*, const float*, int, const u8*, const float*, const float*, float*, int, int, int, int, \
-  int, int, int, int
+  int, int, int, int, int
 template __global__ void gemv_mma_bulk<0>(QT_BULK_ARGS);
 template __global__ void gemv_mma_bulk<1>(QT_BULK_ARGS);
 

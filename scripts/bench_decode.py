@@ -368,10 +368,10 @@ def prefill_table(M: int = 512):
 GEMV_PATHS = {   # format -> the decode GEMV variants timed by --gemv
     "bf16": ("f32",),
     # mma4: gemv_mma4 (row-major, 4 rounds of 16-B loads in flight per lane, split-K with an atomic ticket);
-    # mma8 U=8: 8 rounds; mma4 tiled: gemv_mma4p on mma-tiled weights; bulk: gemv_mma_bulk (the default on sm_90:
-    # bulk copies into a shared-memory ring, one block per SM) at its default ring, at 4 and 12 stages of 16 KB,
-    # and with x̂ staged as e4m3 codes (xh=0, the variant for large M x K)
-    "fp8": ("mma4", "mma8 U=8", "mma4 tiled", "bulk", "bulk ns=4", "bulk ns=12", "bulk xh=0"),
+    # mma8 U=8: 8 rounds; mma4 tiled: gemv_mma4p on mma-tiled weights; bulk: gemv_mma_bulk (QTOOL_BULK=1: bulk
+    # copies into shared-memory rings, PER_SM blocks per SM) as planned, with one block per SM, a 2-stage ring,
+    # 3 blocks per SM, and x̂ staged as e4m3 codes (xh=0, the variant for large M x K)
+    "fp8": ("mma4", "mma8 U=8", "mma4 tiled", "bulk", "bulk sm=1", "bulk ns=2", "bulk sm=3", "bulk xh=0"),
     "fp8-rowwise": ("mma4", "bulk"),
     "fp8-block": ("mma4", "bulk"),
 }
@@ -388,7 +388,8 @@ def _gemv_call(path: str, kl: KLinear, pre: dict, x: torch.Tensor, y: torch.Tens
         return ops._launch_mma4(pre, kl, y, 1, None, U)          # tiled kl: gemv_mma4p
     opts = dict(a.split("=") for a in path.split()[1:])
     return fp8_bulk.launch_bulk(pre, kl, y, 1, stages=int(opts.get("ns", 0)) or None,
-                                xh=int(opts["xh"]) if "xh" in opts else None)
+                                xh=int(opts["xh"]) if "xh" in opts else None, split=int(opts.get("split", 1)),
+                                per_sm=int(opts["sm"]) if "sm" in opts else None)
 
 
 def gemv_table():
@@ -445,7 +446,7 @@ def main():
     ap.add_argument("--pdl-compare", action="store_true",
                     help="also time the Llama-3.1-8B fp8 and bf16 rows with plain launches (QTOOL_PDL=0)")
     ap.add_argument("--bulk-compare", action="store_true",
-                    help="also time the Llama-3.1-8B fp8 row with row-major weights and gemv_mma4 (QTOOL_BULK=0)")
+                    help="also time the Llama-3.1-8B fp8 row with mma-tiled weights and gemv_mma_bulk (QTOOL_BULK=1)")
     ap.add_argument("--no-fuse", action="store_true",
                     help="unfused rmsnorm / silu_mul / attention combine + act_quant (for comparison)")
     args = ap.parse_args()
@@ -496,13 +497,13 @@ def main():
     if args.bulk_compare:
         cfg = ("llama3.1-8b", "fp8", "bf16", 512)
         try:
-            with _env("QTOOL_BULK", "0"):
+            with _env("QTOOL_BULK", "1"):
                 r = bench_qtool(*cfg)
-            r.update(engine="qtool (gemv_mma4)", shape=cfg[0], fmt=cfg[1], kv=cfg[2], ctx=cfg[3])
+            r.update(engine="qtool (gemv_mma_bulk)", shape=cfg[0], fmt=cfg[1], kv=cfg[2], ctx=cfg[3])
             rows.append(r)
             _print(r, bw)
         except Exception as exc:
-            print(f"FAILED gemv_mma4 {cfg}: {type(exc).__name__}: {exc}", flush=True)
+            print(f"FAILED gemv_mma_bulk {cfg}: {type(exc).__name__}: {exc}", flush=True)
     for spec in filter(None, args.peer.split(",")):
         shape, ctx = spec.split(":")
         try:

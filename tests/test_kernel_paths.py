@@ -5,11 +5,12 @@ fused row kernels' grids cover every element. The kernels themselves run in test
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 
-from qtool.kernels import fp8_bulk, ops
+from qtool.kernels import fp8_bulk, loader, ops
 from qtool.kernels.weights import KLinear
 
 HOPPER, ADA = 232448, 101376   # cudaDevAttrMaxSharedMemoryPerBlockOptin of sm_90 / sm_89
@@ -17,16 +18,17 @@ HOPPER, ADA = 232448, 101376   # cudaDevAttrMaxSharedMemoryPerBlockOptin of sm_9
 
 def kernel_smem(M, K, xh, stages):
     """Bytes gemv_mma_bulk addresses (linear.cu): 128 of mbarriers, the ring, x̂ rows of xb * K + 16 bytes
-    rounded up to 128, then 4 warps x 32 lanes x 16 B of fragments."""
+    rounded up to 128, then BULK_WARPS warps x 32 lanes x 16 B of fragments."""
     xb = 2 if xh else 1
-    return 128 + stages * 16 * 1024 + math.ceil(M * (xb * K + 16) / 128) * 128 + 4 * 32 * 16
+    warps = int(re.search(r"#define BULK_WARPS (\d+)", (loader.kernel_dir() / "linear.cu").read_text()).group(1))
+    return 128 + stages * 16 * 1024 + math.ceil(M * (xb * K + 16) / 128) * 128 + warps * 32 * 16
 
 
 @pytest.mark.parametrize("limit", [HOPPER, ADA])
 def test_plan_fits_the_kernel_layout(limit):
     for M in range(1, 9):
         for K in (64, 576, 1088, 4096, 14336, 16384):
-            p = fp8_bulk.plan(M, K, limit=limit)
+            p = fp8_bulk.plan(M, K, limit=limit, per_sm=1)
             fits = {xh: (limit - kernel_smem(M, K, xh, 0)) // (16 * 1024) for xh in (0, 1)}
             if p is None:
                 assert fits[1] < 4 and fits[0] < 2, (M, K)
@@ -37,9 +39,13 @@ def test_plan_fits_the_kernel_layout(limit):
             assert xh == (1 if fits[1] >= 4 else 0), (M, K, fits)   # f16 staging whenever it leaves 4 stages
             assert stages == min(fp8_bulk.DEFAULT_STAGES, fits[xh])
     # forced variants and ring sizes
-    assert fp8_bulk.plan(1, 4096, stages=12, limit=HOPPER)[1] == 12
-    assert fp8_bulk.plan(8, 14336, xh=1, limit=HOPPER) is None       # 229 KB of f16 x̂ leaves no ring
-    assert fp8_bulk.plan(8, 14336, limit=HOPPER)[0] == 0
+    assert fp8_bulk.plan(1, 4096, stages=12, limit=HOPPER, per_sm=1)[1] == 12
+    assert fp8_bulk.plan(8, 14336, xh=1, limit=HOPPER, per_sm=1) is None       # 229 KB of f16 x̂ leaves no ring
+    assert fp8_bulk.plan(8, 14336, limit=HOPPER, per_sm=1)[0] == 0
+    for per_sm in (2, 3):          # several blocks per SM share its 228 KB (1 KB reserved each)
+        for M, K in ((1, 4096), (1, 14336), (4, 4096)):
+            xh, stages, smem = fp8_bulk.plan(M, K, limit=HOPPER, per_sm=per_sm)
+            assert per_sm * (smem + 1024) <= fp8_bulk.SM_SMEM and smem == kernel_smem(M, K, xh, stages)
 
 
 def _fp8_linear(O=200, K=640, act=2):
@@ -87,14 +93,15 @@ def test_row_grids_cover_the_row():
 
 
 def test_prefill_path_choice(monkeypatch):
-    """M > 8: gemm_tc ("tc") for fp8 x fp8 (codes) and weight-only recipes, the f32 gemm for other quantized
-    activations (nvfp4, mxfp4, W4A8) and for shapes the kernel does not take; M <= 8 keeps the GEMV paths."""
+    """M > 8: gemm_tc ("tc") for fp8 x fp8 (codes) and weight-only recipes with weights exact in bf16, the f32
+    gemm for other quantized activations (nvfp4, mxfp4, W4A8), for nvfp4 / int4 weights (measured faster) and for
+    shapes the kernel does not take; M <= 8 keeps the GEMV paths."""
     from qtool.kernels.random_weights import random_linear
     monkeypatch.setattr(ops, "_path_ok", lambda name: True)       # as if every self-check passed
     monkeypatch.setattr(fp8_bulk, "smem_limit", lambda: HOPPER)
     g = torch.Generator().manual_seed(0)
     want = {"bf16": "tc", "fp8": "tc", "fp8-rowwise": "tc", "fp8-block": "tc", "fp8-weight-only": "tc",
-            "w4a16-awq": "tc", "nvfp4": "gemm", "mxfp4": "gemm", "w4a8-awq": "gemm"}
+            "w4a16-awq": "gemm", "nvfp4": "gemm", "mxfp4": "gemm", "w4a8-awq": "gemm"}
     for recipe, path in want.items():
         kl = random_linear(recipe, 96, 256, g, "cpu")
         assert ops.decode_path(kl, 64) == path, recipe
@@ -102,7 +109,9 @@ def test_prefill_path_choice(monkeypatch):
             assert ops.decode_path(fp8_bulk.to_tiled(kl), 64) == path, recipe + " tiled"
     from dataclasses import replace
     nv = random_linear("nvfp4", 96, 256, g, "cpu")
-    assert ops.decode_path(replace(nv, act=0, in_scale=None), 64) == "tc"      # nvfp4 weight-only
+    assert ops.decode_path(replace(nv, act=0, in_scale=None), 64) == "gemm"    # split weights: f32 gemm faster
+    mx = random_linear("mxfp4", 96, 256, g, "cpu")
+    assert ops.decode_path(replace(mx, act=0), 64) == "tc"                     # mxfp4 weight-only: exact in bf16
     assert ops.decode_path(random_linear("bf16", 96, 264, g, "cpu"), 64) == "gemm"   # K % 16 != 0
     odd = random_linear("fp8-block", 96, 256, g, "cpu")
     assert ops.decode_path(replace(odd, sbi=48, sld=6), 64) == "gemm"            # scale blocks off the k-tile

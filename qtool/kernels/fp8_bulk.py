@@ -24,7 +24,8 @@ from qtool.kernels.launch import allow_smem, i32, launch, ptr
 from qtool.kernels.weights import KLinear
 
 STAGE_BYTES = 16 * 1024          # BULK_SB k-blocks of 1 KB (linear.cu)
-FIXED_BYTES = 128 + 4 * 32 * 16  # mbarriers + the warps' fragment exchange
+WARPS = 8                        # BULK_WARPS (linear.cu)
+FIXED_BYTES = 128 + WARPS * 32 * 16  # mbarriers + the warps' fragment exchange
 DEFAULT_STAGES = 8               # 128 KB of weights in flight per SM
 MIN_STAGES = {1: 4, 0: 2}        # below this many stages, x̂ as f16 is not worth it / the kernel is not used
 
@@ -47,9 +48,15 @@ def to_tiled(kl: KLinear) -> KLinear:
     return replace(kl, w=mma_tile_fp8(kl.w), tiled=True)
 
 
+def supported() -> bool:
+    """The kernel can run here: sm_90+ (bulk copies, mbarrier transaction counts)."""
+    return _capability() >= 9
+
+
 def enabled() -> bool:
-    """The kernel can run here: sm_90+ (bulk copies, mbarrier transaction counts) and not QTOOL_BULK=0."""
-    return os.environ.get("QTOOL_BULK", "1") != "0" and _capability() >= 9
+    """CudaBackend lays fp8 weights out for this kernel: QTOOL_BULK=1 on sm_90+. Off by default: run 10 measured
+    it at 270-276 tok/s in the Llama-3.1-8B decode loop against gemv_mma4's 291 (docs/cuda-notes.md, v8)."""
+    return os.environ.get("QTOOL_BULK", "0") == "1" and supported()
 
 
 @functools.lru_cache(maxsize=None)
@@ -73,11 +80,19 @@ def sm_count() -> int:
     return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
 
+PER_SM = int(os.environ.get("QTOOL_BULK_PER_SM", "3"))   # blocks per SM (run 10: 3 and 2 ~1.5x one block)
+SM_SMEM = 233472                                          # shared memory per SM on sm_90 (228 KB)
+
+
 def plan(M: int, K: int, stages: int | None = None, xh: int | None = None,
-         limit: int | None = None) -> tuple[int, int, int] | None:
+         limit: int | None = None, per_sm: int | None = None) -> tuple[int, int, int] | None:
     """(XH, stages, smem bytes): x̂ staged as f16 (XH = 1) when that leaves at least 4 stages, else as e4m3
-    codes with at least 2; ``stages`` caps the ring (default 8), ``xh`` forces the variant."""
+    codes with at least 2; ``stages`` caps the ring (default 8), ``xh`` forces the variant; with ``per_sm``
+    blocks per SM (default PER_SM) each gets its share of the SM's shared memory (1 KB reserved per block)."""
     limit = smem_limit() if limit is None else limit
+    per_sm = PER_SM if per_sm is None else per_sm
+    if per_sm > 1:
+        limit = min(limit, SM_SMEM // per_sm - 1024)
     for x in ((1, 0) if xh is None else (xh,)):
         xbytes = math.ceil(M * ((2 if x else 1) * K + 16) / 128) * 128
         room = (limit - FIXED_BYTES - xbytes) // STAGE_BYTES
@@ -88,19 +103,23 @@ def plan(M: int, K: int, stages: int | None = None, xh: int | None = None,
 
 
 def launch_bulk(q: dict, kl: KLinear, y: torch.Tensor, M: int, stages: int | None = None,
-                xh: int | None = None) -> None:
+                xh: int | None = None, split: int = 1, per_sm: int | None = None) -> None:
+    """split: each stage as that many bulk copies; per_sm: blocks per SM (their rings must fit together)."""
     if not kl.tiled:
         raise ValueError("gemv_mma_bulk reads mma-tiled weights (fp8_bulk.to_tiled)")
     O, K = kl.out_features, kl.in_features
-    p = plan(M, K, stages, xh)
+    per_sm = PER_SM if per_sm is None else per_sm
+    p = plan(M, K, stages, xh, per_sm=per_sm)
+    if p is None and per_sm > 1:
+        per_sm, p = 1, plan(M, K, stages, xh, per_sm=1)
     if p is None:
         raise ValueError(f"gemv_mma_bulk: x̂ of {M} x {K} does not fit in shared memory")
     x, n, smem = p
     name = f"gemv_mma_bulk<{x}>"
     allow_smem("linear", name, smem_limit())
-    launch("linear", name, (min(math.ceil(O / 16), sm_count()),), (128,),
+    launch("linear", name, (min(math.ceil(O / 16), per_sm * sm_count()),), (32 * WARPS,),
            (ptr(q["xq"]), ptr(q["xs"]), i32(1 if kl.act == 3 else 0), ptr(kl.w), ptr(kl.sc), ptr(kl.bias), ptr(y),
-            i32(O), i32(M), i32(O), i32(K), i32(kl.sld), i32(kl.sbo), i32(kl.sbi_log2), i32(n)), smem)
+            i32(O), i32(M), i32(O), i32(K), i32(kl.sld), i32(kl.sbo), i32(kl.sbi_log2), i32(n), i32(split)), smem)
 
 
 # (O, K, recipe, M): odd O, K % 128 == 64, M = 1..8, every scale kind, x̂ too large for f16 staging (80 x 14336,

@@ -120,8 +120,8 @@ def _tc_ok(kl: KLinear) -> bool:
     activations (nvfp4, mxfp4, W4A8's fp8 on int4) keep the f32 GEMM: their x̂ is not exact in two bf16 terms, and
     a small error in x̂ moves the next layers' activation codes (cuda-notes.md, run 2)."""
     K = kl.in_features
-    if K % 16 or kl.w.data_ptr() % 16 or not (kl.act == 0 or _fp8_codes_ok(kl)):
-        return False
+    if K % 16 or kl.w.data_ptr() % 16 or not (kl.act == 0 or _fp8_codes_ok(kl)) or kl.fmt in (2, 4):
+        return False      # nvfp4 / int4 weights (split in two bf16 terms): run 10 measured 15 vs 18 TFLOP/s f32
     return not (kl.fmt == 1 and kl.sbi < K and kl.sbi % 32)
 
 
@@ -139,8 +139,8 @@ def _half_ok(kl: KLinear, M: int) -> bool:
 
 
 def adopt_layout(kl: KLinear) -> KLinear:
-    """``kl`` with its fp8 weights in the mma-tiled order when its decode GEMV can be gemv_mma_bulk here (sm_90+,
-    fp8 activations, self-check passed, not QTOOL_BULK=0); else ``kl`` unchanged."""
+    """``kl`` with its fp8 weights in the mma-tiled order when its decode GEMV is to be gemv_mma_bulk (QTOOL_BULK=1
+    on sm_90+, fp8 activations, self-check passed); else ``kl`` unchanged (row-major: gemv_mma4)."""
     if kl.fmt == 1 and not kl.tiled and _mma_ok(kl, 1) and fp8_bulk.enabled() and _path_ok("bulk"):
         return fp8_bulk.to_tiled(kl)
     return kl
@@ -149,7 +149,7 @@ def adopt_layout(kl: KLinear) -> KLinear:
 def decode_path(kl: KLinear, M: int) -> str:
     """The path ``linear`` takes for M rows by default."""
     if kl.tiled:
-        if _mma_ok(kl, M) and fp8_bulk.plan(M, kl.in_features) is not None:
+        if _mma_ok(kl, M) and fp8_bulk.plan(M, kl.in_features, per_sm=1) is not None:
             return "bulk"
     elif _mma_ok(kl, M):
         for p in MMA_PATHS[1:]:

@@ -109,11 +109,14 @@ def test_recipes(tiny_models, family, fmt, act, kv):
 
 
 @pytest.mark.parametrize("fmt,act,kv", [r for r in RECIPES if r[0].startswith("fp8")])
-def test_fp8_recipes_row_major(tiny_models, monkeypatch, fmt, act, kv):
-    """The fp8 recipes with row-major weights (QTOOL_BULK=0: gemv_mma4 decode, gemm<1> prefill), the layout
-    pre-Hopper GPUs use; by default on sm_90 test_recipes runs the mma-tiled layout (gemv_mma_bulk, gemm<5>)."""
+def test_fp8_recipes_tiled(tiny_models, monkeypatch, fmt, act, kv):
+    """The fp8 recipes with mma-tiled weights (QTOOL_BULK=1: gemv_mma_bulk decode, gemm_tc<5, 1> prefill);
+    test_recipes runs the default row-major layout (gemv_mma4, gemm_tc<1, 1>)."""
+    from qtool.kernels import fp8_bulk
     from qtool.runtime.loader import load_model_weights
-    monkeypatch.setenv("QTOOL_BULK", "0")
+    if not fp8_bulk.supported():
+        pytest.skip("gemv_mma_bulk needs sm_90+")
+    monkeypatch.setenv("QTOOL_BULK", "1")
     mw = _requant(load_model_weights(str(tiny_models("llama3")), progress=False), fmt, act, kv)
     _check(mw, kv)
 

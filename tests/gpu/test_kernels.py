@@ -195,7 +195,7 @@ def test_linear_vs_reference(fmt, act, m, o, k):
     poison()
     y = ops.linear(x.to(DEV), kl)
     assert rel(y, ref) < 5e-3, f"{fmt}/{act} default path: rel {rel(y, ref):.2e}"
-    kt = ops.adopt_layout(kl)        # what CudaBackend holds: mma-tiled fp8 on sm_90 (gemv_mma_bulk, gemm<5>)
+    kt = _layouts(kl)[-1]            # mma-tiled fp8 on sm_90 (gemv_mma_bulk, gemm<5>, gemm_tc<5, 1>)
     if kt.tiled:
         for path in ("f32", None):
             poison()
@@ -221,13 +221,12 @@ def _paths(kl, m):
 
 
 def _layouts(kl):
-    """kl as prepared (row-major), then as CudaBackend holds it when that differs (mma-tiled fp8 on sm_90)."""
-    from qtool.kernels import ops
-    out = [kl]
-    kt = ops.adopt_layout(kl)
-    if kt is not kl:
-        out.append(kt)
-    return out
+    """kl as prepared (row-major), then mma-tiled where gemv_mma_bulk can take it (fp8 on sm_90; CudaBackend's
+    layout with QTOOL_BULK=1)."""
+    from qtool.kernels import fp8_bulk, ops
+    if fp8_bulk.supported() and ops._mma_ok(kl, 1):
+        return [kl, fp8_bulk.to_tiled(kl)]
+    return [kl]
 
 
 @pytest.mark.parametrize("fmt,act", [("fp8-rowwise", "fp8-token"), ("fp8-block", "fp8-block"), ("fp8", "fp8")])
@@ -288,7 +287,7 @@ def test_bulk_gemv(fmt, act, m, o, k):
     repeats (fixed summation order), a CUDA-graph replay equal to the eager launch, and the tiled prefill GEMM
     (gemm<5>) bit-identical to the row-major one (gemm<1>)."""
     from qtool.kernels import fp8_bulk, ops
-    if not fp8_bulk.enabled():
+    if not fp8_bulk.supported():
         pytest.skip("gemv_mma_bulk needs sm_90+")
     kl, x, ref, q = _fp8_case(fmt, act, m, o, k, m * 5 + o + k + len(fmt))
     kt = fp8_bulk.to_tiled(kl)
