@@ -403,7 +403,7 @@ def gemv_table():
     shapes = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096))
     x = {k: torch.randn(1, k, device=DEV) for k in (4096, 14336)}
     bf = {}
-    bulk = fp8_bulk.enabled() and ops._path_ok("bulk")
+    bulk = fp8_bulk.supported() and ops._path_ok("bulk")
     for fmt, paths in GEMV_PATHS.items():
         for O, K in shapes:
             first = _rand_linear(fmt, O, K)
