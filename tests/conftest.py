@@ -6,6 +6,7 @@ GPU tests carry @pytest.mark.gpu and are skipped unless CUDA and CuPy are usable
 from __future__ import annotations
 
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,7 @@ def tiny_models(tmp_path_factory):
     cache = {}
 
     def get(family: str):
-        if family not in cache:
-            cache[family] = make_tiny_model(family, root / family, seed=hash(family) % 1000)
+        if family not in cache:   # a stable seed per family (str hash() changes with every interpreter)
+            cache[family] = make_tiny_model(family, root / family, seed=zlib.crc32(family.encode()) % 1000)
         return cache[family]
     return get
