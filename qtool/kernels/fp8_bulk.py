@@ -82,6 +82,7 @@ def sm_count() -> int:
 
 PER_SM = int(os.environ.get("QTOOL_BULK_PER_SM", "3"))   # blocks per SM (run 10: 3 and 2 ~1.5x one block)
 SM_SMEM = 233472                                          # shared memory per SM on sm_90 (228 KB)
+MAX_K = int(os.environ.get("QTOOL_BULK_MAX_K", "16384"))  # layers with more inputs keep gemv_mma4 (experiment)
 
 
 def plan(M: int, K: int, stages: int | None = None, xh: int | None = None,

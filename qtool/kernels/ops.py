@@ -141,7 +141,8 @@ def _half_ok(kl: KLinear, M: int) -> bool:
 def adopt_layout(kl: KLinear) -> KLinear:
     """``kl`` with its fp8 weights in the mma-tiled order when its decode GEMV is to be gemv_mma_bulk (QTOOL_BULK=1
     on sm_90+, fp8 activations, self-check passed); else ``kl`` unchanged (row-major: gemv_mma4)."""
-    if kl.fmt == 1 and not kl.tiled and _mma_ok(kl, 1) and fp8_bulk.enabled() and _path_ok("bulk"):
+    if (kl.fmt == 1 and not kl.tiled and _mma_ok(kl, 1) and kl.in_features <= fp8_bulk.MAX_K and fp8_bulk.enabled()
+            and _path_ok("bulk")):
         return fp8_bulk.to_tiled(kl)
     return kl
 
