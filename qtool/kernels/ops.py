@@ -301,7 +301,8 @@ def linear(x: torch.Tensor, kl: KLinear, force_gemm: bool = False, force_f32: bo
 
 
 def _launch_tc(x: torch.Tensor, kl: KLinear, y: torch.Tensor, M: int) -> None:
-    """gemm_tc: x̂ as e4m3 codes (exact) for fp8 x fp8 layers, else x̂ f32 (rounded to bf16 in the kernel)."""
+    """gemm_tc: x̂ as e4m3 codes (exact) for fp8 x fp8 layers, else x̂ f32 (split into two bf16 terms in the
+    kernel)."""
     O, K = kl.out_features, kl.in_features
     if x.data_ptr() % 16:
         x = x.clone()                    # the kernel reads 16-byte vectors
@@ -420,11 +421,10 @@ def _path_ok(name: str) -> bool:
 
 
 def _self_check(name: str) -> bool:
+    from qtool.kernels.random_weights import random_linear
     g = torch.Generator(device="cuda").manual_seed(0)
     O, K = 96, 512
     dev = torch.device("cuda")
-    w = torch.randint(0, 0x7e, (O, K), generator=g, device=dev, dtype=torch.uint8)
-    w |= torch.randint(0, 2, (O, K), generator=g, device=dev, dtype=torch.uint8) << 7
     if name == "mma4":
         return _self_check_mma4(g, dev)
     if name == "bulk":
@@ -437,11 +437,10 @@ def _self_check(name: str) -> bool:
         return _self_check_attn_quant(g, dev)
     if name == "merge_split":
         return _self_check_merge_split(g, dev)
-    if name == "mma":
-        kl = KLinear(1, O, K, w, sc=torch.rand(O, generator=g, device=dev) * 1e-2 + 1e-3, sbo=1, sbi=K, act=2)
-    else:
-        s = torch.rand(O, K // 128, generator=g, device=dev) * 1e-2
-        kl = KLinear(4, O, K, w, sc=s, zp=torch.full_like(s, 8.0), sld=K // 128, sbi=128)
+    # "mma": per-row fp8; "half": int4 without a pre-quant scale (weight-only, f16 pair math)
+    kl = random_linear("fp8-rowwise" if name == "mma" else "w4a16-awq", O, K, g, dev)
+    if name != "mma":
+        kl.pqs = None
     x = torch.randn(3, K, generator=g, device=dev)
     a = linear(x, kl, path=name)
     b = linear(x, kl, path="f32")
@@ -457,15 +456,10 @@ def _self_check_mma4(g, dev) -> bool:
     """gemv_mma4 against the f32 path: per-row and 128x128-block scales, odd O, K not a multiple of 256,
     M = 1 and 3, default split and S = 1, and a repeated launch (counters reset, bit-identical result)."""
     import warnings
+
+    from qtool.kernels.random_weights import random_linear
     for O, K, act, M in ((96, 512, 2, 3), (200, 640, 3, 1), (1000, 4096, 2, 1), (72, 384, 3, 3)):
-        w = torch.randint(0, 0x7e, (O, K), generator=g, device=dev, dtype=torch.uint8)
-        w |= torch.randint(0, 2, (O, K), generator=g, device=dev, dtype=torch.uint8) << 7
-        if act == 3:
-            sc = torch.rand(math.ceil(O / 128), math.ceil(K / 128), generator=g, device=dev) * 1e-2 + 1e-3
-            kl = KLinear(1, O, K, w, sc=sc, sld=sc.shape[1], sbo=128, sbi=128, act=3,
-                         bias=torch.randn(O, generator=g, device=dev))
-        else:
-            kl = KLinear(1, O, K, w, sc=torch.rand(O, generator=g, device=dev) * 1e-2 + 1e-3, sbo=1, sbi=K, act=2)
+        kl = random_linear("fp8-block" if act == 3 else "fp8-rowwise", O, K, g, dev, bias=act == 3)
         x = torch.randn(M, K, generator=g, device=dev)
         b = linear(x, kl, path="f32")
         q = act_quant(x, kl, codes=True)
