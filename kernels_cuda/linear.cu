@@ -616,16 +616,13 @@ extern "C" __global__ void __launch_bounds__(128) gemv_mma4p(QT_MMA_DEEP_ARGS) {
 #define BULK_SB 16
 
 __device__ __forceinline__ void bulk_issue(int c, int tile0, int spt, int KB, const u8* __restrict__ wt,
-                                           unsigned ring0, unsigned bar0, int nstages, int csplit) {
+                                           unsigned ring0, unsigned bar0, int nstages) {
+  // one copy per chunk (run 13: 4 or 16 smaller copies per chunk ran at 0.84x / 0.48x)
   int slot = c % nstages, tile = tile0 + c / spt, kb0 = (c % spt) * BULK_SB;
-  int nkb = min(BULK_SB, KB - kb0);
+  unsigned bytes = (unsigned)min(BULK_SB, KB - kb0) * 1024u;
   unsigned bar = bar0 + 8u * slot;
-  mbar_expect_tx(bar, (unsigned)nkb * 1024u);
-  // the chunk as csplit copies of whole k-blocks (more, smaller requests in flight)
-  int per = (nkb + csplit - 1) / csplit;
-  for (int b = 0; b < nkb; b += per)
-    bulk_g2s(ring0 + (unsigned)slot * (BULK_SB * 1024u) + b * 1024u, wt + ((long long)tile * KB + kb0 + b) * 1024,
-             (unsigned)min(per, nkb - b) * 1024u, bar);
+  mbar_expect_tx(bar, bytes);
+  bulk_g2s(ring0 + (unsigned)slot * (BULK_SB * 1024u), wt + ((long long)tile * KB + kb0) * 1024, bytes, bar);
 }
 
 __device__ __forceinline__ unsigned e4m3x2_to_h2(unsigned v) {  // bytes 0, 1 of v -> f16x2 (exact)
@@ -660,7 +657,7 @@ __device__ __forceinline__ void bulk_kblock(float e[4], const u8* st, const u8* 
 template <int XH>
 __global__ void __launch_bounds__(32 * BULK_WARPS, 1) gemv_mma_bulk(const u8* __restrict__ xq, const float* __restrict__ xs,
     int xs_group, const u8* __restrict__ wt, const float* __restrict__ ws, const float* __restrict__ bias,
-    float* __restrict__ y, int ldy, int M, int O, int K, int sld, int sbo, int sbi_log2, int nstages, int csplit) {
+    float* __restrict__ y, int ldy, int M, int O, int K, int sld, int sbo, int sbi_log2, int nstages) {
   extern __shared__ __align__(128) u8 bulk_smem[];
   constexpr int XB = XH ? 2 : 1;                            // bytes per staged x̂ element
   u8* ring = bulk_smem + 128;                               // [0, 128): nstages mbarriers
@@ -678,7 +675,7 @@ __global__ void __launch_bounds__(32 * BULK_WARPS, 1) gemv_mma_bulk(const u8* __
   }
   __syncthreads();
   if (tid == 0)
-    for (int c = 0; c < min(nstages, nc); ++c) bulk_issue(c, tile0, spt, KB, wt, ring0, bar0, nstages, csplit);
+    for (int c = 0; c < min(nstages, nc); ++c) bulk_issue(c, tile0, spt, KB, wt, ring0, bar0, nstages);
   QT_PDL_ENTRY
   for (int i = tid; i < M * (K >> 4); i += blockDim.x) {   // 16 codes per step
     int m = i / (K >> 4), q = i - m * (K >> 4);
@@ -751,12 +748,12 @@ __global__ void __launch_bounds__(32 * BULK_WARPS, 1) gemv_mma_bulk(const u8* __
     __syncthreads();      // every warp is done with this slot (and with red)
     if (tid == 0 && c + nstages < nc) {
       fence_proxy_async_smem();
-      bulk_issue(c + nstages, tile0, spt, KB, wt, ring0, bar0, nstages, csplit);
+      bulk_issue(c + nstages, tile0, spt, KB, wt, ring0, bar0, nstages);
     }
   }
 }
 #define QT_BULK_ARGS const u8*, const float*, int, const u8*, const float*, const float*, float*, int, int, int, int, \
-  int, int, int, int, int
+  int, int, int, int
 template __global__ void gemv_mma_bulk<0>(QT_BULK_ARGS);
 template __global__ void gemv_mma_bulk<1>(QT_BULK_ARGS);
 

@@ -388,7 +388,7 @@ def _gemv_call(path: str, kl: KLinear, pre: dict, x: torch.Tensor, y: torch.Tens
         return ops._launch_mma4(pre, kl, y, 1, None, U)          # tiled kl: gemv_mma4p
     opts = dict(a.split("=") for a in path.split()[1:])
     return fp8_bulk.launch_bulk(pre, kl, y, 1, stages=int(opts.get("ns", 0)) or None,
-                                xh=int(opts["xh"]) if "xh" in opts else None, split=int(opts.get("split", 1)),
+                                xh=int(opts["xh"]) if "xh" in opts else None,
                                 per_sm=int(opts["sm"]) if "sm" in opts else None)
 
 

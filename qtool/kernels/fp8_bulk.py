@@ -104,8 +104,8 @@ def plan(M: int, K: int, stages: int | None = None, xh: int | None = None,
 
 
 def launch_bulk(q: dict, kl: KLinear, y: torch.Tensor, M: int, stages: int | None = None,
-                xh: int | None = None, split: int = 1, per_sm: int | None = None) -> None:
-    """split: each stage as that many bulk copies; per_sm: blocks per SM (their rings must fit together)."""
+                xh: int | None = None, per_sm: int | None = None) -> None:
+    """per_sm: blocks per SM (their rings must fit together; default PER_SM, one where they do not)."""
     if not kl.tiled:
         raise ValueError("gemv_mma_bulk reads mma-tiled weights (fp8_bulk.to_tiled)")
     O, K = kl.out_features, kl.in_features
@@ -120,7 +120,7 @@ def launch_bulk(q: dict, kl: KLinear, y: torch.Tensor, M: int, stages: int | Non
     allow_smem("linear", name, smem_limit())
     launch("linear", name, (min(math.ceil(O / 16), per_sm * sm_count()),), (32 * WARPS,),
            (ptr(q["xq"]), ptr(q["xs"]), i32(1 if kl.act == 3 else 0), ptr(kl.w), ptr(kl.sc), ptr(kl.bias), ptr(y),
-            i32(O), i32(M), i32(O), i32(K), i32(kl.sld), i32(kl.sbo), i32(kl.sbi_log2), i32(n), i32(split)), smem)
+            i32(O), i32(M), i32(O), i32(K), i32(kl.sld), i32(kl.sbo), i32(kl.sbi_log2), i32(n)), smem)
 
 
 # (O, K, recipe, M): odd O, K % 128 == 64, M = 1..8, every scale kind, x̂ too large for f16 staging (80 x 14336,
