@@ -184,9 +184,7 @@ def test_linear_vs_reference(fmt, act, m, o, k):
     w = torch.randn(o, k, generator=g) * 0.05
     lw = _lw(fmt, w, act, g)
     x = torch.randn(m, k, generator=g)
-    W = lw.dequantize().double()
-    xq = lw.quantize_input(x).double()
-    ref = xq @ W.t() + (lw.bias.double() if lw.bias is not None else 0)
+    ref = _ref(lw, x)
     kl = prepare_linear(lw, DEV)
     for path, tol in _paths(kl, m):
         poison()
@@ -281,8 +279,8 @@ def test_mma4_splits_and_ticket(fmt, act, m, o, k):
 @pytest.mark.parametrize("m,o,k", [(1, 4096, 4096), (1, 28672, 4096), (3, 200, 640), (8, 96, 14336),
                                    (2, 1000, 1088), (5, 72, 384), (1, 4096, 14336)])
 def test_bulk_gemv(fmt, act, m, o, k):
-    """gemv_mma_bulk (mma-tiled weights streamed by bulk copies through a shared-memory ring, one block per SM)
-    against float64: both x̂ staging variants where they fit, rings of 2 / 4 / 16 stages (slot reuse, phase
+    """gemv_mma_bulk (mma-tiled weights streamed by bulk copies through shared-memory rings, fp8_bulk.PER_SM
+    blocks per SM) against float64: both x̂ staging variants where they fit, rings of 2 / 4 / 16 stages (slot reuse, phase
     parity), odd O (padded tile), K % 128 == 64 (half unit); every output written (NaN-poisoned), bit-identical
     repeats (fixed summation order), a CUDA-graph replay equal to the eager launch, and the tiled prefill GEMM
     (gemm<5>) bit-identical to the row-major one (gemm<1>)."""
