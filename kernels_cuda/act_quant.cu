@@ -195,8 +195,8 @@ extern "C" __global__ void silu_mul_quant(const float* __restrict__ gu, float* _
   for (int q = 0; q < 4; ++q) {
     float4 a = live ? *(const float4*)(gr + 4 * q) : make_float4(0.f, 0.f, 0.f, 0.f);
     float4 b = live ? *(const float4*)(gr + I + 4 * q) : make_float4(0.f, 0.f, 0.f, 0.f);
-    v[4 * q] = a.x / (1.0f + expf(-a.x)) * b.x; v[4 * q + 1] = a.y / (1.0f + expf(-a.y)) * b.y;
-    v[4 * q + 2] = a.z / (1.0f + expf(-a.z)) * b.z; v[4 * q + 3] = a.w / (1.0f + expf(-a.w)) * b.w;
+    v[4 * q] = silu_mul1(a.x, b.x); v[4 * q + 1] = silu_mul1(a.y, b.y);
+    v[4 * q + 2] = silu_mul1(a.z, b.z); v[4 * q + 3] = silu_mul1(a.w, b.w);
   }
   store_and_quant(v, out ? out + (long long)r * I + i0 : nullptr, pqs, r, t, live, red, I, scheme, ts, outh, hscale, hperm,
                   outq, qscale);

@@ -45,6 +45,12 @@ __device__ __forceinline__ float ld_cg(const float* p) {
   float v; asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p)); return v;
 }
 
+__device__ __forceinline__ float4 ld_cg4(const float* p) {
+  float4 v;
+  asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "l"(p));
+  return v;
+}
+
 // exact scalar e4m3fn decode
 __device__ __forceinline__ float e4m3_to_f32(unsigned c) {
   unsigned e = (c >> 3) & 15u, m = c & 7u;
@@ -100,6 +106,9 @@ __device__ __forceinline__ void u4x8_to_h2(unsigned w, unsigned h[4]) {
   h[2] = ((w >> 8) & 0x000f000fu) | 0x64006400u;
   h[3] = ((w >> 12) & 0x000f000fu) | 0x64006400u;
 }
+
+// silu(g) * u, the one expression of silu_mul, silu_mul_quant and gemv_mma4's fused epilogue (same bits everywhere)
+__device__ __forceinline__ float silu_mul1(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

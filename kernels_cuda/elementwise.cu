@@ -64,5 +64,5 @@ extern "C" __global__ void silu_mul(const float* __restrict__ gu, float* __restr
   if (i >= I) return;
   long long r = blockIdx.y;
   float g = gu[r * 2 * I + i], u = gu[r * 2 * I + I + i];
-  out[r * I + i] = g / (1.0f + expf(-g)) * u;
+  out[r * I + i] = silu_mul1(g, u);
 }

@@ -460,13 +460,28 @@ extern "C" __global__ void gemv_mma_reduce(const float* __restrict__ part, int S
 // resets its counter to zero (so the next launch, and every CUDA graph replay, finds zeros). Block = W warps of
 // 16 rows each (W = blockDim.x / 32; ops uses W = 1: one-warp blocks spread evenly over the SMs), grid
 // (ceil(O / (16 W)), S); the ticket counter is per block.
+// v9 options: pf > 0 (row-major weights): before the PDL wait, lanes 0..15 each start one bulk L2 prefetch of
+// the first min(pf, slice) bytes of their row's slice (pf % 16 == 0) instead of 4 lines of 128 B per row.
+// il > 0 (gate|up fused with silu, O = 2 il, il % 8 == 0, S any): the weight rows are interleaved in groups of
+// 8 (row 16 j + i = gate row 8 j + i, row 16 j + 8 + i = up row 8 j + i, bias the same), so a lane holds the
+// gate and up sums of the same feature; instead of y the kernel writes the down projection's fp8 input
+// xq_out[m, f] = e4m3(silu_mul1(gate, up) (* pqs[f]) / in_scale[0]) (act_quant scheme 1: the bits of
+// silu_mul_quant on y) and xs_out[m] = in_scale[0] (block 0); y is not touched.
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" :: "l"(p)); }
 
-template <int U, bool P>
+__device__ __forceinline__ void silu_quant_store(float g, float u, int m, int f, int I, float ts,
+                                                 const float* __restrict__ pqs, u8* __restrict__ xq) {
+  float v = silu_mul1(g, u);
+  if (pqs) v *= pqs[f];
+  xq[(long long)m * I + f] = (u8)f32_to_e4m3(v / ts);
+}
+
+template <int U, bool P, bool IL>
 __device__ __forceinline__ void gemv_mma_deep(const u8* __restrict__ xq, const float* __restrict__ xs,
     int xs_group, const u8* __restrict__ wq, const float* __restrict__ ws, const float* __restrict__ bias,
     float* __restrict__ part, unsigned* __restrict__ cnt, float* __restrict__ y, int ldy, int M, int O, int K,
-    int sld, int sbo, int sbi_log2, int kslice) {
+    int sld, int sbo, int sbi_log2, int kslice, int pf, int il, const float* __restrict__ in_scale,
+    const float* __restrict__ pqs, u8* __restrict__ xq_out, float* __restrict__ xs_out) {
   __shared__ unsigned is_last;
   int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wpb = blockDim.x >> 5;
   int g = lane >> 2, t = lane & 3;
@@ -496,6 +511,8 @@ __device__ __forceinline__ void gemv_mma_deep(const u8* __restrict__ xq, const f
       int off = j * 4096 + lane * 128;
       if (off < end) prefetch_l2(base + off);
     }
+  } else if (r0 < O && pf > 0) {
+    if (lane < 16 && r0 + lane < O) bulk_prefetch_l2(wq + (long long)(r0 + lane) * K + k0, (unsigned)min(pf, k1 - k0));
   } else if (r0 < O && t == 0) {
 #pragma unroll
     for (int j = 0; j < U; ++j) {
@@ -503,6 +520,8 @@ __device__ __forceinline__ void gemv_mma_deep(const u8* __restrict__ xq, const f
       if (k < k1) { if (va) prefetch_l2(pa + k); if (vb) prefetch_l2(pb + k); }
     }
   }
+  if (!IL) il = 0;
+  float ts = il ? in_scale[0] : 1.0f;   // a constant: read before the wait
   QT_PDL_ENTRY
   float acc[4] = {0.f, 0.f, 0.f, 0.f};  // rows (ra, m0), (ra, m1), (rb, m0), (rb, m1)
   float d[4] = {0.f, 0.f, 0.f, 0.f};    // unscaled sums (per-row scales)
@@ -558,9 +577,16 @@ __device__ __forceinline__ void gemv_mma_deep(const u8* __restrict__ xq, const f
       acc[0] = d[0] * (wa * x0); acc[1] = d[1] * (wa * x1); acc[2] = d[2] * (wb * x0); acc[3] = d[3] * (wb * x1);
     }
   }
+  if (il && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x < M) xs_out[threadIdx.x] = ts;
   if (S == 1) {
-    store_frag(y, ldy, ra, rb, va, vb, m0, m1, M, acc, (bias && va) ? bias[ra] : 0.0f,
-               (bias && vb) ? bias[rb] : 0.0f);
+    float ba = (bias && va) ? bias[ra] : 0.0f, bb = (bias && vb) ? bias[rb] : 0.0f;
+    if (il) {                        // rows ra (gate) and rb = ra + 8 (up) of feature (r0 / 16) * 8 + g
+      int f = (r0 >> 4) * 8 + g;
+      if (va && m0 < M) silu_quant_store(ba + acc[0], bb + acc[2], m0, f, il, ts, pqs, xq_out);
+      if (va && m1 < M) silu_quant_store(ba + acc[1], bb + acc[3], m1, f, il, ts, pqs, xq_out);
+      return;
+    }
+    store_frag(y, ldy, ra, rb, va, vb, m0, m1, M, acc, ba, bb);
     return;
   }
   store_frag(part + (long long)blockIdx.y * M * O, O, ra, rb, va, vb, m0, m1, M, acc, 0.0f, 0.0f);
@@ -571,6 +597,20 @@ __device__ __forceinline__ void gemv_mma_deep(const u8* __restrict__ xq, const f
   if (!is_last) return;
   __threadfence();
   int rows = 16 * wpb, o0 = blockIdx.x * rows;
+  if (il) {                          // feature pairs (gate o, up o + 8) of this block's tiles, sums as below
+    for (int i = threadIdx.x; i < rows / 2 * M; i += blockDim.x) {
+      int m = i / (rows / 2), j = i % (rows / 2), og = o0 + 16 * (j >> 3) + (j & 7), ou = og + 8;
+      if (og >= O) continue;
+      float a = bias ? bias[og] : 0.0f, b = bias ? bias[ou] : 0.0f;
+      for (int s = 0; s < S; ++s) {
+        a += ld_cg(part + ((long long)s * M + m) * O + og);
+        b += ld_cg(part + ((long long)s * M + m) * O + ou);
+      }
+      silu_quant_store(a, b, m, (og >> 4) * 8 + (og & 7), il, ts, pqs, xq_out);
+    }
+    if (threadIdx.x == 0) cnt[blockIdx.x] = 0u;
+    return;
+  }
   for (int i = threadIdx.x; i < rows * M; i += blockDim.x) {
     int m = i / rows, o = o0 + i % rows;
     if (o >= O) continue;
@@ -584,15 +624,19 @@ __device__ __forceinline__ void gemv_mma_deep(const u8* __restrict__ xq, const f
 #define QT_MMA_DEEP_ARGS const u8* __restrict__ xq, const float* __restrict__ xs, int xs_group, \
   const u8* __restrict__ wq, const float* __restrict__ ws, const float* __restrict__ bias, float* __restrict__ part, \
   unsigned* __restrict__ cnt, float* __restrict__ y, int ldy, int M, int O, int K, int sld, int sbo, int sbi_log2, \
-  int kslice
-#define QT_MMA_DEEP_PASS xq, xs, xs_group, wq, ws, bias, part, cnt, y, ldy, M, O, K, sld, sbo, sbi_log2, kslice
-extern "C" __global__ void __launch_bounds__(128) gemv_mma4(QT_MMA_DEEP_ARGS) { gemv_mma_deep<4, false>(QT_MMA_DEEP_PASS); }
-extern "C" __global__ void __launch_bounds__(128) gemv_mma8(QT_MMA_DEEP_ARGS) { gemv_mma_deep<8, false>(QT_MMA_DEEP_PASS); }
+  int kslice, int pf, int il, const float* __restrict__ in_scale, const float* __restrict__ pqs, \
+  u8* __restrict__ xq_out, float* __restrict__ xs_out
+#define QT_MMA_DEEP_PASS xq, xs, xs_group, wq, ws, bias, part, cnt, y, ldy, M, O, K, sld, sbo, sbi_log2, kslice, pf, \
+  il, in_scale, pqs, xq_out, xs_out
+extern "C" __global__ void __launch_bounds__(128) gemv_mma4(QT_MMA_DEEP_ARGS) { gemv_mma_deep<4, false, false>(QT_MMA_DEEP_PASS); }
+extern "C" __global__ void __launch_bounds__(128) gemv_mma8(QT_MMA_DEEP_ARGS) { gemv_mma_deep<8, false, false>(QT_MMA_DEEP_PASS); }
+// gemv_mma4s: gemv_mma4 with the il (gate|up + silu + fp8 quantization) epilogue (il > 0 required)
+extern "C" __global__ void __launch_bounds__(128) gemv_mma4s(QT_MMA_DEEP_ARGS) { gemv_mma_deep<4, false, true>(QT_MMA_DEEP_PASS); }
 // gemv_mma4p: gemv_mma4 on mma-tiled fp8 weights (ops.mma_tile_fp8): O padded to 16 rows, K % 64 == 0; byte
 // (o, k) at ((o/16 * K/64 + k/64) * 2 + (o%16)/8) * 512 + ((o%8) * 4 + (k%64)/16) * 16 + k%16, so each warp's
 // 16-B loads of one round read 512 contiguous bytes (row-major: 16 rows x 64 B) and a warp streams one
 // contiguous range. An experiment timed by bench_decode.py --gemv ("mma4 tiled").
-extern "C" __global__ void __launch_bounds__(128) gemv_mma4p(QT_MMA_DEEP_ARGS) { gemv_mma_deep<4, true>(QT_MMA_DEEP_PASS); }
+extern "C" __global__ void __launch_bounds__(128) gemv_mma4p(QT_MMA_DEEP_ARGS) { gemv_mma_deep<4, true, false>(QT_MMA_DEEP_PASS); }
 
 // gemv_mma_bulk<XH> (v8): FP8 x FP8 decode GEMV (exact products, f32 sums, the scales of gemv_mma) on mma-tiled
 // fp8 weights (ops.mma_tile_fp8, the gemv_mma4p layout: a 16-row tile is K * 16 contiguous bytes), streamed by

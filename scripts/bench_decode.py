@@ -58,6 +58,9 @@ class Decoder:
                             gu=rand_linear(fmt, 2 * I, H), down=rand_linear(fmt, H, I),
                             n1=torch.rand(H, device=DEV) + 0.5, n2=torch.rand(H, device=DEV) + 0.5)
                        for _ in range(NL)]
+        for Ly in self.layers:     # as CudaBackend.prepare: gate|up interleaved where its GEMV applies silu
+            if ops.silu_fusable(Ly["gu"], Ly["down"]):
+                Ly["gu"] = ops.interleave_gate_up(Ly["gu"])
         self.embed = (torch.randn(V, H, device=DEV) * 0.02).to(torch.bfloat16)
         self.head = rand_linear("bf16", V, H)
         self.norm = torch.rand(H, device=DEV) + 0.5
@@ -96,8 +99,7 @@ class Decoder:
             att, pre = ops.attention_quant(qr, pos, self.cache, i, 1, Ly["o"], keep_out=False) if FUSE else (ops.attention(qr, pos, self.cache, i, 1), None)
             x = ops.linear(att, Ly["o"], pre=pre)
             m, res, pre = ops.rmsnorm_quant(x, Ly["n2"], 1e-5, res, Ly["gu"], keep_out=False) if FUSE else (*ops.rmsnorm(x, Ly["n2"], 1e-5, res), None)
-            gu = ops.linear(m, Ly["gu"], pre=pre)
-            act, pre = ops.silu_mul_quant(gu, Ly["down"], keep_out=False) if FUSE else (ops.silu_mul(gu), None)
+            act, pre = ops.gate_up_silu(m, Ly["gu"], Ly["down"], pre, fuse=FUSE)
             x = ops.linear(act, Ly["down"], pre=pre)
         h, _ = ops.rmsnorm(x, self.norm, 1e-5, res)
         return ops.linear(h, self.head)
@@ -447,6 +449,9 @@ def main():
                     help="also time the Llama-3.1-8B fp8 and bf16 rows with plain launches (QTOOL_PDL=0)")
     ap.add_argument("--bulk-compare", action="store_true",
                     help="also time the Llama-3.1-8B fp8 row with mma-tiled weights and gemv_mma_bulk (QTOOL_BULK=1)")
+    ap.add_argument("--variants", default="",
+                    help="also time the Llama-3.1-8B fp8 ctx-512 row under environment overrides: "
+                         "'name:VAR=V+VAR=V,name2:VAR=V' (e.g. 'pf2k:QTOOL_PF=2048,no-silu:QTOOL_SILU_FUSED=0')")
     ap.add_argument("--no-fuse", action="store_true",
                     help="unfused rmsnorm / silu_mul / attention combine + act_quant (for comparison)")
     args = ap.parse_args()
@@ -504,6 +509,19 @@ def main():
             _print(r, bw)
         except Exception as exc:
             print(f"FAILED gemv_mma_bulk {cfg}: {type(exc).__name__}: {exc}", flush=True)
+    for spec in filter(None, args.variants.split(",")):
+        name, _, sets = spec.partition(":")
+        cfg = ("llama3.1-8b", "fp8", "bf16", 512)
+        try:
+            with contextlib.ExitStack() as stack:
+                for kv in filter(None, sets.split("+")):
+                    stack.enter_context(_env(*kv.split("=", 1)))
+                r = bench_qtool(*cfg)
+            r.update(engine=f"qtool ({name})", shape=cfg[0], fmt=cfg[1], kv=cfg[2], ctx=cfg[3])
+            rows.append(r)
+            _print(r, bw)
+        except Exception as exc:
+            print(f"FAILED variant {spec}: {type(exc).__name__}: {exc}", flush=True)
     for spec in filter(None, args.peer.split(",")):
         shape, ctx = spec.split(":")
         try:

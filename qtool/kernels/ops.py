@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import replace
 
 import torch
@@ -234,6 +235,90 @@ def _launch_silu_quant(gu, out, kl, pre, path, M, I) -> None:
            (ptr(gu), ptr(out), i32(I)) + _quant_args(kl, pre, path))
 
 
+# ---------------------------------------------------------------- gate|up + silu fused into the GEMV epilogue
+def silu_fusable(kl, down) -> bool:
+    """Whether the gate|up linear ``kl`` may hold its rows interleaved (interleave_gate_up) so that its decode
+    GEMV (gemv_mma4s) also applies silu * mul and the down projection's fp8 input quantization: row-major fp8
+    with a per-tensor or per-row weight scale on the mma4 path, a down projection ``down`` reading fp8 codes with
+    a static per-tensor input scale (scheme 1), out = 2 * in_features(down), in_features(down) % 8 == 0;
+    QTOOL_SILU_FUSED=0 turns it off; the "silu_fused" self-check must pass."""
+    if not (isinstance(kl, KLinear) and isinstance(down, KLinear)) or os.environ.get("QTOOL_SILU_FUSED", "1") == "0":
+        return False
+    O = kl.out_features
+    return (kl.fmt == 1 and not kl.tiled and kl.perm is None and kl.il == 0 and down.perm is None
+            and O % 16 == 0 and down.in_features * 2 == O and (kl.sbo == 1 or kl.sbo >= O)
+            and down.act == 1 and down.in_scale is not None and decode_path(kl, 1) == "mma4"
+            and decode_path(down, 1) in MMA_PATHS and _path_ok("silu_fused"))
+
+
+def interleave_gate_up(kl: KLinear) -> KLinear:
+    """``kl`` (rows [gate | up], O = 2I) with its rows interleaved in groups of 8: row 16j + i = gate row 8j + i,
+    row 16j + 8 + i = up row 8j + i (weights, per-row scales, bias); ``il`` = I. Its outputs come back in that
+    order (deinterleave) unless gemv_mma4s consumes them."""
+    O = kl.out_features
+    idx = torch.arange(O, device=kl.w.device).view(2, O // 16, 8).transpose(0, 1).reshape(-1)
+    sc = kl.sc.reshape(O, -1)[idx].reshape(kl.sc.shape).contiguous() if kl.sbo == 1 else kl.sc
+    bias = kl.bias[idx].contiguous() if kl.bias is not None else None
+    return replace(kl, w=kl.w.index_select(0, idx).contiguous(), sc=sc, bias=bias, il=O // 2)
+
+
+def deinterleave(y: torch.Tensor, I: int) -> torch.Tensor:
+    """[M, 2I] outputs of an interleaved gate|up linear back to [gate | up]."""
+    M = y.shape[0]
+    return y.view(M, I // 8, 2, 8).transpose(1, 2).reshape(M, 2 * I)
+
+
+def gate_up_silu(x: torch.Tensor, kl: KLinear, down: KLinear | None, pre: dict | None = None, fuse: bool = True):
+    """silu(gate) * up of the gate|up linear ``kl`` on x, ready for the down projection ``down``: (act, pre_down)
+    to pass as ``linear(act, down, pre=pre_down)``. Decode on an interleaved kl (kl.il): one gemv_mma4s launch
+    writes pre_down's fp8 codes and act is allocated but not written; otherwise linear (+ deinterleave), then
+    silu_mul_quant (fuse and down reads fp8 codes: act not written either) or silu_mul (pre_down None)."""
+    M = x.shape[0]
+    if kl.il and fuse and down is not None and M <= 8 and decode_path(kl, M) == "mma4" and _counters(x.device) is not None:
+        x = x.to(torch.float32).contiguous()
+        q = pre if pre is not None else act_quant(x, kl, codes=True)
+        dpath = decode_path(down, M)
+        pre_d = _quant_outputs(down, M, kl.il, dpath, x.device)
+        pre_d["path"] = dpath
+        _launch_mma4(q, kl, torch.empty(0, device=x.device), M, silu=(down, pre_d))
+        return torch.empty(M, kl.il, dtype=torch.float32, device=x.device), pre_d
+    gu = linear(x, kl, pre=pre)
+    if kl.il:
+        gu = deinterleave(gu, kl.il)
+    if fuse and down is not None and M <= 8:
+        return silu_mul_quant(gu, down, keep_out=False)
+    return silu_mul(gu), None
+
+
+def _self_check_silu_fused(g, dev) -> bool:
+    """gemv_mma4s == gemv_mma4 + silu_mul_quant bit for bit (e4m3 codes and scale): fp8 per-tensor and per-row
+    weight scales, with a bias, M = 1 and 3, one K slice and three (the ticket epilogue)."""
+    import warnings
+    from qtool.kernels.random_weights import random_linear
+    I, K = 136, 512
+    down = replace(random_linear("fp8", 64, I, g, dev), in_scale=torch.full((1,), 0.5, device=dev))  # few saturate
+    for recipe in ("fp8", "fp8-rowwise"):
+        kl = random_linear(recipe, 2 * I, K, g, dev, bias=True)
+        if recipe != "fp8":
+            kl = replace(kl, act=1, in_scale=down.in_scale)
+        kil = interleave_gate_up(kl)
+        for M in (1, 3):
+            x = torch.randn(M, K, generator=g, device=dev)
+            q = act_quant(x, kl, codes=True)
+            for S in (1, 3):
+                y = torch.empty(M, 2 * I, device=dev)
+                _launch_mma4(q, kl, y, M, S)
+                _, ref = silu_mul_quant(y, down, keep_out=False)
+                pre = _quant_outputs(down, M, I, "mma4", dev)
+                pre["xq"].fill_(0xFF)
+                _launch_mma4(q, kil, y, M, S, silu=(down, pre))
+                if not (torch.equal(pre["xq"], ref["xq"]) and torch.equal(pre["xs"], ref["xs"])):
+                    warnings.warn(f"qtool CUDA: gemv_mma4s differs from gemv_mma4 + silu_mul_quant ({recipe}, M={M}, "
+                                  f"S={S}); unfused")
+                    return False
+    return True
+
+
 def linear(x: torch.Tensor, kl: KLinear, force_gemm: bool = False, force_f32: bool = False,
            path: str | None = None, pre: dict | None = None) -> torch.Tensor:
     """y = x̂ W^T + b. M <= 8: gemv_mma_bulk (mma-tiled fp8) / gemv_mma4 / gemv_mma (fp8 x fp8 tensor cores),
@@ -324,26 +409,35 @@ def _mma_split(O: int, K: int) -> tuple[int, int]:
 
 
 def _launch_mma4(q: dict, kl: KLinear, y: torch.Tensor, M: int, S: int | None = None, U: int = 4,
-                 tiled: torch.Tensor | None = None) -> None:
+                 tiled: torch.Tensor | None = None, silu: tuple | None = None) -> None:
     """gemv_mma4 (U = 4; U = 8: gemv_mma8, the benchmark's experiment; ``tiled`` = mma_tile_fp8(kl.w), or kl
-    itself mma-tiled: gemv_mma4p) into y [M, O] (S K slices; default from _mma4_split)."""
+    itself mma-tiled: gemv_mma4p) into y [M, O] (S K slices; default from _mma4_split). ``silu`` = (down, pre):
+    kl's rows are gate|up interleaved (kl.il), and gemv_mma4s writes silu(gate) * up quantized for the down
+    projection into pre's xq / xs instead of y. QTOOL_PF=N (bytes, multiple of 64): each row's first N bytes of
+    its slice are bulk-prefetched into L2 before the PDL wait (default 0: 4 lines of 128 B per row)."""
     O, K = kl.out_features, kl.in_features
     if kl.tiled:
-        if U != 4:
-            raise ValueError("gemv_mma8 reads row-major weights")
+        if U != 4 or silu is not None:
+            raise ValueError("gemv_mma8 / gemv_mma4s read row-major weights")
         tiled = kl.w
-    S, kslice = _mma4_split(O, K, U) if S is None else _kslices(K, S, 64 * U)
+    name = f"gemv_mma{U}" + ("p" if tiled is not None else "s" if silu is not None else "")
+    S, kslice = _mma4_split(O, K, U, name) if S is None else _kslices(K, S, 64 * U)
     cnt = _counters(y.device)
     rows = 16 * MMA4_WARPS
-    if math.ceil(O / rows) > cnt.numel():
-        raise ValueError(f"gemv_mma4 supports at most {cnt.numel() * rows} output features")
+    if math.ceil(O / rows) > ATTN_CNT_BASE:
+        raise ValueError(f"gemv_mma4 supports at most {ATTN_CNT_BASE * rows} output features")
     part = torch.empty(S, M, O, dtype=torch.float32, device=y.device) if S > 1 else None
-    launch("linear", f"gemv_mma{U}" + ("p" if tiled is not None else ""), (math.ceil(O / rows), S),
-           (32 * MMA4_WARPS,),
+    pf = int(os.environ.get("QTOOL_PF", "0")) if tiled is None else 0
+    if silu is None:
+        tail = (i32(0), ptr(None), ptr(None), ptr(None), ptr(None))
+    else:
+        down, pre = silu
+        tail = (i32(kl.il), ptr(down.in_scale), ptr(down.pqs), ptr(pre["xq"]), ptr(pre["xs"]))
+    launch("linear", name, (math.ceil(O / rows), S), (32 * MMA4_WARPS,),
            (ptr(q["xq"]), ptr(q["xs"]), i32(1 if kl.act == 3 else 0), ptr(kl.w if tiled is None else tiled),
             ptr(kl.sc), ptr(kl.bias), ptr(part),
             ptr(cnt), ptr(y), i32(O), i32(M), i32(O), i32(K), i32(kl.sld), i32(kl.sbo), i32(kl.sbi_log2),
-            i32(kslice)))
+            i32(kslice), i32(pf)) + tail)
 
 
 def _kslices(K: int, S: int, gran: int) -> tuple[int, int]:
@@ -352,7 +446,7 @@ def _kslices(K: int, S: int, gran: int) -> tuple[int, int]:
     return math.ceil(K / kslice), kslice
 
 
-def _mma4_split(O: int, K: int, U: int = 4) -> tuple[int, int]:
+def _mma4_split(O: int, K: int, U: int = 4, name: str | None = None) -> tuple[int, int]:
     """K slices for gemv_mma4: about 2560 warps of 16 rows (~20 resident per SM at 90 registers on 132 SMs,
     4 KB of weight loads in flight each), but never more blocks than fit at once (one wave): run 4 measured a
     second, partial wave costing more than the extra warps gain (28672x4096: S=2, 1.36 waves, 3124 GB/s; S=1,
@@ -363,19 +457,19 @@ def _mma4_split(O: int, K: int, U: int = 4) -> tuple[int, int]:
     target = 2560 if U == 4 else 1536
     S = max(1, min(math.ceil(target / warps), math.ceil(K / step)))
     tiles = math.ceil(O / (16 * MMA4_WARPS))
-    S = max(1, min(S, _resident_blocks(U) // tiles))
+    S = max(1, min(S, _resident_blocks(name or f"gemv_mma{U}") // tiles))
     return _kslices(K, S, step)
 
 
 @functools.lru_cache(maxsize=None)
-def _resident_blocks(U: int) -> int:
-    """Blocks of gemv_mma{U} (MMA4_WARPS warps) resident at once on the current GPU: registers per SM /
-    registers per block (the compiled kernel's count, ~92 or ~158 per thread, rounded to the 256-register warp
-    allocation unit), at most 32 blocks and 64 warps per SM, x SMs."""
+def _resident_blocks(name: str) -> int:
+    """Blocks of the gemv_mma kernel ``name`` (MMA4_WARPS warps) resident at once on the current GPU: registers
+    per SM / registers per block (the compiled kernel's count, ~96 for gemv_mma4, ~160 for gemv_mma8, rounded
+    to the 256-register warp allocation unit), at most 32 blocks and 64 warps per SM, x SMs."""
     try:
-        regs = int(loader.function("linear", f"gemv_mma{U}").num_regs)
+        regs = int(loader.function("linear", name).num_regs)
     except Exception:  # noqa: BLE001 - an attribute CuPy lacks: the nvcc -Xptxas -v counts
-        regs = 92 if U == 4 else 158
+        regs = 160 if name == "gemv_mma8" else 100
     per_warp = math.ceil(regs * 32 / 256) * 256
     per_sm = min(65536 // (MMA4_WARPS * per_warp), 32, 64 // MMA4_WARPS)
     return per_sm * torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
@@ -386,6 +480,9 @@ MMA4_WARPS = 1
 
 # ticket counters of gemv_mma4, one u32 per block (16 * MMA4_WARPS rows), zero between launches (the last block resets its own)
 _COUNTERS: dict = {}
+# attention's merge tickets (attn_partial with cnt): one u32 per (row, KV head) in the upper half of the counter
+# buffer (gemv_mma4 uses the lower half), zero between launches (each finishing block resets its own)
+ATTN_CNT_BASE = 1 << 15
 
 
 def _counters(dev) -> torch.Tensor | None:
@@ -437,6 +534,16 @@ def _self_check(name: str) -> bool:
         return _self_check_attn_quant(g, dev)
     if name == "merge_split":
         return _self_check_merge_split(g, dev)
+    if name == "silu_fused":
+        return _self_check_silu_fused(g, dev)
+    if name == "attn_fused":
+        for c in ((32, 8, 128, 1), (9, 3, 64, 3), (8, 8, 256, 2)):
+            err = fused_merge_error(g, dev, *c)
+            if err:
+                import warnings
+                warnings.warn(f"qtool CUDA: attn_partial's fused merge: {err}; attn_combine")
+                return False
+        return True
     # "mma": per-row fp8; "half": int4 without a pre-quant scale (weight-only, f16 pair math)
     kl = random_linear("fp8-rowwise" if name == "mma" else "w4a16-awq", O, K, g, dev)
     if name != "mma":
@@ -576,8 +683,11 @@ def rope_and_store(q, k, v, positions, cache: KVCache, layer: int, cos: torch.Te
 ATTN_PU = {64: 8, 128: 8, 256: 4}   # positions in flight per warp of attn_partial<D, PU> (loader.TEMPLATES)
 
 
-def _attn_partial(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, layer: int, T: int):
-    """attn_partial over every split: (part f32 [N, Hq, S, D], ml f32 [N, Hq, S, 2])."""
+def _attn_partial(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, layer: int, T: int,
+                  merge: tuple | None = None):
+    """attn_partial over every split: (part f32 [N, Hq, S, D], ml f32 [N, Hq, S, 2]). ``merge`` = (cnt, out, kl,
+    pre, path): the splits are merged in the same launch (attention.cu's fused merge) into out (may be None) and
+    the quantized forms in pre for kl (None: plain merge); see _merge_args."""
     N, Hq, D = q.shape
     Hkv = cache.hkv
     if Hq % Hkv or Hq // Hkv > 8 or D not in ATTN_PU:
@@ -590,38 +700,72 @@ def _attn_partial(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, laye
     vc, vs = cache.v[layer]
     pos = positions.reshape(-1).to(torch.int64).contiguous()
     q = q.contiguous()
+    if merge is None:
+        tail = (ptr(None), ptr(None), i32(0), ptr(None), ptr(None), ptr(None), ptr(None))
+    else:
+        cnt, out, kl, pre, _ = merge
+        tail = (ptr(cnt), ptr(out), i32(kl.act if kl is not None else 0), ptr(kl.in_scale if kl is not None else None),
+                ptr(kl.pqs if kl is not None else None), ptr(pre.get("xq")), ptr(pre.get("xs")))
     launch("attention", f"attn_partial<{D}, {ATTN_PU[D]}>", (N * Hkv, S), (128,),
            (ptr(q), ptr(pos), i32(T), ptr(kc), ptr(ks), ptr(vc), ptr(vs), i32(cache.code),
             f32(cache.k_scales[layer]), f32(cache.v_scales[layer]), ptr(part), ptr(ml), i32(Hq), i32(Hkv),
-            i32(cache.max_len), i32(cache.chunk), f32(1.0 / math.sqrt(D))))
+            i32(cache.max_len), i32(cache.chunk), f32(1.0 / math.sqrt(D))) + tail)
     return part, ml
 
 
-def attention(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, layer: int, T: int) -> torch.Tensor:
-    """q [N,Hq,d] f32 contiguous; positions int64 [N]; returns [N, Hq*d]."""
+def _merge_counters(q: torch.Tensor, Hkv: int, kl: KLinear | None, path: str, fused: bool | None):
+    """The ticket counters of attn_partial's fused merge for this call, or None (separate attn_combine): fused
+    None means "when allowed" (QTOOL_ATTN_FUSED != 0 and the "attn_fused" self-check passed); the merge must
+    fit the counters and the quantization be local to a KV head's G*D elements (none, per-tensor static or
+    per-128-group fp8 on an mma path; per-128 groups need G*D % 128 == 0)."""
     N, Hq, D = q.shape
-    part, ml = _attn_partial(q, positions, cache, layer, T)
+    if fused is False or (fused is None and os.environ.get("QTOOL_ATTN_FUSED", "1") == "0"):
+        return None
+    if N * Hkv > ATTN_CNT_BASE:
+        return None
+    if kl is not None and not (path in MMA_PATHS and kl.act in (1, 3) and (kl.act == 1 or (Hq // Hkv * D) % 128 == 0)):
+        return None
+    if fused is None and not _path_ok("attn_fused"):
+        return None
+    cnt = _counters(q.device)
+    return None if cnt is None else cnt[ATTN_CNT_BASE:]
+
+
+def attention(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, layer: int, T: int,
+              fused: bool | None = None) -> torch.Tensor:
+    """q [N,Hq,d] f32 contiguous; positions int64 [N]; returns [N, Hq*d]. fused: merge the splits inside
+    attn_partial (True), with attn_combine (False), or as _merge_counters decides (None)."""
+    N, Hq, D = q.shape
     out = torch.empty(N, Hq * D, dtype=torch.float32, device=q.device)
+    cnt = _merge_counters(q, cache.hkv, None, "f32", fused)
+    if cnt is not None:
+        _attn_partial(q, positions, cache, layer, T, merge=(cnt, out, None, {}, "f32"))
+        return out
+    part, ml = _attn_partial(q, positions, cache, layer, T)
     _launch_combine(part, ml, out, cache.splits, D, None, {}, "f32", N, Hq * D)
     return out
 
 
 def attention_quant(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, layer: int, T: int, kl: KLinear,
-                    keep_out: bool = True):
+                    keep_out: bool = True, fused: bool | None = None):
     """``attention`` with the split merge fused with the activation quantization of the o projection ``kl``
-    (attn_combine with a scheme), when that linear takes the mma or half decode path: returns (out, pre) as
-    rmsnorm_quant; pre None when nothing was fused (out then comes from ``attention``); keep_out as
-    rmsnorm_quant."""
+    (attn_combine with a scheme, or attn_partial's fused merge: ``fused`` as in ``attention``), when that linear
+    takes the mma or half decode path: returns (out, pre) as rmsnorm_quant; pre None when nothing was fused
+    (out then comes from ``attention``); keep_out as rmsnorm_quant."""
     N, Hq, D = q.shape
     HD = Hq * D
     path = decode_path(kl, N)
     if (path not in (*MMA_PATHS, "half") or HD % 16 or D % 16 or HD > 16 * 1024 or kl.perm is not None
             or not _path_ok("attn_quant")):
-        return attention(q, positions, cache, layer, T), None
-    part, ml = _attn_partial(q, positions, cache, layer, T)
+        return attention(q, positions, cache, layer, T, fused=fused), None
     out = torch.empty(N, HD, dtype=torch.float32, device=q.device)
     pre = _quant_outputs(kl, N, HD, path, q.device)
     pre["path"] = path
+    cnt = _merge_counters(q, cache.hkv, kl, path, fused)
+    if cnt is not None:
+        _attn_partial(q, positions, cache, layer, T, merge=(cnt, out if keep_out else None, kl, pre, path))
+        return out, pre
+    part, ml = _attn_partial(q, positions, cache, layer, T)
     _launch_combine(part, ml, out if keep_out else None, cache.splits, D, kl, pre, path, N, HD)
     return out, pre
 
@@ -678,6 +822,47 @@ def _self_check_merge_split(g, dev, hq: int = 32, hkv: int = 8, d: int = 128, n:
     return True
 
 
+def fused_merge_error(g, dev, hq: int = 32, hkv: int = 8, d: int = 128, n: int = 1, L: int = 300) -> str | None:
+    """attn_partial's fused merge against attn_partial + attn_combine on one random bf16 cache with ragged
+    positions (empty splits), plain and with per-tensor / per-128-group fp8 quantization: None when the merged
+    rows agree to 1e-5 relative and the e4m3 codes agree except at most max(2, 0.5 %) elements (a sum-order ulp
+    can move a value across a rounding boundary), else what differs. Runs the merge twice (the counters must
+    reset)."""
+    cache = KVCache("bf16", n, L, 1, hkv, d, dev, [1.0], [1.0])
+    for t in (cache.k[0][0], cache.v[0][0]):
+        t.copy_(torch.randn(t.shape, generator=g, device=dev))
+    pos = torch.randint(0, L, (n, 1), generator=g, device=dev)
+    q = torch.randn(n, hq, d, generator=g, device=dev)
+    HD = hq * d
+    for act in (None, 1, 3):
+        if act == 3 and (hq // hkv * d) % 128:
+            continue
+        kl = None if act is None else KLinear(
+            1, 64, HD, torch.zeros(64, HD, dtype=torch.uint8, device=dev), sc=torch.ones(64, device=dev), sbo=1,
+            sbi=HD, act=act, in_scale=torch.full((1,), 0.01, device=dev) if act == 1 else None)
+        res = []
+        for fused in (False, True, True):
+            out = torch.full((n, HD), float("nan"), device=dev)
+            pre = _quant_outputs(kl, n, HD, "mma", dev) if kl is not None else {}
+            if fused:
+                _attn_partial(q, pos, cache, 0, 1, merge=(_counters(dev)[ATTN_CNT_BASE:], out, kl, pre, "mma"))
+            else:
+                part, ml = _attn_partial(q, pos, cache, 0, 1)
+                _launch_combine(part, ml, out, cache.splits, d, kl, pre, "mma", n, HD)
+            res.append((out, pre))
+        (ref, rp), *fus = res
+        for out, pre in fus:
+            err = float((out - ref).norm() / ref.norm())
+            if not err < 1e-5:
+                return f"merged rows differ by {err:.2e} (act={act}, hq={hq}, hkv={hkv}, d={d}, n={n})"
+            if kl is not None:
+                diff = int((pre["xq"] != rp["xq"]).sum())
+                serr = float(((pre["xs"] - rp["xs"]).abs() / rp["xs"].abs()).max())
+                if diff > max(2, n * HD // 200) or not serr < 1e-5:
+                    return f"{diff} e4m3 codes / scales ({serr:.1e}) differ (act={act}, hq={hq}, d={d}, n={n})"
+    return None
+
+
 def _self_check_attn_quant(g, dev) -> bool:
     """attn_combine with a scheme == attn_combine (scheme 0) + act_quant bit for bit (out, e4m3 codes, scales) for per-tensor,
     per-token and per-128-group fp8 activations, with empty splits (ragged positions)."""
@@ -692,7 +877,7 @@ def _self_check_attn_quant(g, dev) -> bool:
         w = torch.zeros(64, hq * d, dtype=torch.uint8, device=dev)
         kl = KLinear(1, 64, hq * d, w, sc=torch.ones(64, device=dev), sbo=1, sbi=hq * d, act=act,
                      in_scale=torch.full((1,), 0.01, device=dev) if act == 1 else None)
-        ref_out = attention(q, pos, cache, 0, 1)
+        ref_out = attention(q, pos, cache, 0, 1, fused=False)
         ref = act_quant(ref_out, kl, codes=True)
         part, ml = _attn_partial(q, pos, cache, 0, 1)
         out = torch.full_like(ref_out, float("nan"))

@@ -39,6 +39,7 @@ class KLinear:
     perm: torch.Tensor | None = None
     note: str = ""
     tiled: bool = False          # fp8 codes in fp8_bulk.mma_tile_fp8's order instead of row-major [O, K]
+    il: int = 0                  # > 0: gate|up rows interleaved in groups of 8, il = I (ops.interleave_gate_up)
 
     @property
     def gemv_ok(self) -> bool:

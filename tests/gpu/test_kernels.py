@@ -365,6 +365,64 @@ def test_merge_split_equals_one_block(hq, hkv, d, n):
     assert ops._self_check_merge_split(torch.Generator(device=DEV).manual_seed(hq + d + n), DEV, hq, hkv, d, n)
 
 
+@pytest.mark.parametrize("hq,hkv,d,n,L", [(32, 8, 128, 1, 300), (9, 3, 64, 3, 300), (8, 8, 256, 2, 300),
+                                          (16, 2, 128, 4, 700), (32, 8, 128, 2, 3000), (8, 2, 64, 1, 6000)])
+def test_attention_fused_merge(hq, hkv, d, n, L):
+    """attn_partial's in-launch merge (tickets) == attn_partial + attn_combine: rows to 1e-5, e4m3 codes except
+    rounding-boundary elements, plain / per-tensor / per-128-group fp8, chunks of 32, 64 and 128 positions,
+    run twice (the counters reset); then replayed from a CUDA graph, bit for bit."""
+    from qtool.kernels import ops
+    g = torch.Generator(device=DEV).manual_seed(hq + d + n + L)
+    assert ops.fused_merge_error(g, DEV, hq, hkv, d, n, L) is None
+    cache = ops.KVCache("bf16", n, L, 1, hkv, d, DEV, [1.0], [1.0])
+    for t in (cache.k[0][0], cache.v[0][0]):
+        t.copy_(torch.randn(t.shape, generator=g, device=DEV))
+    pos = torch.randint(0, L, (n, 1), generator=g, device=DEV)
+    q = torch.randn(n, hq, d, generator=g, device=DEV)
+    want = ops.attention(q, pos, cache, 0, 1, fused=True)
+    assert rel(want, ops.attention(q, pos, cache, 0, 1, fused=False)) < 1e-5
+
+    def run(y):
+        y.copy_(ops.attention(q, pos, cache, 0, 1, fused=True))
+    assert_replays_equal(run, want)
+
+
+@pytest.mark.parametrize("recipe", ["fp8", "fp8-rowwise"])
+@pytest.mark.parametrize("m,i,k", [(1, 14336 // 8, 4096), (3, 136, 512), (8, 1536, 576)])
+def test_gate_up_silu_epilogue(recipe, m, i, k):
+    """gemv_mma4s on interleaved gate|up rows (silu * mul + the down projection's fp8 quantization in the GEMV
+    epilogue) == gemv_mma4 on the plain rows + silu_mul_quant, bit for bit, eager and graph-replayed; the
+    interleaved layer's plain outputs deinterleave to the plain layer's; and down(act) against float64."""
+    from qtool.kernels import ops
+    from qtool.kernels.random_weights import random_linear
+    g = torch.Generator(device=DEV).manual_seed(m + i + k + len(recipe))
+    down = random_linear("fp8", 256, i, g, DEV)
+    down.in_scale = torch.full((1,), 0.5, device=DEV)
+    kl = random_linear(recipe, 2 * i, k, g, DEV, bias=True)
+    assert ops.silu_fusable(kl, down)
+    assert not ops.silu_fusable(random_linear("fp8-block", 2 * i, k, g, DEV), down)      # 128-row scale blocks
+    assert not ops.silu_fusable(kl, random_linear("fp8-rowwise", 256, i, g, DEV))       # dynamic down input
+    kil = ops.interleave_gate_up(kl)
+    x = torch.randn(m, k, generator=g, device=DEV)
+    poison()
+    act, pre = ops.gate_up_silu(x, kil, down)
+    gu = ops.linear(x, kl)
+    _, ref = ops.silu_mul_quant(gu, down, keep_out=False)
+    assert torch.equal(pre["xq"], ref["xq"]) and torch.equal(pre["xs"], ref["xs"])
+    assert torch.equal(ops.deinterleave(ops.linear(x, kil), i), gu)
+    y = ops.linear(act, down, pre=pre)
+    xhat = ref["xq"].view(torch.float8_e4m3fn).double() * ref["xs"].double()
+    wd = down.w.view(torch.float8_e4m3fn).double() * down.sc.double()
+    assert rel(y, xhat @ wd.t()) < 1e-5
+    q = ops.act_quant(x, kil, codes=True)
+
+    def run(out):
+        p = ops._quant_outputs(down, m, i, "mma4", DEV)
+        ops._launch_mma4(q, kil, out, m, silu=(down, p))
+        out.copy_(p["xq"].float())
+    assert_replays_equal(run, ref["xq"].float())
+
+
 def test_pdl_launch_chain_and_graph(monkeypatch):
     """Kernels launched with programmatic dependent launch (the default on sm_90+) give the plain launches'
     bits: a chain of dependent kernels (rmsnorm + fused quant -> gemv_mma4 / gemv_mma_bulk -> silu_mul -> a torch op) eager and
@@ -438,13 +496,16 @@ def _decoded(kv, pair, scale, n):
 
 
 @pytest.mark.parametrize("kv", ["bf16", "fp8", "nvfp4"])
-@pytest.mark.parametrize("d,hq,hkv", [(64, 4, 2), (128, 32, 8), (64, 9, 3)])
-def test_rope_kv_attention(kv, d, hq, hkv):
+@pytest.mark.parametrize("d,hq,hkv,L", [(64, 4, 2, 300), (128, 32, 8, 300), (64, 9, 3, 300), (128, 32, 8, 2000)])
+def test_rope_kv_attention(kv, d, hq, hkv, L):
+    """RoPE + KV write and attention against float64; L = 2000 gives 64-position chunks (two rounds per warp,
+    V loaded after the scores) where L = 300 gives 32 (V loaded with K); decode and prefill both merge the
+    splits inside attn_partial (the default fused merge)."""
     from qtool.formats import kv_encode
     from qtool.kernels import ops
     from qtool.runtime import rope
     g = torch.Generator().manual_seed(d + hq + len(kv))
-    B, T0, L = 2, 37, 300
+    B, T0 = 2, 37
     inv = rope.inv_freq(d, 500000.0, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
     cos, sin = rope.cos_sin(inv, torch.arange(L))

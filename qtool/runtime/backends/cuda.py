@@ -34,6 +34,7 @@ class CudaBackend:
         self._o_proj: list = []                  # layer index -> its o projection (reads the attention output)
         self._next_down = None                   # the down projection after the last gate_up linear
         self._pre: dict = {}                     # (data_ptr of a norm output, id(linear)) -> quantized forms
+        self._silu_done: dict = {}               # data_ptr of a gate_up placeholder -> (silu output, pre of down)
         self.fuse = True
 
     # -- weights -----------------------------------------------------------------------------
@@ -55,6 +56,9 @@ class CudaBackend:
             self._consumer[id(L.input_norm)] = L.qkv
             self._consumer[id(L.post_attn_norm)] = L.gate_up
             self._down[id(L.gate_up)] = L.down
+            gu, down = self._lin[id(L.gate_up)], self._lin[id(L.down)]
+            if ops.silu_fusable(gu, down):   # decode: silu * mul + down's input quantization in gate_up's GEMV
+                self._lin[id(L.gate_up)] = ops.interleave_gate_up(gu)
         self._o_proj = [L.o for L in weights.layers]
         head = weights.lm_head
         hw = head.tensors.get("weight")
@@ -98,6 +102,7 @@ class CudaBackend:
     # -- ops -----------------------------------------------------------------------------------
     def embed(self, ids):
         self._pre.clear()
+        self._silu_done.clear()
         return ops.embed(ids, self.embed_table)
 
     def rmsnorm(self, x, weight, eps, residual=None):
@@ -115,6 +120,12 @@ class CudaBackend:
 
     def silu_mul(self, gate_up):
         lw, self._next_down = self._next_down, None
+        done = self._silu_done.pop(gate_up.data_ptr(), None)
+        if done is not None:     # computed by linear(x, gate_up) (ops.gate_up_silu)
+            out, pre = done
+            if pre is not None:
+                self._pre[(out.data_ptr(), id(self._lin[id(lw)]))] = pre
+            return out
         kl = self._lin.get(id(lw)) if (lw is not None and self.fuse) else None
         if isinstance(kl, KLinear) and gate_up.dim() == 2 and gate_up.shape[0] <= 8:
             out, pre = ops.silu_mul_quant(gate_up, kl, keep_out=False)
@@ -131,6 +142,12 @@ class CudaBackend:
         pre = self._pre.pop((x.data_ptr(), id(kl)), None) if self._pre else None
         if pre is not None and x.shape[0] != pre.get("xq", pre.get("xh")).shape[0]:
             pre = None
+        if kl.il:                # interleaved gate|up: silu_mul(returned tensor) hands back ops.gate_up_silu's act
+            down = self._next_down and self._lin.get(id(self._next_down))
+            done = ops.gate_up_silu(x, kl, down if isinstance(down, KLinear) else None, pre, self.fuse)
+            gu = torch.empty(1, 1, dtype=torch.float32, device=self.device).expand(x.shape[0], kl.out_features)
+            self._silu_done[gu.data_ptr()] = done
+            return gu
         return ops.linear(x, kl, pre=pre)
 
     def final_logits(self, x):
