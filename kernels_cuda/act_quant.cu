@@ -151,7 +151,9 @@ extern "C" __global__ void rmsnorm_quant(const float* __restrict__ x, const floa
     wv[4 * q] = a.x; wv[4 * q + 1] = a.y; wv[4 * q + 2] = a.z; wv[4 * q + 3] = a.w;
   }
   float ts = static_scale(scheme, in_scale);
-  QT_PDL_ENTRY
+  QT_STAMP(0);
+  QT_PDL_ENTRY_SHORT
+  QT_STAMP(1);
   float v[16];
   float ss = 0.0f;
 #pragma unroll
@@ -167,10 +169,13 @@ extern "C" __global__ void rmsnorm_quant(const float* __restrict__ x, const floa
 #pragma unroll
   for (int j = 0; j < 16; ++j) ss += v[j] * v[j];
   ss = block_sum(ss, red);
+  QT_PDL_MID
   float inv = rsqrtf(ss / (float)H + eps);
 #pragma unroll
   for (int j = 0; j < 16; ++j) v[j] = live ? v[j] * inv * wv[j] : 0.0f;
   store_and_quant(v, y ? y + base : nullptr, pqs, r, t, live, red, H, scheme, ts, outh, hscale, hperm, outq, qscale);
+  QT_STAMP(2);
+  QT_PDL_END
 }
 
 

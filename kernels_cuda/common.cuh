@@ -39,16 +39,34 @@ __device__ __forceinline__ void pdl_trigger() {
 #endif
 }
 #define QT_PDL_ENTRY pdl_wait(); pdl_trigger();
+// The short kernels before a GEMV (rmsnorm_quant, attn_combine_heads) trigger the GEMV's launch once their loads
+// are done (QT_LATE_TRIGGER 1, the default: run 28 measured +0.7 % over triggering at entry), at their end (2:
+// -2.5 %), or at entry (0); QTOOL_NVRTC_DEFINES=-DQT_LATE_TRIGGER=N chooses.
+#ifndef QT_LATE_TRIGGER
+#define QT_LATE_TRIGGER 1
+#endif
+#if QT_LATE_TRIGGER == 0
+#define QT_PDL_ENTRY_SHORT QT_PDL_ENTRY
+#else
+#define QT_PDL_ENTRY_SHORT pdl_wait();
+#endif
+#define QT_PDL_MID if (QT_LATE_TRIGGER == 1) pdl_trigger();
+#define QT_PDL_END if (QT_LATE_TRIGGER == 2) pdl_trigger();
+
+// Timeline probe (scripts/probe_timeline.py compiles with -DQT_PROBE): QT_STAMP(i) stores %globaltimer (ns) of
+// thread 0 of each block into qt_probe[i][block] (blocks numbered x-fastest, < 4096); nothing otherwise.
+#ifdef QT_PROBE
+__device__ unsigned long long qt_probe[16][4096];
+#define QT_STAMP(i) do { if (threadIdx.x == 0) { unsigned long long t_; \
+  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t_)); \
+  qt_probe[i][(blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x] = t_; } } while (0)
+#else
+#define QT_STAMP(i) do { } while (0)
+#endif
 
 // L2 load (bypasses L1): for data other blocks of the same kernel wrote (atomic-ticket reductions)
 __device__ __forceinline__ float ld_cg(const float* p) {
   float v; asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p)); return v;
-}
-
-__device__ __forceinline__ float4 ld_cg4(const float* p) {
-  float4 v;
-  asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "l"(p));
-  return v;
 }
 
 // exact scalar e4m3fn decode

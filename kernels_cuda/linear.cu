@@ -461,7 +461,8 @@ extern "C" __global__ void gemv_mma_reduce(const float* __restrict__ part, int S
 // 16 rows each (W = blockDim.x / 32; ops uses W = 1: one-warp blocks spread evenly over the SMs), grid
 // (ceil(O / (16 W)), S); the ticket counter is per block.
 // v9 options: pf > 0 (row-major weights): before the PDL wait, lanes 0..15 each start one bulk L2 prefetch of
-// the first min(pf, slice) bytes of their row's slice (pf % 16 == 0) instead of 4 lines of 128 B per row.
+// the first min(pf, slice) bytes of their row's slice (pf % 16 == 0) instead of 4 lines of 128 B per row; pf < 0:
+// no prefetch before the wait.
 // il > 0 (gate|up fused with silu, O = 2 il, il % 8 == 0, S any): the weight rows are interleaved in groups of
 // 8 (row 16 j + i = gate row 8 j + i, row 16 j + 8 + i = up row 8 j + i, bias the same), so a lane holds the
 // gate and up sums of the same feature; instead of y the kernel writes the down projection's fp8 input
@@ -503,7 +504,8 @@ __device__ __forceinline__ void gemv_mma_deep(const u8* __restrict__ xq, const f
   bool grouped = sbi_log2 >= 0 || xs_group;
   // PDL: this warp's weights for its first two k steps go to L2 before waiting for the previous kernel (the
   // weights are constant; x̂, the scales' consumers, part, cnt and y are only touched after pdl_wait)
-  if (P && r0 < O) {            // the warp's 2U KB are contiguous: 2U*8 lines of 128 B
+  if (pf < 0) {                 // no prefetch (experiment: QTOOL_PF=-1)
+  } else if (P && r0 < O) {     // the warp's 2U KB are contiguous: 2U*8 lines of 128 B
     const u8* base = wq + ((long long)(r0 >> 4) * (K >> 6) + (k0 >> 6)) * 1024;
     long long end = (long long)((k1 - k0 + 63) >> 6) * 1024;
 #pragma unroll
@@ -522,7 +524,9 @@ __device__ __forceinline__ void gemv_mma_deep(const u8* __restrict__ xq, const f
   }
   if (!IL) il = 0;
   float ts = il ? in_scale[0] : 1.0f;   // a constant: read before the wait
+  QT_STAMP(IL ? 3 : 0);
   QT_PDL_ENTRY
+  QT_STAMP(IL ? 4 : 1);
   float acc[4] = {0.f, 0.f, 0.f, 0.f};  // rows (ra, m0), (ra, m1), (rb, m0), (rb, m1)
   float d[4] = {0.f, 0.f, 0.f, 0.f};    // unscaled sums (per-row scales)
   if (r0 < O) {
@@ -577,6 +581,7 @@ __device__ __forceinline__ void gemv_mma_deep(const u8* __restrict__ xq, const f
       acc[0] = d[0] * (wa * x0); acc[1] = d[1] * (wa * x1); acc[2] = d[2] * (wb * x0); acc[3] = d[3] * (wb * x1);
     }
   }
+  QT_STAMP(IL ? 5 : 2);
   if (il && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x < M) xs_out[threadIdx.x] = ts;
   if (S == 1) {
     float ba = (bias && va) ? bias[ra] : 0.0f, bb = (bias && vb) ? bias[rb] : 0.0f;

@@ -11,6 +11,7 @@ A compile failure raises ``Failure`` with the first error lines.
 from __future__ import annotations
 
 import functools
+import os
 import re
 from pathlib import Path
 
@@ -64,18 +65,31 @@ def _compile_error(name: str, exc: Exception) -> Failure:
                    hint="this is a bug in qtool's kernels; please report it with the GPU model")
 
 
-@functools.lru_cache(maxsize=None)
+def _options() -> tuple:
+    """OPTIONS plus QTOOL_NVRTC_DEFINES (space-separated -D flags; experiments such as -DQT_LATE_TRIGGER=1)."""
+    return OPTIONS + tuple(os.environ.get("QTOOL_NVRTC_DEFINES", "").split())
+
+
 def module(name: str):
+    return _module(name, _options())
+
+
+@functools.lru_cache(maxsize=None)
+def _module(name: str, options: tuple):
     import cupy
     src = preprocess(kernel_dir() / f"{name}.cu")
     try:
-        mod = cupy.RawModule(code=src, options=OPTIONS, name_expressions=TEMPLATES.get(name) or None)
+        mod = cupy.RawModule(code=src, options=options, name_expressions=TEMPLATES.get(name) or None)
         mod.compile()
     except Exception as exc:  # cupy.cuda.compiler.CompileException and friends
         raise _compile_error(name, exc) from exc
     return mod
 
 
-@functools.lru_cache(maxsize=None)
 def function(name: str, expr: str):
-    return module(name).get_function(expr)
+    return _function(name, expr, _options())
+
+
+@functools.lru_cache(maxsize=None)
+def _function(name: str, expr: str, options: tuple):
+    return _module(name, options).get_function(expr)

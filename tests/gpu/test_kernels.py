@@ -351,7 +351,8 @@ def test_attention_fused_quant(fmt, act, kv, d, hq, hkv):
         poison()
         out, pre = ops.attention_quant(q, pos, cache, 0, 1, kl)
         assert pre is not None and pre["path"] in ("bulk", "mma4", "mma", "half")
-        assert torch.equal(out, ops.attention(q, pos, cache, 0, 1))
+        plain = ops.attention(q, pos, cache, 0, 1)       # attn_combine_heads; quantized: heads where local
+        assert torch.equal(out, plain) if ops._head_local(kl, pre["path"], d) else rel(out, plain) < 1e-5
         y = ops.linear(out, kl, pre=pre)
         ref = _ref(lw, out)
         assert rel(y, ref) < (5e-3 if pre["path"] == "half" and act == "none" else 1e-4), pre["path"]
@@ -359,36 +360,41 @@ def test_attention_fused_quant(fmt, act, kv, d, hq, hkv):
 
 @pytest.mark.parametrize("hq,hkv,d,n", [(32, 8, 128, 1), (9, 3, 64, 3), (8, 8, 256, 2), (16, 2, 128, 4)])
 def test_merge_split_equals_one_block(hq, hkv, d, n):
-    """attn_combine spread over blocks of 512 elements (schemes 0, 1, 3) gives one block's bits, incl. a partial
-    last block (9 x 64 = 576) and several rows."""
+    """attn_combine spread over blocks of 512 elements (schemes 0, 1, 3; the grid used when attn_combine_heads is
+    off) gives one block's bits, incl. a partial last block (9 x 64 = 576) and several rows."""
     from qtool.kernels import ops
     assert ops._self_check_merge_split(torch.Generator(device=DEV).manual_seed(hq + d + n), DEV, hq, hkv, d, n)
 
 
 @pytest.mark.parametrize("hq,hkv,d,n,L", [(32, 8, 128, 1, 300), (9, 3, 64, 3, 300), (8, 8, 256, 2, 300),
                                           (16, 2, 128, 4, 700), (32, 8, 128, 2, 3000), (8, 2, 64, 1, 6000)])
-def test_attention_fused_merge(hq, hkv, d, n, L):
-    """attn_partial's in-launch merge (tickets) == attn_partial + attn_combine: rows to 1e-5, e4m3 codes except
-    rounding-boundary elements, plain / per-tensor / per-128-group fp8, chunks of 32, 64 and 128 positions,
-    run twice (the counters reset); then replayed from a CUDA graph, bit for bit."""
+def test_combine_heads(hq, hkv, d, n, L):
+    """attn_combine_heads (splits merged in parallel groups, one block per head) against attn_combine's one
+    block per row: rows to 1e-5, e4m3 codes except rounding-boundary elements, plain / per-tensor / per-128 fp8,
+    1 to 65 splits with empty ones; and against the float64 softmax over the decoded cache; graph replay."""
     from qtool.kernels import ops
     g = torch.Generator(device=DEV).manual_seed(hq + d + n + L)
-    assert ops.fused_merge_error(g, DEV, hq, hkv, d, n, L) is None
+    assert ops.combine_heads_error(g, DEV, hq, hkv, d, n, L) is None
     cache = ops.KVCache("bf16", n, L, 1, hkv, d, DEV, [1.0], [1.0])
     for t in (cache.k[0][0], cache.v[0][0]):
         t.copy_(torch.randn(t.shape, generator=g, device=DEV))
     pos = torch.randint(0, L, (n, 1), generator=g, device=DEV)
     q = torch.randn(n, hq, d, generator=g, device=DEV)
-    want = ops.attention(q, pos, cache, 0, 1, fused=True)
-    assert rel(want, ops.attention(q, pos, cache, 0, 1, fused=False)) < 1e-5
-
-    def run(y):
-        y.copy_(ops.attention(q, pos, cache, 0, 1, fused=True))
-    assert_replays_equal(run, want)
+    part, ml = ops._attn_partial(q, pos, cache, 0, 1)
+    want = torch.empty(n, hq * d, device=DEV)
+    ops._launch_combine(part, ml, want, cache.splits, d, None, {}, "f32", n, hq * d, heads=True)
+    K_, V_ = (t.double().cpu().repeat_interleave(hq // hkv, 1) for t in (cache.k[0][0], cache.v[0][0]))
+    for b in range(n):
+        p = int(pos[b, 0]) + 1
+        sc_ = torch.einsum("hd,hld->hl", q[b].double().cpu(), K_[b, :, :p]) / math.sqrt(d)
+        ref = torch.einsum("hl,hld->hd", sc_.softmax(-1), V_[b, :, :p]).reshape(-1)
+        assert rel(want[b], ref) < 1e-5
+    assert_replays_equal(lambda y: ops._launch_combine(part, ml, y, cache.splits, d, None, {}, "f32", n, hq * d,
+                                                       heads=True), want)
 
 
 @pytest.mark.parametrize("recipe", ["fp8", "fp8-rowwise"])
-@pytest.mark.parametrize("m,i,k", [(1, 14336 // 8, 4096), (3, 136, 512), (8, 1536, 576)])
+@pytest.mark.parametrize("m,i,k", [(1, 14336 // 8, 4096), (3, 200 - 8, 512), (8, 1536, 576)])
 def test_gate_up_silu_epilogue(recipe, m, i, k):
     """gemv_mma4s on interleaved gate|up rows (silu * mul + the down projection's fp8 quantization in the GEMV
     epilogue) == gemv_mma4 on the plain rows + silu_mul_quant, bit for bit, eager and graph-replayed; the
@@ -498,9 +504,8 @@ def _decoded(kv, pair, scale, n):
 @pytest.mark.parametrize("kv", ["bf16", "fp8", "nvfp4"])
 @pytest.mark.parametrize("d,hq,hkv,L", [(64, 4, 2, 300), (128, 32, 8, 300), (64, 9, 3, 300), (128, 32, 8, 2000)])
 def test_rope_kv_attention(kv, d, hq, hkv, L):
-    """RoPE + KV write and attention against float64; L = 2000 gives 64-position chunks (two rounds per warp,
-    V loaded after the scores) where L = 300 gives 32 (V loaded with K); decode and prefill both merge the
-    splits inside attn_partial (the default fused merge)."""
+    """RoPE + KV write and attention against float64; L = 2000 gives 64-position chunks (two rounds per warp)
+    where L = 300 gives 32 (one)."""
     from qtool.formats import kv_encode
     from qtool.kernels import ops
     from qtool.runtime import rope
