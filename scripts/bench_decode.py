@@ -65,7 +65,8 @@ class Decoder:
         self.head = rand_linear("bf16", V, H)
         self.norm = torch.rand(H, device=DEV) + 0.5
         L = ctx + 64
-        self.cache = ops.KVCache(kv, 1, L, NL, HKV, D, DEV, [0.05] * NL, [0.05] * NL)
+        self.cache = ops.KVCache(kv, 1, L, NL, HKV, D, DEV, [0.05] * NL, [0.05] * NL,
+                                 o_proj=self.layers[0]["o"] if FUSE else None)
         for pair in self.cache.k + self.cache.v:
             for t in pair:
                 if t is None:

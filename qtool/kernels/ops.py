@@ -634,7 +634,7 @@ class KVCache:
     """Per layer K and V codes (+ nvfp4 block scales) in kv_cache.cuh's layout [B, Hkv, L, ...]."""
 
     def __init__(self, fmt: str, batch: int, max_len: int, layers: int, hkv: int, d: int, device,
-                 k_scales: list[float], v_scales: list[float]):
+                 k_scales: list[float], v_scales: list[float], o_proj: KLinear | None = None):
         self.fmt, self.code = fmt, KV_CODES[fmt]
         self.batch, self.max_len, self.hkv, self.d = batch, max_len, hkv, d
         self.k_scales, self.v_scales = k_scales, v_scales
@@ -649,8 +649,11 @@ class KVCache:
         self.k = [mk() for _ in range(layers)]
         self.v = [mk() for _ in range(layers)]
         # split length of the attention kernel: fixed per cache so a captured graph keeps its grid
-        # (run 27, ctx 512 with attn_combine_heads: 16 positions 296 tok/s, 32: 292-294, 64: 283, 128: 262)
-        self.chunk = 16 if max_len <= 1024 else 64 if max_len <= 4096 else 128
+        # 16 positions where decode merges with attn_combine_heads (o_proj: the first o projection; None: a plain
+        # merge). Run 27-29, ctx 512: with attn_combine_heads 16 positions 296 tok/s, 32: 292-294, 64: 283, 128:
+        # 262; with attn_combine (per-token activation scales) 16 positions is slower than 32 (288 vs 293)
+        short = 16 if _head_local(o_proj, decode_path(o_proj, batch) if o_proj is not None else "f32", d) else 32
+        self.chunk = short if max_len <= 1024 else 64 if max_len <= 4096 else 128
         if os.environ.get("QTOOL_ATTN_CHUNK"):          # experiment knob: 16..128 positions per split
             self.chunk = min(128, max(16, int(os.environ["QTOOL_ATTN_CHUNK"])))
         self.splits = math.ceil(max_len / self.chunk)

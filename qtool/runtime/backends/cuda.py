@@ -158,8 +158,9 @@ class CudaBackend:
     def new_cache(self, batch, max_len, kv_format):
         c = self.config
         self._ensure_rope(max_len)
+        o = self._lin.get(id(self._o_proj[0])) if self._o_proj and self.fuse else None
         return ops.KVCache(kv_format, batch, max_len, c.num_layers, c.num_kv_heads, c.head_dim, self.device,
-                           self.k_scales, self.v_scales)
+                           self.k_scales, self.v_scales, o_proj=o if isinstance(o, KLinear) else None)
 
     def cache_nbytes(self, cache) -> int:
         return cache.nbytes()
