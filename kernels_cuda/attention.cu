@@ -176,6 +176,38 @@ __global__ void __launch_bounds__(128) attn_partial(const float* __restrict__ q,
   QT_STAMP(4);
 }
 
+// the merge's batch of 4 splits s0.. of one 16-element slot (split s of the slot at slot + s * D; indices past
+// sb - 1 read split sb - 1, unused): m, l and the 16 partial sums, all loads issued together
+struct Splits4 {
+  float ms[4], lv[4];
+  float4 pv[4][4];
+};
+__device__ __forceinline__ void load_splits4(const float* mlr, const float* slot, int D, int s0, int sb, Splits4& b) {
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    int s = min(s0 + u, sb - 1);
+    b.ms[u] = mlr[2 * s]; b.lv[u] = mlr[2 * s + 1];
+    const float4* ps = (const float4*)(slot + (long long)s * D);
+#pragma unroll
+    for (int q4 = 0; q4 < 4; ++q4) b.pv[u][q4] = ps[q4];
+  }
+}
+// v += exp(m_s - M) * part_s, ls += exp(m_s - M) * l_s over the batch's live splits (s < sb, m_s > -inf)
+__device__ __forceinline__ void add_splits4(const Splits4& b, int s0, int sb, float M, float v[16], float& ls) {
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    if (s0 + u < sb && b.ms[u] != -QT_INF) {
+      float c = expf(b.ms[u] - M);
+#pragma unroll
+      for (int q4 = 0; q4 < 4; ++q4) {
+        v[4 * q4] += c * b.pv[u][q4].x; v[4 * q4 + 1] += c * b.pv[u][q4].y;
+        v[4 * q4 + 2] += c * b.pv[u][q4].z; v[4 * q4 + 3] += c * b.pv[u][q4].w;
+      }
+      ls += c * b.lv[u];
+    }
+  }
+}
+
 // attn_combine: merge the S splits of every head of row r (16 elements per thread, thread t covers elements
 // [16t, 16t + 16) of the row = head 16t / D), normalise, and hand the row to store_and_quant: out (if not
 // null) receives it, and with scheme > 0 its quantized forms for the o projection as act_quant_fast writes them
@@ -204,28 +236,9 @@ extern "C" __global__ void attn_combine(const float* __restrict__ part, const fl
     for (int s = 0; s < S; ++s) M = fmaxf(M, mlr[2 * s]);
     float ls = 0.0f;
     for (int s0 = 0; s0 < S; s0 += 4) {
-      float ms[4], lv[4];
-      float4 pv[4][4];
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        int s = min(s0 + u, S - 1);
-        ms[u] = mlr[2 * s]; lv[u] = mlr[2 * s + 1];
-        const float4* ps = (const float4*)(part + (nh * S + s) * D + d0);
-#pragma unroll
-        for (int q4 = 0; q4 < 4; ++q4) pv[u][q4] = ps[q4];
-      }
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        if (s0 + u < S && ms[u] != -QT_INF) {
-          float c = expf(ms[u] - M);
-#pragma unroll
-          for (int q4 = 0; q4 < 4; ++q4) {
-            v[4 * q4] += c * pv[u][q4].x; v[4 * q4 + 1] += c * pv[u][q4].y;
-            v[4 * q4 + 2] += c * pv[u][q4].z; v[4 * q4 + 3] += c * pv[u][q4].w;
-          }
-          ls += c * lv[u];
-        }
-      }
+      Splits4 b;
+      load_splits4(mlr, part + nh * S * D + d0, D, s0, S, b);
+      add_splits4(b, s0, S, M, v, ls);
     }
 #pragma unroll
     for (int j = 0; j < 16; ++j) v[j] = v[j] / ls;
@@ -257,19 +270,11 @@ extern "C" __global__ void __launch_bounds__(128) attn_combine_heads(const float
   if (p < P) {
     int sa = p * S / P, sb = (p + 1) * S / P;
     for (int s0 = sa; s0 < sb; s0 += 4) {
-      float ms[4], lv[4];
-      float4 pv[4][4];
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        int s = min(s0 + u, sb - 1);
-        ms[u] = mlr[2 * s]; lv[u] = mlr[2 * s + 1];
-        const float4* ps = (const float4*)(part + (nh * S + s) * D + slot * 16);
-#pragma unroll
-        for (int q4 = 0; q4 < 4; ++q4) pv[u][q4] = ps[q4];
-      }
+      Splits4 b;
+      load_splits4(mlr, part + nh * S * D + slot * 16, D, s0, sb, b);
       float bm = M;
 #pragma unroll
-      for (int u = 0; u < 4; ++u) if (s0 + u < sb) bm = fmaxf(bm, ms[u]);
+      for (int u = 0; u < 4; ++u) if (s0 + u < sb) bm = fmaxf(bm, b.ms[u]);
       if (bm > M) {                  // rescale what this group summed so far to the new max
         float c = expf(M - bm);
 #pragma unroll
@@ -277,18 +282,7 @@ extern "C" __global__ void __launch_bounds__(128) attn_combine_heads(const float
         ls *= c;
         M = bm;
       }
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        if (s0 + u < sb && ms[u] != -QT_INF) {
-          float c = expf(ms[u] - M);
-#pragma unroll
-          for (int q4 = 0; q4 < 4; ++q4) {
-            v[4 * q4] += c * pv[u][q4].x; v[4 * q4 + 1] += c * pv[u][q4].y;
-            v[4 * q4 + 2] += c * pv[u][q4].z; v[4 * q4 + 3] += c * pv[u][q4].w;
-          }
-          ls += c * lv[u];
-        }
-      }
+      add_splits4(b, s0, sb, M, v, ls);
     }
   }
 #pragma unroll

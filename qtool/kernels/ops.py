@@ -766,22 +766,35 @@ def _head_local(kl: KLinear | None, path: str, D: int) -> bool:
     return kl is None or (path in MMA_PATHS and (kl.act == 1 or (kl.act == 3 and D % 128 == 0)))
 
 
+def _random_attention(g, dev, hq: int, hkv: int, d: int, n: int, L: int):
+    """(cache, positions, q) for the merge self-checks: one layer of a random bf16 cache of length L, n rows at
+    random positions (ragged: some splits empty), random q [n, hq, d]."""
+    cache = KVCache("bf16", n, L, 1, hkv, d, dev, [1.0], [1.0])
+    for t in (cache.k[0][0], cache.v[0][0]):
+        t.copy_(torch.randn(t.shape, generator=g, device=dev))
+    pos = torch.randint(0, L, (n, 1), generator=g, device=dev)
+    return cache, pos, torch.randn(n, hq, d, generator=g, device=dev)
+
+
+def _probe_linear(act: int | None, K: int, dev) -> KLinear | None:
+    """A zero fp8 KLinear [64, K] whose only use is its activation scheme ``act`` (None: no linear): the
+    quantization the merge self-checks fuse (per-tensor static with scale 0.01, per-token, per-128-group)."""
+    if act is None:
+        return None
+    return KLinear(1, 64, K, torch.zeros(64, K, dtype=torch.uint8, device=dev), sc=torch.ones(64, device=dev), sbo=1,
+                   sbi=K, act=act, in_scale=torch.full((1,), 0.01, device=dev) if act == 1 else None)
+
+
 def combine_heads_error(g, dev, hq: int = 32, hkv: int = 8, d: int = 128, n: int = 1, L: int = 300) -> str | None:
     """attn_combine_heads against attn_combine (one block per row) on one random bf16 cache with ragged positions
     (empty splits): plain, per-tensor and per-128-group fp8 (where local). None when the rows agree to 1e-5
     relative and the e4m3 codes agree except at most max(2, 0.5 %) elements (another summation order may move a
     value across a rounding boundary) with scales to 1e-5; else what differs."""
-    cache = KVCache("bf16", n, L, 1, hkv, d, dev, [1.0], [1.0])
-    for t in (cache.k[0][0], cache.v[0][0]):
-        t.copy_(torch.randn(t.shape, generator=g, device=dev))
-    pos = torch.randint(0, L, (n, 1), generator=g, device=dev)
-    q = torch.randn(n, hq, d, generator=g, device=dev)
+    cache, pos, q = _random_attention(g, dev, hq, hkv, d, n, L)
     part, ml = _attn_partial(q, pos, cache, 0, 1)
     HD = hq * d
     for act in (None, 1, 3):
-        kl = None if act is None else KLinear(
-            1, 64, HD, torch.zeros(64, HD, dtype=torch.uint8, device=dev), sc=torch.ones(64, device=dev), sbo=1,
-            sbi=HD, act=act, in_scale=torch.full((1,), 0.01, device=dev) if act == 1 else None)
+        kl = _probe_linear(act, HD, dev)
         if not _head_local(kl, "mma", d):
             continue
         res = []
@@ -817,19 +830,10 @@ def _self_check_merge_split(g, dev, hq: int = 32, hkv: int = 8, d: int = 128, n:
     """attn_combine with rows over several blocks == one block per row (run 8's verified grid), bit for bit:
     plain merge and fused per-tensor / per-128-group fp8 quantization (out, e4m3 codes, scales)."""
     import warnings
-    L = 300
-    cache = KVCache("bf16", n, L, 1, hkv, d, dev, [1.0], [1.0])
-    for t in (cache.k[0][0], cache.v[0][0]):
-        t.copy_(torch.randn(t.shape, generator=g, device=dev))
-    pos = torch.randint(0, L, (n, 1), generator=g, device=dev)
-    q = torch.randn(n, hq, d, generator=g, device=dev)
+    cache, pos, q = _random_attention(g, dev, hq, hkv, d, n, 300)
     part, ml = _attn_partial(q, pos, cache, 0, 1)
     for act in (None, 1, 3):
-        kl = None
-        if act is not None:
-            kl = KLinear(1, 64, hq * d, torch.zeros(64, hq * d, dtype=torch.uint8, device=dev),
-                         sc=torch.ones(64, device=dev), sbo=1, sbi=hq * d, act=act,
-                         in_scale=torch.full((1,), 0.01, device=dev) if act == 1 else None)
+        kl = _probe_linear(act, hq * d, dev)
         res = []
         for split in (True, False):
             out = torch.full((n, hq * d), float("nan"), device=dev)
@@ -854,9 +858,7 @@ def _self_check_attn_quant(g, dev) -> bool:
     pos = torch.tensor([[37], [150]], device=dev)
     q = torch.randn(2, hq, d, generator=g, device=dev)
     for act in (1, 2, 3):
-        w = torch.zeros(64, hq * d, dtype=torch.uint8, device=dev)
-        kl = KLinear(1, 64, hq * d, w, sc=torch.ones(64, device=dev), sbo=1, sbi=hq * d, act=act,
-                     in_scale=torch.full((1,), 0.01, device=dev) if act == 1 else None)
+        kl = _probe_linear(act, hq * d, dev)
         part, ml = _attn_partial(q, pos, cache, 0, 1)
         heads = _head_local(kl, "mma", d) and _path_ok("combine_heads")    # the same merge kernel for both
         ref_out = torch.full((2, hq * d), float("nan"), device=dev)
