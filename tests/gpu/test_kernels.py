@@ -362,8 +362,8 @@ def test_attention_fused_quant(fmt, act, kv, d, hq, hkv):
 def test_merge_split_equals_one_block(hq, hkv, d, n):
     """attn_combine spread over blocks of 512 elements (schemes 0, 1, 3; the grid used when attn_combine_heads is
     off) gives one block's bits, incl. a partial last block (9 x 64 = 576) and several rows."""
-    from qtool.kernels import ops
-    assert ops._self_check_merge_split(torch.Generator(device=DEV).manual_seed(hq + d + n), DEV, hq, hkv, d, n)
+    from qtool.kernels import self_checks
+    assert self_checks.merge_split(torch.Generator(device=DEV).manual_seed(hq + d + n), DEV, hq, hkv, d, n)
 
 
 @pytest.mark.parametrize("hq,hkv,d,n,L", [(32, 8, 128, 1, 300), (9, 3, 64, 3, 300), (8, 8, 256, 2, 300),
@@ -372,9 +372,9 @@ def test_combine_heads(hq, hkv, d, n, L):
     """attn_combine_heads (splits merged in parallel groups, one block per head) against attn_combine's one
     block per row: rows to 1e-5, e4m3 codes except rounding-boundary elements, plain / per-tensor / per-128 fp8,
     1 to 65 splits with empty ones; and against the float64 softmax over the decoded cache; graph replay."""
-    from qtool.kernels import ops
+    from qtool.kernels import ops, self_checks
     g = torch.Generator(device=DEV).manual_seed(hq + d + n + L)
-    assert ops.combine_heads_error(g, DEV, hq, hkv, d, n, L) is None
+    assert self_checks.combine_heads_error(g, DEV, hq, hkv, d, n, L) is None
     cache = ops.KVCache("bf16", n, L, 1, hkv, d, DEV, [1.0], [1.0])
     for t in (cache.k[0][0], cache.v[0][0]):
         t.copy_(torch.randn(t.shape, generator=g, device=DEV))
