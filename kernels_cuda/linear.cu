@@ -861,6 +861,17 @@ __device__ __forceinline__ void frag_b(const unsigned short (*S)[TC_LD], int n, 
   b[1] = *(const unsigned*)&S[n][kk + 2 * t + 8];
 }
 
+// f(i, j, e) for every accumulator element of a warp's 2 x 4 fragments of 4 (gemm_tc's acc / part layout)
+template <class Fn>
+__device__ __forceinline__ void each_acc(Fn f) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) f(i, j, e);
+}
+
 template <int F, int XC>
 __global__ void __launch_bounds__(128, 3) gemm_tc(const float* __restrict__ x, int ldx, const u8* __restrict__ xq,
     const float* __restrict__ xs, int xs_group, const u8* __restrict__ w, const void* __restrict__ sc,
@@ -882,12 +893,10 @@ __global__ void __launch_bounds__(128, 3) gemm_tc(const float* __restrict__ x, i
   if (WC && sbi < K) { int a = sbi, b = 128; while (b) { int r = a % b; a = b; b = r; } KG = a; }
   int ng = (K + 127) / 128;
   float acc[2][4][4], part[2][4][4];
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[i][j][e] = part[i][j][e] = 0.0f;
+  // element e of fragment (i, j) of this warp's 32 x 32 tile sits at row frag_m(i, e), column frag_o(j, e)
+  auto frag_m = [&](int i, int e) { return m0 + wm + 16 * i + g + (e >> 1) * 8; };
+  auto frag_o = [&](int j, int e) { return o0 + wn + 8 * j + 2 * t + (e & 1); };
+  each_acc([&](int i, int j, int e) { acc[i][j][e] = part[i][j][e] = 0.0f; });
   int lr = tid >> 1, lk = (tid & 1) * 16;                  // this thread's staging slot: row lr, k offset lk
   for (int k0 = 0; k0 < K; k0 += TC_BK) {
     float v[16];
@@ -947,35 +956,25 @@ __global__ void __launch_bounds__(128, 3) gemm_tc(const float* __restrict__ x, i
     int kn = k0 + TC_BK;
     if (kn >= K || kn % KG == 0) {   // the end of a scale group: fold its sums into acc with their scales
       int kg = (k0 / KG) * KG;       // first k of the group
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            float s = 1.0f;
-            if (WC) {
-              int o = min(o0 + wn + 8 * j + 2 * t + (e & 1), O - 1);
-              s = ((const float*)sc)[(long long)(o / sbo) * sld + kg / sbi];
-            }
-            if (XC) {
-              int m = min(m0 + wm + 16 * i + g + (e >> 1) * 8, M - 1);
-              s *= xs_group ? xs[(long long)m * ng + (kg >> 7)] : xs[m];
-            }
-            acc[i][j][e] += part[i][j][e] * s;
-            part[i][j][e] = 0.0f;
-          }
+      each_acc([&](int i, int j, int e) {
+        float s = 1.0f;
+        if (WC) {
+          int o = min(frag_o(j, e), O - 1);
+          s = ((const float*)sc)[(long long)(o / sbo) * sld + kg / sbi];
+        }
+        if (XC) {
+          int m = min(frag_m(i, e), M - 1);
+          s *= xs_group ? xs[(long long)m * ng + (kg >> 7)] : xs[m];
+        }
+        acc[i][j][e] += part[i][j][e] * s;
+        part[i][j][e] = 0.0f;
+      });
     }
   }
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        int m = m0 + wm + 16 * i + g + (e >> 1) * 8, o = o0 + wn + 8 * j + 2 * t + (e & 1);
-        if (m < M && o < O) y[(long long)m * ldy + o] = acc[i][j][e] + (bias ? bias[o] : 0.0f);
-      }
+  each_acc([&](int i, int j, int e) {
+    int m = frag_m(i, e), o = frag_o(j, e);
+    if (m < M && o < O) y[(long long)m * ldy + o] = acc[i][j][e] + (bias ? bias[o] : 0.0f);
+  });
 }
 #define QT_TC_ARGS const float*, int, const u8*, const float*, int, const u8*, const void*, const float*, float, float, \
   const float*, float*, int, int, int, int, int, int, int
