@@ -27,7 +27,8 @@ __device__ __forceinline__ void h2x2f(unsigned v, float& lo, float& hi) {
 // Programmatic dependent launch (sm_90+; no-ops when the kernel was launched without the attribute, and on
 // older GPUs). Every qtool kernel calls pdl_wait() in every block before it reads anything an earlier kernel
 // wrote or writes anything (so a kernel launched early by qtool/kernels/pdl.py is ordered as if it were not),
-// and pdl_trigger() to let the next kernel be scheduled once all of its blocks have started.
+// and pdl_trigger() to let the next kernel be scheduled once all of its blocks have started (rmsnorm_quant
+// and attn_combine_heads: once their loads are done).
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -39,20 +40,6 @@ __device__ __forceinline__ void pdl_trigger() {
 #endif
 }
 #define QT_PDL_ENTRY pdl_wait(); pdl_trigger();
-// The short kernels before a GEMV (rmsnorm_quant, attn_combine_heads) trigger the GEMV's launch once their loads
-// are done (QT_LATE_TRIGGER 1, the default: run 28 measured +0.7 % over triggering at entry), at their end (2:
-// -2.5 %), or at entry (0); QTOOL_NVRTC_DEFINES=-DQT_LATE_TRIGGER=N chooses.
-#ifndef QT_LATE_TRIGGER
-#define QT_LATE_TRIGGER 1
-#endif
-#if QT_LATE_TRIGGER == 0
-#define QT_PDL_ENTRY_SHORT QT_PDL_ENTRY
-#else
-#define QT_PDL_ENTRY_SHORT pdl_wait();
-#endif
-#define QT_PDL_MID if (QT_LATE_TRIGGER == 1) pdl_trigger();
-#define QT_PDL_END if (QT_LATE_TRIGGER == 2) pdl_trigger();
-
 // Timeline probe (scripts/probe_timeline.py compiles with -DQT_PROBE): QT_STAMP(i) stores %globaltimer (ns) of
 // thread 0 of each block into qt_probe[i][block] (blocks numbered x-fastest, < 4096); nothing otherwise.
 #ifdef QT_PROBE

@@ -460,9 +460,6 @@ extern "C" __global__ void gemv_mma_reduce(const float* __restrict__ part, int S
 // resets its counter to zero (so the next launch, and every CUDA graph replay, finds zeros). Block = W warps of
 // 16 rows each (W = blockDim.x / 32; ops uses W = 1: one-warp blocks spread evenly over the SMs), grid
 // (ceil(O / (16 W)), S); the ticket counter is per block.
-// v9 options: pf > 0 (row-major weights): before the PDL wait, lanes 0..15 each start one bulk L2 prefetch of
-// the first min(pf, slice) bytes of their row's slice (pf % 16 == 0) instead of 4 lines of 128 B per row; pf < 0:
-// no prefetch before the wait.
 // il > 0 (gate|up fused with silu, O = 2 il, il % 8 == 0, S any): the weight rows are interleaved in groups of
 // 8 (row 16 j + i = gate row 8 j + i, row 16 j + 8 + i = up row 8 j + i, bias the same), so a lane holds the
 // gate and up sums of the same feature; instead of y the kernel writes the down projection's fp8 input
@@ -481,7 +478,7 @@ template <int U, bool P, bool IL>
 __device__ __forceinline__ void gemv_mma_deep(const u8* __restrict__ xq, const float* __restrict__ xs,
     int xs_group, const u8* __restrict__ wq, const float* __restrict__ ws, const float* __restrict__ bias,
     float* __restrict__ part, unsigned* __restrict__ cnt, float* __restrict__ y, int ldy, int M, int O, int K,
-    int sld, int sbo, int sbi_log2, int kslice, int pf, int il, const float* __restrict__ in_scale,
+    int sld, int sbo, int sbi_log2, int kslice, int il, const float* __restrict__ in_scale,
     const float* __restrict__ pqs, u8* __restrict__ xq_out, float* __restrict__ xs_out) {
   __shared__ unsigned is_last;
   int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wpb = blockDim.x >> 5;
@@ -504,8 +501,7 @@ __device__ __forceinline__ void gemv_mma_deep(const u8* __restrict__ xq, const f
   bool grouped = sbi_log2 >= 0 || xs_group;
   // PDL: this warp's weights for its first two k steps go to L2 before waiting for the previous kernel (the
   // weights are constant; x̂, the scales' consumers, part, cnt and y are only touched after pdl_wait)
-  if (pf < 0) {                 // no prefetch (experiment: QTOOL_PF=-1)
-  } else if (P && r0 < O) {     // the warp's 2U KB are contiguous: 2U*8 lines of 128 B
+  if (P && r0 < O) {            // the warp's 2U KB are contiguous: 2U*8 lines of 128 B
     const u8* base = wq + ((long long)(r0 >> 4) * (K >> 6) + (k0 >> 6)) * 1024;
     long long end = (long long)((k1 - k0 + 63) >> 6) * 1024;
 #pragma unroll
@@ -513,8 +509,6 @@ __device__ __forceinline__ void gemv_mma_deep(const u8* __restrict__ xq, const f
       int off = j * 4096 + lane * 128;
       if (off < end) prefetch_l2(base + off);
     }
-  } else if (r0 < O && pf > 0) {
-    if (lane < 16 && r0 + lane < O) bulk_prefetch_l2(wq + (long long)(r0 + lane) * K + k0, (unsigned)min(pf, k1 - k0));
   } else if (r0 < O && t == 0) {
 #pragma unroll
     for (int j = 0; j < U; ++j) {
@@ -629,10 +623,10 @@ __device__ __forceinline__ void gemv_mma_deep(const u8* __restrict__ xq, const f
 #define QT_MMA_DEEP_ARGS const u8* __restrict__ xq, const float* __restrict__ xs, int xs_group, \
   const u8* __restrict__ wq, const float* __restrict__ ws, const float* __restrict__ bias, float* __restrict__ part, \
   unsigned* __restrict__ cnt, float* __restrict__ y, int ldy, int M, int O, int K, int sld, int sbo, int sbi_log2, \
-  int kslice, int pf, int il, const float* __restrict__ in_scale, const float* __restrict__ pqs, \
+  int kslice, int il, const float* __restrict__ in_scale, const float* __restrict__ pqs, \
   u8* __restrict__ xq_out, float* __restrict__ xs_out
-#define QT_MMA_DEEP_PASS xq, xs, xs_group, wq, ws, bias, part, cnt, y, ldy, M, O, K, sld, sbo, sbi_log2, kslice, pf, \
-  il, in_scale, pqs, xq_out, xs_out
+#define QT_MMA_DEEP_PASS xq, xs, xs_group, wq, ws, bias, part, cnt, y, ldy, M, O, K, sld, sbo, sbi_log2, kslice, il, \
+  in_scale, pqs, xq_out, xs_out
 extern "C" __global__ void __launch_bounds__(128) gemv_mma4(QT_MMA_DEEP_ARGS) { gemv_mma_deep<4, false, false>(QT_MMA_DEEP_PASS); }
 extern "C" __global__ void __launch_bounds__(128) gemv_mma8(QT_MMA_DEEP_ARGS) { gemv_mma_deep<8, false, false>(QT_MMA_DEEP_PASS); }
 // gemv_mma4s: gemv_mma4 with the il (gate|up + silu + fp8 quantization) epilogue (il > 0 required)

@@ -467,7 +467,7 @@ def main():
                     help="also time the Llama-3.1-8B fp8 row with mma-tiled weights and gemv_mma_bulk (QTOOL_BULK=1)")
     ap.add_argument("--variants", default="",
                     help="also time the Llama-3.1-8B fp8 ctx-512 row under environment overrides: "
-                         "'name:VAR=V+VAR=V,name2:VAR=V' (e.g. 'pf2k:QTOOL_PF=2048,no-silu:QTOOL_SILU_FUSED=0')")
+                         "'name:VAR=V+VAR=V,name2:VAR=V' (e.g. 'no-silu:QTOOL_SILU_FUSED=0,rows:QTOOL_COMBINE=rows')")
     ap.add_argument("--no-fuse", action="store_true",
                     help="unfused rmsnorm / silu_mul / attention combine + act_quant (for comparison)")
     args = ap.parse_args()

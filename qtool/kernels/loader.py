@@ -66,7 +66,7 @@ def _compile_error(name: str, exc: Exception) -> Failure:
 
 
 def _options() -> tuple:
-    """OPTIONS plus QTOOL_NVRTC_DEFINES (space-separated -D flags; experiments such as -DQT_LATE_TRIGGER=1)."""
+    """OPTIONS plus QTOOL_NVRTC_DEFINES (space-separated -D flags for experiments, e.g. -DQT_PROBE)."""
     return OPTIONS + tuple(os.environ.get("QTOOL_NVRTC_DEFINES", "").split())
 
 

@@ -384,9 +384,7 @@ def _launch_mma4(q: dict, kl: KLinear, y: torch.Tensor, M: int, S: int | None = 
     """gemv_mma4 (U = 4; U = 8: gemv_mma8, the benchmark's experiment; ``tiled`` = mma_tile_fp8(kl.w), or kl
     itself mma-tiled: gemv_mma4p) into y [M, O] (S K slices; default from _mma4_split). ``silu`` = (down, pre):
     kl's rows are gate|up interleaved (kl.il), and gemv_mma4s writes silu(gate) * up quantized for the down
-    projection into pre's xq / xs instead of y. QTOOL_PF=N (bytes, multiple of 64): each row's first N bytes of
-    its slice are bulk-prefetched into L2 before the PDL wait (default 0: 4 lines of 128 B per row; run 22
-    measured 1024 no faster, 2048 3.5 % slower)."""
+    projection into pre's xq / xs instead of y."""
     O, K = kl.out_features, kl.in_features
     if kl.tiled:
         if U != 4 or silu is not None:
@@ -399,7 +397,6 @@ def _launch_mma4(q: dict, kl: KLinear, y: torch.Tensor, M: int, S: int | None = 
     if math.ceil(O / rows) > cnt.numel():
         raise ValueError(f"gemv_mma4 supports at most {cnt.numel() * rows} output features")
     part = torch.empty(S, M, O, dtype=torch.float32, device=y.device) if S > 1 else None
-    pf = int(os.environ.get("QTOOL_PF", "0")) if tiled is None else 0
     if silu is None:
         tail = (i32(0), ptr(None), ptr(None), ptr(None), ptr(None))
     else:
@@ -409,7 +406,7 @@ def _launch_mma4(q: dict, kl: KLinear, y: torch.Tensor, M: int, S: int | None = 
            (ptr(q["xq"]), ptr(q["xs"]), i32(1 if kl.act == 3 else 0), ptr(kl.w if tiled is None else tiled),
             ptr(kl.sc), ptr(kl.bias), ptr(part),
             ptr(cnt), ptr(y), i32(O), i32(M), i32(O), i32(K), i32(kl.sld), i32(kl.sbo), i32(kl.sbi_log2),
-            i32(kslice), i32(pf)) + tail)
+            i32(kslice)) + tail)
 
 
 def _kslices(K: int, S: int, gran: int) -> tuple[int, int]:
