@@ -2,10 +2,17 @@
 // One kernel serves decode and prefill: query row n = b*T + t attends to cache positions [0, pos[n]] of batch
 // row b = n / T (the causal mask).
 //
-// attn_partial<D, PU>(q f32 [N, Hq, D], pos int64 [N], T, K/V cache (kv_cache.cuh layout, L = max_len),
-//     kv_fmt, k_scale, v_scale, part f32 [N, Hq, S, D], ml f32 [N, Hq, S, 2], Hq, Hkv, L, chunk, sm_scale)
+// attn_partial<D, PU, GM>(q f32 rows [N, ldq] holding Hq*D, ldq, pos int64 [N], T, K/V cache (kv_cache.cuh
+//     layout, L = max_len), kv_fmt, k_scale, v_scale, part f32 [N, Hq, S, D], ml f32 [N, Hq, S, 2], Hq, Hkv, L,
+//     chunk, sm_scale, rope: kr [N, ldk] / vr [N, ldv] / cos / sin or null)
+//     With cos non-null (decode, T = 1; v10): q is the unrotated query; every block applies RoPE to its G query
+//     heads in registers (rope_kv_write's expression), and the block whose split holds position p = pos[n] first
+//     writes rope(k) and v of its KV head at p into the cache (rope_kv_write's quantization, kv_store_vec) and
+//     reads them back after a block barrier, so rope_kv_write is not launched. kr / vr: the unrotated k / v rows
+//     (views of the qkv output are fine). Without: q is rope_kv_write's rotated q_out (ldq = Hq * D).
 //     grid (N * Hkv, S), block 128 (4 warps); block (n*Hkv + kh, s) covers positions [s*chunk, (s+1)*chunk)
-//     (chunk <= 128) and all G = Hq/Hkv (<= 8) query heads of KV head kh. Three phases, no serial chain per
+//     (chunk <= 128) and all G = Hq/Hkv (<= GM, GM in {4, 8}, PU * GM >= 32) query heads of KV head kh (GM: the
+//     unrolled head count; GM = 4 carries half the registers and FMAs of 8 where G <= 4). Three phases, no serial chain per
 //     position: (1) scores: each warp takes every 4th position, PU positions' K rows loaded at once, the
 //     PU x 8 dot products (position, head) reduced across the warp together (transpose-reduce), into shared memory; (2) per head: max m and e = exp(s - m), l = sum e;
 //     (3) each warp accumulates e * V over its positions (PU V rows loaded at once), the 4 warps are summed
@@ -24,7 +31,6 @@
 #include "kv_cache.cuh"
 #include "act_quant.cuh"
 
-#define GMAX 8
 #define CMAX 128
 
 // rows j0 + u*4 (u < PU, those < np) of one KV head's cache (K or V), DPL elements per lane, into r[u]
@@ -51,10 +57,27 @@ __device__ __forceinline__ void bfly_step(float* val, int lane) {
   }
 }
 
-template <int D, int PU>
-__global__ void __launch_bounds__(128) attn_partial(const float* __restrict__ q, const long long* __restrict__ pos,
-    int T, const void* kc, const u8* ks, const void* vc, const u8* vs, int kv_fmt, float k_scale, float v_scale,
-    float* __restrict__ part, float* __restrict__ ml, int Hq, int Hkv, int L, int chunk, float sm_scale) {
+// RoPE (HF rotate-half) of the DPL elements [lane * DPL, +DPL) of one head held by each lane: the partner of
+// element d is d +- D/2, element i of lane ^ 16 (all 32 lanes must call it)
+template <int D>
+__device__ __forceinline__ void rope_lanes(float x[D / 32], int lane, const float* __restrict__ cosT,
+                                           const float* __restrict__ sinT, long long p) {
+  constexpr int DPL = D / 32, half = D / 2;
+#pragma unroll
+  for (int i = 0; i < DPL; ++i) {
+    float xp = __shfl_xor_sync(0xffffffffu, x[i], 16);
+    int d = lane * DPL + i, j = d < half ? d : d - half;
+    float c = cosT[p * half + j], s = sinT[p * half + j];
+    x[i] = d < half ? x[i] * c - xp * s : x[i] * c + xp * s;
+  }
+}
+
+template <int D, int PU, int GMAX>
+__global__ void __launch_bounds__(128, 1) attn_partial(const float* __restrict__ q, int ldq,
+    const long long* __restrict__ pos, int T, void* kc, u8* ks, void* vc, u8* vs, int kv_fmt, float k_scale,
+    float v_scale, float* __restrict__ part, float* __restrict__ ml, int Hq, int Hkv, int L, int chunk,
+    float sm_scale, const float* __restrict__ kr, int ldk, const float* __restrict__ vr, int ldv,
+    const float* __restrict__ cosT, const float* __restrict__ sinT) {
   QT_STAMP(0);
   QT_PDL_ENTRY
   QT_STAMP(1);
@@ -77,14 +100,29 @@ __global__ void __launch_bounds__(128) attn_partial(const float* __restrict__ q,
   }
   int np = c1 - c0;
   long long rowbase = ((long long)(n / T) * Hkv + kh) * L + c0;
+  long long p = len - 1;
+  if (cosT && p < c1 && warp < 2) {   // this block's split holds p: K (warp 0) and V (warp 1) of the new token
+    float x[DPL];
+    const float* src = (warp == 0 ? kr + (long long)n * ldk : vr + (long long)n * ldv) + kh * D + lane * DPL;
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) x[i] = src[i];
+    if (warp == 0) rope_lanes<D>(x, lane, cosT, sinT, p);
+    kv_store_vec<DPL>(kv_fmt, warp == 0 ? kc : vc, warp == 0 ? ks : vs, rowbase + (p - c0), D, lane * DPL, x,
+                      warp == 0 ? k_scale : v_scale);
+  }
+  if (cosT) __syncthreads();          // the new row is read back below (block-visible after the barrier)
   // phase 1: scores
   {
     float qv[GMAX][DPL];
 #pragma unroll
-    for (int g = 0; g < GMAX; ++g)
+    for (int g = 0; g < GMAX; ++g) {
 #pragma unroll
       for (int i = 0; i < DPL; ++i)
-        qv[g][i] = g < G ? q[((long long)n * Hq + kh * G + g) * D + lane * DPL + i] * sm_scale : 0.0f;
+        qv[g][i] = g < G ? q[(long long)n * ldq + (kh * G + g) * D + lane * DPL + i] : 0.0f;
+      if (cosT) rope_lanes<D>(qv[g], lane, cosT, sinT, p);
+#pragma unroll
+      for (int i = 0; i < DPL; ++i) qv[g][i] *= sm_scale;
+    }
     constexpr int V = PU * GMAX;   // partial dot products per lane: (position slot u, head g) -> u * GMAX + g
     for (int j0 = warp; j0 < np; j0 += NW * PU) {
       float kv[PU][DPL];
@@ -317,8 +355,10 @@ extern "C" __global__ void __launch_bounds__(128) attn_combine_heads(const float
   QT_STAMP(8);
 }
 
-#define QT_ATTN_ARGS const float*, const long long*, int, const void*, const u8*, const void*, const u8*, int, float, \
-  float, float*, float*, int, int, int, int, float
-template __global__ void attn_partial<64, 8>(QT_ATTN_ARGS);
-template __global__ void attn_partial<128, 8>(QT_ATTN_ARGS);
-template __global__ void attn_partial<256, 4>(QT_ATTN_ARGS);
+#define QT_ATTN_ARGS const float*, int, const long long*, int, void*, u8*, void*, u8*, int, float, float, float*, \
+  float*, int, int, int, int, float, const float*, int, const float*, int, const float*, const float*
+template __global__ void attn_partial<64, 8, 4>(QT_ATTN_ARGS);
+template __global__ void attn_partial<64, 8, 8>(QT_ATTN_ARGS);
+template __global__ void attn_partial<128, 8, 4>(QT_ATTN_ARGS);
+template __global__ void attn_partial<128, 8, 8>(QT_ATTN_ARGS);
+template __global__ void attn_partial<256, 4, 8>(QT_ATTN_ARGS);

@@ -1,4 +1,5 @@
 // kv_cache.cuh — KV-cache layout and element access shared by rope_kv.cu and attention.cu.
+// Writes quantize as rope_kv.cu's header states (kv_store there per element; kv_store_vec here per lane).
 // Cache per layer, per K and V: codes [B, Hkv, L, D] (bf16 bits | e4m3 bytes) or, for nvfp4,
 // codes u8 [B, Hkv, L, D/2] (element 2k = low nibble) + block scales e4m3 u8 [B, Hkv, L, D/16].
 // kv_fmt: 0 = bf16, 1 = fp8 (value = code * scale), 2 = nvfp4 (value = E2M1[c] * (sb * g), g = scale / 6).
@@ -47,4 +48,48 @@ __device__ __forceinline__ void kv_load_vec(int fmt, const void* codes, const u8
 #pragma unroll
     for (int i = 0; i < DPL; ++i) out[i] = e2m1_to_f32((w >> (4 * i)) & 15u) * sg;
   }
+}
+
+// store DPL contiguous elements x = row[d0, d0 + DPL) (DPL in {2, 4, 8}, d0 % DPL == 0), the lanes holding one row
+// in order (lane l: d0 = l * DPL); rope_kv.cu's kv_store quantization, bit for bit. nvfp4: the 16-element
+// block's amax is reduced over the 16 / DPL lanes sharing it (all 32 lanes must call it).
+template <int DPL>
+__device__ __forceinline__ void kv_store_vec(int fmt, void* codes, u8* scales, long long row, int D, int d0,
+                                             const float x[DPL], float scale) {
+  if (fmt == KV_BF16) {
+    unsigned w[DPL / 2];
+#pragma unroll
+    for (int i = 0; i < DPL / 2; ++i) w[i] = (unsigned)f32_to_bf16(x[2 * i]) | ((unsigned)f32_to_bf16(x[2 * i + 1]) << 16);
+    bf16_t* p = (bf16_t*)codes + row * D + d0;
+    if (DPL == 2) *(unsigned*)p = w[0];
+    else if (DPL == 4) *(uint2*)p = make_uint2(w[0], w[DPL > 2 ? 1 : 0]);
+    else *(uint4*)p = make_uint4(w[0], w[DPL > 2 ? 1 : 0], w[DPL > 4 ? 2 : 0], w[DPL > 4 ? 3 : 0]);
+    return;
+  }
+  if (fmt == KV_FP8) {
+    unsigned w[2] = {0u, 0u};
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) w[i / 4] |= f32_to_e4m3(x[i] / scale) << (8 * (i % 4));
+    u8* p = (u8*)codes + row * D + d0;
+    if (DPL == 2) *(unsigned short*)p = (unsigned short)w[0];
+    else if (DPL == 4) *(unsigned*)p = w[0];
+    else *(uint2*)p = make_uint2(w[0], w[1]);
+    return;
+  }
+  float g = scale / 6.0f;
+  float amax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < DPL; ++i) amax = fmaxf(amax, fabsf(x[i]));
+#pragma unroll
+  for (int o = 1; o < 16 / DPL; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  unsigned sbc = f32_to_e4m3(amax / (6.0f * g));
+  float S = e4m3_to_f32(sbc) * g;
+  unsigned w = 0u;
+#pragma unroll
+  for (int i = 0; i < DPL; ++i) w |= (S >= 1e-5f ? f32_to_e2m1(x[i] / S) : 0u) << (4 * i);
+  u8* p = (u8*)codes + row * (D / 2) + d0 / 2;
+  if (DPL == 2) *p = (u8)w;
+  else if (DPL == 4) *(unsigned short*)p = (unsigned short)w;
+  else *(unsigned*)p = w;
+  if (d0 % 16 == 0) scales[row * (D / 16) + d0 / 16] = (u8)sbc;
 }

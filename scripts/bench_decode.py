@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from qtool.kernels import ops  # noqa: E402
+from qtool.kernels import l2_warm, ops  # noqa: E402
 from qtool.kernels.random_weights import random_linear  # noqa: E402
 from qtool.kernels.weights import KLinear  # noqa: E402
 
@@ -84,6 +84,7 @@ class Decoder:
                                                                             Ly["down"])) + self.head.nbytes()
         self.kv_bytes = kv_tok * ctx
         self.rng = torch.zeros(1, dtype=torch.int64, device=DEV)
+        self.warm = l2_warm.Warmer()   # as CudaBackend: each layer's weights warmed in L2 beside its attention
 
     def _skip(self, part: str, key, fn):
         """fn() — unless ``part`` is in QTOOL_BENCH_SKIP (comma list of norm, attn, qkv, o, gu, down): then the
@@ -109,16 +110,23 @@ class Decoder:
             q = qkv[:, :qn].view(-1, self.HQ, self.D)
             k = qkv[:, qn:qn + kn].view(-1, self.HKV, self.D)
             v = qkv[:, qn + kn:].view(-1, self.HKV, self.D)
-            def attn():
-                qr = ops.rope_and_store(q, k, v, pos, self.cache, i, self.cos, self.sin, 1)
-                return ops.attention_quant(qr, pos, self.cache, i, 1, Ly["o"], keep_out=False) if FUSE else (ops.attention(qr, pos, self.cache, i, 1), None)
+            def attn():   # as CudaBackend: RoPE + the KV write inside attn_partial where rope_fusable
+                if FUSE and ops.rope_fusable(q, 1):
+                    qr, rope = q, (k, v, self.cos, self.sin)
+                else:
+                    qr, rope = ops.rope_and_store(q, k, v, pos, self.cache, i, self.cos, self.sin, 1), None
+                return ops.attention_quant(qr, pos, self.cache, i, 1, Ly["o"], keep_out=False, rope=rope) if FUSE else (ops.attention(qr, pos, self.cache, i, 1), None)
+            if self.warm:
+                self.warm.fork({"o": Ly["o"], "gu": Ly["gu"], "down": Ly["down"]})
             att, pre = sk("attn", i, attn)
             x = sk("o", i, lambda: ops.linear(att, Ly["o"], pre=pre))
             m, res, pre = sk("norm", (i, 2), lambda: ops.rmsnorm_quant(x, Ly["n2"], 1e-5, res, Ly["gu"], keep_out=False) if FUSE else (*ops.rmsnorm(x, Ly["n2"], 1e-5, res), None))
             act, pre = sk("gu", i, lambda: ops.gate_up_silu(m, Ly["gu"], Ly["down"], pre, fuse=FUSE))
             x = sk("down", i, lambda: ops.linear(act, Ly["down"], pre=pre))
         h, _ = ops.rmsnorm(x, self.norm, 1e-5, res)
-        return ops.linear(h, self.head)
+        logits = ops.linear(h, self.head)
+        self.warm.join()
+        return logits
 
 
 def time_graph(fn_next, n_blocks=5, per_block=20):

@@ -116,3 +116,22 @@ def test_prefill_path_choice(monkeypatch):
     odd = random_linear("fp8-block", 96, 256, g, "cpu")
     assert ops.decode_path(replace(odd, sbi=48, sld=6), 64) == "gemm"            # scale blocks off the k-tile
     assert ops.decode_path(random_linear("fp8", 96, 256, g, "cpu"), 1) == "mma4"
+
+
+def test_l2_warming_spec_and_ranges():
+    """QTOOL_L2PF parsing (parts, fractions, mode, off) and the prefetch ranges: the first fraction of every row,
+    rounded down to 128-byte lines, or the whole tensor as one range."""
+    from qtool.kernels import l2_warm
+    assert l2_warm.parse("o:1,gu:0.25") == ({"o": 1.0, "gu": 0.25}, 0)
+    assert l2_warm.parse("down:0.5/mode:1") == ({"down": 0.5}, 1)
+    assert l2_warm.parse("0") == ({}, 0) and not l2_warm.Warmer("0") and not l2_warm.Warmer("")
+    assert l2_warm.Warmer(l2_warm.DEFAULT_SPEC)
+    with pytest.raises(ValueError, match="unknown part"):
+        l2_warm.parse("qkv:1")
+    w = torch.zeros(300, 4096, dtype=torch.uint8)
+    assert l2_warm._range(w, 300, 1.0) == (0, 1, 300 * 4096)
+    assert l2_warm._range(w, 300, 0.25) == (4096, 300, 1024)
+    assert l2_warm._range(w, 300, 0.3) == (4096, 300, 1152)         # 1228.8 bytes -> 9 lines
+    assert l2_warm._range(w, 300, 0.001) == (4096, 300, 128)        # at least one line
+    nv = torch.zeros(64, 2048, dtype=torch.uint8)                    # nvfp4 rows: K / 2 bytes
+    assert l2_warm._range(nv, 64, 0.5) == (2048, 64, 1024)

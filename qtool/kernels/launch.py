@@ -4,8 +4,9 @@ Contract: ``launch(file, name, grid, block, args, smem=0)`` runs ``kernels_cuda/
 plain name or a ``loader.TEMPLATES`` instantiation) with ``smem`` bytes of dynamic shared memory, through
 programmatic dependent launch where available (pdl.py; the kernels wait for their predecessor in-kernel), else
 through CuPy on a cached view of torch's stream. Arguments are numpy scalars: ``ptr(tensor)`` (np.uint64, null
-for None), ``i32``, ``f32``. ``allow_smem(file, name, nbytes)`` raises a kernel's dynamic shared-memory limit
-(needed above 48 KB) once per kernel.
+for None), ``i32``, ``i64``, ``f32``. ``allow_smem(file, name, nbytes)`` raises a kernel's dynamic shared-memory limit
+(needed above 48 KB) once per kernel. ``plain=True`` launches without the PDL attribute (a kernel that has no
+``pdl_wait`` and must depend fully on its predecessors: l2_prefetch on a graph branch).
 """
 from __future__ import annotations
 
@@ -16,16 +17,16 @@ import torch
 
 from qtool.kernels import loader, pdl
 
-i32, f32 = np.int32, np.float32
+i32, i64, f32 = np.int32, np.int64, np.float32
 
 
 def ptr(t: torch.Tensor | None) -> np.uint64:
     return np.uint64(0 if t is None else t.data_ptr())
 
 
-def launch(file: str, name: str, grid, block, args, smem: int = 0) -> None:
+def launch(file: str, name: str, grid, block, args, smem: int = 0, plain: bool = False) -> None:
     fn = loader.function(file, name)
-    if pdl.available():
+    if not plain and pdl.available():
         try:
             pdl.launch(fn, grid, block, torch.cuda.current_stream().cuda_stream, args, smem)
             return

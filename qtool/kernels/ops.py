@@ -522,11 +522,7 @@ def rope_and_store(q, k, v, positions, cache: KVCache, layer: int, cos: torch.Te
     """q [N,Hq,d], k/v [N,Hkv,d] (strided row views allowed); positions int64 [N]; returns rotated q."""
     N, Hq, D = q.shape
     Hkv = k.shape[1]
-    q2, k2, v2 = (t.reshape(N, -1) if t.stride(-1) == 1 and t.stride(-2) == D else t.contiguous().reshape(N, -1)
-                  for t in (q, k, v))
-    for t in (q2, k2, v2):
-        if t.stride(1) != 1:
-            raise ValueError("rope_and_store needs rows with unit element stride")
+    q2, k2, v2 = _rows(q), _rows(k), _rows(v)
     q_out = torch.empty(N, Hq, D, dtype=torch.float32, device=q.device)
     kc, ks = cache.k[layer]
     vc, vs = cache.v[layer]
@@ -539,11 +535,22 @@ def rope_and_store(q, k, v, positions, cache: KVCache, layer: int, cos: torch.Te
     return q_out
 
 
-ATTN_PU = {64: 8, 128: 8, 256: 4}   # positions in flight per warp of attn_partial<D, PU> (loader.TEMPLATES)
+ATTN_PU = {64: 8, 128: 8, 256: 4}   # positions in flight per warp of attn_partial<D, PU, GM> (loader.TEMPLATES)
 
 
-def _attn_partial(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, layer: int, T: int):
-    """attn_partial over every split: (part f32 [N, Hq, S, D], ml f32 [N, Hq, S, 2])."""
+def _attn_gm(D: int, G: int) -> int:
+    """GM, the query heads per KV head attn_partial unrolls: 4 where G <= 4 and PU * 4 >= 32 (the warp
+    transpose-reduce needs 32 values), else 8; QTOOL_ATTN_GM=8 forces 8 (the v9 kernel, for A/B timing)."""
+    if G <= 4 and ATTN_PU[D] * 4 >= 32 and os.environ.get("QTOOL_ATTN_GM") != "8":
+        return 4
+    return 8
+
+
+def _attn_partial(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, layer: int, T: int,
+                  rope: tuple | None = None):
+    """attn_partial over every split: (part f32 [N, Hq, S, D], ml f32 [N, Hq, S, 2]). q [N, Hq, D] rotated, or with
+    rope = (k, v, cos, sin) (decode, T = 1: rope_fusable) the unrotated q, k, v (row views with unit element
+    stride), rotated and written into the cache by the kernel itself."""
     N, Hq, D = q.shape
     Hkv = cache.hkv
     if Hq % Hkv or Hq // Hkv > 8 or D not in ATTN_PU:
@@ -555,36 +562,61 @@ def _attn_partial(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, laye
     kc, ks = cache.k[layer]
     vc, vs = cache.v[layer]
     pos = positions.reshape(-1).to(torch.int64).contiguous()
-    q = q.contiguous()
-    launch("attention", f"attn_partial<{D}, {ATTN_PU[D]}>", (N * Hkv, S), (128,),
-           (ptr(q), ptr(pos), i32(T), ptr(kc), ptr(ks), ptr(vc), ptr(vs), i32(cache.code),
+    q2 = _rows(q)
+    if rope is None:
+        tail = (ptr(None), i32(0), ptr(None), i32(0), ptr(None), ptr(None))
+    else:
+        if T != 1:
+            raise ValueError("attention with fused RoPE is for decode (one token per row)")
+        k, v, cos, sin = rope
+        k2, v2 = _rows(k), _rows(v)
+        tail = (ptr(k2), i32(k2.stride(0)), ptr(v2), i32(v2.stride(0)), ptr(cos), ptr(sin))
+    launch("attention", f"attn_partial<{D}, {ATTN_PU[D]}, {_attn_gm(D, Hq // Hkv)}>", (N * Hkv, S), (128,),
+           (ptr(q2), i32(q2.stride(0)), ptr(pos), i32(T), ptr(kc), ptr(ks), ptr(vc), ptr(vs), i32(cache.code),
             f32(cache.k_scales[layer]), f32(cache.v_scales[layer]), ptr(part), ptr(ml), i32(Hq), i32(Hkv),
-            i32(cache.max_len), i32(cache.chunk), f32(1.0 / math.sqrt(D))))
+            i32(cache.max_len), i32(cache.chunk), f32(1.0 / math.sqrt(D))) + tail)
     return part, ml
 
 
-def attention(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, layer: int, T: int) -> torch.Tensor:
-    """q [N,Hq,d] f32 contiguous; positions int64 [N]; returns [N, Hq*d]."""
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """[N, H, D] -> [N, H*D] rows (a view when heads are contiguous inside a row, else a copy)."""
+    N, H, D = t.shape
+    r = t.reshape(N, -1) if t.stride(-1) == 1 and t.stride(-2) == D else t.contiguous().reshape(N, -1)
+    if r.stride(1) != 1:
+        raise ValueError("attention needs rows with unit element stride")
+    return r
+
+
+def rope_fusable(q: torch.Tensor, T: int) -> bool:
+    """Whether decode attention may do RoPE and the KV write itself (attn_partial with cos): one token per row,
+    head dims the kernel has, unless QTOOL_ROPE_FUSED=0, and the "rope_fused" self-check passed."""
+    return (T == 1 and q.shape[-1] in ATTN_PU and os.environ.get("QTOOL_ROPE_FUSED", "1") != "0"
+            and _path_ok("rope_fused"))
+
+
+def attention(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, layer: int, T: int,
+              rope: tuple | None = None) -> torch.Tensor:
+    """q [N,Hq,d] f32; positions int64 [N]; returns [N, Hq*d]. rope: as _attn_partial (q then unrotated)."""
     N, Hq, D = q.shape
-    part, ml = _attn_partial(q, positions, cache, layer, T)
+    part, ml = _attn_partial(q, positions, cache, layer, T, rope)
     out = torch.empty(N, Hq * D, dtype=torch.float32, device=q.device)
     _launch_combine(part, ml, out, cache.splits, D, None, {}, "f32", N, Hq * D)
     return out
 
 
 def attention_quant(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, layer: int, T: int, kl: KLinear,
-                    keep_out: bool = True):
+                    keep_out: bool = True, rope: tuple | None = None):
     """``attention`` with the split merge fused with the activation quantization of the o projection ``kl``
     (attn_combine with a scheme), when that linear takes the mma or half decode path: returns (out, pre) as
     rmsnorm_quant; pre None when nothing was fused (out then comes from ``attention``); keep_out as
-    rmsnorm_quant."""
+    rmsnorm_quant; rope as _attn_partial."""
     N, Hq, D = q.shape
     HD = Hq * D
     path = decode_path(kl, N)
     if (path not in (*MMA_PATHS, "half") or HD % 16 or D % 16 or HD > 16 * 1024 or kl.perm is not None
             or not _path_ok("attn_quant")):
-        return attention(q, positions, cache, layer, T), None
-    part, ml = _attn_partial(q, positions, cache, layer, T)
+        return attention(q, positions, cache, layer, T, rope), None
+    part, ml = _attn_partial(q, positions, cache, layer, T, rope)
     out = torch.empty(N, HD, dtype=torch.float32, device=q.device)
     pre = _quant_outputs(kl, N, HD, path, q.device)
     pre["path"] = path

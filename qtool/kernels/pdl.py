@@ -6,7 +6,7 @@ the stream is still running; every qtool kernel calls ``pdl_wait()`` (kernels_cu
 data of earlier kernels, so results are those of plain launches. Stream capture turns the attribute into a
 programmatic edge of the CUDA graph. ``available()`` is False (and callers launch through CuPy) below sm_90,
 when ``QTOOL_PDL=0``, or when the driver lacks the entry point; a failing launch raises ``RuntimeError``.
-Arguments are numpy scalars as CuPy takes them (np.uint64 pointers, np.int32, np.float32).
+Arguments are numpy scalars as CuPy takes them (np.uint64 pointers, np.int32, np.int64, np.float32).
 """
 from __future__ import annotations
 
@@ -73,6 +73,8 @@ def _c_arg(a):
         return ctypes.c_uint64(int(a))
     if isinstance(a, np.int32):
         return ctypes.c_int32(int(a))
+    if isinstance(a, np.int64):
+        return ctypes.c_int64(int(a))
     if isinstance(a, np.float32):
         return ctypes.c_float(float(a))
     raise TypeError(f"unsupported kernel argument type {type(a).__name__}")

@@ -2,9 +2,9 @@
 whether it may be used.
 
 Contract: ``run(name) -> bool`` for the names ``ops._path_ok`` asks about ("mma4", "mma", "half", "bulk", "tc",
-"silu_quant", "silu_fused", "attn_quant", "merge_split", "combine_heads"); a False comes with a warning naming what
+"silu_quant", "silu_fused", "attn_quant", "merge_split", "combine_heads", "rope_fused"); a False comes with a warning naming what
 differed, and ops then takes the next path for the rest of the process. The GPU tests call the same checks
-(``merge_split``, ``combine_heads_error``) at more shapes. Needs CUDA; imported only when a check runs.
+(``merge_split``, ``combine_heads_error``, ``rope_fused_error``) at more shapes. Needs CUDA; imported only when a check runs.
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import torch
 
 from qtool.kernels import fp8_bulk
 from qtool.kernels.ops import (KVCache, _attn_partial, _head_local, _launch_combine, _launch_mma4, _launch_silu_quant,
-                               _path_ok, _quant_outputs, act_quant, interleave_gate_up, linear, silu_mul,
-                               silu_mul_quant)
+                               _path_ok, _quant_outputs, act_quant, interleave_gate_up, linear, rope_and_store,
+                               silu_mul, silu_mul_quant)
 from qtool.kernels.random_weights import random_linear
 from qtool.kernels.weights import KLinear
 
@@ -46,6 +46,14 @@ def run(name: str) -> bool:
         return True
     if name == "silu_fused":
         return silu_fused(g, dev)
+    if name == "rope_fused":
+        for fmt in ("bf16", "fp8", "nvfp4"):
+            for c in ((32, 8, 128, 2, 300), (9, 3, 64, 3, 100), (8, 8, 256, 1, 50)):
+                err = rope_fused_error(g, dev, fmt, *c)
+                if err:
+                    warnings.warn(f"qtool CUDA: attention with fused RoPE: {err}; rope_kv_write")
+                    return False
+        return True
     # "mma": per-row fp8; "half": int4 without a pre-quant scale (weight-only, f16 pair math)
     kl = random_linear("fp8-rowwise" if name == "mma" else "w4a16-awq", O, K, g, dev)
     if name != "mma":
@@ -161,6 +169,44 @@ def _random_attention(g, dev, hq: int, hkv: int, d: int, n: int, L: int):
         t.copy_(torch.randn(t.shape, generator=g, device=dev))
     pos = torch.randint(0, L, (n, 1), generator=g, device=dev)
     return cache, pos, torch.randn(n, hq, d, generator=g, device=dev)
+
+
+def rope_fused_error(g, dev, fmt: str, hq: int = 32, hkv: int = 8, d: int = 128, n: int = 1,
+                     L: int = 300) -> str | None:
+    """attn_partial with fused RoPE + KV write against rope_kv_write + attn_partial, on one random cache of ``fmt``
+    (two identical copies), n decode rows at random positions, q|k|v as strided views of one qkv row. None when
+    the caches agree (codes equal except at most max(2, 0.5 %) of the new row's elements: the rope expression may
+    contract differently) and part / ml agree to 1e-5 relative; else what differs."""
+    caches = [KVCache(fmt, n, L, 1, hkv, d, dev, [0.05], [0.07]) for _ in range(2)]
+    for ts in zip(*(c.k[0] + c.v[0] for c in caches)):
+        if ts[0] is None:
+            continue
+        r = (torch.randint(0, 0x7e, ts[0].shape, generator=g, device=dev, dtype=torch.uint8) if ts[0].dtype == torch.uint8
+             else torch.randn(ts[0].shape, generator=g, device=dev).to(ts[0].dtype))
+        for t in ts:
+            t.copy_(r)
+    pos = torch.randint(0, L, (n, 1), generator=g, device=dev)
+    qkv = torch.randn(n, (hq + 2 * hkv) * d, generator=g, device=dev)
+    q, k, v = (qkv[:, a:b].view(n, -1, d) for a, b in ((0, hq * d), (hq * d, (hq + hkv) * d), ((hq + hkv) * d, None)))
+    ang = torch.rand(L, d // 2, generator=g, device=dev) * 6.3
+    cos, sin = ang.cos().contiguous(), ang.sin().contiguous()
+    qr = rope_and_store(q, k, v, pos, caches[0], 0, cos, sin, 1)
+    ref = _attn_partial(qr, pos, caches[0], 0, 1)
+    out = _attn_partial(q, pos, caches[1], 0, 1, rope=(k, v, cos, sin))
+    where = f"kv={fmt}, hq={hq}, hkv={hkv}, d={d}, n={n}"
+    for a, b in zip(caches[0].k[0] + caches[0].v[0], caches[1].k[0] + caches[1].v[0]):
+        if a is not None:
+            diff = int((a != b).sum())
+            if diff > max(2, n * hkv * d // 200):
+                return f"{diff} cache elements differ ({where})"
+    live = ref[1][..., 0] > float("-inf")             # splits past a row's position are empty (part unwritten)
+    if not torch.equal(live, out[1][..., 0] > float("-inf")):
+        return f"empty splits differ ({where})"
+    for a, b, what in ((ref[0][live], out[0][live], "part"), (ref[1][live], out[1][live], "m, l")):
+        err = float((a - b).norm() / a.norm().clamp_min(1e-30))
+        if not err < 1e-5:
+            return f"{what} differs by {err:.2e} ({where})"
+    return None
 
 
 def _probe_linear(act: int | None, K: int, dev) -> KLinear | None:

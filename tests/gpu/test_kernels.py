@@ -501,11 +501,14 @@ def _decoded(kv, pair, scale, n):
     return kv_decode(kv, codes, scales.view(torch.float8_e4m3fn), scale=scale)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["rope_kv_write", "rope_fused"])
 @pytest.mark.parametrize("kv", ["bf16", "fp8", "nvfp4"])
-@pytest.mark.parametrize("d,hq,hkv,L", [(64, 4, 2, 300), (128, 32, 8, 300), (64, 9, 3, 300), (128, 32, 8, 2000)])
-def test_rope_kv_attention(kv, d, hq, hkv, L):
+@pytest.mark.parametrize("d,hq,hkv,L", [(64, 4, 2, 300), (128, 32, 8, 300), (64, 9, 3, 300), (128, 32, 8, 2000),
+                                        (128, 16, 2, 300)])
+def test_rope_kv_attention(kv, d, hq, hkv, L, fused):
     """RoPE + KV write and attention against float64; L = 2000 gives 64-position chunks (two rounds per warp)
-    where L = 300 gives 32 (one)."""
+    where L = 300 gives 32 (one); 16 / 2 heads take attn_partial's GM = 8 unroll (the others GM = 4). fused: the
+    decode token's RoPE and KV write happen inside attn_partial (no rope_kv_write), checked the same way."""
     from qtool.formats import kv_encode
     from qtool.kernels import ops
     from qtool.runtime import rope
@@ -526,11 +529,16 @@ def test_rope_kv_attention(kv, d, hq, hkv, L):
         k = qd[:, hq * d:(hq + hkv) * d].view(-1, hkv, d)
         v = qd[:, (hq + hkv) * d:].view(-1, hkv, d)
         poison()
-        qr = ops.rope_and_store(q, k, v, pos.to(DEV), cache, 0, cosd, sind, T)
         c, s = rope.cos_sin(inv, pos.reshape(-1))
         q_ref = rope.apply(qkv[:, :hq * d].view(-1, hq, d), c, s)
         k_ref = rope.apply(qkv[:, hq * d:(hq + hkv) * d].view(-1, hkv, d), c, s)
-        assert rel(qr, q_ref) < 1e-5
+        in_attn = fused and T == 1
+        if in_attn:
+            out = ops.attention(q, pos.to(DEV), cache, 0, T, rope=(k, v, cosd, sind))
+            qr = q_ref
+        else:
+            qr = ops.rope_and_store(q, k, v, pos.to(DEV), cache, 0, cosd, sind, T)
+            assert rel(qr, q_ref) < 1e-5
         # stored codes equal kv_encode of the reference K (exact up to boundary elements)
         enc = kv_encode(kv, k_ref.view(B, T, hkv, d), ks)
         kc, ksc = cache.k[0]
@@ -539,8 +547,9 @@ def test_rope_kv_attention(kv, d, hq, hkv, L):
         assert (got != want).float().mean() < 2e-3
         if kv == "nvfp4":
             assert (ksc[:, :, start:start + T].permute(0, 2, 1, 3).cpu() != enc[1].view(torch.uint8)).float().mean() < 2e-3
-        poison()
-        out = ops.attention(qr, pos.to(DEV), cache, 0, T)
+        if not in_attn:
+            poison()
+            out = ops.attention(qr, pos.to(DEV), cache, 0, T)
         # float64 reference attention over the decoded cache
         K_ = _decoded(kv, cache.k[0], ks, start + T).double()            # [B, L, hkv, d]
         V_ = _decoded(kv, cache.v[0], vs, start + T).double()
@@ -552,6 +561,45 @@ def test_rope_kv_attention(kv, d, hq, hkv, L):
         sc_ = sc_.masked_fill(~vis[:, None], float("-inf"))
         ref = torch.einsum("bhtl,blhd->bthd", sc_.softmax(-1), V_).reshape(B * T, hq * d)
         assert rel(out, ref) < 1e-5, f"attention rel {rel(out, ref):.2e}"
+
+
+@pytest.mark.parametrize("kv", ["bf16", "fp8", "nvfp4"])
+@pytest.mark.parametrize("hq,hkv,d,n,L", [(32, 8, 128, 1, 300), (16, 2, 128, 3, 1000), (9, 3, 64, 4, 77),
+                                          (8, 8, 256, 2, 300), (4, 4, 64, 1, 1)])
+def test_rope_fused_matches_unfused(kv, hq, hkv, d, n, L):
+    """attn_partial with RoPE + KV write fused == rope_kv_write + attn_partial (self_checks.rope_fused_error: cache
+    codes, split sums and softmax statistics), odd head counts, several rows, a one-position cache."""
+    from qtool.kernels import self_checks
+    g = torch.Generator(device=DEV).manual_seed(hq * d + n)
+    assert self_checks.rope_fused_error(g, torch.device(DEV), kv, hq, hkv, d, n, L) is None
+
+
+def test_l2_warming_changes_nothing():
+    """The decode graph with L2 warming branches (QTOOL_L2PF default) gives the same logits as without (the
+    prefetch kernel writes nothing; the branches rejoin inside the capture)."""
+    from qtool.kernels import l2_warm, ops
+    from qtool.kernels.random_weights import random_linear
+    g = torch.Generator(device=DEV).manual_seed(5)
+    kl = random_linear("fp8", 256, 512, g, torch.device(DEV))
+    x = torch.randn(1, 512, generator=g, device=DEV)
+    outs = []
+    for spec in ("0", "o:1,gu:0.25", "o:1,mode:1", "gu:0.5"):
+        w = l2_warm.Warmer(spec)
+        assert bool(w) == (spec != "0")
+
+        def step():
+            w.fork({"o": kl, "gu": kl})
+            y = ops.linear(x, kl)
+            w.join()
+            return y
+        graph = torch.cuda.CUDAGraph()
+        step()
+        with torch.cuda.graph(graph):
+            y = step()
+        graph.replay()
+        torch.cuda.synchronize()
+        outs.append(y.clone())
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
 # ------------------------------------------------------------------ sampling

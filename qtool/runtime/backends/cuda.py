@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from qtool.kernels import ops
+from qtool.kernels import l2_warm, ops
 from qtool.kernels.weights import KLinear, prepare_linear
 from qtool.runtime import rope
 
@@ -35,7 +35,10 @@ class CudaBackend:
         self._next_down = None                   # the down projection after the last gate_up linear
         self._pre: dict = {}                     # (data_ptr of a norm output, id(linear)) -> quantized forms
         self._silu_done: dict = {}               # data_ptr of a gate_up placeholder -> (silu output, pre of down)
+        self._rope_pending: dict = {}            # data_ptr of a rotated-q placeholder -> (q, (k, v, cos, sin))
         self.fuse = True
+        self._warm: l2_warm.Warmer | None = None   # decode: L2 warming of each layer's weights on a graph branch
+        self._layer_lin: list[dict] = []          # layer index -> {"o" | "gu" | "down": its prepared linear}
 
     # -- weights -----------------------------------------------------------------------------
     def prepare(self, weights) -> None:
@@ -60,6 +63,9 @@ class CudaBackend:
             if ops.silu_fusable(gu, down):   # decode: silu * mul + down's input quantization in gate_up's GEMV
                 self._lin[id(L.gate_up)] = ops.interleave_gate_up(gu)
         self._o_proj = [L.o for L in weights.layers]
+        self._layer_lin = [{"o": self._lin[id(L.o)], "gu": self._lin[id(L.gate_up)], "down": self._lin[id(L.down)]}
+                           for L in weights.layers]
+        self._warm = l2_warm.Warmer()
         head = weights.lm_head
         hw = head.tensors.get("weight")
         if (head.format == "bf16" and hw is not None and hw.data_ptr() == emb.data_ptr()
@@ -103,6 +109,7 @@ class CudaBackend:
     def embed(self, ids):
         self._pre.clear()
         self._silu_done.clear()
+        self._rope_pending.clear()
         return ops.embed(ids, self.embed_table)
 
     def rmsnorm(self, x, weight, eps, residual=None):
@@ -152,7 +159,10 @@ class CudaBackend:
 
     def final_logits(self, x):
         h, _ = ops.rmsnorm(x, self.final_norm, self.config.rms_norm_eps)
-        return self.linear(h, self.weights.lm_head)
+        logits = self.linear(h, self.weights.lm_head)
+        if self._warm:
+            self._warm.join()      # the warming branches rejoin before the step (or its captured graph) ends
+        return logits
 
     # -- KV cache and attention ----------------------------------------------------------------
     def new_cache(self, batch, max_len, kv_format):
@@ -166,17 +176,25 @@ class CudaBackend:
         return cache.nbytes()
 
     def rope_and_store(self, q, k, v, positions, cache, layer):
+        if self._warm and self.fuse and positions.shape[1] == 1 and layer < len(self._layer_lin):
+            self._warm.fork(self._layer_lin[layer])   # runs beside rope + attention (l2_warm.py)
+        if self.fuse and ops.rope_fusable(q, positions.shape[1]):
+            # decode: attention(placeholder) rotates q, k and writes the cache itself (attn_partial with cos)
+            ph = torch.empty(1, 1, 1, dtype=torch.float32, device=self.device).expand(q.shape)
+            self._rope_pending[ph.data_ptr()] = (q, (k, v, self._cos, self._sin))
+            return ph
         return ops.rope_and_store(q, k, v, positions, cache, layer, self._cos, self._sin, positions.shape[1])
 
     def attention(self, q, cache, layer, positions):
         T = positions.shape[1]
+        q, rope = self._rope_pending.pop(q.data_ptr(), (q, None))
         kl = self._lin.get(id(self._o_proj[layer])) if (self.fuse and layer < len(self._o_proj)) else None
         if isinstance(kl, KLinear) and q.shape[0] <= 8:
-            out, pre = ops.attention_quant(q, positions, cache, layer, T, kl, keep_out=False)
+            out, pre = ops.attention_quant(q, positions, cache, layer, T, kl, keep_out=False, rope=rope)
             if pre is not None:   # the next linear(out, o) skips its own activation quantization
                 self._pre[(out.data_ptr(), id(kl))] = pre
             return out
-        return ops.attention(q, positions, cache, layer, T)
+        return ops.attention(q, positions, cache, layer, T, rope)
 
     # -- sampling, graphs, misc ----------------------------------------------------------------
     def sample(self, logits, temperature, top_k, top_p, generator):
