@@ -122,10 +122,10 @@ def test_l2_warming_spec_and_ranges():
     """QTOOL_L2PF parsing (parts, fractions, mode, off) and the prefetch ranges: the first fraction of every row,
     rounded down to 128-byte lines, or the whole tensor as one range."""
     from qtool.kernels import l2_warm
-    assert l2_warm.parse("o:1,gu:0.25") == ({"o": 1.0, "gu": 0.25}, 0)
-    assert l2_warm.parse("down:0.5/mode:1") == ({"down": 0.5}, 1)
-    assert l2_warm.parse("0") == ({}, 0) and not l2_warm.Warmer("0") and not l2_warm.Warmer("")
-    assert l2_warm.Warmer(l2_warm.DEFAULT_SPEC)
+    assert l2_warm.parse("o:1,gu:0.25") == ({"o": 1.0, "gu": 0.25}, 0, 0)
+    assert l2_warm.parse("down:0.5/mode:1/blocks:16") == ({"down": 0.5}, 1, 16)
+    assert l2_warm.parse("0") == ({}, 0, 0) and not l2_warm.Warmer("0") and not l2_warm.Warmer("")
+    assert l2_warm.Warmer("o:1") and not l2_warm.Warmer(l2_warm.DEFAULT_SPEC)   # opt-in (measured no gain)
     with pytest.raises(ValueError, match="unknown part"):
         l2_warm.parse("qkv:1")
     w = torch.zeros(300, 4096, dtype=torch.uint8)

@@ -324,7 +324,9 @@ def linear(x: torch.Tensor, kl: KLinear, force_gemm: bool = False, force_f32: bo
         path = "mma"                     # no ticket counters yet and capturing a graph: the v3 kernel
     if path == "mma4":
         q = pre if pre is not None else act_quant(x, kl, codes=True)
-        _launch_mma4(q, kl, y, M)
+        U = 8 if not kl.tiled and _shape_knob("QTOOL_MMA8", kl) is not None else 4
+        S = _shape_knob("QTOOL_MMA4_S", kl)
+        _launch_mma4(q, kl, y, M, int(S) if S else None, U)
         return y
     if path == "mma":
         q = pre if pre is not None else act_quant(x, kl, codes=True)
@@ -407,6 +409,19 @@ def _launch_mma4(q: dict, kl: KLinear, y: torch.Tensor, M: int, S: int | None = 
             ptr(kl.sc), ptr(kl.bias), ptr(part),
             ptr(cnt), ptr(y), i32(O), i32(M), i32(O), i32(K), i32(kl.sld), i32(kl.sbo), i32(kl.sbi_log2),
             i32(kslice)) + tail)
+
+
+def _shape_knob(env: str, kl: KLinear) -> str | None:
+    """Experiment knobs keyed by GEMV shape: ``env`` = comma (or slash) list of ``OxK`` or ``OxK:value`` (QTOOL_MMA8=6144x4096:
+    gemv_mma8 for that shape; QTOOL_MMA4_S=4096x4096:8: that many K slices); the value ("" without one) or None."""
+    spec = os.environ.get(env)
+    if not spec:
+        return None
+    for item in spec.replace("/", ",").split(","):
+        shape, _, val = item.partition(":")
+        if shape == f"{kl.out_features}x{kl.in_features}":
+            return val
+    return None
 
 
 def _kslices(K: int, S: int, gran: int) -> tuple[int, int]:
