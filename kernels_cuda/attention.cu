@@ -10,9 +10,6 @@
 //     writes rope(k) and v of its KV head at p into the cache (rope_kv_write's quantization, kv_store_vec) and
 //     reads them back after a block barrier, so rope_kv_write is not launched. kr / vr: the unrotated k / v rows
 //     (views of the qkv output are fine). Without: q is rope_kv_write's rotated q_out (ldq = Hq * D).
-//     pf / pf_bytes (v10; pf null: none): bytes the next kernels stream (the o projection's weights), prefetched
-//     into L2 one 128-B line per thread-step over the whole grid, when a block is done (pf_at 1) or before its
-//     PDL wait (pf_at 0): DRAM is nearly idle while attention runs. Prefetches change no result.
 //     grid (N * Hkv, S), block 128 (4 warps); block (n*Hkv + kh, s) covers positions [s*chunk, (s+1)*chunk)
 //     (chunk <= 128) and all G = Hq/Hkv (<= GM, GM in {4, 8}, PU * GM >= 32) query heads of KV head kh (GM: the
 //     unrolled head count; GM = 4 carries half the registers and FMAs of 8 where G <= 4). Three phases, no serial chain per
@@ -75,23 +72,13 @@ __device__ __forceinline__ void rope_lanes(float x[D / 32], int lane, const floa
   }
 }
 
-// L2 prefetch of this block's share of [pf, pf + bytes): lines i = rank + k * nthreads of the grid
-__device__ __forceinline__ void grid_prefetch_l2(const unsigned char* pf, long long bytes) {
-  if (!pf) return;
-  long long nt = (long long)gridDim.x * gridDim.y * blockDim.x;
-  long long i = ((long long)blockIdx.y * gridDim.x + blockIdx.x) * blockDim.x + threadIdx.x;
-  for (long long off = i * 128; off < bytes; off += nt * 128) asm volatile("prefetch.global.L2 [%0];" :: "l"(pf + off));
-}
-
 template <int D, int PU, int GMAX>
 __global__ void __launch_bounds__(128, 1) attn_partial(const float* __restrict__ q, int ldq,
     const long long* __restrict__ pos, int T, void* kc, u8* ks, void* vc, u8* vs, int kv_fmt, float k_scale,
     float v_scale, float* __restrict__ part, float* __restrict__ ml, int Hq, int Hkv, int L, int chunk,
     float sm_scale, const float* __restrict__ kr, int ldk, const float* __restrict__ vr, int ldv,
-    const float* __restrict__ cosT, const float* __restrict__ sinT, const unsigned char* __restrict__ pf,
-    long long pf_bytes, int pf_at) {
+    const float* __restrict__ cosT, const float* __restrict__ sinT) {
   QT_STAMP(0);
-  if (pf_at == 0) grid_prefetch_l2(pf, pf_bytes);   // constant weights: legal before the wait
   QT_PDL_ENTRY
   QT_STAMP(1);
   constexpr int DPL = D / 32;
@@ -109,7 +96,6 @@ __global__ void __launch_bounds__(128, 1) attn_partial(const float* __restrict__
       long long o = ((long long)n * Hq + kh * G + threadIdx.x) * S + split;
       ml[o * 2] = -QT_INF; ml[o * 2 + 1] = 0.0f;
     }
-    if (pf_at == 1) grid_prefetch_l2(pf, pf_bytes);
     return;
   }
   int np = c1 - c0;
@@ -225,7 +211,6 @@ __global__ void __launch_bounds__(128, 1) attn_partial(const float* __restrict__
     part[o * D + d] = a;
     if (d == 0) { ml[o * 2] = sm_m[g]; ml[o * 2 + 1] = sm_l[g]; }
   }
-  if (pf_at == 1) grid_prefetch_l2(pf, pf_bytes);
   QT_STAMP(4);
 }
 
@@ -371,8 +356,7 @@ extern "C" __global__ void __launch_bounds__(128) attn_combine_heads(const float
 }
 
 #define QT_ATTN_ARGS const float*, int, const long long*, int, void*, u8*, void*, u8*, int, float, float, float*, \
-  float*, int, int, int, int, float, const float*, int, const float*, int, const float*, const float*, \
-  const unsigned char*, long long, int
+  float*, int, int, int, int, float, const float*, int, const float*, int, const float*, const float*
 template __global__ void attn_partial<64, 8, 4>(QT_ATTN_ARGS);
 template __global__ void attn_partial<64, 8, 8>(QT_ATTN_ARGS);
 template __global__ void attn_partial<128, 8, 4>(QT_ATTN_ARGS);

@@ -16,7 +16,7 @@ import torch
 
 from qtool.kernels import fp8_bulk, loader, pdl  # noqa: F401 - pdl: ops.pdl for callers
 from qtool.kernels.fp8_bulk import mma_tile_fp8, to_tiled  # noqa: F401 - re-exported
-from qtool.kernels.launch import f32, i32, i64, launch, ptr
+from qtool.kernels.launch import f32, i32, launch, ptr
 from qtool.kernels.weights import KLinear
 
 KV_CODES = {"bf16": 0, "fp8": 1, "nvfp4": 2}
@@ -562,12 +562,10 @@ def _attn_gm(D: int, G: int) -> int:
 
 
 def _attn_partial(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, layer: int, T: int,
-                  rope: tuple | None = None, prefetch: torch.Tensor | None = None):
+                  rope: tuple | None = None):
     """attn_partial over every split: (part f32 [N, Hq, S, D], ml f32 [N, Hq, S, 2]). q [N, Hq, D] rotated, or with
     rope = (k, v, cos, sin) (decode, T = 1: rope_fusable) the unrotated q, k, v (row views with unit element
-    stride), rotated and written into the cache by the kernel itself. prefetch: a tensor (the o projection's
-    weights) the kernel's blocks bring into L2 (QTOOL_ATTN_PF: "end" when done, default; "entry" before the PDL
-    wait; "0" none)."""
+    stride), rotated and written into the cache by the kernel itself."""
     N, Hq, D = q.shape
     Hkv = cache.hkv
     if Hq % Hkv or Hq // Hkv > 8 or D not in ATTN_PU:
@@ -588,11 +586,6 @@ def _attn_partial(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, laye
         k, v, cos, sin = rope
         k2, v2 = _rows(k), _rows(v)
         tail = (ptr(k2), i32(k2.stride(0)), ptr(v2), i32(v2.stride(0)), ptr(cos), ptr(sin))
-    at = {"entry": 0, "end": 1}.get(os.environ.get("QTOOL_ATTN_PF", "end"))
-    if prefetch is None or at is None:
-        tail += (ptr(None), i64(0), i32(-1))
-    else:
-        tail += (ptr(prefetch), i64(prefetch.numel() * prefetch.element_size()), i32(at))
     launch("attention", f"attn_partial<{D}, {ATTN_PU[D]}, {_attn_gm(D, Hq // Hkv)}>", (N * Hkv, S), (128,),
            (ptr(q2), i32(q2.stride(0)), ptr(pos), i32(T), ptr(kc), ptr(ks), ptr(vc), ptr(vs), i32(cache.code),
             f32(cache.k_scales[layer]), f32(cache.v_scales[layer]), ptr(part), ptr(ml), i32(Hq), i32(Hkv),
@@ -638,7 +631,7 @@ def attention_quant(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, la
     if (path not in (*MMA_PATHS, "half") or HD % 16 or D % 16 or HD > 16 * 1024 or kl.perm is not None
             or not _path_ok("attn_quant")):
         return attention(q, positions, cache, layer, T, rope), None
-    part, ml = _attn_partial(q, positions, cache, layer, T, rope, prefetch=kl.w if N <= 8 else None)
+    part, ml = _attn_partial(q, positions, cache, layer, T, rope)
     out = torch.empty(N, HD, dtype=torch.float32, device=q.device)
     pre = _quant_outputs(kl, N, HD, path, q.device)
     pre["path"] = path
