@@ -10,6 +10,9 @@
 //     writes rope(k) and v of its KV head at p into the cache (rope_kv_write's quantization, kv_store_vec) and
 //     reads them back after a block barrier, so rope_kv_write is not launched. kr / vr: the unrotated k / v rows
 //     (views of the qkv output are fine). Without: q is rope_kv_write's rotated q_out (ldq = Hq * D).
+//     early (with cos; v10): pos, each warp's first PU K and V rows and the RoPE factors are loaded before the PDL
+//     wait (overlapping the qkv GEMV): legal only when the kernel before it writes none of them (pos not
+//     converted by a copy kernel; the cache rows < p written by earlier steps); row p is re-read after its write.
 //     grid (N * Hkv, S), block 128 (4 warps); block (n*Hkv + kh, s) covers positions [s*chunk, (s+1)*chunk)
 //     (chunk <= 128) and all G = Hq/Hkv (<= GM, GM in {4, 8}, PU * GM >= 32) query heads of KV head kh (GM: the
 //     unrolled head count; GM = 4 carries half the registers and FMAs of 8 where G <= 4). Three phases, no serial chain per
@@ -58,17 +61,27 @@ __device__ __forceinline__ void bfly_step(float* val, int lane) {
 }
 
 // RoPE (HF rotate-half) of the DPL elements [lane * DPL, +DPL) of one head held by each lane: the partner of
-// element d is d +- D/2, element i of lane ^ 16 (all 32 lanes must call it)
+// element d is d +- D/2, element i of lane ^ 16 (all 32 lanes must call it). rope_factors: cos / sin of position p
+// for those elements; rope_lanes applies them (rope_kv_write's expression)
 template <int D>
-__device__ __forceinline__ void rope_lanes(float x[D / 32], int lane, const float* __restrict__ cosT,
-                                           const float* __restrict__ sinT, long long p) {
+__device__ __forceinline__ void rope_factors(float cs[D / 32], float sn[D / 32], int lane,
+                                             const float* __restrict__ cosT, const float* __restrict__ sinT,
+                                             long long p) {
+  constexpr int DPL = D / 32, half = D / 2;
+#pragma unroll
+  for (int i = 0; i < DPL; ++i) {
+    int d = lane * DPL + i, j = d < half ? d : d - half;
+    cs[i] = cosT[p * half + j]; sn[i] = sinT[p * half + j];
+  }
+}
+template <int D>
+__device__ __forceinline__ void rope_lanes(float x[D / 32], int lane, const float cs[D / 32], const float sn[D / 32]) {
   constexpr int DPL = D / 32, half = D / 2;
 #pragma unroll
   for (int i = 0; i < DPL; ++i) {
     float xp = __shfl_xor_sync(0xffffffffu, x[i], 16);
-    int d = lane * DPL + i, j = d < half ? d : d - half;
-    float c = cosT[p * half + j], s = sinT[p * half + j];
-    x[i] = d < half ? x[i] * c - xp * s : x[i] * c + xp * s;
+    int d = lane * DPL + i;
+    x[i] = d < half ? x[i] * cs[i] - xp * sn[i] : x[i] * cs[i] + xp * sn[i];
   }
 }
 
@@ -77,10 +90,8 @@ __global__ void __launch_bounds__(128, 1) attn_partial(const float* __restrict__
     const long long* __restrict__ pos, int T, void* kc, u8* ks, void* vc, u8* vs, int kv_fmt, float k_scale,
     float v_scale, float* __restrict__ part, float* __restrict__ ml, int Hq, int Hkv, int L, int chunk,
     float sm_scale, const float* __restrict__ kr, int ldk, const float* __restrict__ vr, int ldv,
-    const float* __restrict__ cosT, const float* __restrict__ sinT) {
+    const float* __restrict__ cosT, const float* __restrict__ sinT, int early) {
   QT_STAMP(0);
-  QT_PDL_ENTRY
-  QT_STAMP(1);
   constexpr int DPL = D / 32;
   constexpr int NW = 4;
   __shared__ float sm_s[GMAX][CMAX];      // scores, then exp(s - m)
@@ -89,7 +100,20 @@ __global__ void __launch_bounds__(128, 1) attn_partial(const float* __restrict__
   int n = blockIdx.x / Hkv, kh = blockIdx.x % Hkv, split = blockIdx.y, S = gridDim.y;
   int G = Hq / Hkv;
   int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  int len = (int)pos[n] + 1;
+  // early (fused decode only): pos, this warp's first K / V rows and the RoPE factors are read before the PDL
+  // wait; no kernel of this step writes them (the new row p is written below, by this kernel, and re-read)
+  float k0[PU][DPL], v0[PU][DPL], cs[DPL], sn[DPL];
+  int len = early ? (int)pos[n] + 1 : 0;
+  if (early) {
+    int e0 = split * chunk, enp = min(e0 + chunk, len) - e0;
+    long long rb = ((long long)n * Hkv + kh) * L + e0;
+    load_rows<D, PU>(kv_fmt, kc, ks, rb, warp, enp, lane, k_scale, k0);
+    load_rows<D, PU>(kv_fmt, vc, vs, rb, warp, enp, lane, v_scale, v0);
+    rope_factors<D>(cs, sn, lane, cosT, sinT, len - 1);
+  }
+  QT_PDL_ENTRY
+  QT_STAMP(1);
+  if (!early) len = (int)pos[n] + 1;
   int c0 = split * chunk, c1 = min(c0 + chunk, len);
   if (c0 >= len) {
     if (threadIdx.x < G) {
@@ -101,16 +125,26 @@ __global__ void __launch_bounds__(128, 1) attn_partial(const float* __restrict__
   int np = c1 - c0;
   long long rowbase = ((long long)(n / T) * Hkv + kh) * L + c0;
   long long p = len - 1;
+  if (cosT && !early) rope_factors<D>(cs, sn, lane, cosT, sinT, p);
   if (cosT && p < c1 && warp < 2) {   // this block's split holds p: K (warp 0) and V (warp 1) of the new token
     float x[DPL];
     const float* src = (warp == 0 ? kr + (long long)n * ldk : vr + (long long)n * ldv) + kh * D + lane * DPL;
 #pragma unroll
     for (int i = 0; i < DPL; ++i) x[i] = src[i];
-    if (warp == 0) rope_lanes<D>(x, lane, cosT, sinT, p);
+    if (warp == 0) rope_lanes<D>(x, lane, cs, sn);
     kv_store_vec<DPL>(kv_fmt, warp == 0 ? kc : vc, warp == 0 ? ks : vs, rowbase + (p - c0), D, lane * DPL, x,
                       warp == 0 ? k_scale : v_scale);
   }
   if (cosT) __syncthreads();          // the new row is read back below (block-visible after the barrier)
+  if (early && p < c1) {              // the early copy of row p is stale: its owner warp reloads it
+#pragma unroll
+    for (int u = 0; u < PU; ++u) {
+      if (warp + u * NW == p - c0) {
+        kv_load_vec<DPL>(kv_fmt, kc, ks, rowbase + (p - c0), D, lane * DPL, k_scale, k0[u]);
+        kv_load_vec<DPL>(kv_fmt, vc, vs, rowbase + (p - c0), D, lane * DPL, v_scale, v0[u]);
+      }
+    }
+  }
   // phase 1: scores
   {
     float qv[GMAX][DPL];
@@ -119,14 +153,21 @@ __global__ void __launch_bounds__(128, 1) attn_partial(const float* __restrict__
 #pragma unroll
       for (int i = 0; i < DPL; ++i)
         qv[g][i] = g < G ? q[(long long)n * ldq + (kh * G + g) * D + lane * DPL + i] : 0.0f;
-      if (cosT) rope_lanes<D>(qv[g], lane, cosT, sinT, p);
+      if (cosT) rope_lanes<D>(qv[g], lane, cs, sn);
 #pragma unroll
       for (int i = 0; i < DPL; ++i) qv[g][i] *= sm_scale;
     }
     constexpr int V = PU * GMAX;   // partial dot products per lane: (position slot u, head g) -> u * GMAX + g
     for (int j0 = warp; j0 < np; j0 += NW * PU) {
       float kv[PU][DPL];
-      load_rows<D, PU>(kv_fmt, kc, ks, rowbase, j0, np, lane, k_scale, kv);
+      if (early && j0 == warp) {
+#pragma unroll
+        for (int u = 0; u < PU; ++u)
+#pragma unroll
+          for (int i = 0; i < DPL; ++i) kv[u][i] = k0[u][i];
+      } else {
+        load_rows<D, PU>(kv_fmt, kc, ks, rowbase, j0, np, lane, k_scale, kv);
+      }
       float val[V];
 #pragma unroll
       for (int u = 0; u < PU; ++u)
@@ -178,7 +219,14 @@ __global__ void __launch_bounds__(128, 1) attn_partial(const float* __restrict__
     for (int i = 0; i < DPL; ++i) acc[g][i] = 0.0f;
   for (int j0 = warp; j0 < np; j0 += NW * PU) {
     float vv[PU][DPL];
-    load_rows<D, PU>(kv_fmt, vc, vs, rowbase, j0, np, lane, v_scale, vv);
+    if (early && j0 == warp) {
+#pragma unroll
+      for (int u = 0; u < PU; ++u)
+#pragma unroll
+        for (int i = 0; i < DPL; ++i) vv[u][i] = v0[u][i];
+    } else {
+      load_rows<D, PU>(kv_fmt, vc, vs, rowbase, j0, np, lane, v_scale, vv);
+    }
 #pragma unroll
     for (int u = 0; u < PU; ++u) {
       int j = j0 + u * NW;
@@ -356,7 +404,7 @@ extern "C" __global__ void __launch_bounds__(128) attn_combine_heads(const float
 }
 
 #define QT_ATTN_ARGS const float*, int, const long long*, int, void*, u8*, void*, u8*, int, float, float, float*, \
-  float*, int, int, int, int, float, const float*, int, const float*, int, const float*, const float*
+  float*, int, int, int, int, float, const float*, int, const float*, int, const float*, const float*, int
 template __global__ void attn_partial<64, 8, 4>(QT_ATTN_ARGS);
 template __global__ void attn_partial<64, 8, 8>(QT_ATTN_ARGS);
 template __global__ void attn_partial<128, 8, 4>(QT_ATTN_ARGS);

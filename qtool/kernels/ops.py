@@ -565,7 +565,8 @@ def _attn_partial(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, laye
                   rope: tuple | None = None):
     """attn_partial over every split: (part f32 [N, Hq, S, D], ml f32 [N, Hq, S, 2]). q [N, Hq, D] rotated, or with
     rope = (k, v, cos, sin) (decode, T = 1: rope_fusable) the unrotated q, k, v (row views with unit element
-    stride), rotated and written into the cache by the kernel itself."""
+    stride), rotated and written into the cache by the kernel itself; then pos, the first K / V rows and the RoPE
+    factors are read before the PDL wait unless QTOOL_ATTN_EARLY=0 (attention.cu's ``early``)."""
     N, Hq, D = q.shape
     Hkv = cache.hkv
     if Hq % Hkv or Hq // Hkv > 8 or D not in ATTN_PU:
@@ -579,13 +580,15 @@ def _attn_partial(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, laye
     pos = positions.reshape(-1).to(torch.int64).contiguous()
     q2 = _rows(q)
     if rope is None:
-        tail = (ptr(None), i32(0), ptr(None), i32(0), ptr(None), ptr(None))
+        tail = (ptr(None), i32(0), ptr(None), i32(0), ptr(None), ptr(None), i32(0))
     else:
         if T != 1:
             raise ValueError("attention with fused RoPE is for decode (one token per row)")
         k, v, cos, sin = rope
         k2, v2 = _rows(k), _rows(v)
-        tail = (ptr(k2), i32(k2.stride(0)), ptr(v2), i32(v2.stride(0)), ptr(cos), ptr(sin))
+        # early loads before the PDL wait: only if no copy kernel (the predecessor) produced pos
+        early = pos.data_ptr() == positions.data_ptr() and os.environ.get("QTOOL_ATTN_EARLY", "1") != "0"
+        tail = (ptr(k2), i32(k2.stride(0)), ptr(v2), i32(v2.stride(0)), ptr(cos), ptr(sin), i32(int(early)))
     launch("attention", f"attn_partial<{D}, {ATTN_PU[D]}, {_attn_gm(D, Hq // Hkv)}>", (N * Hkv, S), (128,),
            (ptr(q2), i32(q2.stride(0)), ptr(pos), i32(T), ptr(kc), ptr(ks), ptr(vc), ptr(vs), i32(cache.code),
             f32(cache.k_scales[layer]), f32(cache.v_scales[layer]), ptr(part), ptr(ml), i32(Hq), i32(Hkv),

@@ -566,10 +566,13 @@ def test_rope_kv_attention(kv, d, hq, hkv, L, fused):
 @pytest.mark.parametrize("kv", ["bf16", "fp8", "nvfp4"])
 @pytest.mark.parametrize("hq,hkv,d,n,L", [(32, 8, 128, 1, 300), (16, 2, 128, 3, 1000), (9, 3, 64, 4, 77),
                                           (8, 8, 256, 2, 300), (4, 4, 64, 1, 1)])
-def test_rope_fused_matches_unfused(kv, hq, hkv, d, n, L):
+@pytest.mark.parametrize("early", ["1", "0"], ids=["early", "after_wait"])
+def test_rope_fused_matches_unfused(kv, hq, hkv, d, n, L, early, monkeypatch):
     """attn_partial with RoPE + KV write fused == rope_kv_write + attn_partial (self_checks.rope_fused_error: cache
-    codes, split sums and softmax statistics), odd head counts, several rows, a one-position cache."""
+    codes, split sums and softmax statistics), odd head counts, several rows, a one-position cache; with its
+    pre-wait loads (early) and without."""
     from qtool.kernels import self_checks
+    monkeypatch.setenv("QTOOL_ATTN_EARLY", early)
     g = torch.Generator(device=DEV).manual_seed(hq * d + n)
     assert self_checks.rope_fused_error(g, torch.device(DEV), kv, hq, hkv, d, n, L) is None
 
