@@ -153,7 +153,6 @@ extern "C" __global__ void rmsnorm_quant(const float* __restrict__ x, const floa
   float ts = static_scale(scheme, in_scale);
   QT_STAMP(0);
   pdl_wait();   // the next GEMV is triggered once this kernel's loads are done (below): run 30, +0.7 %
-  QT_TRIGGER_AT_ENTRY
   QT_STAMP(1);
   float v[16];
   float ss = 0.0f;

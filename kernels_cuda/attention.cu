@@ -340,7 +340,6 @@ extern "C" __global__ void __launch_bounds__(128) attn_combine_heads(const float
   float ts = static_scale(scheme, in_scale);
   QT_STAMP(5);
   pdl_wait();   // the next GEMV is triggered once this kernel's loads are done (below): run 30, +0.7 %
-  QT_TRIGGER_AT_ENTRY
   QT_STAMP(6);
   __shared__ float sv[128 * 16];
   __shared__ float smx[128], sls[128];

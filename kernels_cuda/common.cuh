@@ -40,13 +40,6 @@ __device__ __forceinline__ void pdl_trigger() {
 #endif
 }
 #define QT_PDL_ENTRY pdl_wait(); pdl_trigger();
-// rmsnorm_quant and attn_combine_heads trigger after their loads; -DQT_EARLY_TRIGGER (an experiment, v10) makes
-// them trigger at entry as well, so the next GEMV's warps start their pre-wait weight loads sooner
-#ifdef QT_EARLY_TRIGGER
-#define QT_TRIGGER_AT_ENTRY pdl_trigger();
-#else
-#define QT_TRIGGER_AT_ENTRY
-#endif
 // Timeline probe (scripts/probe_timeline.py compiles with -DQT_PROBE): QT_STAMP(i) stores %globaltimer (ns) of
 // thread 0 of each block into qt_probe[i][block] (blocks numbered x-fastest, < 4096); nothing otherwise.
 #ifdef QT_PROBE

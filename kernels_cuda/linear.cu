@@ -499,42 +499,20 @@ __device__ __forceinline__ void gemv_mma_deep(const u8* __restrict__ xq, const f
   const float* wsb = ws + (long long)((vb ? rb : 0) / sbo) * sld;
   int ng = (K + 127) / 128;
   bool grouped = sbi_log2 >= 0 || xs_group;
-  // PDL: the weights are constant, so before waiting for the previous kernel this warp loads its first k step's
-  // weights into registers (v10; QTOOL_NVRTC_DEFINES=-DQT_NO_EARLY_W: only prefetched) and sends its second
-  // step's to L2 (x̂, the scales' consumers, part, cnt and y are only touched after pdl_wait)
-  uint4 A[U], B[U];
-  const uint4 z = make_uint4(0, 0, 0, 0);
-  auto load_w = [&](int kb) {
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      int k = kb + 64 * u + 16 * t;
-      bool in = k < k1;
-      const u8* wa = P ? tw + (long long)(k >> 6) * 1024 : pa + k;
-      const u8* wb = P ? wa + 512 : pb + k;
-      A[u] = (va && in) ? ld_stream((const uint4*)wa) : z;
-      B[u] = (vb && in) ? ld_stream((const uint4*)wb) : z;
-    }
-  };
-#ifdef QT_NO_EARLY_W
-  constexpr bool early_w = false;
-  const int pf0 = 0;
-#else
-  constexpr bool early_w = true;
-  const int pf0 = 64 * U;             // the first step is loaded, the prefetch starts one step later
-  if (r0 < O) load_w(k0);
-#endif
+  // PDL: this warp's weights for its first two k steps go to L2 before waiting for the previous kernel (the
+  // weights are constant; x̂, the scales' consumers, part, cnt and y are only touched after pdl_wait)
   if (P && r0 < O) {            // the warp's 2U KB are contiguous: 2U*8 lines of 128 B
     const u8* base = wq + ((long long)(r0 >> 4) * (K >> 6) + (k0 >> 6)) * 1024;
     long long end = (long long)((k1 - k0 + 63) >> 6) * 1024;
 #pragma unroll
     for (int j = 0; j < U / 2; ++j) {
-      int off = (pf0 >> 6) * 1024 + j * 4096 + lane * 128;
+      int off = j * 4096 + lane * 128;
       if (off < end) prefetch_l2(base + off);
     }
   } else if (r0 < O && t == 0) {
 #pragma unroll
     for (int j = 0; j < U; ++j) {
-      int k = k0 + pf0 + 128 * j;
+      int k = k0 + 128 * j;
       if (k < k1) { if (va) prefetch_l2(pa + k); if (vb) prefetch_l2(pb + k); }
     }
   }
@@ -547,12 +525,17 @@ __device__ __forceinline__ void gemv_mma_deep(const u8* __restrict__ xq, const f
   float d[4] = {0.f, 0.f, 0.f, 0.f};    // unscaled sums (per-row scales)
   if (r0 < O) {
     for (int kb = k0; kb < k1; kb += 64 * U) {
-      uint4 X[U];
-      if (!early_w || kb != k0) load_w(kb);
+      uint4 A[U], B[U], X[U];
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         int k = kb + 64 * u + 16 * t;
-        X[u] = (vx && k < k1) ? *(const uint4*)(px + k) : z;
+        bool in = k < k1;
+        uint4 z = make_uint4(0, 0, 0, 0);
+        const u8* wa = P ? tw + (long long)(k >> 6) * 1024 : pa + k;
+        const u8* wb = P ? wa + 512 : pb + k;
+        A[u] = (va && in) ? ld_stream((const uint4*)wa) : z;
+        B[u] = (vb && in) ? ld_stream((const uint4*)wb) : z;
+        X[u] = (vx && in) ? *(const uint4*)(px + k) : z;
       }
       if (grouped) {
 #pragma unroll
