@@ -19,13 +19,10 @@ __device__ __forceinline__ float mx_exp(float amax) {  // clamp(ceil(log2(amax/6
 
 // quantize one row held in registers (16 contiguous elements per thread starting at i0 = 16 t); the shared body of
 // act_quant_fast and rmsnorm_quant. All threads of the block must call it (block reductions inside).
-// quant_row_s<SC>: SC >= 0 compiles one scheme's code only (scheme_rt ignored); SC = -1 branches on scheme_rt.
-template <int SC>
-__device__ __forceinline__ void quant_row_s(float v[16], int r, int t, bool live, float* red, float* __restrict__ out,
-                                            int K, int scheme_rt, float ts,
-                                            unsigned short* __restrict__ outh, float* __restrict__ hscale, int hperm,
-                                            u8* __restrict__ outq, float* __restrict__ qscale) {
-  const int scheme = SC >= 0 ? SC : scheme_rt;
+__device__ __forceinline__ void quant_row(float v[16], int r, int t, bool live, float* red, float* __restrict__ out,
+                                          int K, int scheme, float ts,
+                                          unsigned short* __restrict__ outh, float* __restrict__ hscale, int hperm,
+                                          u8* __restrict__ outq, float* __restrict__ qscale) {
   int i0 = t * 16;
   float a16 = 0.0f;
 #pragma unroll
@@ -105,28 +102,6 @@ __device__ __forceinline__ void quant_row_s(float v[16], int r, int t, bool live
       *(uint4*)(outh + ob + 8) = make_uint4(hw[4], hw[5], hw[6], hw[7]);
     }
   }
-}
-
-// quant_row: the scheme as a runtime branch, or (compiled with -DQT_SCHEME_SPECIALIZE, an experiment: the code-size
-// hypothesis of docs/cuda-notes.md v9) a switch into one specialised copy per scheme (scheme is block-uniform)
-__device__ __forceinline__ void quant_row(float v[16], int r, int t, bool live, float* red, float* __restrict__ out,
-                                          int K, int scheme, float ts,
-                                          unsigned short* __restrict__ outh, float* __restrict__ hscale, int hperm,
-                                          u8* __restrict__ outq, float* __restrict__ qscale) {
-#ifdef QT_SCHEME_SPECIALIZE
-#define QT_QR(S) quant_row_s<S>(v, r, t, live, red, out, K, scheme, ts, outh, hscale, hperm, outq, qscale)
-  switch (scheme) {
-    case 0: QT_QR(0); break;
-    case 1: QT_QR(1); break;
-    case 2: QT_QR(2); break;
-    case 3: QT_QR(3); break;
-    case 4: QT_QR(4); break;
-    default: QT_QR(5); break;
-  }
-#undef QT_QR
-#else
-  quant_row_s<-1>(v, r, t, live, red, out, K, scheme, ts, outh, hscale, hperm, outq, qscale);
-#endif
 }
 
 // the static scale of schemes 1 and 4 (in_scale[0]); callers read it before pdl_wait (a constant)
