@@ -47,6 +47,21 @@ __device__ __forceinline__ void load_rows(int kv_fmt, const void* codes, const u
   }
 }
 
+// load_rows, or (pre: the rows this warp loaded before the PDL wait, attn_partial's early) a copy of pre
+template <int D, int PU>
+__device__ __forceinline__ void rows_or_pre(bool use_pre, const float pre[PU][D / 32], int kv_fmt, const void* codes,
+                                            const u8* scales, long long rowbase, int j0, int np, int lane,
+                                            float scale, float r[PU][D / 32]) {
+  if (use_pre) {
+#pragma unroll
+    for (int u = 0; u < PU; ++u)
+#pragma unroll
+      for (int i = 0; i < D / 32; ++i) r[u][i] = pre[u][i];
+  } else {
+    load_rows<D, PU>(kv_fmt, codes, scales, rowbase, j0, np, lane, scale, r);
+  }
+}
+
 // one step of the warp transpose-reduce over the first N values: keep the half picked by lane bit O, add the
 // partner's copy of it (values N/2 .. N-1 are dead afterwards)
 template <int N, int O>
@@ -160,14 +175,7 @@ __global__ void __launch_bounds__(128, 1) attn_partial(const float* __restrict__
     constexpr int V = PU * GMAX;   // partial dot products per lane: (position slot u, head g) -> u * GMAX + g
     for (int j0 = warp; j0 < np; j0 += NW * PU) {
       float kv[PU][DPL];
-      if (early && j0 == warp) {
-#pragma unroll
-        for (int u = 0; u < PU; ++u)
-#pragma unroll
-          for (int i = 0; i < DPL; ++i) kv[u][i] = k0[u][i];
-      } else {
-        load_rows<D, PU>(kv_fmt, kc, ks, rowbase, j0, np, lane, k_scale, kv);
-      }
+      rows_or_pre<D, PU>(early && j0 == warp, k0, kv_fmt, kc, ks, rowbase, j0, np, lane, k_scale, kv);
       float val[V];
 #pragma unroll
       for (int u = 0; u < PU; ++u)
@@ -219,14 +227,7 @@ __global__ void __launch_bounds__(128, 1) attn_partial(const float* __restrict__
     for (int i = 0; i < DPL; ++i) acc[g][i] = 0.0f;
   for (int j0 = warp; j0 < np; j0 += NW * PU) {
     float vv[PU][DPL];
-    if (early && j0 == warp) {
-#pragma unroll
-      for (int u = 0; u < PU; ++u)
-#pragma unroll
-        for (int i = 0; i < DPL; ++i) vv[u][i] = v0[u][i];
-    } else {
-      load_rows<D, PU>(kv_fmt, vc, vs, rowbase, j0, np, lane, v_scale, vv);
-    }
+    rows_or_pre<D, PU>(early && j0 == warp, v0, kv_fmt, vc, vs, rowbase, j0, np, lane, v_scale, vv);
 #pragma unroll
     for (int u = 0; u < PU; ++u) {
       int j = j0 + u * NW;
