@@ -460,6 +460,10 @@ extern "C" __global__ void gemv_mma_reduce(const float* __restrict__ part, int S
 // resets its counter to zero (so the next launch, and every CUDA graph replay, finds zeros). Block = W warps of
 // 16 rows each (W = blockDim.x / 32; ops uses W = 1: one-warp blocks spread evenly over the SMs), grid
 // (ceil(O / (16 W)), S); the ticket counter is per block.
+// inb = 1 (v11, the default): no ticket, no part. Block = S warps, warp s computing K slice s of the 16-row tile
+// blockIdx.x (grid (ceil(O / 16), 1), dynamic shared memory S * 512 B); the warps' fragments meet in shared
+// memory and warp 0 sums them in the ticket's order (bias first, then s = 0..S-1: the same bits) and writes y
+// (or the il epilogue). One block barrier instead of a fence, an atomic and an L2 round trip on the tail.
 // il > 0 (gate|up fused with silu, O = 2 il, il % 8 == 0, S any): the weight rows are interleaved in groups of
 // 8 (row 16 j + i = gate row 8 j + i, row 16 j + 8 + i = up row 8 j + i, bias the same), so a lane holds the
 // gate and up sums of the same feature; instead of y the kernel writes the down projection's fp8 input
@@ -479,13 +483,14 @@ __device__ __forceinline__ void gemv_mma_deep(const u8* __restrict__ xq, const f
     int xs_group, const u8* __restrict__ wq, const float* __restrict__ ws, const float* __restrict__ bias,
     float* __restrict__ part, unsigned* __restrict__ cnt, float* __restrict__ y, int ldy, int M, int O, int K,
     int sld, int sbo, int sbi_log2, int kslice, int il, const float* __restrict__ in_scale,
-    const float* __restrict__ pqs, u8* __restrict__ xq_out, float* __restrict__ xs_out) {
+    const float* __restrict__ pqs, u8* __restrict__ xq_out, float* __restrict__ xs_out, int inb) {
   __shared__ unsigned is_last;
   int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wpb = blockDim.x >> 5;
   int g = lane >> 2, t = lane & 3;
-  int r0 = (blockIdx.x * wpb + warp) * 16;
-  int S = gridDim.y;
-  int k0 = blockIdx.y * kslice, k1 = min(K, k0 + kslice);
+  // inb (v11): the block's warps are the S K slices of one 16-row tile (grid y = 1), summed through shared memory
+  int r0 = inb ? blockIdx.x * 16 : (blockIdx.x * wpb + warp) * 16;
+  int S = inb ? wpb : gridDim.y;
+  int k0 = (inb ? warp : blockIdx.y) * kslice, k1 = min(K, k0 + kslice);
   int ra = r0 + g, rb = r0 + g + 8;
   bool va = ra < O, vb = rb < O, vx = g < M;
   // P (mma-tiled weights, see mma_tile_offset): lane's 16 B of row ra at k lie at tw + (k/64)*1024, row rb's
@@ -577,8 +582,24 @@ __device__ __forceinline__ void gemv_mma_deep(const u8* __restrict__ xq, const f
   }
   QT_STAMP(IL ? 5 : 2);
   if (il && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x < M) xs_out[threadIdx.x] = ts;
-  if (S == 1) {
+  bool summed = false;                 // acc already holds bias + the S slices (inb)
+  if (inb && S > 1) {                  // the ticket's order: bias first, then slices s = 0..S-1 (same bits)
+    extern __shared__ float red[];     // [S][4][32]
+#pragma unroll
+    for (int i = 0; i < 4; ++i) red[(warp * 4 + i) * 32 + lane] = acc[i];
+    __syncthreads();
+    if (warp != 0) return;
     float ba = (bias && va) ? bias[ra] : 0.0f, bb = (bias && vb) ? bias[rb] : 0.0f;
+    float a4[4] = {ba, ba, bb, bb};
+    for (int s = 0; s < S; ++s)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a4[i] += red[(s * 4 + i) * 32 + lane];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[i] = a4[i];
+    summed = true;
+  }
+  if (S == 1 || summed) {
+    float ba = (bias && va && !summed) ? bias[ra] : 0.0f, bb = (bias && vb && !summed) ? bias[rb] : 0.0f;
     if (il) {                        // rows ra (gate) and rb = ra + 8 (up) of feature (r0 / 16) * 8 + g
       int f = (r0 >> 4) * 8 + g;
       if (va && m0 < M) silu_quant_store(ba + acc[0], bb + acc[2], m0, f, il, ts, pqs, xq_out);
@@ -620,22 +641,25 @@ __device__ __forceinline__ void gemv_mma_deep(const u8* __restrict__ xq, const f
   if (threadIdx.x == 0) cnt[blockIdx.x] = 0u;
 }
 
+// gemv_mma4 / 4s / 4p: blocks of up to 16 warps (inb: 16 K slices); 512 threads leave the register cap at 128
+// (they use 94-100). gemv_mma8 (~158 registers) keeps 128 threads: inb with at most 4 slices.
+#define QT_MMA4_THREADS 512
 #define QT_MMA_DEEP_ARGS const u8* __restrict__ xq, const float* __restrict__ xs, int xs_group, \
   const u8* __restrict__ wq, const float* __restrict__ ws, const float* __restrict__ bias, float* __restrict__ part, \
   unsigned* __restrict__ cnt, float* __restrict__ y, int ldy, int M, int O, int K, int sld, int sbo, int sbi_log2, \
   int kslice, int il, const float* __restrict__ in_scale, const float* __restrict__ pqs, \
-  u8* __restrict__ xq_out, float* __restrict__ xs_out
+  u8* __restrict__ xq_out, float* __restrict__ xs_out, int inb
 #define QT_MMA_DEEP_PASS xq, xs, xs_group, wq, ws, bias, part, cnt, y, ldy, M, O, K, sld, sbo, sbi_log2, kslice, il, \
-  in_scale, pqs, xq_out, xs_out
-extern "C" __global__ void __launch_bounds__(128) gemv_mma4(QT_MMA_DEEP_ARGS) { gemv_mma_deep<4, false, false>(QT_MMA_DEEP_PASS); }
+  in_scale, pqs, xq_out, xs_out, inb
+extern "C" __global__ void __launch_bounds__(QT_MMA4_THREADS) gemv_mma4(QT_MMA_DEEP_ARGS) { gemv_mma_deep<4, false, false>(QT_MMA_DEEP_PASS); }
 extern "C" __global__ void __launch_bounds__(128) gemv_mma8(QT_MMA_DEEP_ARGS) { gemv_mma_deep<8, false, false>(QT_MMA_DEEP_PASS); }
 // gemv_mma4s: gemv_mma4 with the il (gate|up + silu + fp8 quantization) epilogue (il > 0 required)
-extern "C" __global__ void __launch_bounds__(128) gemv_mma4s(QT_MMA_DEEP_ARGS) { gemv_mma_deep<4, false, true>(QT_MMA_DEEP_PASS); }
+extern "C" __global__ void __launch_bounds__(QT_MMA4_THREADS) gemv_mma4s(QT_MMA_DEEP_ARGS) { gemv_mma_deep<4, false, true>(QT_MMA_DEEP_PASS); }
 // gemv_mma4p: gemv_mma4 on mma-tiled fp8 weights (ops.mma_tile_fp8): O padded to 16 rows, K % 64 == 0; byte
 // (o, k) at ((o/16 * K/64 + k/64) * 2 + (o%16)/8) * 512 + ((o%8) * 4 + (k%64)/16) * 16 + k%16, so each warp's
 // 16-B loads of one round read 512 contiguous bytes (row-major: 16 rows x 64 B) and a warp streams one
 // contiguous range. An experiment timed by bench_decode.py --gemv ("mma4 tiled").
-extern "C" __global__ void __launch_bounds__(128) gemv_mma4p(QT_MMA_DEEP_ARGS) { gemv_mma_deep<4, true, false>(QT_MMA_DEEP_PASS); }
+extern "C" __global__ void __launch_bounds__(QT_MMA4_THREADS) gemv_mma4p(QT_MMA_DEEP_ARGS) { gemv_mma_deep<4, true, false>(QT_MMA_DEEP_PASS); }
 
 // gemv_mma_bulk<XH> (v8): FP8 x FP8 decode GEMV (exact products, f32 sums, the scales of gemv_mma) on mma-tiled
 // fp8 weights (ops.mma_tile_fp8, the gemv_mma4p layout: a 16-row tile is K * 16 contiguous bytes), streamed by

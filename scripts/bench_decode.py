@@ -296,6 +296,7 @@ def copy_bandwidth():
 
 
 GRIDS = {
+    "one": [("llama3.1-8b", "fp8", "bf16", 512)],   # the acceptance row alone (A/B runs with --variants)
     "must": [("llama3.1-8b", f, "bf16", 512) for f in ("fp8", "bf16")],
     "quick": [("llama3.1-8b", f, "bf16", 512) for f in ("fp8", "bf16", "fp8-rowwise", "nvfp4", "w4a16-awq")]
              + [("llama3.1-8b", "fp8", kv, 512) for kv in ("fp8", "nvfp4")]

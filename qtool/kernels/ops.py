@@ -382,33 +382,61 @@ def _mma_split(O: int, K: int) -> tuple[int, int]:
 
 
 def _launch_mma4(q: dict, kl: KLinear, y: torch.Tensor, M: int, S: int | None = None, U: int = 4,
-                 tiled: torch.Tensor | None = None, silu: tuple | None = None) -> None:
+                 tiled: torch.Tensor | None = None, silu: tuple | None = None, inb: bool | None = None) -> None:
     """gemv_mma4 (U = 4; U = 8: gemv_mma8, the benchmark's experiment; ``tiled`` = mma_tile_fp8(kl.w), or kl
     itself mma-tiled: gemv_mma4p) into y [M, O] (S K slices; default from _mma4_split). ``silu`` = (down, pre):
     kl's rows are gate|up interleaved (kl.il), and gemv_mma4s writes silu(gate) * up quantized for the down
-    projection into pre's xq / xs instead of y."""
+    projection into pre's xq / xs instead of y. inb (default: unless QTOOL_MMA4_INB=0): the S K slices of a
+    16-row tile are the warps of one block, summed through shared memory (same bits as the ticket of one-warp
+    blocks, which inb=False launches; default once the "inb" self-check passed); S = 1 and S above the block's
+    limit take the one-warp grid."""
     O, K = kl.out_features, kl.in_features
     if kl.tiled:
         if U != 4 or silu is not None:
             raise ValueError("gemv_mma8 / gemv_mma4s read row-major weights")
         tiled = kl.w
     name = f"gemv_mma{U}" + ("p" if tiled is not None else "s" if silu is not None else "")
-    S, kslice = _mma4_split(O, K, U, name) if S is None else _kslices(K, S, 64 * U)
+    if inb is None:
+        inb = os.environ.get("QTOOL_MMA4_INB", "1") != "0" and _path_ok("inb")
+    if S is None:
+        S, kslice = (_inb_split if inb else _mma4_split)(O, K, U, name)
+    else:
+        S, kslice = _kslices(K, S, 64 * U)
+    inb = inb and 1 < S <= _inb_max(U)
     cnt = _counters(y.device)
     rows = 16 * MMA4_WARPS
     if math.ceil(O / rows) > cnt.numel():
         raise ValueError(f"gemv_mma4 supports at most {cnt.numel() * rows} output features")
-    part = torch.empty(S, M, O, dtype=torch.float32, device=y.device) if S > 1 else None
+    part = torch.empty(S, M, O, dtype=torch.float32, device=y.device) if S > 1 and not inb else None
     if silu is None:
         tail = (i32(0), ptr(None), ptr(None), ptr(None), ptr(None))
     else:
         down, pre = silu
         tail = (i32(kl.il), ptr(down.in_scale), ptr(down.pqs), ptr(pre["xq"]), ptr(pre["xs"]))
-    launch("linear", name, (math.ceil(O / rows), S), (32 * MMA4_WARPS,),
+    grid, block = ((math.ceil(O / 16), 1), (32 * S,)) if inb else ((math.ceil(O / rows), S), (32 * MMA4_WARPS,))
+    launch("linear", name, grid, block,
            (ptr(q["xq"]), ptr(q["xs"]), i32(1 if kl.act == 3 else 0), ptr(kl.w if tiled is None else tiled),
             ptr(kl.sc), ptr(kl.bias), ptr(part),
             ptr(cnt), ptr(y), i32(O), i32(M), i32(O), i32(K), i32(kl.sld), i32(kl.sbo), i32(kl.sbi_log2),
-            i32(kslice)) + tail)
+            i32(kslice)) + tail + (i32(int(inb)),), smem=512 * S if inb else 0)
+
+
+def _inb_max(U: int) -> int:
+    """Most K slices one in-block gemv_mma launch takes: the kernels' launch bound / 32 (gemv_mma8: 128)."""
+    return 16 if U == 4 else 4
+
+
+def _inb_split(O: int, K: int, U: int = 4, name: str | None = None) -> tuple[int, int]:
+    """K slices for the in-block gemv_mma4 (one block of S warps per 16-row tile): _mma4_split's count, lowered
+    until every block is resident at once (blocks of S warps per SM x SMs >= tiles: one wave) and S fits a block."""
+    S, _ = _mma4_split(O, K, U, name)
+    name = name or f"gemv_mma{U}"
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    warps_per_sm = _resident_blocks(name) // sms // MMA4_WARPS
+    tiles = math.ceil(O / 16)
+    while S > 1 and (S > _inb_max(U) or tiles > sms * (warps_per_sm // S)):
+        S -= 1
+    return _kslices(K, S, 64 * U)
 
 
 def _shape_knob(env: str, kl: KLinear) -> str | None:

@@ -1,7 +1,7 @@
 """The fast paths' self-checks: each runs a kernel path once on random data against a reference path and says
 whether it may be used.
 
-Contract: ``run(name) -> bool`` for the names ``ops._path_ok`` asks about ("mma4", "mma", "half", "bulk", "tc",
+Contract: ``run(name) -> bool`` for the names ``ops._path_ok`` asks about ("mma4", "inb", "mma", "half", "bulk", "tc",
 "silu_quant", "silu_fused", "attn_quant", "merge_split", "combine_heads", "rope_fused"); a False comes with a warning naming what
 differed, and ops then takes the next path for the rest of the process. The GPU tests call the same checks
 (``merge_split``, ``combine_heads_error``, ``rope_fused_error``) at more shapes. Needs CUDA; imported only when a check runs.
@@ -27,6 +27,8 @@ def run(name: str) -> bool:
     dev = torch.device("cuda")
     if name == "mma4":
         return mma4(g, dev)
+    if name == "inb":
+        return inb(g, dev)
     if name == "bulk":
         return fp8_bulk.self_check(g, dev)
     if name == "tc":
@@ -86,6 +88,24 @@ def mma4(g, dev) -> bool:
             warnings.warn(f"qtool CUDA: fast path 'mma4' differs from the f32 path by {err:.2e} "
                           f"(O={O}, K={K}, act={act}, M={M}); disabled")
             return False
+    return True
+
+
+def inb(g, dev) -> bool:
+    """In-block gemv_mma4 (a tile's K slices as the warps of one block) == the one-warp-block ticket launch at the
+    same slice count, bit for bit: per-tensor, per-row and 128-block scales, a bias, M = 1 and 3, S = 2, 3, 7, 16."""
+    for O, K, recipe, M in ((96, 512, "fp8-rowwise", 3), (200, 640, "fp8-block", 1), (1000, 4096, "fp8", 1),
+                            (72, 4096, "fp8-block", 3)):
+        kl = random_linear(recipe, O, K, g, dev, bias=True)
+        q = act_quant(torch.randn(M, K, generator=g, device=dev), kl, codes=True)
+        for S in (2, 3, 7, 16):
+            a, b = (torch.full((M, O), float("nan"), device=dev) for _ in range(2))
+            _launch_mma4(q, kl, a, M, S, inb=True)
+            _launch_mma4(q, kl, b, M, S, inb=False)
+            if not torch.equal(a, b):
+                warnings.warn(f"qtool CUDA: in-block gemv_mma4 differs from the ticket launch (O={O}, K={K}, "
+                              f"{recipe}, M={M}, S={S}); ticket")
+                return False
     return True
 
 

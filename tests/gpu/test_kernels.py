@@ -253,7 +253,8 @@ def test_silu_mul_fused_quant(fmt, act, m, i):
 @pytest.mark.parametrize("m,o,k", [(1, 1000, 4096), (3, 200, 640), (8, 96, 14336)])
 def test_mma4_splits_and_ticket(fmt, act, m, o, k):
     """gemv_mma4 (and the benchmark's gemv_mma8) at forced K-slice counts (S = 1 writes y directly; S > 1 folds
-    the reduce into the last block by an atomic ticket): float64 reference, bit-identical repeats (counters reset, fixed summation order),
+    the reduce into the last block by an atomic ticket; S > 1 in-block: the slices as the warps of one block, the same bits):
+    float64 reference, bit-identical repeats (counters reset, fixed summation order),
     and a CUDA-graph replay equal to the eager launch."""
     from qtool.kernels import ops
     kl, x, ref, q = _fp8_case(fmt, act, m, o, k, m * 11 + o + k + len(fmt))
@@ -271,7 +272,14 @@ def test_mma4_splits_and_ticket(fmt, act, m, o, k):
         ops._launch_mma4(q, kl, y0, m, S)
         ops._launch_mma4(q, kl, y1, m, S, 4, tiled)
         assert torch.equal(y0, y1), f"tiled S={S}: differs from gemv_mma4"
+    for S in (2, 3, 7, 16):          # in-block K slices (v11) == the one-warp-block ticket, bit for bit
+        y0, y1 = (torch.full((m, o), float("nan"), device=DEV) for _ in range(2))
+        ops._launch_mma4(q, kl, y0, m, S, inb=True)
+        ops._launch_mma4(q, kl, y1, m, S, inb=False)
+        assert torch.equal(y0, y1), f"in-block S={S}: differs from the ticket launch"
+        assert rel(y0, ref) < 1e-4
     assert int(ops._counters(torch.device(DEV)).abs().sum()) == 0
+    assert_replays_equal(lambda y: ops._launch_mma4(q, kl, y, m, 16, inb=True), y0)   # y0: the S = 16 launch
     assert_replays_equal(lambda y: ops._launch_mma4(q, kl, y, m), outs[0])
 
 
