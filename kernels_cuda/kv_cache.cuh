@@ -39,14 +39,28 @@ __device__ __forceinline__ void kv_load_vec(int fmt, const void* codes, const u8
     if (DPL == 2) w[0] = *(const unsigned short*)p;
     else if (DPL == 4) w[0] = *(const unsigned*)p;
     else { uint2 t = *(const uint2*)p; w[0] = t.x; w[1] = t.y; }
+    // v12: the f16 bit decode (value * 2^-8, exact, subnormals included) instead of the scalar decoder's
+    // branches; (v * 2^-8) * (scale * 2^8) rounds as v * scale does, so the same bits as kv_load
+    float s8 = scale * 256.0f;
 #pragma unroll
-    for (int i = 0; i < DPL; ++i) out[i] = e4m3_to_f32((w[i / 4] >> (8 * (i % 4))) & 0xffu) * scale;
+    for (int j = 0; j < (DPL + 3) / 4; ++j) {
+      unsigned h02, h13;
+      fp8x4_to_h2(w[j], h02, h13);
+      float e0, e1, e2, e3;
+      h2x2f(h02, e0, e2); h2x2f(h13, e1, e3);
+      out[4 * j] = e0 * s8; out[4 * j + 1] = e1 * s8;
+      if (4 * j + 2 < DPL) { out[4 * j + 2] = e2 * s8; out[4 * j + 3] = e3 * s8; }
+    }
   } else {
     const u8* p = (const u8*)codes + row * (D / 2) + d0 / 2;
     unsigned w = DPL == 2 ? (unsigned)*p : (DPL == 4 ? (unsigned)*(const unsigned short*)p : *(const unsigned*)p);
     float sg = e4m3_to_f32(scales[row * (D / 16) + d0 / 16]) * (scale / 6.0f);
+    // v12: the f16 bit decode (pairs (k, k + 4), value * 2^-14, exact), folded into the scale as above
+    float s14 = sg * 16384.0f;
+    unsigned h[4];
+    fp4x8_to_h2(w, h);
 #pragma unroll
-    for (int i = 0; i < DPL; ++i) out[i] = e2m1_to_f32((w >> (4 * i)) & 15u) * sg;
+    for (int i = 0; i < DPL; ++i) out[i] = h2f((unsigned short)(i < 4 ? h[i] & 0xffffu : h[i - 4] >> 16)) * s14;
   }
 }
 

@@ -300,7 +300,7 @@ GRIDS = {
     "must": [("llama3.1-8b", f, "bf16", 512) for f in ("fp8", "bf16")],
     "quick": [("llama3.1-8b", f, "bf16", 512) for f in ("fp8", "bf16", "fp8-rowwise", "nvfp4", "w4a16-awq")]
              + [("llama3.1-8b", "fp8", kv, 512) for kv in ("fp8", "nvfp4")]
-             + [("llama3.1-8b", "fp8", kv, 8192) for kv in ("bf16", "fp8")]
+             + [("llama3.1-8b", "fp8", kv, 8192) for kv in ("bf16", "fp8", "nvfp4")]
              + [("smollm2-135m", "bf16", "bf16", 512), ("qwen3-8b", "fp8", "bf16", 512)],
 }
 GRIDS["full"] = GRIDS["quick"] + [(s, f, kv, c) for s in ("llama3.1-8b", "qwen3-8b") for f in
