@@ -658,8 +658,10 @@ extern "C" __global__ void __launch_bounds__(QT_MMA4_THREADS) gemv_mma4s(QT_MMA_
 // gemv_mma4p: gemv_mma4 on mma-tiled fp8 weights (ops.mma_tile_fp8): O padded to 16 rows, K % 64 == 0; byte
 // (o, k) at ((o/16 * K/64 + k/64) * 2 + (o%16)/8) * 512 + ((o%8) * 4 + (k%64)/16) * 16 + k%16, so each warp's
 // 16-B loads of one round read 512 contiguous bytes (row-major: 16 rows x 64 B) and a warp streams one
-// contiguous range. An experiment timed by bench_decode.py --gemv ("mma4 tiled").
+// contiguous range. Timed by bench_decode.py --gemv ("mma4 tiled"); the decode path on tiled weights (v13).
 extern "C" __global__ void __launch_bounds__(QT_MMA4_THREADS) gemv_mma4p(QT_MMA_DEEP_ARGS) { gemv_mma_deep<4, true, false>(QT_MMA_DEEP_PASS); }
+// gemv_mma4ps (v13): gemv_mma4s on mma-tiled weights (interleaved gate|up rows, then tiled)
+extern "C" __global__ void __launch_bounds__(QT_MMA4_THREADS) gemv_mma4ps(QT_MMA_DEEP_ARGS) { gemv_mma_deep<4, true, true>(QT_MMA_DEEP_PASS); }
 
 // gemv_mma_bulk<XH> (v8): FP8 x FP8 decode GEMV (exact products, f32 sums, the scales of gemv_mma) on mma-tiled
 // fp8 weights (ops.mma_tile_fp8, the gemv_mma4p layout: a 16-row tile is K * 16 contiguous bytes), streamed by

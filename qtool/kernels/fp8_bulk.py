@@ -42,6 +42,12 @@ def mma_tile_fp8(w: torch.Tensor) -> torch.Tensor:
     return w.view(Op // 16, 2, 8, K // 64, 4, 16).permute(0, 3, 1, 2, 4, 5).contiguous()
 
 
+def mma_untile_fp8(wt: torch.Tensor, O: int, K: int) -> torch.Tensor:
+    """The inverse of mma_tile_fp8: row-major codes [O, K] (padding rows dropped)."""
+    Op = math.ceil(O / 16) * 16
+    return wt.reshape(Op // 16, K // 64, 2, 8, 4, 16).permute(0, 2, 3, 1, 4, 5).reshape(Op, K)[:O]
+
+
 def to_tiled(kl: KLinear) -> KLinear:
     """kl with mma-tiled weights. Lay weights out at load time only: gemv_mma_bulk starts reading them before it
     waits for the previous kernel (programmatic dependent launch), so they must not be written right before it."""

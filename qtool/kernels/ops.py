@@ -99,7 +99,7 @@ def act_quant(x: torch.Tensor, kl: KLinear, half: bool = False, codes: bool = Fa
 # reduce folded in) on row-major ones, with "mma" (gemv_mma + reduce) as its fallback
 PATHS = ("bulk", "mma4", "mma", "half", "tc")
 MMA_PATHS = ("bulk", "mma4", "mma")
-ROW_MAJOR_PATHS = ("mma4", "mma", "half", "f32")
+ROW_MAJOR_PATHS = ("mma", "half", "f32")   # mma4 reads either layout (tiled: gemv_mma4p)
 _PATH_STATE: dict[str, bool] = {}
 
 
@@ -141,18 +141,29 @@ def _half_ok(kl: KLinear, M: int) -> bool:
 
 def adopt_layout(kl: KLinear) -> KLinear:
     """``kl`` with its fp8 weights in the mma-tiled order when its decode GEMV is to be gemv_mma_bulk (QTOOL_BULK=1
-    on sm_90+, fp8 activations, self-check passed); else ``kl`` unchanged (row-major: gemv_mma4)."""
-    if (kl.fmt == 1 and not kl.tiled and _mma_ok(kl, 1) and kl.in_features <= fp8_bulk.MAX_K and fp8_bulk.enabled()
-            and _path_ok("bulk")):
+    on sm_90+, fp8 activations, self-check passed) or gemv_mma4p (tiled_decode()); else ``kl`` unchanged
+    (row-major: gemv_mma4)."""
+    if kl.fmt != 1 or kl.tiled or not _mma_ok(kl, 1):
+        return kl
+    if ((kl.in_features <= fp8_bulk.MAX_K and fp8_bulk.enabled() and _path_ok("bulk"))
+            or (tiled_decode() and _path_ok("mma4"))):
         return fp8_bulk.to_tiled(kl)
     return kl
+
+
+def tiled_decode() -> bool:
+    """fp8 decode GEMVs on mma-tiled weights (gemv_mma4p / gemv_mma4ps: each warp's 16-B loads of a round are
+    512 contiguous bytes) instead of row-major ones; QTOOL_TILED=0 keeps row-major (gemv_mma4 / gemv_mma4s)."""
+    return os.environ.get("QTOOL_TILED", "0") == "1"
 
 
 def decode_path(kl: KLinear, M: int) -> str:
     """The path ``linear`` takes for M rows by default."""
     if kl.tiled:
-        if _mma_ok(kl, M) and fp8_bulk.plan(M, kl.in_features, per_sm=1) is not None:
+        if _mma_ok(kl, M) and fp8_bulk.enabled() and fp8_bulk.plan(M, kl.in_features, per_sm=1) is not None:
             return "bulk"
+        if _mma_ok(kl, M) and _path_ok("mma4"):
+            return "mma4"                 # gemv_mma4p
     elif _mma_ok(kl, M):
         for p in MMA_PATHS[1:]:
             if _path_ok(p):
@@ -245,7 +256,7 @@ def silu_fusable(kl, down) -> bool:
     if not (isinstance(kl, KLinear) and isinstance(down, KLinear)) or os.environ.get("QTOOL_SILU_FUSED", "1") == "0":
         return False
     O = kl.out_features
-    return (kl.fmt == 1 and not kl.tiled and kl.perm is None and kl.il == 0 and down.perm is None
+    return (kl.fmt == 1 and kl.perm is None and kl.il == 0 and down.perm is None
             and O % 16 == 0 and down.in_features * 2 == O and (kl.sbo == 1 or kl.sbo >= O)
             and down.act == 1 and down.in_scale is not None and decode_path(kl, 1) == "mma4"
             and decode_path(down, 1) in MMA_PATHS and _path_ok("silu_fused"))
@@ -254,12 +265,14 @@ def silu_fusable(kl, down) -> bool:
 def interleave_gate_up(kl: KLinear) -> KLinear:
     """``kl`` (rows [gate | up], O = 2I) with its rows interleaved in groups of 8: row 16j + i = gate row 8j + i,
     row 16j + 8 + i = up row 8j + i (weights, per-row scales, bias); ``il`` = I. Its outputs come back in that
-    order (deinterleave) unless gemv_mma4s consumes them."""
+    order (deinterleave) unless gemv_mma4s / gemv_mma4ps consume them. Mma-tiled weights stay tiled."""
     O = kl.out_features
     idx = torch.arange(O, device=kl.w.device).view(2, O // 16, 8).transpose(0, 1).reshape(-1)
     sc = kl.sc.reshape(O, -1)[idx].reshape(kl.sc.shape).contiguous() if kl.sbo == 1 else kl.sc
     bias = kl.bias[idx].contiguous() if kl.bias is not None else None
-    return replace(kl, w=kl.w.index_select(0, idx).contiguous(), sc=sc, bias=bias, il=O // 2)
+    w = fp8_bulk.mma_untile_fp8(kl.w, O, kl.in_features) if kl.tiled else kl.w
+    w = w.index_select(0, idx).contiguous()
+    return replace(kl, w=mma_tile_fp8(w) if kl.tiled else w, sc=sc, bias=bias, il=O // 2)
 
 
 def deinterleave(y: torch.Tensor, I: int) -> torch.Tensor:
@@ -392,10 +405,10 @@ def _launch_mma4(q: dict, kl: KLinear, y: torch.Tensor, M: int, S: int | None = 
     limit take the one-warp grid."""
     O, K = kl.out_features, kl.in_features
     if kl.tiled:
-        if U != 4 or silu is not None:
-            raise ValueError("gemv_mma8 / gemv_mma4s read row-major weights")
+        if U != 4:
+            raise ValueError("gemv_mma8 reads row-major weights")
         tiled = kl.w
-    name = f"gemv_mma{U}" + ("p" if tiled is not None else "s" if silu is not None else "")
+    name = f"gemv_mma{U}" + ("p" if tiled is not None else "") + ("s" if silu is not None else "")
     if inb is None:
         inb = os.environ.get("QTOOL_MMA4_INB", "1") != "0" and _path_ok("inb")
     if S is None:

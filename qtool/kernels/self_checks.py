@@ -15,7 +15,8 @@ import torch
 
 from qtool.kernels import fp8_bulk
 from qtool.kernels.ops import (KVCache, _attn_partial, _head_local, _launch_combine, _launch_mma4, _launch_silu_quant,
-                               _path_ok, _quant_outputs, act_quant, interleave_gate_up, linear, rope_and_store,
+                               _path_ok, _quant_outputs, act_quant, interleave_gate_up, linear, mma_tile_fp8,
+                               rope_and_store,
                                silu_mul, silu_mul_quant)
 from qtool.kernels.random_weights import random_linear
 from qtool.kernels.weights import KLinear
@@ -72,7 +73,8 @@ def run(name: str) -> bool:
 
 def mma4(g, dev) -> bool:
     """gemv_mma4 against the f32 path: per-row and 128x128-block scales, odd O, K not a multiple of 256,
-    M = 1 and 3, default split and S = 1, and a repeated launch (counters reset, bit-identical result)."""
+    M = 1 and 3, default split and S = 1, a repeated launch (counters reset, bit-identical result), and gemv_mma4p
+    on the mma-tiled copy equal to gemv_mma4 bit for bit."""
     for O, K, act, M in ((96, 512, 2, 3), (200, 640, 3, 1), (1000, 4096, 2, 1), (72, 384, 3, 3)):
         kl = random_linear("fp8-block" if act == 3 else "fp8-rowwise", O, K, g, dev, bias=act == 3)
         x = torch.randn(M, K, generator=g, device=dev)
@@ -83,8 +85,12 @@ def mma4(g, dev) -> bool:
             y = torch.full((M, O), float("nan"), device=dev)
             _launch_mma4(q, kl, y, M, S)
             outs.append(y)
+        for tiled in (False, True):      # S = 3 on row-major and on mma-tiled weights (gemv_mma4p): same bits
+            y = torch.full((M, O), float("nan"), device=dev)
+            _launch_mma4(q, kl, y, M, 3, 4, mma_tile_fp8(kl.w) if tiled else None)
+            outs.append(y)
         err = max(float((a - b).norm() / b.norm()) for a in outs)
-        if not (err < 1e-4 and torch.equal(outs[0], outs[1])):
+        if not (err < 1e-4 and torch.equal(outs[0], outs[1]) and torch.equal(outs[-2], outs[-1])):
             warnings.warn(f"qtool CUDA: fast path 'mma4' differs from the f32 path by {err:.2e} "
                           f"(O={O}, K={K}, act={act}, M={M}); disabled")
             return False

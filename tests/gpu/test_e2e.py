@@ -108,15 +108,17 @@ def test_recipes(tiny_models, family, fmt, act, kv):
     _check(mw, kv)
 
 
+@pytest.mark.parametrize("layout", ["bulk", "mma4p"])
 @pytest.mark.parametrize("fmt,act,kv", [r for r in RECIPES if r[0].startswith("fp8")])
-def test_fp8_recipes_tiled(tiny_models, monkeypatch, fmt, act, kv):
-    """The fp8 recipes with mma-tiled weights (QTOOL_BULK=1: gemv_mma_bulk decode, gemm_tc<5, 1> prefill);
-    test_recipes runs the default row-major layout (gemv_mma4, gemm_tc<1, 1>)."""
+def test_fp8_recipes_tiled(tiny_models, monkeypatch, fmt, act, kv, layout):
+    """The fp8 recipes with mma-tiled weights (QTOOL_BULK=1: gemv_mma_bulk decode; QTOOL_TILED=1: gemv_mma4p /
+    gemv_mma4ps decode; gemm_tc<5, 1> prefill); test_recipes runs the default layout."""
     from qtool.kernels import fp8_bulk
     from qtool.runtime.loader import load_model_weights
-    if not fp8_bulk.supported():
+    if layout == "bulk" and not fp8_bulk.supported():
         pytest.skip("gemv_mma_bulk needs sm_90+")
-    monkeypatch.setenv("QTOOL_BULK", "1")
+    monkeypatch.setenv("QTOOL_BULK", "1" if layout == "bulk" else "0")
+    monkeypatch.setenv("QTOOL_TILED", "1" if layout == "mma4p" else "0")
     mw = _requant(load_model_weights(str(tiny_models("llama3")), progress=False), fmt, act, kv)
     _check(mw, kv)
 

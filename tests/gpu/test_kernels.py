@@ -430,11 +430,15 @@ def test_gate_up_silu_epilogue(recipe, m, i, k):
     assert rel(y, xhat @ wd.t()) < 1e-5
     q = ops.act_quant(x, kil, codes=True)
 
-    def run(out):
+    def run(out, layer=kil):
         p = ops._quant_outputs(down, m, i, "mma4", DEV)
-        ops._launch_mma4(q, kil, out, m, silu=(down, p))
+        ops._launch_mma4(q, layer, out, m, silu=(down, p))
         out.copy_(p["xq"].float())
     assert_replays_equal(run, ref["xq"].float())
+    # v13: the same on mma-tiled weights (gemv_mma4ps), tiled before the interleave as CudaBackend does
+    kt = ops.interleave_gate_up(ops.to_tiled(kl))
+    assert kt.tiled and ops.decode_path(kt, m) == "mma4"
+    assert_replays_equal(lambda out: run(out, kt), ref["xq"].float())
 
 
 def test_pdl_launch_chain_and_graph(monkeypatch):
