@@ -153,8 +153,9 @@ def adopt_layout(kl: KLinear) -> KLinear:
 
 def tiled_decode() -> bool:
     """fp8 decode GEMVs on mma-tiled weights (gemv_mma4p / gemv_mma4ps: each warp's 16-B loads of a round are
-    512 contiguous bytes) instead of row-major ones; QTOOL_TILED=0 keeps row-major (gemv_mma4 / gemv_mma4s)."""
-    return os.environ.get("QTOOL_TILED", "0") == "1"
+    512 contiguous bytes) instead of row-major ones (the default); QTOOL_TILED=0 keeps row-major (gemv_mma4 /
+    gemv_mma4s)."""
+    return os.environ.get("QTOOL_TILED", "1") != "0"   # run 42: +4.9 % (335.7 / 335.1 vs 319.7 / 319.3 tok/s)
 
 
 def decode_path(kl: KLinear, M: int) -> str:
