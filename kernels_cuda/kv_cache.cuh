@@ -54,7 +54,9 @@ __device__ __forceinline__ void kv_load_vec(int fmt, const void* codes, const u8
   } else {
     const u8* p = (const u8*)codes + row * (D / 2) + d0 / 2;
     unsigned w = DPL == 2 ? (unsigned)*p : (DPL == 4 ? (unsigned)*(const unsigned short*)p : *(const unsigned*)p);
-    float sg = e4m3_to_f32(scales[row * (D / 16) + d0 / 16]) * (scale / 6.0f);
+    unsigned sb = scales[row * (D / 16) + d0 / 16], sh02, sh13;
+    fp8x4_to_h2(sb, sh02, sh13);        // the block scale as f16 bits (value * 2^-8, exact), as the fp8 codes
+    float sg = h2f((unsigned short)(sh02 & 0xffffu)) * ((scale / 6.0f) * 256.0f);
     // v12: the f16 bit decode (pairs (k, k + 4), value * 2^-14, exact), folded into the scale as above
     float s14 = sg * 16384.0f;
     unsigned h[4];
