@@ -475,8 +475,8 @@ def main():
     ap.add_argument("--bulk-compare", action="store_true",
                     help="also time the Llama-3.1-8B fp8 row with mma-tiled weights and gemv_mma_bulk (QTOOL_BULK=1)")
     ap.add_argument("--variants", default="",
-                    help="also time the Llama-3.1-8B fp8 ctx-512 row under environment overrides: "
-                         "'name:VAR=V+VAR=V,name2:VAR=V' (e.g. 'no-silu:QTOOL_SILU_FUSED=0,rows:QTOOL_COMBINE=rows')")
+                    help="also time the Llama-3.1-8B fp8 ctx-512 row (name@weights/kv/ctx: that row) under environment "
+                         "overrides: 'name:VAR=V+VAR=V,name2@fp8/fp8/8192:VAR=V' (e.g. 'no-silu:QTOOL_SILU_FUSED=0')")
     ap.add_argument("--no-fuse", action="store_true",
                     help="unfused rmsnorm / silu_mul / attention combine + act_quant (for comparison)")
     args = ap.parse_args()
@@ -536,7 +536,9 @@ def main():
             print(f"FAILED gemv_mma_bulk {cfg}: {type(exc).__name__}: {exc}", flush=True)
     for spec in filter(None, args.variants.split(",")):
         name, _, sets = spec.partition(":")
-        cfg = ("llama3.1-8b", "fp8", "bf16", 512)
+        name, _, row = name.partition("@")     # name@weights/kv/ctx: another Llama-3.1-8B row
+        w_, kv_, ctx_ = row.split("/") if row else ("fp8", "bf16", "512")
+        cfg = ("llama3.1-8b", w_, kv_, int(ctx_))
         try:
             with contextlib.ExitStack() as stack:
                 for kv in filter(None, sets.split("+")):
