@@ -41,11 +41,6 @@ __device__ __forceinline__ void kv_load_vec(int fmt, const void* codes, const u8
     else { uint2 t = *(const uint2*)p; w[0] = t.x; w[1] = t.y; }
     // v12: the f16 bit decode (value * 2^-8, exact, subnormals included) instead of the scalar decoder's
     // branches; (v * 2^-8) * (scale * 2^8) rounds as v * scale does, so the same bits as kv_load
-#ifdef QT_KV_SCALAR   // A/B experiment (run 45): the v11 scalar decode
-#pragma unroll
-    for (int i = 0; i < DPL; ++i) out[i] = e4m3_to_f32((w[i / 4] >> (8 * (i % 4))) & 0xffu) * scale;
-    if (true) return;
-#endif
     float s8 = scale * 256.0f;
 #pragma unroll
     for (int j = 0; j < (DPL + 3) / 4; ++j) {
@@ -59,12 +54,7 @@ __device__ __forceinline__ void kv_load_vec(int fmt, const void* codes, const u8
   } else {
     const u8* p = (const u8*)codes + row * (D / 2) + d0 / 2;
     unsigned w = DPL == 2 ? (unsigned)*p : (DPL == 4 ? (unsigned)*(const unsigned short*)p : *(const unsigned*)p);
-    unsigned sb = scales[row * (D / 16) + d0 / 16], sh02, sh13;
-    fp8x4_to_h2(sb, sh02, sh13);        // the block scale as f16 bits (value * 2^-8, exact), as the fp8 codes
-    float sg = h2f((unsigned short)(sh02 & 0xffffu)) * ((scale / 6.0f) * 256.0f);
-#ifdef QT_KV_SCALAR   // A/B experiment (run 45): the v12 scale decode
-    sg = e4m3_to_f32(sb) * (scale / 6.0f);
-#endif
+    float sg = e4m3_to_f32(scales[row * (D / 16) + d0 / 16]) * (scale / 6.0f);
     // v12: the f16 bit decode (pairs (k, k + 4), value * 2^-14, exact), folded into the scale as above
     float s14 = sg * 16384.0f;
     unsigned h[4];
