@@ -2,8 +2,8 @@
 // One kernel serves decode and prefill: query row n = b*T + t attends to cache positions [0, pos[n]] of batch
 // row b = n / T (the causal mask).
 //
-// attn_partial<D, PU, GM>(q f32 rows [N, ldq] holding Hq*D, ldq, pos int64 [N], T, K/V cache (kv_cache.cuh
-//     layout, L = max_len), kv_fmt, k_scale, v_scale, part f32 [N, Hq, S, D], ml f32 [N, Hq, S, 2], Hq, Hkv, L,
+// attn_partial<D, PU, GM, KF>(q f32 rows [N, ldq] holding Hq*D, ldq, pos int64 [N], T, K/V cache (kv_cache.cuh
+//     layout, L = max_len), kv_fmt (== KF, the cache format the instantiation is compiled for), k_scale, v_scale, part f32 [N, Hq, S, D], ml f32 [N, Hq, S, 2], Hq, Hkv, L,
 //     chunk, sm_scale, rope: kr [N, ldk] / vr [N, ldv] / cos / sin or null)
 //     With cos non-null (decode, T = 1; v10): q is the unrotated query; every block applies RoPE to its G query
 //     heads in registers (rope_kv_write's expression), and the block whose split holds position p = pos[n] first
@@ -100,12 +100,13 @@ __device__ __forceinline__ void rope_lanes(float x[D / 32], int lane, const floa
   }
 }
 
-template <int D, int PU, int GMAX>
+template <int D, int PU, int GMAX, int KF>
 __global__ void __launch_bounds__(128, 1) attn_partial(const float* __restrict__ q, int ldq,
     const long long* __restrict__ pos, int T, void* kc, u8* ks, void* vc, u8* vs, int kv_fmt, float k_scale,
     float v_scale, float* __restrict__ part, float* __restrict__ ml, int Hq, int Hkv, int L, int chunk,
     float sm_scale, const float* __restrict__ kr, int ldk, const float* __restrict__ vr, int ldv,
     const float* __restrict__ cosT, const float* __restrict__ sinT, int early) {
+  kv_fmt = KF;   // v15: one instantiation per cache format (the argument must equal KF; ops passes both)
   QT_STAMP(0);
   constexpr int DPL = D / 32;
   constexpr int NW = 4;
@@ -406,8 +407,11 @@ extern "C" __global__ void __launch_bounds__(128) attn_combine_heads(const float
 
 #define QT_ATTN_ARGS const float*, int, const long long*, int, void*, u8*, void*, u8*, int, float, float, float*, \
   float*, int, int, int, int, float, const float*, int, const float*, int, const float*, const float*, int
-template __global__ void attn_partial<64, 8, 4>(QT_ATTN_ARGS);
-template __global__ void attn_partial<64, 8, 8>(QT_ATTN_ARGS);
-template __global__ void attn_partial<128, 8, 4>(QT_ATTN_ARGS);
-template __global__ void attn_partial<128, 8, 8>(QT_ATTN_ARGS);
-template __global__ void attn_partial<256, 4, 8>(QT_ATTN_ARGS);
+#define QT_ATTN_KF(D, PU, GM) template __global__ void attn_partial<D, PU, GM, KV_BF16>(QT_ATTN_ARGS); \
+  template __global__ void attn_partial<D, PU, GM, KV_FP8>(QT_ATTN_ARGS); \
+  template __global__ void attn_partial<D, PU, GM, KV_NVFP4>(QT_ATTN_ARGS);
+QT_ATTN_KF(64, 8, 4)
+QT_ATTN_KF(64, 8, 8)
+QT_ATTN_KF(128, 8, 4)
+QT_ATTN_KF(128, 8, 8)
+QT_ATTN_KF(256, 4, 8)

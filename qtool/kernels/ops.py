@@ -592,7 +592,7 @@ def rope_and_store(q, k, v, positions, cache: KVCache, layer: int, cos: torch.Te
     return q_out
 
 
-ATTN_PU = {64: 8, 128: 8, 256: 4}   # positions in flight per warp of attn_partial<D, PU, GM> (loader.TEMPLATES)
+ATTN_PU = {64: 8, 128: 8, 256: 4}   # positions in flight per warp of attn_partial<D, PU, GM, KF> (loader.TEMPLATES)
 
 
 def _attn_gm(D: int, G: int) -> int:
@@ -631,7 +631,7 @@ def _attn_partial(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, laye
         # early loads before the PDL wait: only if no copy kernel (the predecessor) produced pos
         early = pos.data_ptr() == positions.data_ptr() and os.environ.get("QTOOL_ATTN_EARLY", "1") != "0"
         tail = (ptr(k2), i32(k2.stride(0)), ptr(v2), i32(v2.stride(0)), ptr(cos), ptr(sin), i32(int(early)))
-    launch("attention", f"attn_partial<{D}, {ATTN_PU[D]}, {_attn_gm(D, Hq // Hkv)}>", (N * Hkv, S), (128,),
+    launch("attention", f"attn_partial<{D}, {ATTN_PU[D]}, {_attn_gm(D, Hq // Hkv)}, {cache.code}>", (N * Hkv, S), (128,),
            (ptr(q2), i32(q2.stride(0)), ptr(pos), i32(T), ptr(kc), ptr(ks), ptr(vc), ptr(vs), i32(cache.code),
             f32(cache.k_scales[layer]), f32(cache.v_scales[layer]), ptr(part), ptr(ml), i32(Hq), i32(Hkv),
             i32(cache.max_len), i32(cache.chunk), f32(1.0 / math.sqrt(D))) + tail)
