@@ -1,6 +1,6 @@
 """CPU checks of the CUDA backend's host-side choices (qtool/kernels/ops.py, fp8_bulk.py): the bulk GEMV's launch
-plan fits the shared-memory layout linear.cu's gemv_mma_bulk computes, mma-tiled weights take only the paths
-that read that layout, prefill takes the tensor-core GEMM exactly where its operands are exact or split, and the
+plan fits the shared-memory layout linear.cu's gemv_mma_bulk computes, fp8 layers are mma-tiled by default and
+then take only the paths that read that layout, prefill takes the tensor-core GEMM exactly where its operands are exact or split, and the
 fused row kernels' grids cover every element. The kernels themselves run in tests/gpu."""
 from __future__ import annotations
 
@@ -61,10 +61,12 @@ def test_tiled_weights_take_only_tiled_paths(monkeypatch):
     kt = fp8_bulk.to_tiled(kl)
     assert kt.tiled and not kl.tiled and kt.w.numel() == 208 * 640      # 13 tiles of 16 rows
     assert not kt.gemv_ok and not kt.half_ok and kl.gemv_ok
+    assert ops.decode_path(kt, 1) == "mma4" and ops.decode_path(kt, 8) == "mma4"   # gemv_mma4p (default, v13)
+    monkeypatch.setattr(fp8_bulk, "enabled", lambda: True)        # QTOOL_BULK=1 on sm_90+
     assert ops.decode_path(kt, 1) == "bulk" and ops.decode_path(kt, 8) == "bulk"
     assert ops.decode_path(kt, 9) == "tc"                            # prefill: gemm_tc<5, 1> reads the tiled bytes
     x = torch.randn(1, 640)
-    for path in ("mma4", "mma", "half"):
+    for path in ("mma", "half"):
         with pytest.raises(ValueError, match="row-major"):
             ops.linear(x, kt, path=path)
     with pytest.raises(ValueError, match="mma-tiled"):
@@ -73,6 +75,25 @@ def test_tiled_weights_take_only_tiled_paths(monkeypatch):
     ks = fp8_bulk.to_tiled(KLinear(1, 64, 128, torch.zeros(64, 128, dtype=torch.uint8), sc=torch.ones(1),
                                    sbo=64, sbi=128, act=1))
     assert ops.decode_path(ks, 1) == "gemm"
+
+
+def test_fp8_layers_tiled_by_default(monkeypatch):
+    """adopt_layout tiles fp8 layers for gemv_mma4p unless QTOOL_TILED=0 (bulk off), leaves other formats row-major,
+    and a tiled gate|up layer still takes the silu epilogue (gemv_mma4ps) with its rows interleaved."""
+    from dataclasses import replace
+    from qtool.kernels.random_weights import random_linear
+    monkeypatch.setattr(ops, "_path_ok", lambda name: True)
+    g = torch.Generator().manual_seed(9)
+    gu = random_linear("fp8", 2 * 192, 512, g, "cpu")
+    down = replace(random_linear("fp8", 512, 192, g, "cpu"), in_scale=torch.ones(1))
+    assert ops.adopt_layout(gu).tiled and ops.adopt_layout(down).tiled
+    assert not ops.adopt_layout(random_linear("w4a16-awq", 64, 256, g, "cpu")).tiled
+    kt, dt = ops.adopt_layout(gu), ops.adopt_layout(down)
+    assert ops.silu_fusable(kt, dt)
+    kil = ops.interleave_gate_up(kt)
+    assert kil.tiled and kil.il == 192 and ops.decode_path(kil, 1) == "mma4"
+    monkeypatch.setenv("QTOOL_TILED", "0")
+    assert not ops.adopt_layout(gu).tiled
 
 
 def test_row_grids_cover_the_row():
