@@ -153,6 +153,9 @@ def test_l2_warming_spec_and_ranges():
     assert l2_warm._range(w, 300, 1.0) == (0, 1, 300 * 4096)
     assert l2_warm._range(w, 300, 0.25) == (4096, 300, 1024)
     assert l2_warm._range(w, 300, 0.3) == (4096, 300, 1152)         # 1228.8 bytes -> 9 lines
+    kl = _fp8_linear(O=200, K=640)                                   # 13 tiles of 16 rows once mma-tiled
+    assert l2_warm._rows(kl) == 200 and l2_warm._rows(fp8_bulk.to_tiled(kl)) == 13
+    assert l2_warm._range(fp8_bulk.to_tiled(kl).w, 13, 0.5) == (16 * 640, 13, 5120)   # each tile's first 320 k
     assert l2_warm._range(w, 300, 0.001) == (4096, 300, 128)        # at least one line
     nv = torch.zeros(64, 2048, dtype=torch.uint8)                    # nvfp4 rows: K / 2 bytes
     assert l2_warm._range(nv, 64, 0.5) == (2048, 64, 1024)

@@ -38,6 +38,12 @@ def parse(spec: str) -> tuple[dict[str, float], int, int]:
     return parts, mode, blocks
 
 
+def _rows(kl) -> int:
+    """The storage rows of kl's weights whose first fraction is "the first fraction of k": weight rows, or for
+    mma-tiled fp8 (fp8_bulk.mma_tile_fp8: each 16-row tile contiguous, ordered by 64-k block) the tiles."""
+    return -(-kl.out_features // 16) if kl.tiled else kl.out_features
+
+
 def _range(w: torch.Tensor, rows: int, frac: float) -> tuple[int, int, int]:
     """(stride, rows, row_bytes) covering the first ``frac`` of each of ``rows`` rows of w (frac >= 1: all of w)."""
     total = w.numel() * w.element_size()
@@ -72,7 +78,7 @@ class Warmer:
         self._side.wait_stream(main)
         with torch.cuda.stream(self._side):
             for kl, frac in todo:
-                stride, rows, nbytes = _range(kl.w, kl.out_features, frac)
+                stride, rows, nbytes = _range(kl.w, _rows(kl), frac)
                 launch("l2_prefetch", "l2_prefetch", (self._blocks,), (256,),
                        (ptr(kl.w), i64(stride), i32(rows), i64(nbytes), i32(self.mode)), plain=True)
         self._pending = True
