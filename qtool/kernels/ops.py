@@ -446,7 +446,7 @@ def _inb_split(O: int, K: int, U: int = 4, name: str | None = None) -> tuple[int
     S, _ = _mma4_split(O, K, U, name)
     name = name or f"gemv_mma{U}"
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    warps_per_sm = _resident_blocks(name) // sms // MMA4_WARPS
+    warps_per_sm = _resident_blocks(name) // sms * MMA4_WARPS   # _resident_blocks counts MMA4_WARPS-warp blocks
     tiles = math.ceil(O / 16)
     while S > 1 and (S > _inb_max(U) or tiles > sms * (warps_per_sm // S)):
         S -= 1
