@@ -16,8 +16,7 @@ import torch
 from qtool.kernels import fp8_bulk
 from qtool.kernels.ops import (KVCache, _attn_partial, _head_local, _launch_combine, _launch_mma4, _launch_silu_quant,
                                _path_ok, _quant_outputs, act_quant, interleave_gate_up, linear, mma_tile_fp8,
-                               rope_and_store,
-                               silu_mul, silu_mul_quant)
+                               rope_and_store, silu_mul, silu_mul_quant)
 from qtool.kernels.random_weights import random_linear
 from qtool.kernels.weights import KLinear
 
