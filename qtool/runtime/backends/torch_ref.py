@@ -7,6 +7,10 @@ layer's `pre_quant_scale`, then the activation quantization of its scheme
 (`qtool.formats.quantize_activation`), then `x @ W^T + bias` in float32. The KV cache holds K/V
 in their stored (quantized) form, written with `qtool.formats.kv_encode` and read back with
 `kv_decode`, using each layer's k_scale / v_scale (1.0 when the checkpoint has none).
+Two cache layouts: `new_cache` (contiguous rows, [B, max_len, Hkv, ...]) and `new_paged_cache`
+(a pool of fixed-size blocks [num_blocks, block_size, Hkv, ...] plus an int32 `block_tables`
+[max_batch, max_blocks_per_seq] that the engine fills in place: position p of row b lives in block
+`block_tables[b, p // block_size]`, slot `p % block_size`; block 0 is the dummy of padded rows).
 Attention, softmax, norms and RoPE are float32. No CUDA-graph concerns apply here.
 """
 from __future__ import annotations
@@ -29,6 +33,18 @@ class RefKVCache:
     fmt: str
     batch: int
     max_len: int
+    k: list = field(default_factory=list)
+    v: list = field(default_factory=list)
+
+
+@dataclass
+class RefPagedKVCache:
+    """Per layer: K and V as tuples of stored tensors, each [num_blocks, block_size, Hkv, ...]."""
+
+    fmt: str
+    num_blocks: int
+    block_size: int
+    block_tables: torch.Tensor          # int32 [max_batch, max_blocks_per_seq], filled by the engine
     k: list = field(default_factory=list)
     v: list = field(default_factory=list)
 
@@ -109,18 +125,46 @@ class TorchRefBackend:
         return self.linear(h, self.weights.lm_head)
 
     # -- KV cache and attention ----------------------------------------------------------------
-    def new_cache(self, batch, max_len, kv_format):
+    def _fill(self, cache, lead: tuple, kv_format):
         from qtool.formats import kv_encode
         c = self.config
-        cache = RefKVCache(kv_format, batch, max_len)
         for i in range(c.num_layers):
-            zeros = torch.zeros(batch, max_len, c.num_kv_heads, c.head_dim)
+            zeros = torch.zeros(*lead, c.num_kv_heads, c.head_dim)
             cache.k.append(tuple(t.clone() for t in kv_encode(kv_format, zeros, self.k_scales[i])))
             cache.v.append(tuple(t.clone() for t in kv_encode(kv_format, zeros, self.v_scales[i])))
         return cache
 
+    def new_cache(self, batch, max_len, kv_format):
+        return self._fill(RefKVCache(kv_format, batch, max_len), (batch, max_len), kv_format)
+
+    def new_paged_cache(self, num_blocks, block_size, kv_format, max_batch=64, max_blocks_per_seq=None):
+        """A pool of `num_blocks` blocks of `block_size` positions; `block_tables` [max_batch,
+        max_blocks_per_seq] (default: num_blocks) starts all zero (every row on the dummy block 0)."""
+        tables = torch.zeros(max_batch, max_blocks_per_seq or num_blocks, dtype=torch.int32)
+        return self._fill(RefPagedKVCache(kv_format, num_blocks, block_size, tables), (num_blocks, block_size),
+                          kv_format)
+
     def cache_nbytes(self, cache) -> int:
         return sum(t.numel() * t.element_size() for tup in cache.k + cache.v for t in tup)
+
+    @staticmethod
+    def _slots(cache, positions):
+        """Index tuple of the stored slots of `positions` [B,T]: (rows, positions) or (blocks, offsets)."""
+        B, T = positions.shape
+        if isinstance(cache, RefPagedKVCache):
+            bs = cache.block_size
+            blocks = cache.block_tables[:B].long().gather(1, positions // bs)
+            return blocks, positions % bs
+        return torch.arange(B).unsqueeze(1).expand(B, T), positions
+
+    @staticmethod
+    def _rows(cache, store, B: int, length: int):
+        """Stored K or V of the first `length` positions of each of the B rows: tensors [B, length, Hkv, ...]."""
+        if isinstance(cache, RefPagedKVCache):
+            nb = -(-length // cache.block_size)
+            ids = cache.block_tables[:B, :nb].long()
+            return tuple(t[ids].reshape(B, nb * cache.block_size, *t.shape[2:])[:, :length] for t in store)
+        return tuple(t[:, :length] for t in store)
 
     def rope_and_store(self, q, k, v, positions, cache, layer):
         from qtool.formats import kv_encode
@@ -128,19 +172,19 @@ class TorchRefBackend:
         cos, sin = rope.cos_sin(self.inv_freq, positions.reshape(-1))
         q = rope.apply(q, cos, sin)
         k = rope.apply(k, cos, sin)
-        rows = torch.arange(B).unsqueeze(1).expand(B, T)
+        where = self._slots(cache, positions)
         for store, x, scale in ((cache.k[layer], k, self.k_scales[layer]), (cache.v[layer], v, self.v_scales[layer])):
             enc = kv_encode(cache.fmt, x.reshape(B, T, *x.shape[1:]), scale)
             for dst, src in zip(store, enc):
-                dst[rows, positions] = src
+                dst[where] = src
         return q
 
     def attention(self, q, cache, layer, positions):
         from qtool.formats import kv_decode
         B, T = positions.shape
         length = int(positions.max()) + 1
-        k = kv_decode(cache.fmt, *(t[:, :length] for t in cache.k[layer]), scale=self.k_scales[layer])
-        v = kv_decode(cache.fmt, *(t[:, :length] for t in cache.v[layer]), scale=self.v_scales[layer])
+        k = kv_decode(cache.fmt, *self._rows(cache, cache.k[layer], B, length), scale=self.k_scales[layer])
+        v = kv_decode(cache.fmt, *self._rows(cache, cache.v[layer], B, length), scale=self.v_scales[layer])
         hq, d = q.shape[1], q.shape[2]
         rep = hq // k.shape[2]                            # query head h uses KV head h // rep
         k = k.repeat_interleave(rep, dim=2).transpose(1, 2)       # [B, Hq, L, d]
