@@ -120,11 +120,12 @@ def test_staged_output_replaces_only_when_complete(tmp_path):
     target = tmp_path / "ckpt"
     target.mkdir()
     (target / "old").write_text("old")
+    (target / "qtool.json").write_text("{}")       # --force replaces only a previous qtool output
     with pytest.raises(RuntimeError):
         with staged(target, force=True) as tmp:
             (tmp / "new").write_text("new")
             raise RuntimeError("boom")
-    assert [p.name for p in target.iterdir()] == ["old"]
+    assert sorted(p.name for p in target.iterdir()) == ["old", "qtool.json"]
     with staged(target, force=True) as tmp:
         (tmp / "new").write_text("new")
     assert [p.name for p in target.iterdir()] == ["new"]

@@ -1,7 +1,8 @@
 """qtool.json: the record of how a checkpoint was made.
 
 Contract: `build_manifest(**facts)` returns the manifest dict (schema version 1) with the keys
-listed in MANIFEST_KEYS; `write_manifest(dir, manifest)` writes `qtool.json`. Pure data, no torch.
+listed in MANIFEST_KEYS plus a random `id` (hex; `qtool run` compares it before and after loading to detect a
+checkpoint replaced meanwhile); `write_manifest(dir, manifest)` writes `qtool.json`. Pure data, no torch.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ def qtool_version() -> str:
 
 
 def build_manifest(**facts) -> dict:
-    m = {"schema": SCHEMA, "tool": "qtool quantize", "qtool_version": qtool_version()}
+    import uuid
+    m = {"schema": SCHEMA, "tool": "qtool quantize", "qtool_version": qtool_version(), "id": uuid.uuid4().hex}
     m.update(facts)
     missing = [k for k in MANIFEST_KEYS if k not in m]
     if missing:

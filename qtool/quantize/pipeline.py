@@ -80,7 +80,7 @@ def prepare(req: Request) -> Plan:
     arch = _target_arch(req.gpu)
     verdict = check_request(rows or None, req.quant, req.kv, arch, any_arch=arch is None)
     force_warning = enforce(verdict, req.force)
-    check_target(req.output, req.force)
+    check_target(req.output, req.force, req.model)
     spec = configs.recipe("weights", req.quant).spec
     block = req.block_size if spec.get("block_size_option") else None
     if block:
@@ -156,7 +156,7 @@ def run(plan: Plan) -> dict:
     source = resolve_model_source(req.model, progress=req.progress)
     spec = configs.recipe("weights", req.quant).spec
     label = req.quant + (f" + kv {req.kv}" if req.kv else "")
-    with staged(req.output, req.force) as tmp, Stages(req.progress) as stages:
+    with staged(req.output, req.force, source.path) as tmp, Stages(req.progress) as stages:
         stages.stage(f"loading {source.path.name}")
         offload = tmp / ".offload"
         with ptq.quiet(req.debug):
