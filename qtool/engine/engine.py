@@ -1,0 +1,303 @@
+"""The scheduler loop of continuous batching over the paged KV cache.
+
+Contract: `Engine(model, tok, kv_format, eos_ids, num_blocks=..., block_size=16, max_num_seqs=64,
+max_num_batched_tokens=2048, max_model_len=...)`. Each `step()`:
+1. takes in new requests and aborts (thread-safe `add` / `abort`); an aborted request leaves at once
+   and its blocks are freed;
+2. admits waiting requests (FIFO, preempted ones first) while fewer than `max_num_seqs` run and the
+   free blocks could hold the request's tokens so far;
+3. gives every running sequence with more than one uncomputed token (a new prompt, or a preempted
+   request's prompt + output, recomputed) one prefill chunk: at most `max_num_batched_tokens` per
+   step in all (the decode rows count one each; the oldest prefill always gets a chunk), so a long
+   prompt delays running streams by one chunk at most;
+4. runs one batched decode step (T = 1) for every sequence with exactly one uncomputed token, the
+   batch padded to the next size of `DECODE_SIZES` (padded rows: token 0, position 0, dummy block 0)
+   through `backend.wrap_decode` (CUDA graphs per padded size);
+5. samples per request (greedy rows by one argmax; others with their own temperature / top-k /
+   top-p / seeded generator), detokenizes incrementally with stop-string and UTF-8 hold-back
+   (runtime.generate.TextStream) and calls `request.on_output`.
+When a sequence needs a block and none is free, the newest running request is preempted: its blocks
+are freed and it goes back to the front of the queue to be recomputed. A request whose prompt plus
+max_tokens fits the cache alone always completes. Greedy output does not depend on the batch beyond
+floating-point noise of the batched matmuls.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+import torch
+
+from qtool.engine.blocks import BlockManager
+from qtool.engine.request import Output, Request
+from qtool.runtime.generate import TextStream
+
+DECODE_SIZES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def decode_sizes(max_num_seqs: int) -> list[int]:
+    """Padded decode batch sizes: DECODE_SIZES below max_num_seqs, then max_num_seqs itself."""
+    return [s for s in DECODE_SIZES if s < max_num_seqs] + [max_num_seqs]
+
+
+def block_bytes(backend, block_size: int, kv_format: str) -> int:
+    """Bytes of one KV block across all layers, measured on the backend's own cache layout."""
+    one = backend.cache_nbytes(backend.new_paged_cache(2, block_size, kv_format, max_batch=1, max_blocks_per_seq=1))
+    return one - backend.cache_nbytes(backend.new_paged_cache(1, block_size, kv_format, max_batch=1,
+                                                              max_blocks_per_seq=1))
+
+
+def kv_cache_blocks(backend, block_size: int, kv_format: str, gpu_memory_utilization: float,
+                    cpu_tokens: int, reserve_bytes: int = 2 << 30) -> int:
+    """Blocks of the paged cache: on CUDA, total × utilization − what is in use after the weights
+    loaded − `reserve_bytes` for activations and graphs; on the CPU, `cpu_tokens` positions."""
+    per_block = block_bytes(backend, block_size, kv_format)
+    if backend.device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(backend.device)
+        avail = total * gpu_memory_utilization - (total - free) - reserve_bytes
+        return max(0, int(avail // per_block))
+    return -(-cpu_tokens // block_size) + 1
+
+
+class Engine:
+    def __init__(self, model, tok, kv_format: str, eos_ids, *, num_blocks: int, block_size: int = 16,
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, max_model_len: int):
+        self.model, self.tok, self.kv_format = model, tok, kv_format
+        self.be = model.backend
+        self.eos = set(int(e) for e in eos_ids)
+        self.block_size, self.max_num_seqs = block_size, max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.max_model_len = min(max_model_len, self.blocks.usable * block_size)
+        self.sizes = decode_sizes(max_num_seqs)
+        self.max_blocks_per_seq = self.blocks.blocks_for(self.max_model_len)
+        self.cache = self.be.new_paged_cache(num_blocks, block_size, kv_format, max_batch=self.sizes[-1],
+                                             max_blocks_per_seq=self.max_blocks_per_seq)
+        self._tables = torch.zeros(self.sizes[-1], self.max_blocks_per_seq, dtype=torch.int32)
+        self._decode = self.be.wrap_decode(lambda ids, pos: model.forward(ids, pos, self.cache))
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._inbox: list[Request] = []
+        self._aborts: list[str] = []
+        self._cv = threading.Condition()
+        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "preemptions": 0, "steps": 0}
+
+    # -- thread-safe entry points -----------------------------------------------------------------
+    @property
+    def capacity_tokens(self) -> int:
+        return self.blocks.usable * self.block_size
+
+    def add(self, req: Request) -> None:
+        n = len(req.prompt_ids)
+        if n == 0:
+            raise ValueError("the prompt encodes to zero tokens")
+        if n >= self.max_model_len:
+            raise ValueError(f"the prompt has {n} tokens; this server allows {self.max_model_len} "
+                             "(prompt + at least one generated token)")
+        req.params.max_tokens = max(1, min(req.params.max_tokens, self.max_model_len - n))
+        with self._cv:
+            self._inbox.append(req)
+            self._cv.notify()
+
+    def abort(self, request_id: str) -> None:
+        with self._cv:
+            self._aborts.append(request_id)
+            self._cv.notify()
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self._inbox or self._aborts)
+
+    def wait_for_work(self, timeout: float) -> bool:
+        with self._cv:
+            if not self.has_work():
+                self._cv.wait(timeout)
+            return self.has_work()
+
+    # -- one scheduler iteration ------------------------------------------------------------------
+    def step(self) -> None:
+        self._take_inbox()
+        self._admit()
+        decode = [r for r in self.running if len(r.all_ids) - r.num_computed == 1]
+        prefill = [r for r in self.running if len(r.all_ids) - r.num_computed > 1]
+        budget = self.max_num_batched_tokens - len(decode)
+        for i, r in enumerate(prefill):
+            if r not in self.running:
+                continue                                   # preempted by an older request's chunk
+            n = min(len(r.all_ids) - r.num_computed, budget if i else max(budget, self.max_num_batched_tokens))
+            if n <= 0:
+                break
+            if self._reserve(r, r.num_computed + n):
+                budget -= n
+                self._prefill_chunk(r, n)
+        decode = [r for r in decode if r in self.running and self._reserve(r, r.num_computed + 1)]
+        decode = [r for r in decode if r in self.running]    # a later reservation may preempt an earlier row
+        if decode:
+            self._decode_step(decode)
+        self.counters["steps"] += 1
+
+    def _take_inbox(self) -> None:
+        with self._cv:
+            new, self._inbox = self._inbox, []
+            aborts, self._aborts = set(self._aborts), []
+        for r in new:
+            if r.params.seed is not None:
+                r.generator = torch.Generator(device=self.be.device)
+                r.generator.manual_seed(int(r.params.seed))
+            r.stream = TextStream(self.tok, r.params.stop)
+            self.counters["prompt_tokens"] += len(r.prompt_ids)
+            self.waiting.append(r)
+        if aborts:
+            for r in [r for r in list(self.waiting) + self.running if r.id in aborts]:
+                self._finish(r, "abort")
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            r = self.waiting[0]
+            if self.blocks.blocks_for(len(r.all_ids) + 1) > self.blocks.free_blocks and self.running:
+                break
+            self.running.append(self.waiting.popleft())
+
+    def _reserve(self, r: Request, n_tokens: int) -> bool:
+        """Blocks for positions 0..n_tokens-1 of r, preempting the newest running requests if needed;
+        False when r itself had to be preempted."""
+        while not self.blocks.ensure(r.id, n_tokens):
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is r:
+                return False
+        return True
+
+    def _preempt(self, r: Request) -> None:
+        self.running.remove(r)
+        self.blocks.free(r.id)
+        r.num_computed = 0
+        r.preemptions += 1
+        self.counters["preemptions"] += 1
+        self.waiting.appendleft(r)
+
+    def _fill_tables(self, rows: list[Request], padded: int) -> None:
+        self._tables[:padded].zero_()
+        for i, r in enumerate(rows):
+            t = self.blocks.table(r.id)
+            self._tables[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
+        self.cache.block_tables[:padded].copy_(self._tables[:padded])
+
+    def _prefill_chunk(self, r: Request, n: int) -> None:
+        dev = self.be.device
+        start = r.num_computed
+        ids = torch.tensor([r.all_ids[start:start + n]], dtype=torch.long, device=dev)
+        pos = torch.arange(start, start + n, dtype=torch.long, device=dev)[None]
+        self._fill_tables([r], 1)
+        logits = self.model.forward(ids, pos, self.cache)
+        r.num_computed += n
+        if r.num_computed == len(r.all_ids):
+            self._sample([r], logits)
+
+    def _decode_step(self, rows: list[Request]) -> None:
+        B = len(rows)
+        P = next(s for s in self.sizes if s >= B)
+        ids = torch.zeros(P, 1, dtype=torch.long)
+        pos = torch.zeros(P, 1, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, 0] = r.all_ids[r.num_computed]
+            pos[i, 0] = r.num_computed
+        self._fill_tables(rows, P)
+        logits = self._decode(ids.to(self.be.device), pos.to(self.be.device))[:B]
+        for r in rows:
+            r.num_computed += 1
+        self._sample(rows, logits)
+
+    # -- sampling and outputs ---------------------------------------------------------------------
+    def _sample(self, rows: list[Request], logits: torch.Tensor) -> None:
+        picks = logits.argmax(dim=-1)
+        for i, r in enumerate(rows):
+            p = r.params
+            if not p.greedy:
+                picks[i] = self.be.sample(logits[i:i + 1], p.temperature, p.top_k, p.top_p, r.generator)[0]
+        tokens = picks.tolist()
+        lps: list = [None] * len(rows)
+        want = [i for i, r in enumerate(rows) if r.params.logprobs]
+        if want:
+            lp = torch.log_softmax(logits[want].float(), dim=-1)
+            top_lp, top_id = lp.max(dim=-1)
+            chosen = lp.gather(1, picks[want].reshape(-1, 1)).squeeze(1)
+            for j, i in enumerate(want):
+                lps[i] = (float(chosen[j]), int(top_id[j]), float(top_lp[j]))
+        for r, t, lp in zip(rows, tokens, lps):
+            self._append(r, t, lp)
+
+    def _append(self, r: Request, token: int, lp) -> None:
+        now = time.monotonic()
+        if r.first_token_time is None:
+            r.first_token_time = now
+        r.output_ids.append(token)
+        self.counters["generation_tokens"] += 1
+        text, reason = "", None
+        if token in self.eos and not r.params.ignore_eos:
+            reason = "stop"
+        else:
+            text = r.stream.add(token)
+            if r.stream.stopped:
+                reason = "stop"
+            elif len(r.output_ids) >= r.params.max_tokens or len(r.all_ids) >= self.max_model_len:
+                reason = "length"
+        if reason:
+            text += r.stream.flush()
+        self._emit(r, Output(r.id, text, [token], [lp] if lp is not None else None))
+        if reason:
+            self._finish(r, reason)
+
+    def _emit(self, r: Request, out: Output) -> None:
+        out.prompt_tokens, out.completion_tokens = len(r.prompt_ids), len(r.output_ids)
+        if r.on_output is not None:
+            r.on_output(out)
+
+    def _finish(self, r: Request, reason: str) -> None:
+        if r.finished:
+            return
+        r.finished = True
+        if r in self.running:
+            self.running.remove(r)
+        elif r in self.waiting:
+            self.waiting.remove(r)
+        self.blocks.free(r.id)
+        self.counters[f"finished_{reason}"] = self.counters.get(f"finished_{reason}", 0) + 1
+        self._emit(r, Output(r.id, "", [], None, finished=True, finish_reason=reason))
+
+    def abort_all(self, reason: str = "abort") -> None:
+        self._take_inbox()
+        for r in list(self.waiting) + list(self.running):
+            self._finish(r, reason)
+
+
+class EngineLoop:
+    """Runs `engine.step()` on one background thread until `stop()`; a step that raises finishes
+    every in-flight request with reason 'abort' (logged through `on_error`) and the loop goes on."""
+
+    def __init__(self, engine: Engine, on_error=None):
+        self.engine, self.on_error = engine, on_error
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="qtool-engine", daemon=True)
+
+    def start(self) -> "EngineLoop":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self.engine.wait_for_work(0.05):
+                continue
+            try:
+                with torch.inference_mode():
+                    self.engine.step()
+            except Exception as exc:  # noqa: BLE001 - one bad step must not kill the server
+                if self.on_error:
+                    self.on_error(exc)
+                self.engine.abort_all()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        with self.engine._cv:
+            self.engine._cv.notify_all()
+        self._thread.join(timeout)
