@@ -137,7 +137,7 @@ def main() -> int:
     src = resolve_model_source("smollm2-135m", progress=True).path
     tok = load_tokenizer(src)
     text = (REPO / "qtool" / "data" / "heldout_en.txt").read_text(encoding="utf-8")
-    ids = tok(text, add_special_tokens=False)["input_ids"][:a.max_tokens]
+    ids = tok.encode(text, add_special_tokens=False)[:a.max_tokens]
     prompts = [prompt_ids(tok, p) for p in PROMPTS]
     a.work.mkdir(parents=True, exist_ok=True)
 

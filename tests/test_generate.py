@@ -31,7 +31,7 @@ def _gen(model, tok, prompts, **kw):
 def test_greedy_matches_hf_generate(llama):
     path, model, tok = llama
     hf = hf_reference(path, path, "bf16")
-    prompt = tok("The capital of France is", add_special_tokens=False)["input_ids"]
+    prompt = tok.encode("The capital of France is", add_special_tokens=False)
     with torch.no_grad():
         ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
                           pad_token_id=0, min_new_tokens=12)[0, len(prompt):].tolist()
@@ -43,7 +43,7 @@ def test_greedy_matches_hf_generate(llama):
 
 def test_batch_with_different_lengths_matches_single(llama):
     _, model, tok = llama
-    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in
+    prompts = [tok.encode(t, add_special_tokens=False) for t in
                ("Water boils at", "A small language model predicts the next token from the", "def add(a, b):")]
     assert len({len(p) for p in prompts}) == 3
     batch, _ = _gen(model, tok, prompts)
@@ -54,7 +54,7 @@ def test_batch_with_different_lengths_matches_single(llama):
 
 def test_sampling_seeded_and_degenerate_cases(llama):
     _, model, tok = llama
-    p = [tok("Quantization maps", add_special_tokens=False)["input_ids"]]
+    p = [tok.encode("Quantization maps", add_special_tokens=False)]
     (greedy,), _ = _gen(model, tok, p)
     (a,), _ = _gen(model, tok, p, temperature=1.5, seed=7)
     (b,), _ = _gen(model, tok, p, temperature=1.5, seed=7)
@@ -96,7 +96,7 @@ def test_sample_distribution_with_top_k_and_top_p():
 
 def test_stop_string_and_streaming(llama):
     _, model, tok = llama
-    p = [tok("The capital of Italy", add_special_tokens=False)["input_ids"]]
+    p = [tok.encode("The capital of Italy", add_special_tokens=False)]
     (full,), _ = _gen(model, tok, p, max_new_tokens=16)
     assert len(full.text) > 6
     # a 3-character stop string from the greedy text, past its start, made of whole characters (a random model's
@@ -120,7 +120,7 @@ def test_stop_string_and_streaming(llama):
 
 def test_eos_stops_generation(llama):
     _, model, tok = llama
-    p = [tok("Water boils at", add_special_tokens=False)["input_ids"]]
+    p = [tok.encode("Water boils at", add_special_tokens=False)]
     (full,), _ = _gen(model, tok, p)
     eos = full.token_ids[4]
     from qtool.runtime.generate import GenerateOptions, generate
@@ -136,5 +136,5 @@ def test_chat_template_and_raw(llama):
     text = tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}],
                                    tokenize=False, add_generation_prompt=True)
     assert text.endswith("<|im_start|>assistant\n") and "Be brief." in text
-    assert ids == tok(text, add_special_tokens=False)["input_ids"]
-    assert prompt_ids(tok, "Hi there", raw=True) == tok("Hi there")["input_ids"]
+    assert ids == tok.encode(text, add_special_tokens=False)
+    assert prompt_ids(tok, "Hi there", raw=True) == tok.encode("Hi there")

@@ -1,7 +1,7 @@
 """Tokenizer loading and prompt → token ids (chat template by default, raw on request).
 
-Contract: `load_tokenizer(folder)` loads the checkpoint's tokenizer with transformers or raises
-CheckpointError (one line) when the folder has none. `prompt_ids(tok, prompt, system, raw)`
+Contract: `load_tokenizer(folder)` loads the checkpoint's tokenizer (qtool.runtime.tokenizer.Tokenizer,
+no transformers) or raises CheckpointError (one line) when the folder has none. `prompt_ids(tok, prompt, system, raw)`
 applies the tokenizer's chat template (user message, optional system message, generation prompt)
 unless `raw` is set or the tokenizer has no template; raw prompts get the tokenizer's usual
 special tokens (e.g. BOS). `eos_ids(tok, config_ids)` unions the tokenizer's EOS and the
@@ -11,36 +11,40 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qtool.errors import CheckpointError
-
 
 def load_tokenizer(folder):
-    from transformers import AutoTokenizer
-    try:
-        return AutoTokenizer.from_pretrained(str(folder))
-    except Exception as exc:  # noqa: BLE001 - transformers raises many types here
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise CheckpointError(f"{folder}: no usable tokenizer ({type(exc).__name__}: {first[:160]})",
-                              hint="qtool run needs the tokenizer files (tokenizer.json …) in the model folder")
+    """The checkpoint's Tokenizer (qtool.runtime.tokenizer: `tokenizers` + jinja2, no transformers)."""
+    from qtool.runtime.tokenizer import Tokenizer
+    return Tokenizer.from_folder(folder)
 
 
 def has_chat_template(tok) -> bool:
     return bool(getattr(tok, "chat_template", None))
 
 
+def messages_for(prompt: str, system: str | None = None) -> list[dict]:
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+
+
 def prompt_text(tok, prompt: str, system: str | None = None, raw: bool = False) -> str | None:
-    """The templated prompt text, or None when the prompt is sent raw."""
+    """The templated prompt text, or None when the prompt is sent raw (asked, or no chat template)."""
     if raw or not has_chat_template(tok):
         return None
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tok.apply_chat_template(messages_for(prompt, system), add_generation_prompt=True)
 
 
 def prompt_ids(tok, prompt: str, system: str | None = None, raw: bool = False) -> list[int]:
     text = prompt_text(tok, prompt, system, raw)
     if text is None:
-        return list(tok(prompt, add_special_tokens=True)["input_ids"])
-    return list(tok(text, add_special_tokens=False)["input_ids"])
+        return tok.encode(prompt, add_special_tokens=True)
+    return tok.encode(text, add_special_tokens=False)
+
+
+def conversation_ids(tok, messages: list[dict]) -> list[int]:
+    """Token ids of a whole conversation with the generation prompt (raw concatenation without a template)."""
+    if not has_chat_template(tok):
+        return tok.encode("\n".join(m["content"] for m in messages if m["role"] != "system"), add_special_tokens=True)
+    return tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False)
 
 
 def eos_ids(tok, config_ids) -> set[int]:

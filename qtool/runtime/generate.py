@@ -82,7 +82,14 @@ def stats_line(s: Stats, backend_label: str) -> str:
 
 
 class TextStream:
-    """Incremental detokenisation of one row, with stop-string handling."""
+    """Incremental detokenisation of one row, with stop-string handling.
+
+    Each token is fed to a `tokenizers` DecodeStream (work per token independent of the length so
+    far; it holds a chunk back while it ends in an incomplete UTF-8 character). Text that could be
+    the start of a stop string is held back too. `flush()` reconciles with one full decode, so the
+    concatenated output always equals `tok.decode(ids)` cut at the first stop string. Tokenizers
+    without `decode_stream` (or a stream that loses its prefix) fall back to re-decoding.
+    """
 
     def __init__(self, tok, stops: list[str]):
         self.tok, self.stops = tok, [s for s in stops if s]
@@ -90,6 +97,8 @@ class TextStream:
         self.emitted = 0
         self.text = ""
         self.stopped = False
+        make = getattr(tok, "decode_stream", None)
+        self._ds = make(skip_special_tokens=True) if make else None
 
     def _holdback(self, full: str) -> int:
         if full.endswith("\ufffd"):
@@ -102,15 +111,23 @@ class TextStream:
                     break
         return k_max
 
-    def add(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        full = self.tok.decode(self.ids, skip_special_tokens=True)
+    def _decoded(self, token_id: int) -> str:
+        """All text decoded so far, after adding token_id."""
+        if self._ds is not None:
+            try:
+                chunk = self._ds.step(self.tok.backend, token_id)
+                return self.text + (chunk or "")
+            except Exception:  # noqa: BLE001 - DecodeStream raises on a changed prefix; re-decode from here on
+                self._ds = None
+        return self.tok.decode(self.ids, skip_special_tokens=True)
+
+    def _advance(self, full: str, final: bool = False) -> str:
         for s in self.stops:
             i = full.find(s, max(0, self.emitted - len(s)))
             if i >= 0:
                 full = full[:i]
                 self.stopped = True
-        if self.stopped:
+        if self.stopped or final:
             out = full[self.emitted:]
             self.text, self.emitted = full, max(self.emitted, len(full))
             return out
@@ -120,7 +137,15 @@ class TextStream:
         self.text = full
         return out
 
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        return self._advance(self._decoded(token_id))
+
     def flush(self) -> str:
+        if not self.stopped:
+            full = self.tok.decode(self.ids, skip_special_tokens=True)
+            if full.startswith(self.text[:self.emitted]):
+                return self._advance(full, final=True)
         out = self.text[self.emitted:]
         self.emitted = len(self.text)
         return out
