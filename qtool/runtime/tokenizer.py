@@ -218,6 +218,10 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        """transformers-style call: {"input_ids": [...]} (for code written against AutoTokenizer)."""
+        return {"input_ids": self.encode(text, add_special_tokens)}
+
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         text = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
         return _clean_up_tokenization(text) if self.clean_up_spaces else text
