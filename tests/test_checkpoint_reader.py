@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from packers import MODELOPT_CASES, modelopt_ckpt, packed_ckpt  # noqa: F401 - fixtures
 from qtool.checkpoint.files import open_checkpoint, read_safetensors_header
-from qtool.checkpoint.scheme import ACTIVATIONS, FORMATS, describe
+from qtool.checkpoint.scheme import describe
+from qtool.formats.registry import activation_codes, weight_formats
 from qtool.checkpoint.sizes import sizes
 from qtool.errors import CheckpointError, UsageError
 
@@ -138,7 +139,7 @@ def test_modelopt_export_described(case, modelopt_ckpt, tiny_models):
     assert set(s.linears) == set(shapes)
     for module, spec in s.linears.items():
         assert (spec.out_features, spec.in_features) == shapes[module], module
-        assert spec.format in FORMATS and spec.activation in ACTIVATIONS
+        assert spec.format in weight_formats() and spec.activation in activation_codes()
         if module == "lm_head":
             assert (spec.format, spec.activation) == ("bf16", "none")
             continue

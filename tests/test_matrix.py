@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from conftest import SEED_DIR
 from qtool.cli import app
 from qtool.errors import Unsupported, UsageError
+from qtool.formats import registry
 from qtool.support import data
 from qtool.support.check import check_request, enforce
 from qtool.support.families import resolve_family, rows_for_config, rows_for_model
@@ -242,7 +243,7 @@ def test_cli_usage_errors_exit_2_without_traceback(args, code):
 
 def test_help_lists_recipe_names_from_the_data():
     r = runner.invoke(app, ["matrix", "--help"], env={"COLUMNS": "250"})
-    for name in data.weight_recipe_names():
+    for name in registry.recipe_names("weights"):
         assert name in r.output
 
 

@@ -15,9 +15,11 @@ import shutil
 from collections import OrderedDict
 
 from qtool.checkpoint.files import CheckpointFiles
-from qtool.checkpoint.scheme import FORMATS, LAYER_RE, CheckpointScheme, layer_recipes, num_layers, text_config
+from qtool.checkpoint.scheme import LAYER_RE, CheckpointScheme, num_layers
 from qtool.checkpoint.sizes import Sizes, human_bytes, human_count
 from qtool.errors import QtoolError
+from qtool.formats import registry
+from qtool.support.families import text_config
 
 SCHEMA_VERSION = 1
 RUNTIME_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")     # docs/numerics.md "The model"
@@ -88,7 +90,7 @@ def _kv_scales_state(scheme: CheckpointScheme) -> str | None:
 
 def _recipe(scheme: CheckpointScheme) -> dict:
     quant = [s for s in scheme.linears.values() if s.format != "bf16"]
-    fmts = sorted({s.format for s in quant}, key=FORMATS.index)
+    fmts = sorted({s.format for s in quant}, key=list(registry.weight_formats()).index)
     acts = sorted({s.activation for s in quant})
     groups = sorted({s.group_size for s in quant if s.group_size})
     return {"name": scheme.recipe, "quant_method": scheme.quant_method, "quant_algo": scheme.quant_algo,
@@ -100,13 +102,6 @@ def _recipe(scheme: CheckpointScheme) -> dict:
             "quantized_linears": len(quant), "linears": len(scheme.linears), "excluded": scheme.excluded}
 
 
-def checked_recipes(scheme: CheckpointScheme) -> list[str] | None:
-    """Recipes whose matrix columns decide the verdict ([] for bf16); None when a format has no column."""
-    if scheme.quant_method == "none":
-        return []
-    return [scheme.recipe] if scheme.recipe else layer_recipes(scheme.linears)
-
-
 def _support(model: dict, scheme: CheckpointScheme) -> dict:
     """Matrix verdict per architecture; model-matrix and recipe-rule reasons are listed once.
 
@@ -115,8 +110,8 @@ def _support(model: dict, scheme: CheckpointScheme) -> dict:
     from qtool.support.check import check_request, runtime_cell
     from qtool.support.gpus import archs
     rows = model["family_rows"] or None
-    kv = scheme.kv_format if scheme.kv_format != "bf16" else None
-    recipes = checked_recipes(scheme)
+    kv = scheme.kv_recipe
+    recipes = scheme.checked_recipes()
     unmapped = recipes is None
     out = {"rows": model["family_rows"], "recipe": scheme.recipe, "recipes": recipes or [], "kv": kv,
            "model_reasons": [], "rule_reasons": [], "architectures": {}}
@@ -163,7 +158,7 @@ def _local_arch():
 
 
 def _labels(scheme: CheckpointScheme) -> list[str]:
-    out = list(checked_recipes(scheme) or [])
+    out = list(scheme.checked_recipes() or [])
     return out + ([f"kv {scheme.kv_format}"] if scheme.kv_format != "bf16" else [])
 
 
@@ -173,13 +168,13 @@ def _runtime(files: CheckpointFiles, scheme: CheckpointScheme) -> dict:
     why = None
     if mt not in RUNTIME_MODEL_TYPES:
         why = f"model_type {mt or '?'} is not one qtool's runtime implements ({', '.join(RUNTIME_MODEL_TYPES)})"
-    elif any(s.format not in FORMATS for s in scheme.linears.values()):
+    elif any(s.format not in registry.weight_formats() for s in scheme.linears.values()):
         why = "a layer format the runtime does not decode"
     elif importlib.util.find_spec("torch") is None:
         why = "PyTorch is not installed"
     cuda_why, arch = why, None
     if cuda_why is None:
-        if checked_recipes(scheme) is None:
+        if scheme.checked_recipes() is None:
             cuda_why = f"{scheme.quant_algo} is no qtool recipe; the CUDA kernels cover the recipes only"
         elif importlib.util.find_spec("cupy") is None:
             cuda_why = "CuPy is not installed (pip install 'qtool[cuda12]' or 'qtool[cuda13]')"

@@ -2,7 +2,7 @@
 
 Contract: `describe(files)` returns a CheckpointScheme: the producer and quant method, the qtool
 recipe it corresponds to, the KV-cache format and per-layer k/v scale tensor names, and a
-LinearSpec (format from FORMATS, activation scheme from ACTIVATIONS, group size, out/in features
+LinearSpec (weight format and activation scheme of the format registry, group size, out/in features
 and role -> tensor-name map) for every linear layer, quantized or not. The format of each layer
 is read from the tensors (dtype and shapes, the layouts of docs/numerics.md) and compared with
 what the config declares (hf_quant_config.json incl. MIXED_PRECISION `quantized_layers` and
@@ -19,34 +19,12 @@ from dataclasses import dataclass, field
 
 from qtool.checkpoint.files import CheckpointFiles, TensorInfo
 from qtool.errors import CheckpointError
+from qtool.formats import registry
+from qtool.support.families import text_config
 
-FORMATS = ('bf16', 'fp8', 'fp8-rowwise', 'fp8-block', 'nvfp4', 'mxfp4', 'int4-awq', 'gptq', 'autoawq')
-ACTIVATIONS = ('none', 'fp8', 'fp8-token', 'fp8-block', 'nvfp4', 'mxfp4')
 ROLES = ('weight', 'weight_scale', 'weight_scale_2', 'weight_scale_inv', 'input_scale', 'pre_quant_scale', 'bias',
          'qweight', 'qzeros', 'scales', 'g_idx')
 FLOAT_DTYPES = ('BF16', 'F16', 'F32')
-
-# ModelOpt quant_algo (upper-cased) -> (weight format, activation, default group size, fp8 weight stage)
-MODELOPT_ALGOS = {
-    "FP8": ("fp8", "fp8", None, False),
-    "FP8_PER_CHANNEL_PER_TOKEN": ("fp8-rowwise", "fp8-token", None, False),
-    "FP8_PB_WO": ("fp8-block", "fp8-block", 128, False),
-    "FP8_BLOCK_SCALES": ("fp8-block", "fp8-block", 128, False),
-    "NVFP4": ("nvfp4", "nvfp4", 16, False),
-    "NVFP4_AWQ": ("nvfp4", "nvfp4", 16, False),
-    "W4A16_NVFP4": ("nvfp4", "none", 16, False),
-    "W4A8_NVFP4_FP8": ("nvfp4", "fp8", 32, False),
-    "MXFP4": ("mxfp4", "mxfp4", 32, False),
-    "W4A16_MXFP4": ("mxfp4", "none", 32, False),
-    "W4A8_MXFP4_FP8": ("mxfp4", "fp8", 32, False),
-    "W4A16_AWQ": ("int4-awq", "none", 128, False),
-    "W4A8_AWQ": ("int4-awq", "fp8", 128, True),
-}
-# quant_algo (upper-cased) -> qtool recipe name (recipes/recipes.toml)
-ALGO_RECIPE = {"FP8": "fp8", "FP8_PER_CHANNEL_PER_TOKEN": "fp8-rowwise", "FP8_PB_WO": "fp8-block",
-               "FP8_BLOCK_SCALES": "fp8-block", "NVFP4": "nvfp4", "NVFP4_AWQ": "nvfp4", "MXFP4": "mxfp4",
-               "W4A16_AWQ": "w4a16-awq", "W4A8_AWQ": "w4a8-awq"}
-KV_ALGOS = {"FP8": "fp8", "NVFP4": "nvfp4"}
 EMBED_NAMES = ("embed_tokens", "wte", "wpe", "word_embeddings", "embed_in", "tok_embeddings", "embed_positions",
                "position_embeddings", "token_type_embeddings")
 KV_ROLES = ("k_scale", "v_scale")
@@ -80,6 +58,25 @@ class CheckpointScheme:
     problems: list[str] = field(default_factory=list)   # strict=False: what would have raised
     notes: list[str] = field(default_factory=list)      # harmless facts worth a warning line
 
+    @property
+    def kv_recipe(self) -> str | None:
+        """The KV recipe of the checkpoint, None when its KV cache is not quantized."""
+        return None if self.kv_format == "bf16" else self.kv_format
+
+    def checked_recipes(self) -> list[str] | None:
+        """Recipes whose matrix columns decide the verdict ([] for bf16; every layer's recipe for a mixed
+        checkpoint); None when a quantized layer's format has no recipe (no column)."""
+        if self.quant_method == "none":
+            return []
+        return [self.recipe] if self.recipe else layer_recipes(self.linears)
+
+    def summary(self) -> str:
+        """One line: recipe (method; format/activation of the linears; KV cache)."""
+        fmts = sorted({(s.format, s.activation) for s in self.linears.values()})
+        parts = [f"{f}" + (f"/act {a}" if a != "none" else "") for f, a in fmts]
+        head = self.recipe or self.quant_algo or "bf16"
+        return f"{head} ({self.quant_method}; {', '.join(parts)}; kv {self.kv_format})"
+
 
 class _Collector:
     def __init__(self, strict: bool):
@@ -93,13 +90,6 @@ class _Collector:
 
 def _is_scalar(t: TensorInfo) -> bool:
     return t.shape in ((), (1,))
-
-
-def text_config(config: dict) -> dict:
-    for key in ("text_config", "language_config", "llm_config"):
-        if isinstance(config.get(key), dict):
-            return config[key]
-    return config
 
 
 def num_layers(config: dict) -> int | None:
@@ -356,7 +346,7 @@ def _fmt_shape(want) -> str:
 
 def _validate(spec: LinearSpec, roles: dict[str, TensorInfo], block, bad) -> None:
     req, opt = _expected(spec, roles, block)
-    label = {"bf16": "unquantized"}.get(spec.format, spec.format)
+    label = registry.weight_format(spec.format).label
     for role, (dtypes, shape) in req.items():
         t = roles.get(role)
         if t is None:
@@ -381,14 +371,6 @@ def _group_from_tensors(fmt: str, roles: dict[str, TensorInfo], in_f: int) -> in
     return None
 
 
-def _default_activation(fmt: str, roles: dict[str, TensorInfo]) -> str:
-    has_in = "input_scale" in roles
-    return {"bf16": "none", "fp8": "fp8", "fp8-rowwise": "fp8-token", "fp8-block": "fp8-block",
-            "nvfp4": "nvfp4" if has_in else "none", "mxfp4": "mxfp4",
-            "int4-awq": "fp8" if has_in else "none", "gptq": "fp8" if has_in else "none",
-            "autoawq": "none"}[fmt]
-
-
 def _linear(module: str, roles: dict[str, TensorInfo], d: _Declared, bad, notes) -> tuple[LinearSpec, bool]:
     """The spec of one linear and whether the config leaves it unquantized."""
     fmt = _infer_format(roles, d.method)
@@ -400,10 +382,11 @@ def _linear(module: str, roles: dict[str, TensorInfo], d: _Declared, bad, notes)
             excluded = True
             if fmt != "bf16":
                 bad(f"{module}: tensors are {fmt} but the config leaves it unquantized")
-        elif declared_algo not in MODELOPT_ALGOS:
+        elif (layer := registry.quant_algo_layer(declared_algo)) is None:
             bad(f"{module}: quant_algo {declared_algo} is not a format qtool reads")
         else:
-            want_fmt, activation, default_group, stage = MODELOPT_ALGOS[declared_algo]
+            want_fmt, activation, default_group, stage = (layer.format, layer.activation, layer.group_size,
+                                                          layer.fp8_weight_stage)
             if fmt == "bf16" and "weight" in roles:      # left unquantized although the config says otherwise
                 bad(f"{module}.weight: unquantized {roles['weight'].dtype} tensor but the config declares "
                     f"{declared_algo} ({want_fmt})")
@@ -424,7 +407,7 @@ def _linear(module: str, roles: dict[str, TensorInfo], d: _Declared, bad, notes)
     elif fmt != "bf16":
         bad(f"{module}: tensors are {fmt} but the checkpoint declares no quantization")
     if activation is None:
-        activation = _default_activation(fmt, roles)
+        activation = registry.weight_format(fmt).default_activation("input_scale" in roles)
     if fmt == "int4-awq" and d.method != "modelopt":
         stage = "weight_scale_2" in roles
     if not ({"weight", "qweight"} & roles.keys()):
@@ -450,7 +433,7 @@ def _kv(files: CheckpointFiles, d: _Declared, kv_tensors: dict[str, TensorInfo],
     algo = d.kv_algo
     kv_format = "bf16"
     if algo:
-        kv_format = KV_ALGOS.get(str(algo).upper())
+        kv_format = registry.kv_algo_recipe(algo)
         if kv_format is None:
             bad(f"kv_cache_quant_algo {algo!r} is not a KV-cache format qtool reads (FP8, NVFP4)")
             kv_format = "bf16"
@@ -473,21 +456,13 @@ def _kv(files: CheckpointFiles, d: _Declared, kv_tensors: dict[str, TensorInfo],
     return kv_format, {i: tuple(found.get(i, [None, None])) for i in layers}
 
 
-# (format, activation, fp8 weight stage) of a quantized linear -> qtool recipe name
-FORMAT_RECIPE = {("fp8", "fp8", False): "fp8", ("fp8-rowwise", "fp8-token", False): "fp8-rowwise",
-                 ("fp8-block", "fp8-block", False): "fp8-block", ("nvfp4", "nvfp4", False): "nvfp4",
-                 ("mxfp4", "mxfp4", False): "mxfp4", ("int4-awq", "none", False): "w4a16-awq",
-                 ("int4-awq", "fp8", True): "w4a8-awq", ("gptq", "none", False): "w4a16-gptq",
-                 ("gptq", "fp8", False): "w4a8-gptq", ("autoawq", "none", False): "w4a16-awq"}
-
-
 def layer_recipes(linears: dict[str, LinearSpec]) -> list[str] | None:
     """The qtool recipes of the quantized linears (sorted, unique), or None when one has no recipe."""
     out = set()
     for s in linears.values():
         if s.format == "bf16":
             continue
-        r = FORMAT_RECIPE.get((s.format, s.activation, s.fp8_weight_stage))
+        r = registry.layer_recipe(s.format, s.activation, s.fp8_weight_stage)
         if r is None:
             return None
         out.add(r)
@@ -497,7 +472,7 @@ def layer_recipes(linears: dict[str, LinearSpec]) -> list[str] | None:
 def _recipe(d: _Declared, linears: dict[str, LinearSpec]) -> str | None:
     algo = (d.algo or "").upper()
     if d.method == "modelopt" and algo != "MIXED_PRECISION":
-        return ALGO_RECIPE.get(algo)
+        return registry.quant_algo_recipe(algo)
     if d.method == "none":
         return None
     found = layer_recipes(linears)

@@ -14,7 +14,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from qtool.checkpoint.files import CheckpointFiles
-from qtool.checkpoint.scheme import CheckpointScheme, text_config, num_layers
+from qtool.checkpoint.scheme import CheckpointScheme, num_layers
+from qtool.support.families import text_config
 
 KV_BYTES_PER_ELEMENT = {"bf16": 2.0, "fp8": 1.0, "nvfp4": 0.5 + 1.0 / 16}
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import re
 
 from qtool.checkpoint.files import CheckpointFiles
-from qtool.checkpoint.scheme import LAYER_RE, CheckpointScheme, num_layers, text_config
+from qtool.checkpoint.scheme import LAYER_RE, CheckpointScheme, num_layers
+from qtool.support.families import text_config
 
 TOKENIZER_CORE = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 

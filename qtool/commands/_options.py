@@ -1,18 +1,18 @@
 """Option types shared by commands, built from the recipe data (so --help lists the real choices).
 
 Contract: `WeightRecipe` / `KvRecipe` are Enums whose values are the CLI names in
-recipes/recipes.toml (`KvRecipe` adds 'none'); `target_arch(gpu)` resolves --gpu, or the local
+recipes/recipes.toml (`KvRecipe` adds 'none', which commands turn into None); `target_arch(gpu)` resolves --gpu, or the local
 GPU when it is None (importing torch only then).
 """
 from __future__ import annotations
 
 from enum import Enum
 
-from qtool.support import data
+from qtool.formats import registry
 from qtool.support.gpus import Arch, local_gpu, resolve_gpu
 
-WeightRecipe = Enum("WeightRecipe", {n.replace("-", "_"): n for n in data.weight_recipe_names()}, type=str)
-KvRecipe = Enum("KvRecipe", {"none": "none", **{n: n for n in data.kv_recipe_names()}}, type=str)
+WeightRecipe = Enum("WeightRecipe", {n.replace("-", "_"): n for n in registry.recipe_names("weights")}, type=str)
+KvRecipe = Enum("KvRecipe", {"none": "none", **{n: n for n in registry.recipe_names("kv")}}, type=str)
 
 EXIT_CODES_HELP = "Exit codes: 0 done, 1 failed, 2 usage error, 3 refused by a support matrix."
 

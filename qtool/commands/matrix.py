@@ -13,6 +13,7 @@ from rich.table import Table
 
 from qtool.commands._common import guarded, print_json, stdout
 from qtool.commands._options import EXIT_CODES_HELP, GPU_HELP, KvRecipe, WeightRecipe, value
+from qtool.formats import registry
 from qtool.support import data
 from qtool.support.check import check_request, runtime_cell, usable_recipes
 from qtool.support.families import rows_for_model
@@ -56,8 +57,8 @@ def _runtime_row(arch) -> dict[str, str]:
 
 
 def _recipe_columns() -> dict[str, str]:
-    out = {n: r.column for n, r in data.recipes()["weights"].items()}
-    out.update({f"kv {n}": r.column for n, r in data.recipes()["kv"].items()})
+    out = {n: r.column for n, r in registry.recipes()["weights"].items()}
+    out.update({f"kv {n}": r.column for n, r in registry.recipes()["kv"].items()})
     return out
 
 
@@ -138,7 +139,7 @@ def _answer(rows, how, arch, quant, kv, json_output):
     if rows is None and arch is None:
         v = check_request(None, quant, kv, None, any_arch=True)
         mm = data.model_matrix()
-        cols = [data.recipes()[k][n].column for k, n in (("weights", quant), ("kv", kv)) if n]
+        cols = [registry.recipes()[k][n].column for k, n in (("weights", quant), ("kv", kv)) if n]
         fams = [r for r in mm.rows if all(mm.supported(r, c) for c in cols)]
         if json_output:
             print_json({"query": {"quant": quant, "kv_cache_quant": kv}, "supported": v.supported,

@@ -1,17 +1,16 @@
 """`qtool run MODEL "prompt"`: generate text with qtool's own runtime (CUDA kernels or the CPU reference).
 
-Contract: resolves MODEL (local folder, built-in name, or hub id via qtool.sources), reads only
-config.json / hf_quant_config.json to find the family rows and the checkpoint's recipe, picks the
-KV-cache dtype, and runs the support check (model matrix + recipe rules: refused → exit 3 unless
+Contract: resolves MODEL (local folder, built-in name, or hub id via qtool.sources), describes the
+checkpoint once from its JSON and tensor headers (qtool.checkpoint.scheme.describe, what `inspect`
+reports) to find the family rows and the recipes, picks the KV-cache dtype, and runs the support check (model matrix + recipe rules: refused → exit 3 unless
 --force; hardware matrix for the local GPU: a warning, refused with --strict) BEFORE any weight is
-loaded. Then loads the weights in their quantized form, builds the backend (auto = cuda when a GPU
+loaded. Then hands the files and that description to the loader (weights kept in their quantized form), builds the backend (auto = cuda when a GPU
 and CuPy are usable, else the float32 CPU reference), and generates: streamed text on stdout, one
 stats line on stderr, or one JSON document with --json. torch/transformers/cupy are imported
 inside the command only.
 """
 from __future__ import annotations
 
-import json
 import sys
 from enum import Enum
 from pathlib import Path
@@ -21,7 +20,7 @@ import typer
 
 from qtool.commands._common import guarded, info, print_json, stdout, warn
 from qtool.commands._options import EXIT_CODES_HELP
-from qtool.errors import CheckpointError, Unsupported, UsageError
+from qtool.errors import Unsupported, UsageError
 
 EPILOG = ('Examples:  qtool run ./SmolLM2-fp8-nvfp4kv "What is the capital of France?"  |  '
           'qtool run smollm2-135m "Hello" --kv-cache-dtype fp8  |  '
@@ -42,49 +41,7 @@ class KvDtype(str, Enum):
     nvfp4 = "nvfp4"
 
 
-# hf_quant_config quant_algo (upper-cased) -> CLI recipe name
-_QUANT_ALGO_RECIPE = {"FP8": "fp8", "FP8_PER_CHANNEL_PER_TOKEN": "fp8-rowwise", "FP8_PB_WO": "fp8-block",
-                      "NVFP4": "nvfp4", "MXFP4": "mxfp4", "W4A16_AWQ": "w4a16-awq", "W4A8_AWQ": "w4a8-awq"}
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})")
-    return obj if isinstance(obj, dict) else {}
-
-
-def checkpoint_recipes(folder: Path, config: dict) -> tuple[str | None, str | None, str]:
-    """(weight recipe name or None for bf16/unknown, checkpoint KV algo 'fp8'|'nvfp4'|None, description)."""
-    hq = _read_json(folder / "hf_quant_config.json").get("quantization", {}) or {}
-    qc = config.get("quantization_config") or {}
-    kv = hq.get("kv_cache_quant_algo")
-    if kv is None and isinstance(qc, dict):
-        scheme = qc.get("kv_cache_scheme")
-        kv = scheme if isinstance(scheme, str) else ("FP8" if isinstance(scheme, dict) and scheme.get("num_bits") == 8
-                                                      else None)
-    kv = str(kv).lower() if kv else None
-    algo = hq.get("quant_algo") or (qc.get("quant_algo") if isinstance(qc, dict) else None)
-    if algo:
-        name = _QUANT_ALGO_RECIPE.get(str(algo).upper())
-        return name, kv, f"ModelOpt {algo}"
-    method = str(qc.get("quant_method", "")).lower() if isinstance(qc, dict) else ""
-    if method == "gptq":
-        act8 = bool(qc.get("fp8_activations") or qc.get("activation_bits") == 8)
-        return ("w4a8-gptq" if act8 else "w4a16-gptq"), kv, "GPTQ"
-    if method == "awq":
-        return "w4a16-awq", kv, "AutoAWQ"
-    if method == "fp8" and qc.get("weight_block_size"):
-        return "fp8-block", kv, "FP8 block (DeepSeek)"
-    if method:
-        return None, kv, f"quant_method {method}"
-    return None, kv, "unquantized"
-
-
-def _kv_choice(asked: str, ckpt_kv: str | None, weight_recipe: str | None, source: str) -> str:
+def _kv_choice(asked: str, ckpt_kv: str | None, source: str) -> str:
     if asked == "auto":
         return ckpt_kv if ckpt_kv in ("fp8", "nvfp4") else "bf16"
     if asked == "nvfp4" and ckpt_kv != "nvfp4":
@@ -131,17 +88,23 @@ def run(
         warnings.append(msg)
         warn(msg)
 
-    # 1. resolve and check, reading only JSON
+    # 1. resolve, describe (config + tensor headers) and check, before any weight is read
+    from qtool.checkpoint.files import open_checkpoint
+    from qtool.checkpoint.scheme import describe
     from qtool.sources import resolve_model_source
     from qtool.support.check import check_request, enforce
-    from qtool.support.families import read_config, rows_for_config
+    from qtool.support.families import rows_for_config
     from qtool.runtime.backends import cuda_usable, make_backend, resolve_backend_name
     src = resolve_model_source(model, progress=not json_output)
     folder = src.path
-    config = read_config(folder)
+    files = open_checkpoint(str(folder))
+    if src.kind == "hub":
+        files.source = model
+    config = files.config
     rows = rows_for_config(config)
-    weight_recipe, ckpt_kv, described = checkpoint_recipes(folder, config)
-    kv = _kv_choice(kv_cache_dtype.value, ckpt_kv, weight_recipe, model)
+    scheme = describe(files)             # the description inspect prints; the loader gets it as is
+    recipes = scheme.checked_recipes()
+    kv = _kv_choice(kv_cache_dtype.value, scheme.kv_recipe, model)
     be_name = resolve_backend_name(backend.value)
     if be_name == "cuda" and not cuda_usable()[0]:
         make_backend("cuda")      # raises the one-line Failure
@@ -150,17 +113,17 @@ def run(
         from qtool.support.gpus import local_gpu
         arch = local_gpu()
     kv_recipe = None if kv == "bf16" else kv
-    verdict = check_request(rows, weight_recipe, kv_recipe, None)
-    msg = enforce(verdict, force)
-    if msg:
-        note(msg)
-    if arch is not None:
-        hw = check_request(None, weight_recipe, kv_recipe, arch)
-        if not hw.supported:
-            if strict:
-                raise Unsupported(hw.message(), hint="drop --strict to run it on qtool's kernels anyway")
-            note("hardware matrix: " + hw.message() + " (running on qtool's own kernels anyway; --strict refuses)")
-    elif strict and be_name == "torch":
+    for weight_recipe in recipes or [None]:
+        msg = enforce(check_request(rows, weight_recipe, kv_recipe, None), force)
+        if msg:
+            note(msg)
+        if arch is not None:
+            hw = check_request(None, weight_recipe, kv_recipe, arch)
+            if not hw.supported:
+                if strict:
+                    raise Unsupported(hw.message(), hint="drop --strict to run it on qtool's kernels anyway")
+                note("hardware matrix: " + hw.message() + " (running on qtool's own kernels anyway; --strict refuses)")
+    if strict and arch is None and be_name == "torch":
         note("--strict: no GPU in use, so the hardware matrix does not apply to the CPU reference backend")
     from types import SimpleNamespace
     from qtool.runtime.families import family_class
@@ -170,8 +133,8 @@ def run(
     ids = [prompt_ids(tok, t, system, raw) for t in texts]
 
     # 2. load, build, generate
-    from qtool.runtime.loader import load_model_weights
-    weights = load_model_weights(str(folder), progress=not json_output)
+    from qtool.runtime.loader import load_weights
+    weights = load_weights(files, scheme, progress=not json_output)
     if kv in ("fp8", "nvfp4") and any(L.k_scale is None or L.v_scale is None for L in weights.layers):
         note(f"the checkpoint has no calibrated k_scale/v_scale: the {kv} KV cache uses scale 1.0 "
              "(quantize with --kv-cache-quant for calibrated scales)")
@@ -199,7 +162,8 @@ def run(
             sys.stdout.write(r.text + "\n")
     info(stats_line(stats, _backend_label(be.name)))
     if json_output:
-        print_json({"ok": True, "model": str(folder), "checkpoint": described, "weight_recipe": weight_recipe or "bf16",
+        print_json({"ok": True, "model": str(folder), "checkpoint": scheme.summary(), "weight_recipe": scheme.recipe or "bf16",
+                    "recipes": recipes,
                     "backend": be.name, "kv_cache_dtype": kv, "warnings": warnings,
                     "completions": [{"prompt": t, "text": r.text, "prompt_tokens": r.prompt_tokens,
                                      "generated_tokens": len(r.token_ids), "finish_reason": r.finish_reason}

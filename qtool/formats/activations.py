@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import torch
 
+from qtool.formats import registry
 from qtool.formats.fp4 import E2M1_MAX, MXFP4_BLOCK, NVFP4_BLOCK, _blocks, e2m1_round, e8m0_exponent
 from qtool.formats.fp8 import E4M3_MAX, FP8_BLOCK, e4m3
 
-ACTIVATIONS = ("none", "fp8", "fp8-token", "fp8-block", "nvfp4", "mxfp4")
+ACTIVATIONS = tuple(registry.activation_codes())
 NVFP4_MIN_SCALE = 1e-5
 
 

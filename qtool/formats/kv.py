@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import torch
 
+from qtool.formats import registry
 from qtool.formats.activations import NVFP4_MIN_SCALE
 from qtool.formats.fp4 import (E2M1_MAX, NVFP4_BLOCK, _blocks, e2m1_decode, e2m1_encode, pack_nibbles,
                                unpack_nibbles)
 from qtool.formats.fp8 import E4M3_MAX, e4m3, fp8_to_float
 
-KV_FORMATS = ("bf16", "fp8", "nvfp4")
+KV_FORMATS = tuple(registry.kv_format_codes())
 
 
 def kv_encode(fmt: str, x: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, ...]:

@@ -14,12 +14,13 @@ from dataclasses import replace
 
 import torch
 
+from qtool.formats import registry
 from qtool.kernels import fp8_bulk, loader, pdl  # noqa: F401 - pdl: ops.pdl for callers
 from qtool.kernels.fp8_bulk import mma_tile_fp8, to_tiled  # noqa: F401 - re-exported
 from qtool.kernels.launch import f32, i32, launch, ptr
 from qtool.kernels.weights import KLinear
 
-KV_CODES = {"bf16": 0, "fp8": 1, "nvfp4": 2}
+KV_CODES = registry.kv_format_codes()
 
 
 # ---------------------------------------------------------------- elementwise

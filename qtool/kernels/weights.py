@@ -14,9 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-F_BF16, F_FP8, F_NVFP4, F_MXFP4, F_INT4 = range(5)
-ACT_CODES = {"none": 0, "fp8": 1, "fp8-token": 2, "fp8-block": 3, "nvfp4": 4, "mxfp4": 5}
-EPV = {F_BF16: 8, F_FP8: 16, F_NVFP4: 32, F_MXFP4: 32, F_INT4: 32}
+from qtool.formats import registry
+
+_FMT = registry.weight_formats()           # kernel codes: recipes/formats.toml
+F_BF16, F_FP8, F_NVFP4, F_MXFP4, F_INT4 = (_FMT[f].kernel for f in ("bf16", "fp8", "nvfp4", "mxfp4", "int4-awq"))
+ACT_CODES = registry.activation_codes()
+EPV = {f.kernel: f.kernel_epv for f in _FMT.values()}
 
 
 @dataclass

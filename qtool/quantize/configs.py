@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import copy
 
-from qtool.support import data
+from qtool.formats.registry import recipe
 
 # ModelOpt's GPTQ (`GPTQCalibConfig`, 0.44+): Hessian-based, layer by layer.
 GPTQ_ALGORITHM = {"method": "gptq", "perc_damp": 0.01, "block_size": 128}
 FP8_PER_TENSOR = {"num_bits": (4, 3), "axis": None}
-
-
-def recipe(kind: str, name: str):
-    return data.recipes()[kind][name]
 
 
 def _set_int4_block(cfg: dict, block: int) -> None:

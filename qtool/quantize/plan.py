@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from qtool.quantize.configs import recipe
+from qtool.formats.registry import recipe
 
 # SmolLM2-135M-Instruct (HuggingFaceTB), a Llama-architecture model; used before the built-in
 # GGUF has been converted (the converted folder's config.json is read when it exists).
@@ -75,16 +75,10 @@ def peek_config(model: str) -> tuple[dict | None, str]:
     return None, ""
 
 
-def _text(cfg: dict) -> dict:
-    for key in ("text_config", "language_config", "llm_config"):
-        if isinstance(cfg.get(key), dict):
-            return {**cfg, **cfg[key]}
-    return cfg
-
-
 def linear_in_features(cfg: dict) -> dict[str, int]:
     """in_features of the decoder's linear layers, by role (from config.json fields)."""
-    c = _text(cfg)
+    from qtool.support.families import text_config
+    c = text_config(cfg)
     hidden, inter = c.get("hidden_size"), c.get("intermediate_size")
     heads = c.get("num_attention_heads")
     head_dim = c.get("head_dim") or (hidden // heads if hidden and heads else None)

@@ -1,12 +1,14 @@
 """``load_model_weights``: a checkpoint (local folder or hub id) → ModelWeights, weights kept quantized.
 
-Contract: reads the per-layer formats from qtool.checkpoint.scheme.describe (which validates every tensor
+Contract: ``load_weights(files, scheme)`` takes opened checkpoint files and their description
+(qtool.checkpoint.scheme.describe, made once by the caller); ``load_model_weights(path_or_id)`` opens,
+describes and loads. The per-layer formats come from the description (which validates every tensor
 against its format), loads each tensor in its on-disk dtype onto the CPU, builds one LinearWeights per linear
 and fuses q|k|v and gate|up (qtool.runtime.fusion, which says in ``note`` and in ``ModelWeights.notes`` where
 it re-quantized or kept parts). Families: llama (incl. llama3 rope scaling), mistral, qwen2 (q/k/v bias),
 qwen3 (q/k RMSNorm); tied or untied embeddings. An unknown model_type raises Unsupported; a bad checkpoint
 raises CheckpointError (one line each). A quantized KV cache without k_scale/v_scale uses 1.0 and says so in
-``notes``. A hub id is downloaded through huggingface_hub (offline: one-line Failure). Progress goes to stderr.
+``notes``. A hub id is resolved by qtool.sources (offline: one-line Failure). Progress goes to stderr.
 """
 from __future__ import annotations
 
@@ -14,14 +16,13 @@ from pathlib import Path
 
 import torch
 
-from qtool.errors import CheckpointError, Failure, Unsupported
+from qtool.errors import CheckpointError, Unsupported
 from qtool.runtime.fusion import fuse
 from qtool.runtime.weights import LayerWeights, LinearWeights, ModelConfig, ModelWeights
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 ATTN = ("q_proj", "k_proj", "v_proj")
 MLP = ("gate_proj", "up_proj")
-_DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
 
 
 # ---------------------------------------------------------------- config
@@ -50,7 +51,8 @@ def _eos(cfg: dict, gen: dict | None) -> list[int]:
 
 def model_config(cfg: dict, gen: dict | None, tensor_names) -> ModelConfig:
     """The runtime config of a llama-family checkpoint from config.json (+ generation_config.json)."""
-    cfg = cfg.get("text_config", cfg) if isinstance(cfg.get("text_config"), dict) else cfg
+    from qtool.support.families import text_config
+    cfg = text_config(cfg)
     family = str(cfg.get("model_type", "")).lower()
     if family not in FAMILIES:
         raise Unsupported(f"model_type {cfg.get('model_type')!r} is not supported by qtool run "
@@ -107,34 +109,23 @@ def _linear(spec, reader: _Reader) -> LinearWeights:
                          spec.group_size, spec.fp8_weight_stage, bias)
 
 
-def _local_path(path_or_id: str):
-    from qtool.checkpoint.files import looks_like_hub_id, open_checkpoint
-    p = Path(path_or_id).expanduser()
-    if p.exists() or not looks_like_hub_id(path_or_id):
-        return open_checkpoint(str(p) if p.exists() else path_or_id)
-    try:
-        from huggingface_hub import snapshot_download
-        local = snapshot_download(path_or_id, allow_patterns=_DOWNLOAD_PATTERNS)
-    except Exception as exc:  # noqa: BLE001 - network/auth/not-found all end the command the same way
-        raise Failure(f"cannot download {path_or_id} from the Hugging Face hub ({type(exc).__name__})",
-                      hint="check the id and your network, or pass a local checkpoint folder")
-    files = open_checkpoint(local)
-    files.source = path_or_id
-    return files
-
-
-def _summary(scheme) -> str:
-    fmts = sorted({(s.format, s.activation) for s in scheme.linears.values()})
-    parts = [f"{f}" + (f"/act {a}" if a != "none" else "") for f, a in fmts]
-    head = scheme.recipe or scheme.quant_algo or "bf16"
-    return f"{head} ({scheme.quant_method}; {', '.join(parts)}; kv {scheme.kv_format})"
-
-
 def load_model_weights(path_or_id: str, progress: bool = True) -> ModelWeights:
+    """Open (a hub id through qtool.sources), describe and load a checkpoint."""
+    from qtool.checkpoint.files import looks_like_hub_id, open_checkpoint
     from qtool.checkpoint.scheme import describe
-    files = _local_path(path_or_id)
-    config = model_config(files.config, files.generation_config, files.tensors)   # family first: Unsupported
-    scheme = describe(files)
+    files = None
+    if not Path(path_or_id).expanduser().exists() and looks_like_hub_id(path_or_id):
+        from qtool.sources import resolve_model_source
+        files = open_checkpoint(str(resolve_model_source(path_or_id, progress).path))
+        files.source = path_or_id
+    files = files or open_checkpoint(str(Path(path_or_id).expanduser()))
+    model_config(files.config, files.generation_config, files.tensors)     # family first: Unsupported
+    return load_weights(files, describe(files), progress)
+
+
+def load_weights(files, scheme, progress: bool = True) -> ModelWeights:
+    """ModelWeights from opened checkpoint files and their description (qtool.checkpoint.scheme.describe)."""
+    config = model_config(files.config, files.generation_config, files.tensors)
     reader, notes = _Reader(files), list(scheme.notes)
 
     def need(name: str) -> torch.Tensor:
@@ -173,7 +164,7 @@ def load_model_weights(path_or_id: str, progress: bool = True) -> ModelWeights:
                                 note="tied to the embedding")
     return ModelWeights(config=config, embed=embed, final_norm=need("model.norm.weight"), lm_head=lm_head,
                         layers=layers, kv_format=scheme.kv_format, source=files.source,
-                        scheme_summary=_summary(scheme), notes=_dedupe(notes))
+                        scheme_summary=scheme.summary(), notes=_dedupe(notes))
 
 
 def _kv_scales(scheme, layer: int, reader: _Reader, notes: list[str]):

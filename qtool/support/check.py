@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from qtool.errors import Unsupported
+from qtool.formats.registry import recipe as _recipe, recipes
 from qtool.support import data
 from qtool.support.gpus import Arch, archs
 
@@ -46,10 +47,6 @@ class Verdict:
         return " ".join(self.reasons)
 
 
-def _recipe(kind: str, name: str):
-    return data.recipes()[kind][name]
-
-
 def _label(kind: str, name: str) -> str:
     return name if kind == "weights" else f"kv {name}"
 
@@ -67,7 +64,7 @@ def usable_recipes(rows: list[str] | None, arch: Arch | None) -> list[str]:
     """Recipe labels (weights names, then 'kv X') allowed by the given rows and/or arch."""
     out = []
     for kind in ("weights", "kv"):
-        for name, r in data.recipes()[kind].items():
+        for name, r in recipes()[kind].items():
             if rows is not None and not model_allows(rows, r.column):
                 continue
             if arch is not None and not hardware_allows(arch, r.column):

@@ -1,31 +1,17 @@
-"""Loads the support data in `recipes/` (the two matrices, recipes, families, GPUs, notes).
+"""Loads the support data in `recipes/` (the two matrices, families, GPUs, notes, runtime support).
 
 Contract: everything qtool knows about what is supported comes from these files; this module
 only parses them (csv + tomllib, no heavy imports) and caches the result. Matrix cells are the
-seed's literal 'Y' / '.' strings.
+seed's literal 'Y' / '.' strings. Recipes come from the format registry (qtool.formats.registry),
+re-exported here as `recipes()` / `Recipe`.
 """
 from __future__ import annotations
 
 import csv
 import functools
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
-RECIPES_DIR = Path(__file__).resolve().parent.parent.parent / "recipes"
-
-
-def recipes_dir() -> Path:
-    """The folder of data files: the source tree's `recipes/`, or the installed package's."""
-    if RECIPES_DIR.is_dir():
-        return RECIPES_DIR
-    import importlib.resources
-    return Path(str(importlib.resources.files("recipes")))
+from qtool.formats.registry import Recipe, load_toml as _toml, recipes, recipes_dir  # noqa: F401 - re-exported
 
 
 @dataclass(frozen=True)
@@ -45,20 +31,6 @@ class Matrix:
         return {c: self.cells[(row, c)] for c in self.columns}
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """One quantization recipe: kind is 'weights' or 'kv'; `spec` holds the TOML table."""
-
-    name: str
-    kind: str
-    column: str
-    title: str
-    spec: dict = field(hash=False, compare=False)
-
-    def get(self, key, default=None):
-        return self.spec.get(key, default)
-
-
 def _read_matrix(filename: str, name: str, notes: list[str]) -> Matrix:
     with open(recipes_dir() / filename, newline="", encoding="utf-8") as f:
         reader = csv.reader(f)
@@ -71,11 +43,6 @@ def _read_matrix(filename: str, name: str, notes: list[str]) -> Matrix:
             for col, val in zip(header[1:], line[1:]):
                 cells[(line[0], col)] = val
     return Matrix(name, tuple(header[1:]), tuple(rows), cells, tuple(notes))
-
-
-def _toml(filename: str) -> dict:
-    with open(recipes_dir() / filename, "rb") as f:
-        return tomllib.load(f)
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,22 +58,6 @@ def model_matrix() -> Matrix:
 @functools.lru_cache(maxsize=None)
 def hardware_matrix() -> Matrix:
     return _read_matrix("hardware_matrix.csv", "hardware", notes()["hardware_matrix"]["notes"])
-
-
-@functools.lru_cache(maxsize=None)
-def recipes() -> dict[str, dict[str, Recipe]]:
-    """{'weights': {cli_name: Recipe}, 'kv': {cli_name: Recipe}} in file order."""
-    raw = _toml("recipes.toml")
-    return {kind: {name: Recipe(name, kind, spec["column"], spec["title"], spec)
-                   for name, spec in raw[kind].items()} for kind in ("weights", "kv")}
-
-
-def weight_recipe_names() -> list[str]:
-    return list(recipes()["weights"])
-
-
-def kv_recipe_names() -> list[str]:
-    return list(recipes()["kv"])
 
 
 @functools.lru_cache(maxsize=None)

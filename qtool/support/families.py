@@ -4,6 +4,7 @@ Contract: `rows_for_config(config)` applies the ordered rules of recipes/familie
 returns the matching row names (a checkpoint may match several rows; a recipe is supported when
 any of them says Y). `resolve_family(name)` accepts a row name as the seed spells it, or an
 alias, case-insensitively, and raises UsageError listing the known families otherwise.
+`text_config(config)` is the one place a multimodal config's text part is unwrapped.
 """
 from __future__ import annotations
 
@@ -41,15 +42,17 @@ def family_rows(row: str) -> list[str]:
     return [*data.families().get("implies", {}).get(row, []), row]
 
 
-def _text_config(config: dict) -> dict:
+def text_config(config: dict) -> dict:
+    """The language model's config: a multimodal config.json's text part over its outer keys, else `config`."""
     for key in ("text_config", "language_config", "llm_config"):
         if isinstance(config.get(key), dict):
-            return config[key]
-    return {}
+            return {**config, **config[key]}
+    return config
 
 
 def _rule_matches(rule: dict, config: dict) -> bool:
-    text = _text_config(config)
+    text = text_config(config)
+    text = {} if text is config else text
     model_types = {str(config.get("model_type", "")).lower(), str(text.get("model_type", "")).lower()}
     if "model_type" in rule and not model_types & {m.lower() for m in rule["model_type"]}:
         return False
