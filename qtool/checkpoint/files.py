@@ -66,6 +66,7 @@ class CheckpointFiles:
     tokenizer_files: list[str]
     has_chat_template: bool
     quantize_config: dict | None = None     # quantize_config.json (GPTQ tools)
+    tokenizer_config: dict | None = None    # tokenizer_config.json
     file_sizes: dict[Path, int] = field(default_factory=dict)   # shard -> bytes on disk
     remote: bool = False                    # headers came from the hub (no local tensor data)
     problems: list[str] = field(default_factory=list)           # strict=False: what would have raised
@@ -234,7 +235,7 @@ def assemble(root: Path, source: str, jsons: dict[str, dict | None], listing: li
         root=root, source=source, config=jsons["config.json"], hf_quant_config=jsons.get("hf_quant_config.json"),
         generation_config=jsons.get("generation_config.json"), tensors=tensors, shard_files=shard_paths,
         tokenizer_files=tok_files, has_chat_template=has_template,
-        quantize_config=jsons.get("quantize_config.json"),
+        quantize_config=jsons.get("quantize_config.json"), tokenizer_config=jsons.get("tokenizer_config.json"),
         file_sizes={root / n: sizes[n] for n in names}, remote=remote, problems=problems)
 
 

@@ -188,6 +188,15 @@ def _runtime(files: CheckpointFiles, scheme: CheckpointScheme) -> dict:
             "cuda": {"can_run": cuda_why is None, "reason": cuda_why, "gpu": arch.key if arch else None}}
 
 
+def _loads_in(files: CheckpointFiles, scheme: CheckpointScheme) -> dict:
+    """TensorRT-LLM / vLLM / qtool: whether each loads this checkpoint (recipes/consumers.toml)."""
+    from qtool.support.consumers import for_checkpoint
+    group = _recipe(scheme)["group_size"]
+    return for_checkpoint(scheme.quant_method, scheme.recipe, scheme.kv_format,
+                          group if isinstance(group, int) else None, files.config, scheme.quant_algo,
+                          files.tokenizer_config)
+
+
 def build(files: CheckpointFiles, scheme: CheckpointScheme, sizes: Sizes, problems: list[str], notes: list[str],
           deep: dict | None = None) -> dict:
     model = _model(files)
@@ -203,6 +212,7 @@ def build(files: CheckpointFiles, scheme: CheckpointScheme, sizes: Sizes, proble
         "sizes": sizes.as_dict(),
         "support": _support(model, scheme),
         "runtime": _runtime(files, scheme),
+        "loads_in": _loads_in(files, scheme),
         "problems": problems,
         "notes": notes,
         "deep": deep,
@@ -270,6 +280,15 @@ def render(rep: dict, console) -> None:
         e = rt[name]
         parts.append(f"{label} [green]yes[/green]" if e["can_run"] else f"{label} [red]no[/red] ({escape(e['reason'])})")
     console.print("Runtime   " + " · ".join(parts))
+    if rep.get("loads_in"):
+        cells = []
+        for c in rep["loads_in"].values():
+            mark = {True: "[green]yes[/green]", False: "[red]no[/red]", None: "[yellow]?[/yellow]"}[c["loads"]]
+            cells.append(f"{c['title']} {mark}" + (f" ({escape(c['reason'])})" if c["reason"] and not c["loads"] else ""))
+        console.print("Loads in  " + " · ".join(cells))
+        for c in rep["loads_in"].values():
+            for n in c["notes"]:
+                console.print(f"          [yellow]{c['title']}: {escape(n)}[/yellow]")
     if rep["deep"] is not None:
         d = rep["deep"]
         console.print(f"Deep      {d['tensors_read']} tensors read · {len(d['problems'])} value problem(s)")

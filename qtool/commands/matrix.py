@@ -14,7 +14,7 @@ from rich.table import Table
 from qtool.commands._common import guarded, print_json, stdout
 from qtool.commands._options import EXIT_CODES_HELP, GPU_HELP, KvRecipe, WeightRecipe, value
 from qtool.formats import registry
-from qtool.support import data
+from qtool.support import consumers, data
 from qtool.support.check import check_request, runtime_cell, usable_recipes
 from qtool.support.families import rows_for_model
 from qtool.support.gpus import archs, resolve_gpu
@@ -88,7 +88,7 @@ def matrix(
         out = {"recipes": _recipe_columns()}
         if arch is None and rows is None:
             out.update(model_matrix=_matrix_json(mm), hardware_matrix=_matrix_json(hm),
-                       rules=data.notes()["rules"]["notes"])
+                       rules=data.notes()["rules"]["notes"], loads_in=consumers.recipe_rows())
         if arch is not None:
             out["gpu"] = {"arch": arch.key, "row": arch.row, "title": arch.title,
                           "supports": hm.row_dict(arch.row),
@@ -112,6 +112,8 @@ def matrix(
         for n in data.notes()["rules"]["notes"]:
             stdout.print(f"[dim]Rule: {n}[/dim]")
         stdout.print("[dim]Recipe names: " + "; ".join(f"{k} = {v}" for k, v in _recipe_columns().items()) + "[/dim]")
+        stdout.print()
+        stdout.print(_loads_in_table())
         return
     if rows is not None:
         stdout.print(f"[bold]{model or family}[/bold] → {', '.join(rows)} ({how}); a recipe is supported when any of these rows says Y.")
@@ -135,6 +137,32 @@ def matrix(
         stdout.print(t)
 
 
+def _loads_in_table() -> Table:
+    """recipe × consumer: the export layout each loads (recipes/consumers.toml), or why not."""
+    t = Table(title="Loads in: the export layout each consumer reads (qtool quantize --for)", title_justify="left",
+              caption="versions and loader files: recipes/consumers.toml; '.' = cannot load (qtool matrix --json: why)",
+              caption_justify="left")
+    t.add_column("Recipe", style="bold", no_wrap=True)
+    for c in consumers.TARGETS:
+        t.add_column(f"{consumers.title(c)}")
+    for label, per in consumers.recipe_rows().items():
+        cells = []
+        for c in consumers.TARGETS:
+            e = per[c]
+            if not e["layouts"]:
+                cells.append("[dim].[/dim]")
+                continue
+            g = [x for x in (e.get("group_sizes") or []) if x > 0]
+            cells.append("[green]" + " | ".join(e["layouts"]) + "[/green]" + (f" (group {'/'.join(map(str, g))})" if g else ""))
+        t.add_row(label, *cells)
+    return t
+
+
+def _loads_in(quant, kv) -> dict:
+    ch = consumers.choose(quant, kv) if quant else None
+    return ch.as_dict() if ch else {}
+
+
 def _answer(rows, how, arch, quant, kv, json_output):
     if rows is None and arch is None:
         v = check_request(None, quant, kv, None, any_arch=True)
@@ -143,17 +171,19 @@ def _answer(rows, how, arch, quant, kv, json_output):
         fams = [r for r in mm.rows if all(mm.supported(r, c) for c in cols)]
         if json_output:
             print_json({"query": {"quant": quant, "kv_cache_quant": kv}, "supported": v.supported,
-                        "families": fams, "architectures": v.archs_ok, "verdict": v.as_dict()})
+                        "families": fams, "architectures": v.archs_ok, "verdict": v.as_dict(),
+                        "loads_in": _loads_in(quant, kv)})
         else:
             stdout.print(f"{' + '.join(cols)}: families {', '.join(fams) or 'none'}; "
                          f"architectures {', '.join(v.archs_ok) or 'none'}.")
             if not v.supported:
                 stdout.print("[red]refused:[/red] " + v.message())
+            _print_loads_in(quant, kv)
         raise typer.Exit(0 if v.supported else 3)
     v = check_request(rows, quant, kv, arch)
     if json_output:
         print_json({"query": {"rows": rows, "matched_by": how, "gpu": arch.key if arch else None,
-                              "quant": quant, "kv_cache_quant": kv}, **v.as_dict()})
+                              "quant": quant, "kv_cache_quant": kv}, **v.as_dict(), "loads_in": _loads_in(quant, kv)})
     else:
         what = " + ".join(x for x in (quant, f"kv {kv}" if kv else None) if x)
         subject = " / ".join(filter(None, [", ".join(rows) if rows else None,
@@ -162,4 +192,14 @@ def _answer(rows, how, arch, quant, kv, json_output):
             stdout.print(f"[green]supported:[/green] {what} for {subject}.")
         else:
             stdout.print(f"[red]refused:[/red] {what} for {subject}. " + v.message())
+        _print_loads_in(quant, kv)
     raise typer.Exit(0 if v.supported else 3)
+
+
+def _print_loads_in(quant, kv) -> None:
+    if not quant:
+        return
+    from rich.markup import escape
+    ch = consumers.choose(quant, kv)
+    stdout.print(f"Loads in: {consumers.names(ch.loads_in) or 'none'} ({ch.layout} layout by default)"
+                 + "".join(f"; {consumers.title(t)}: {escape(c.reason)}" for t, c in ch.cells.items() if not c.loads))

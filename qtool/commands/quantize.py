@@ -42,6 +42,7 @@ def quantize(
     awq_block_size: int = typer.Option(128, "--awq-block-size", min=8, help="INT4 block (group) size for the AWQ and GPTQ recipes."),
     device_map: Optional[str] = typer.Option(None, "--device-map", help="Passed to from_pretrained, e.g. 'auto' to offload layers that do not fit on the GPU to CPU RAM."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="With --device-map: memory per device, e.g. '0=70GiB,cpu=32GiB'; what does not fit is offloaded (to disk last)."),
+    for_target: Optional[str] = typer.Option(None, "--for", help="Where the checkpoint must load: trtllm, vllm, qtool, all, or a comma list (e.g. vllm,qtool). Picks the export layout (w4a16-awq: ModelOpt's for TensorRT-LLM, AutoAWQ's for vLLM) and refuses (exit 3) a recipe a target cannot load. Default: a layout that loads in all three where one exists, else the one that loads in most, said in the summary."),
     force: bool = typer.Option(False, "--force", help="Run a request the support matrices refuse (recorded in qtool.json), and replace a non-empty --output."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON result on stdout; no progress display."),
 ):
@@ -51,10 +52,14 @@ def quantize(
     req = pipeline.Request(model=model, quant=value(quant), kv=value(kv_cache_quant), output=output, gpu=gpu,
                            family=family, calib_data=calib_data, calib_size=calib_size,
                            calib_seq_len=calib_seq_len, batch_size=batch_size, block_size=awq_block_size,
-                           device_map=device_map, max_memory=max_memory, force=force, progress=not json_output)
+                           device_map=device_map, max_memory=max_memory, force=force, targets=for_target,
+                           progress=not json_output)
     plan = pipeline.prepare(req)               # every refusal happens here, before loading
     if plan.force_warning:
         warn(plan.force_warning)
+    if plan.choice is not None and plan.choice.note:
+        from rich.markup import escape
+        warn(escape(plan.choice.note))
     result = pipeline.run(plan)
     if json_output:
         print_json({"ok": True, **result})
@@ -71,6 +76,9 @@ def _print_summary(r: dict) -> None:
                  f"in {r['wall_time_s']:.1f} s; {mem_s}.")
     stdout.print(f"calibration: {r['calibration']['source']}; {r['calibration']['samples']} samples × ≤"
                  f"{r['calibration']['seq_len']} tokens; algorithm {r['calibration']['algorithm']}.")
+    if r.get("consumers"):
+        from qtool.quantize.targets import summary
+        stdout.print(summary(r["consumers"]))
     if r.get("architectures_supported"):
         stdout.print("runs on (hardware matrix): " + ", ".join(r["architectures_supported"]))
     elif r.get("target"):

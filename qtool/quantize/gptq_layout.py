@@ -77,7 +77,6 @@ def _load_all(out_dir: Path) -> tuple[dict, dict]:
 def convert_to_gptq(out_dir: Path, group_size: int, fp8_activations: bool, modelopt_version: str) -> dict:
     """Rewrite the export in `out_dir` in place; returns {'modules': n, 'modelopt_hf_quant_config': …}."""
     import torch
-    from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     tensors, owner = _load_all(out_dir)
@@ -105,8 +104,16 @@ def convert_to_gptq(out_dir: Path, group_size: int, fp8_activations: bool, model
         raise Failure("the export holds no INT4 block-quantized linear layer to write in the GPTQ layout")
     for k, v in tensors.items():
         new[k], new_owner[k] = v, owner[k]
-    files = sorted(set(owner.values()))
-    for f in files:
+    rewrite_shards(out_dir, new, new_owner, owner)
+    qcfg = gptq_quantization_config(group_size, fp8_activations, modelopt_version)
+    (out_dir / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")
+    return {"modules": n, "modelopt_hf_quant_config": replace_quantization_config(out_dir, qcfg)}
+
+
+def rewrite_shards(out_dir: Path, new: dict, new_owner: dict, owner: dict) -> None:
+    """Write `new` tensors back into the shards they came from (`new_owner`), updating the index."""
+    from safetensors.torch import save_file
+    for f in sorted(set(owner.values())):
         (out_dir / f).unlink()
         part = {k: v.contiguous() for k, v in new.items() if new_owner[k] == f}
         save_file(part, str(out_dir / f), metadata={"format": "pt"})
@@ -116,14 +123,16 @@ def convert_to_gptq(out_dir: Path, group_size: int, fp8_activations: bool, model
         idx["weight_map"] = {k: new_owner[k] for k in sorted(new)}
         index.write_text(json.dumps(idx, indent=2) + "\n")
 
-    qcfg = gptq_quantization_config(group_size, fp8_activations, modelopt_version)
+
+def replace_quantization_config(out_dir: Path, qcfg: dict) -> dict | None:
+    """config.json's quantization_config := qcfg; ModelOpt's hf_quant_config.json (which TensorRT-LLM reads
+    first and which would describe the replaced tensors) is removed; its content is returned for qtool.json."""
     cfg_path = out_dir / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["quantization_config"] = qcfg
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
-    (out_dir / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")
     hf_q = out_dir / "hf_quant_config.json"
     modelopt_cfg = json.loads(hf_q.read_text()) if hf_q.is_file() else None
     if hf_q.is_file():
         hf_q.unlink()
-    return {"modules": n, "modelopt_hf_quant_config": modelopt_cfg}
+    return modelopt_cfg

@@ -37,6 +37,7 @@ class Request:
     device_map: str | None = None
     max_memory: str | None = None
     force: bool = False
+    targets: str | None = None      # --for: trtllm, vllm, qtool, all (None: every consumer where possible)
     progress: bool = True
     debug: bool = False
 
@@ -53,6 +54,7 @@ class Plan:
     texts: list[str] = field(default_factory=list)
     calib_desc: str = ""
     block_size: int | None = None
+    choice: object | None = None    # qtool.support.consumers.Choice: the export layout and where it loads
 
 
 def _rows(req: Request, cfg: dict | None, how: str) -> tuple[list[str], str]:
@@ -83,10 +85,8 @@ def prepare(req: Request) -> Plan:
     check_target(req.output, req.force, req.model)
     spec = configs.recipe("weights", req.quant).spec
     block = req.block_size if spec.get("block_size_option") else None
-    if block:
-        problem = planmod.block_size_problem(cfg, block)
-        if problem:
-            raise UsageError(problem)
+    from qtool.quantize import targets
+    choice = targets.resolve(req.quant, req.kv, req.targets, block, cfg)
     cuda = planmod.cuda_problem(req.quant, req.kv)
     if cuda:
         from qtool.errors import Failure
@@ -98,7 +98,7 @@ def prepare(req: Request) -> Plan:
         if not req.device_map:
             raise UsageError("--max-memory needs --device-map (e.g. --device-map auto)")
     texts, desc = calibration_texts(str(req.calib_data) if req.calib_data else None, req.calib_size)
-    return Plan(req, rows, rows_how, arch, verdict, force_warning, cfg, texts, desc, block)
+    return Plan(req, rows, rows_how, arch, verdict, force_warning, cfg, texts, desc, block, choice)
 
 
 def _target_arch(gpu):
@@ -179,6 +179,9 @@ def run(plan: Plan) -> dict:
             stages.stage("writing the GPTQ layout")
             conv = _gptq(tmp, plan.block_size, bool(spec.get("fp8_activations")), versions["modelopt_version"])
             modelopt_hf = conv["modelopt_hf_quant_config"]
+        from qtool.quantize.targets import finish
+        consumers_rec = finish(tmp, plan.choice, plan.block_size, versions["modelopt_version"])
+        modelopt_hf = consumers_rec.pop("replaced_hf_quant_config", modelopt_hf)
         export_s = time.perf_counter() - t_exp
         if offload.exists():
             import shutil
@@ -186,6 +189,7 @@ def run(plan: Plan) -> dict:
         stages.stage("writing qtool.json")
         result = _result(plan, source, tmp, cfg, versions, modelopt_hf, batch, n_samples, n_tokens, passes,
                          calib_s, export_s, t0)
+        result["consumers"] = result["manifest"]["consumers"] = consumers_rec
         write_manifest(tmp, build_manifest(**result["manifest"]))
         result["files"] = sorted(p.name for p in tmp.iterdir())
         result["size_mib"] = round(sum(p.stat().st_size for p in tmp.iterdir()) / 2**20, 2)
@@ -219,7 +223,8 @@ def _result(plan: Plan, source, tmp: Path, cfg: dict, versions: dict, modelopt_h
     hf_q = tmp / "hf_quant_config.json"
     hfq = json.loads(hf_q.read_text()).get("quantization", {}) if hf_q.is_file() else {}
     config_q = json.loads((tmp / "config.json").read_text()).get("quantization_config", {})
-    fmt = config_q.get("quant_method") if spec.get("quant_method") else (hfq.get("quant_algo") or "?")
+    fmt = (config_q.get("quant_method") if config_q.get("quant_method") not in (None, "modelopt")
+           else (hfq.get("quant_algo") or "?"))
     calibration = {"source": plan.calib_desc, "data": str(req.calib_data) if req.calib_data else None,
                    "size": req.calib_size, "samples": n_samples, "tokens": n_tokens, "seq_len": req.calib_seq_len,
                    "batch_size": batch, "passes": passes, "algorithm": configs.describe_algorithm(cfg),

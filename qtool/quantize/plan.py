@@ -94,18 +94,21 @@ def linear_in_features(cfg: dict) -> dict[str, int]:
     return {k: int(v) for k, v in out.items() if isinstance(v, int) and v > 0}
 
 
-def block_size_problem(cfg: dict | None, block: int, option: str = "--awq-block-size") -> str | None:
+def block_size_problem(cfg: dict | None, block: int, option: str = "--awq-block-size",
+                       allowed: list[int] | None = None) -> str | None:
+    """`allowed`: the group sizes the export's consumers accept (recipes/consumers.toml); None = any."""
     if not cfg:
         return None
     dims = linear_in_features(cfg)
     bad = {k: v for k, v in dims.items() if v % block}
     if not bad:
         return None
-    ok = [b for b in BLOCK_CANDIDATES if all(v % b == 0 for v in dims.values())]
+    cands = [b for b in (allowed or BLOCK_CANDIDATES) if b > 0]
+    ok = [b for b in cands if all(v % b == 0 for v in dims.values())]
     what = ", ".join(f"{k} = {v}" for k, v in bad.items())
     return (f"{option} {block} does not divide the in_features of every linear layer ({what}); "
             + (f"block sizes that work: {', '.join(map(str, ok))} (e.g. {option} {max(ok)})" if ok
-               else "no block size in " + ", ".join(map(str, BLOCK_CANDIDATES)) + " works"))
+               else "no block size in " + ", ".join(map(str, cands)) + " works"))
 
 
 def cuda_available() -> bool:
