@@ -1,6 +1,7 @@
 """Where a checkpoint loads: TensorRT-LLM, vLLM and qtool's loader contracts (recipes/consumers.toml).
 
-Contract: torch-free; everything comes from recipes/consumers.toml (parsed once). `cell(quant, kv,
+Contract: torch-free; everything comes from recipes/consumers.toml (parsed once, through the format
+registry's TOML loader; the recipe names are the registry's). `cell(quant, kv,
 layout, consumer, group_size, head_dim)` says whether one consumer loads a recipe (+ KV recipe) written
 in one export layout, and why not. `choose(quant, kv, targets, group_size)` picks the export layout for
 `qtool quantize --for`: targets None means "every consumer where one layout serves them all, else the
@@ -14,7 +15,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
-from qtool.support import data
+from qtool.formats.registry import load_toml
 
 TARGETS = ("trtllm", "vllm", "qtool")
 # CheckpointScheme.quant_method → export layout
@@ -23,7 +24,7 @@ METHOD_LAYOUT = {"modelopt": "modelopt", "gptq": "gptq-v1", "awq": "autoawq-gemm
 
 @functools.lru_cache(maxsize=None)
 def contracts() -> dict:
-    return data._toml("consumers.toml")
+    return load_toml("consumers.toml")
 
 
 def title(consumer: str) -> str:
