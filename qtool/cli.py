@@ -11,6 +11,7 @@ import typer
 from qtool import __version__
 from qtool.commands import _common
 from qtool.commands._options import EXIT_CODES_HELP
+from qtool.commands import eval as eval_cmd
 from qtool.commands import inspect as inspect_cmd
 from qtool.commands import matrix as matrix_cmd
 from qtool.commands import quantize as quantize_cmd
@@ -45,6 +46,7 @@ app.command("matrix", epilog=matrix_cmd.EPILOG)(matrix_cmd.matrix)
 app.command("quantize", epilog=quantize_cmd.EPILOG)(quantize_cmd.quantize)
 app.command("inspect", epilog=inspect_cmd.EPILOG)(inspect_cmd.inspect)
 app.command("run", epilog=run_cmd.EPILOG)(run_cmd.run)
+app.command("eval", epilog=eval_cmd.EPILOG)(eval_cmd.eval)
 
 
 def main() -> None:
