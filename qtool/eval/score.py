@@ -54,24 +54,14 @@ def load_model(ref: str, backend: str, progress: bool = True) -> Loaded:
 
 
 def _recipe(folder) -> str:
-    import json
-    from pathlib import Path
-    from qtool.commands.run import checkpoint_recipes
-    cfg_path = Path(folder) / "config.json"
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
-    name, _, described = checkpoint_recipes(Path(folder), cfg)
-    return name or ("bf16" if described == "unquantized" else described)
+    from qtool.checkpoint.files import open_checkpoint
+    from qtool.checkpoint.scheme import describe
+    recipes = describe(open_checkpoint(str(folder))).checked_recipes()
+    return "+".join(r for r in recipes if r) or "bf16"
 
 
 def tokenize(tok, text: str) -> list[int]:
-    import logging
-    log = logging.getLogger("transformers.tokenization_utils_base")
-    level = log.level
-    log.setLevel(logging.ERROR)          # "sequence longer than the model's maximum": we cut windows ourselves
-    try:
-        return list(tok(text, add_special_tokens=False)["input_ids"])
-    finally:
-        log.setLevel(level)
+    return list(tok(text, add_special_tokens=False)["input_ids"])
 
 
 def windows(ids: list[int], window: int, max_tokens: int = 0) -> list[list[int]]:
