@@ -16,6 +16,7 @@ from qtool.commands import inspect as inspect_cmd
 from qtool.commands import matrix as matrix_cmd
 from qtool.commands import quantize as quantize_cmd
 from qtool.commands import run as run_cmd
+from qtool.commands import serve as serve_cmd
 
 app = typer.Typer(
     name="qtool",
@@ -47,6 +48,7 @@ app.command("quantize", epilog=quantize_cmd.EPILOG)(quantize_cmd.quantize)
 app.command("inspect", epilog=inspect_cmd.EPILOG)(inspect_cmd.inspect)
 app.command("run", epilog=run_cmd.EPILOG)(run_cmd.run)
 app.command("eval", epilog=eval_cmd.EPILOG)(eval_cmd.eval)
+app.command("serve", epilog=serve_cmd.EPILOG)(serve_cmd.serve)
 
 
 def main() -> None:

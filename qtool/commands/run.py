@@ -56,6 +56,54 @@ def _backend_label(name: str) -> str:
     return "torch (PyTorch reference, float32 on CPU)" if name == "torch" else name
 
 
+def resolve_and_check(model: str, backend: str, kv_cache_dtype: str, strict: bool, force: bool, note,
+                      progress: bool = True):
+    """Resolve MODEL, describe it and run the support check (model matrix, recipe rules, hardware matrix)
+    before any weight is read (`qtool run` and `qtool serve`). Raises Unsupported (exit 3); `note(msg)`
+    gets the warnings. Returns folder, files, config, scheme, recipes, kv, be_name."""
+    from types import SimpleNamespace
+    from qtool.checkpoint.files import open_checkpoint
+    from qtool.checkpoint.scheme import describe
+    from qtool.sources import resolve_model_source
+    from qtool.support.check import check_request, enforce
+    from qtool.support.families import rows_for_config
+    from qtool.runtime.backends import cuda_usable, make_backend, resolve_backend_name
+    src = resolve_model_source(model, progress=progress)
+    folder = src.path
+    files = open_checkpoint(str(folder))
+    if src.kind == "hub":
+        files.source = model
+    config = files.config
+    rows = rows_for_config(config)
+    scheme = describe(files)             # the description inspect prints; the loader gets it as is
+    recipes = scheme.checked_recipes()
+    kv = _kv_choice(kv_cache_dtype, scheme.kv_recipe, model)
+    be_name = resolve_backend_name(backend)
+    if be_name == "cuda" and not cuda_usable()[0]:
+        make_backend("cuda")      # raises the one-line Failure
+    arch = None
+    if be_name == "cuda":
+        from qtool.support.gpus import local_gpu
+        arch = local_gpu()
+    kv_recipe = None if kv == "bf16" else kv
+    for weight_recipe in recipes or [None]:
+        msg = enforce(check_request(rows, weight_recipe, kv_recipe, None), force)
+        if msg:
+            note(msg)
+        if arch is not None:
+            hw = check_request(None, weight_recipe, kv_recipe, arch)
+            if not hw.supported:
+                if strict:
+                    raise Unsupported(hw.message(), hint="drop --strict to run it on qtool's kernels anyway")
+                note("hardware matrix: " + hw.message() + " (running on qtool's own kernels anyway; --strict refuses)")
+    if strict and arch is None and be_name == "torch":
+        note("--strict: no GPU in use, so the hardware matrix does not apply to the CPU reference backend")
+    from qtool.runtime.families import family_class
+    family_class(SimpleNamespace(family=config.get("model_type", "?")))     # model code exists (else exit 3)
+    return SimpleNamespace(folder=folder, files=files, config=config, scheme=scheme, recipes=recipes, kv=kv,
+                           be_name=be_name)
+
+
 @guarded
 def run(
     model: str = typer.Argument(..., help="Model folder, hub id (org/name) or built-in name (smollm2-135m)."),
@@ -89,45 +137,9 @@ def run(
         warn(msg)
 
     # 1. resolve, describe (config + tensor headers) and check, before any weight is read
-    from qtool.checkpoint.files import open_checkpoint
-    from qtool.checkpoint.scheme import describe
-    from qtool.sources import resolve_model_source
-    from qtool.support.check import check_request, enforce
-    from qtool.support.families import rows_for_config
-    from qtool.runtime.backends import cuda_usable, make_backend, resolve_backend_name
-    src = resolve_model_source(model, progress=not json_output)
-    folder = src.path
-    files = open_checkpoint(str(folder))
-    if src.kind == "hub":
-        files.source = model
-    config = files.config
-    rows = rows_for_config(config)
-    scheme = describe(files)             # the description inspect prints; the loader gets it as is
-    recipes = scheme.checked_recipes()
-    kv = _kv_choice(kv_cache_dtype.value, scheme.kv_recipe, model)
-    be_name = resolve_backend_name(backend.value)
-    if be_name == "cuda" and not cuda_usable()[0]:
-        make_backend("cuda")      # raises the one-line Failure
-    arch = None
-    if be_name == "cuda":
-        from qtool.support.gpus import local_gpu
-        arch = local_gpu()
-    kv_recipe = None if kv == "bf16" else kv
-    for weight_recipe in recipes or [None]:
-        msg = enforce(check_request(rows, weight_recipe, kv_recipe, None), force)
-        if msg:
-            note(msg)
-        if arch is not None:
-            hw = check_request(None, weight_recipe, kv_recipe, arch)
-            if not hw.supported:
-                if strict:
-                    raise Unsupported(hw.message(), hint="drop --strict to run it on qtool's kernels anyway")
-                note("hardware matrix: " + hw.message() + " (running on qtool's own kernels anyway; --strict refuses)")
-    if strict and arch is None and be_name == "torch":
-        note("--strict: no GPU in use, so the hardware matrix does not apply to the CPU reference backend")
-    from types import SimpleNamespace
-    from qtool.runtime.families import family_class
-    family_class(SimpleNamespace(family=config.get("model_type", "?")))     # model code exists (else exit 3)
+    c = resolve_and_check(model, backend.value, kv_cache_dtype.value, strict, force, note, progress=not json_output)
+    folder, files, scheme, recipes, kv, be_name = c.folder, c.files, c.scheme, c.recipes, c.kv, c.be_name
+    from qtool.runtime.backends import make_backend
     from qtool.runtime.chat import eos_ids, load_tokenizer, prompt_ids
     tok = load_tokenizer(folder)
     ids = [prompt_ids(tok, t, system, raw) for t in texts]

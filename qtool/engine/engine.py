@@ -81,6 +81,7 @@ class Engine:
         self._inbox: list[Request] = []
         self._aborts: list[str] = []
         self._cv = threading.Condition()
+        self._requeued = 0             # preempted requests in `waiting` (already accepted once)
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "preemptions": 0, "steps": 0}
 
     # -- thread-safe entry points -----------------------------------------------------------------
@@ -104,6 +105,12 @@ class Engine:
         with self._cv:
             self._aborts.append(request_id)
             self._cv.notify()
+
+    def queued(self) -> int:
+        """Accepted requests that will have to wait (never admitted, beyond the free running slots): what a
+        queue limit counts."""
+        fresh = len(self._inbox) + len(self.waiting) - self._requeued
+        return max(0, fresh - max(0, self.max_num_seqs - len(self.running)))
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self._inbox or self._aborts)
@@ -157,6 +164,7 @@ class Engine:
             if self.blocks.blocks_for(len(r.all_ids) + 1) > self.blocks.free_blocks and self.running:
                 break
             self.running.append(self.waiting.popleft())
+            self._requeued -= r.preemptions > 0
 
     def _reserve(self, r: Request, n_tokens: int) -> bool:
         """Blocks for positions 0..n_tokens-1 of r, preempting the newest running requests if needed;
@@ -174,6 +182,7 @@ class Engine:
         r.num_computed = 0
         r.preemptions += 1
         self.counters["preemptions"] += 1
+        self._requeued += 1
         self.waiting.appendleft(r)
 
     def _fill_tables(self, rows: list[Request], padded: int) -> None:
@@ -261,6 +270,7 @@ class Engine:
             self.running.remove(r)
         elif r in self.waiting:
             self.waiting.remove(r)
+            self._requeued -= r.preemptions > 0
         self.blocks.free(r.id)
         self.counters[f"finished_{reason}"] = self.counters.get(f"finished_{reason}", 0) + 1
         self._emit(r, Output(r.id, "", [], None, finished=True, finish_reason=reason))
