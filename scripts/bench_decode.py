@@ -50,6 +50,18 @@ def _rand_linear(fmt: str, O: int, K: int) -> KLinear:
     return random_linear(fmt, O, K, device=DEV)
 
 
+def fill_cache(cache) -> None:
+    """Random codes in every KV-cache tensor (bf16: normal; fp8 / nvfp4 bytes: no NaN codes)."""
+    for pair in cache.k + cache.v:
+        for t in pair:
+            if t is None:
+                continue
+            if t.dtype == torch.bfloat16:
+                t.normal_()
+            else:
+                t.copy_(torch.randint(0, 0x7e, t.shape, device=DEV, dtype=torch.uint8))
+
+
 class Decoder:
     def __init__(self, shape, fmt, kv, ctx):
         H, I, NL, HQ, HKV, D, V = SHAPES[shape]
@@ -67,14 +79,7 @@ class Decoder:
         L = ctx + 64
         self.cache = ops.KVCache(kv, 1, L, NL, HKV, D, DEV, [0.05] * NL, [0.05] * NL,
                                  o_proj=self.layers[0]["o"] if FUSE else None)
-        for pair in self.cache.k + self.cache.v:
-            for t in pair:
-                if t is None:
-                    continue
-                if t.dtype == torch.bfloat16:
-                    t.normal_()
-                else:
-                    t.copy_(torch.randint(0, 0x7e, t.shape, device=DEV, dtype=torch.uint8))
+        fill_cache(self.cache)
         cos = torch.randn(L, D // 2, device=DEV)
         self.cos, self.sin = cos.cos(), cos.sin()
         self.ctx = ctx

@@ -64,7 +64,7 @@ def test_tiled_weights_take_only_tiled_paths(monkeypatch):
     assert ops.decode_path(kt, 1) == "mma4" and ops.decode_path(kt, 8) == "mma4"   # gemv_mma4p (default, v13)
     monkeypatch.setattr(fp8_bulk, "enabled", lambda: True)        # QTOOL_BULK=1 on sm_90+
     assert ops.decode_path(kt, 1) == "bulk" and ops.decode_path(kt, 8) == "bulk"
-    assert ops.decode_path(kt, 9) == "tc"                            # prefill: gemm_tc<5, 1> reads the tiled bytes
+    assert ops.decode_path(kt, 9) == "blas"               # prefill / batched: cuBLASLt on row-major codes (gemm.py)
     x = torch.randn(1, 640)
     for path in ("mma", "half"):
         with pytest.raises(ValueError, match="row-major"):
@@ -114,28 +114,26 @@ def test_row_grids_cover_the_row():
 
 
 def test_prefill_path_choice(monkeypatch):
-    """M > 8: gemm_tc ("tc") for fp8 x fp8 (codes) and weight-only recipes with weights exact in bf16, the f32
-    gemm for other quantized activations (nvfp4, mxfp4, W4A8), for nvfp4 / int4 weights (measured faster) and for
-    shapes the kernel does not take; M <= 8 keeps the GEMV paths."""
-    from qtool.kernels.random_weights import random_linear
+    """M > 8: cuBLAS through torch ("blas", gemm.py) for every format whose rows are 8-element aligned (fp8 x fp8
+    per-tensor / per-token through _scaled_mm, the rest dequantized to bf16); K % 8 != 0 and fp8 / int4 scale
+    blocks off 8 keep the f32 gemm; M <= 8 keeps the GEMV paths."""
+    from dataclasses import replace
+    from qtool.kernels import gemm
+    from qtool.kernels.random_weights import RECIPES, random_linear
     monkeypatch.setattr(ops, "_path_ok", lambda name: True)       # as if every self-check passed
     monkeypatch.setattr(fp8_bulk, "smem_limit", lambda: HOPPER)
     g = torch.Generator().manual_seed(0)
-    want = {"bf16": "tc", "fp8": "tc", "fp8-rowwise": "tc", "fp8-block": "tc", "fp8-weight-only": "tc",
-            "w4a16-awq": "gemm", "nvfp4": "gemm", "mxfp4": "gemm", "w4a8-awq": "gemm"}
-    for recipe, path in want.items():
+    for recipe in RECIPES:
         kl = random_linear(recipe, 96, 256, g, "cpu")
-        assert ops.decode_path(kl, 64) == path, recipe
+        assert ops.decode_path(kl, 64) == "blas" and ops.decode_path(kl, 9) == "blas", recipe
+        assert ops.decode_path(kl, 8) != "blas", recipe
+        assert gemm._scaled_ok(kl) == (recipe in ("fp8", "fp8-rowwise")), recipe
         if kl.fmt == 1:
-            assert ops.decode_path(fp8_bulk.to_tiled(kl), 64) == path, recipe + " tiled"
-    from dataclasses import replace
-    nv = random_linear("nvfp4", 96, 256, g, "cpu")
-    assert ops.decode_path(replace(nv, act=0, in_scale=None), 64) == "gemm"    # split weights: f32 gemm faster
-    mx = random_linear("mxfp4", 96, 256, g, "cpu")
-    assert ops.decode_path(replace(mx, act=0), 64) == "tc"                     # mxfp4 weight-only: exact in bf16
-    assert ops.decode_path(random_linear("bf16", 96, 264, g, "cpu"), 64) == "gemm"   # K % 16 != 0
+            assert ops.decode_path(fp8_bulk.to_tiled(kl), 64) == "blas", recipe + " tiled"
+    assert ops.decode_path(random_linear("bf16", 96, 260, g, "cpu"), 64) != "blas"   # K % 8 != 0
     odd = random_linear("fp8-block", 96, 256, g, "cpu")
-    assert ops.decode_path(replace(odd, sbi=48, sld=6), 64) == "gemm"            # scale blocks off the k-tile
+    assert ops.decode_path(replace(odd, sbi=36, sld=8), 64) != "blas"            # scale blocks off 8
+    assert not gemm._scaled_ok(random_linear("fp8", 90, 256, g, "cpu"))          # O % 16 != 0: dequant + bf16
     assert ops.decode_path(random_linear("fp8", 96, 256, g, "cpu"), 1) == "mma4"
 
 

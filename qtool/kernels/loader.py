@@ -30,6 +30,7 @@ TEMPLATES = {
     "attention": [f"attn_partial<{d}, {pu}, {gm}, {kf}>" for d, pu, gm in ((64, 8, 4), (64, 8, 8), (128, 8, 4),
                                                                           (128, 8, 8), (256, 4, 8))
                   for kf in range(3)],
+    "dequant": [f"dequant_bf16<{f}>" for f in range(1, 6)],
 }
 
 

@@ -15,7 +15,7 @@ from dataclasses import replace
 import torch
 
 from qtool.formats import registry
-from qtool.kernels import fp8_bulk, loader, pdl  # noqa: F401 - pdl: ops.pdl for callers
+from qtool.kernels import fp8_bulk, gemm, loader, pdl  # noqa: F401 - pdl: ops.pdl for callers
 from qtool.kernels.fp8_bulk import mma_tile_fp8, to_tiled  # noqa: F401 - re-exported
 from qtool.kernels.launch import f32, i32, launch, ptr
 from qtool.kernels.weights import KLinear
@@ -160,7 +160,9 @@ def tiled_decode() -> bool:
 
 
 def decode_path(kl: KLinear, M: int) -> str:
-    """The path ``linear`` takes for M rows by default."""
+    """The path ``linear`` takes for M rows by default ("blas": cuBLAS through torch, gemm.py, for M > 8)."""
+    if gemm.applies(kl, M):
+        return "blas"
     if kl.tiled:
         if _mma_ok(kl, M) and fp8_bulk.enabled() and fp8_bulk.plan(M, kl.in_features, per_sm=1) is not None:
             return "bulk"
@@ -324,6 +326,8 @@ def linear(x: torch.Tensor, kl: KLinear, force_gemm: bool = False, force_f32: bo
         path = pre["path"]
     if path is None:
         path = decode_path(kl, M)
+    if path == "blas":
+        return gemm.linear(x, kl)
     if kl.tiled and path in ROW_MAJOR_PATHS:
         if path != "f32":
             raise ValueError(f"path {path!r} reads row-major weights; this layer's fp8 weights are mma-tiled")

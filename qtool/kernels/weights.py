@@ -43,6 +43,7 @@ class KLinear:
     note: str = ""
     tiled: bool = False          # fp8 codes in fp8_bulk.mma_tile_fp8's order instead of row-major [O, K]
     il: int = 0                  # > 0: gate|up rows interleaved in groups of 8, il = I (ops.interleave_gate_up)
+    rm: torch.Tensor | None = None   # tiled fp8: a row-major copy of the codes for the cuBLAS GEMMs (gemm.py)
 
     @property
     def gemv_ok(self) -> bool:

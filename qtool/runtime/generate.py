@@ -2,8 +2,9 @@
 
 Contract: `generate(model, tok, prompts_ids, opts, kv_format, eos, on_text=None)` right-pads
 the prompts into one batch, runs prefill (one forward over all prompt tokens, logits of each
-row's last token), then decode steps (`backend.wrap_decode` of a `forward` with T = 1 and
-per-row position tensors) until every row has hit an EOS id, a stop string, or
+row's last token), then decode steps (a backend's `decode_loop` — one captured graph of step + sampling,
+queued one step ahead of the host — else `backend.wrap_decode` of a `forward` with T = 1 and per-row position
+tensors) until every row has hit an EOS id, a stop string, or
 `opts.max_new_tokens`. Sampling follows opts (temperature 0 = greedy; a seed makes sampling
 deterministic). `on_text(row, text)` receives each row's newly decoded text as it comes (held
 back while it could be the start of a stop string or an incomplete UTF-8 character). Returns
@@ -50,6 +51,7 @@ class Stats:
     peak_memory_bytes: int | None
     weight_bytes: int
     kv_cache_bytes: int
+    graph_s: float = 0.0        # capturing the decode graph (decode_loop), outside prefill_s and decode_s
 
     @property
     def prefill_tok_s(self) -> float:
@@ -186,13 +188,13 @@ def generate(model, tok, prompts_ids: list[list[int]], opts: GenerateOptions, kv
     be.synchronize()
     t1 = time.perf_counter()
 
-    step = be.wrap_decode(lambda i, p: model.forward(i, p, cache))
     streams = [TextStream(tok, opts.stop) for _ in range(B)]
-    finish = [None] * B
+    finish: list[str | None] = [None] * B
     generated = 0
-    steps = 0
-    for n in range(max_new):
-        host = tok_ids.tolist()
+
+    def consume(host: list[int]) -> bool:
+        """Hand one step's sampled ids to the rows' streams; True when every row has finished."""
+        nonlocal generated
         for b in range(B):
             if finish[b]:
                 continue
@@ -205,11 +207,25 @@ def generate(model, tok, prompts_ids: list[list[int]], opts: GenerateOptions, kv
                 on_text(b, out)
             if streams[b].stopped:
                 finish[b] = "stop"
-        if all(finish) or n == max_new - 1:
-            break
-        tok_ids = pick(step(tok_ids[:, None], pos[:, None]))
-        pos = pos + 1
-        steps += 1
+        return all(finish)
+
+    graph_s = 0.0
+    if getattr(be, "decode_loop", None) is not None and gen is None and max_new > 1:
+        t = time.perf_counter()
+        loop = be.decode_loop(lambda i, p: model.forward(i, p, cache), tok_ids[:, None], pos[:, None],
+                              opts.temperature, opts.top_k, opts.top_p)
+        be.synchronize()
+        graph_s = time.perf_counter() - t
+        steps = _pipelined(loop, tok_ids, max_new, consume)
+    else:
+        step = be.wrap_decode(lambda i, p: model.forward(i, p, cache))
+        steps = 0
+        for n in range(max_new):
+            if consume(tok_ids.tolist()) or n == max_new - 1:
+                break
+            tok_ids = pick(step(tok_ids[:, None], pos[:, None]))
+            pos = pos + 1
+            steps += 1
     be.synchronize()
     t2 = time.perf_counter()
     results = []
@@ -219,6 +235,30 @@ def generate(model, tok, prompts_ids: list[list[int]], opts: GenerateOptions, kv
             on_text(b, rest)
         results.append(Completion(streams[b].text, streams[b].ids, lens[b], finish[b] or "length"))
     stats = Stats(backend=be.name, kv_cache_dtype=kv_format, prompt_tokens=sum(lens), generated_tokens=generated,
-                  prefill_s=t1 - t0, decode_s=t2 - t1, decode_steps=steps, batch=B, peak_memory_bytes=be.peak_memory_bytes(),
-                  weight_bytes=model.weights.nbytes(), kv_cache_bytes=be.cache_nbytes(cache))
+                  prefill_s=t1 - t0, decode_s=t2 - t1 - graph_s, decode_steps=steps, batch=B, peak_memory_bytes=be.peak_memory_bytes(),
+                  weight_bytes=model.weights.nbytes(), kv_cache_bytes=be.cache_nbytes(cache), graph_s=graph_s)
     return results, stats
+
+
+def _pipelined(loop, first, max_new: int, consume) -> int:
+    """Decode with a captured step + sampling graph (``backend.decode_loop``), one step ahead of the host: step
+    n + 1 is queued before token n is read back (through pinned memory and an event), so detokenising and
+    streaming token n overlap the GPU's work on the next. Returns the decode steps whose tokens were consumed
+    (a step queued past the last consumed token is computed and dropped)."""
+    B = first.shape[0]
+    host = torch.empty(max_new, B, dtype=first.dtype, pin_memory=True)
+    events = []
+
+    def queue(n: int, src) -> None:
+        host[n].copy_(src, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        events.append(ev)
+    queue(0, first)
+    for n in range(max_new):
+        if n + 1 < max_new:
+            queue(n + 1, loop.next())
+        events[n].synchronize()
+        if consume(host[n].tolist()):
+            return n
+    return max_new - 1

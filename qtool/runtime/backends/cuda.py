@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from qtool.kernels import l2_warm, ops
+from qtool.kernels import gemm, l2_warm, ops
 from qtool.kernels.weights import KLinear, prepare_linear
 from qtool.runtime import rope
 
@@ -66,6 +66,7 @@ class CudaBackend:
         self._layer_lin = [{"o": self._lin[id(L.o)], "gu": self._lin[id(L.gate_up)], "down": self._lin[id(L.down)]}
                            for L in weights.layers]
         self._warm = l2_warm.Warmer()
+        gemm.keep_row_major(list(self._lin.values()))   # tiled fp8: row-major codes for prefill / batched GEMMs
         head = weights.lm_head
         hw = head.tensors.get("weight")
         if (head.format == "bf16" and hw is not None and hw.data_ptr() == emb.data_ptr()
