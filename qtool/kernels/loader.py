@@ -1,11 +1,14 @@
 """Compile and cache the CUDA kernels of ``kernels_cuda/`` with NVRTC through ``cupy.RawModule``.
 
-Contract: ``module(name)`` returns the compiled ``cupy.RawModule`` of ``kernels_cuda/<name>.cu`` for the current
-GPU; ``function(name, expr)`` one kernel of it (``expr`` a plain name or a template instantiation such as
+Contract: ``module(name)`` returns the compiled module of ``kernels_cuda/<name>.cu`` for the current GPU;
+``function(name, expr)`` one kernel of it (``expr`` a plain name or a template instantiation such as
 ``"gemv<1, 4>"``, which must be listed in ``TEMPLATES``). ``#include "x.cuh"`` lines are inlined here (with
-``#line`` markers), so the source string that CuPy hashes for its on-disk cache (~/.cupy/kernel_cache) covers
-every header, and compile errors name the original file and line. CuPy chooses the arch from the device
-(sm_90 on Hopper; the kernels need sm_89+ for the e4m3 cvt and use no sm_90a-only instruction).
+``#line`` markers), so compile errors name the original file and line. Compiled modules are kept on disk under
+``<qtool cache dir>/kernels/`` (sources.cache_dir()), keyed by the inlined source, the options, the template
+names, the GPU architecture and the NVRTC and CuPy versions, with the template names' mangled forms beside them:
+a later process loads the binary instead of compiling (CuPy's own cache recompiles any module with template
+name expressions). CuPy chooses the arch from the device (sm_90 on Hopper; the kernels need sm_89+ for the e4m3
+cvt and use no sm_90a-only instruction).
 A compile failure raises ``Failure`` with the first error lines.
 """
 from __future__ import annotations
@@ -79,14 +82,64 @@ def module(name: str):
 
 @functools.lru_cache(maxsize=None)
 def _module(name: str, options: tuple):
-    import cupy
     src = preprocess(kernel_dir() / f"{name}.cu")
+    exprs = tuple(TEMPLATES.get(name) or ())
     try:
-        mod = cupy.RawModule(code=src, options=options, name_expressions=TEMPLATES.get(name) or None)
+        return _cached_module(name, src, options, exprs)
+    except Failure:
+        raise
+    except Exception:  # noqa: BLE001 - a CuPy without these internals, an unwritable cache: compile in memory
+        pass
+    import cupy
+    try:
+        mod = cupy.RawModule(code=src, options=options, name_expressions=exprs or None)
         mod.compile()
     except Exception as exc:  # cupy.cuda.compiler.CompileException and friends
         raise _compile_error(name, exc) from exc
     return mod
+
+
+class _Cached:
+    """A module loaded from the on-disk cache: get_function takes the template names (mapped to their mangled
+    forms); everything else is the underlying cupy.RawModule's."""
+
+    def __init__(self, mod, mapping: dict):
+        self._mod, self._mapping = mod, mapping
+
+    def get_function(self, expr: str):
+        return self._mod.get_function(self._mapping.get(expr, expr))
+
+    def __getattr__(self, attr):
+        return getattr(self._mod, attr)
+
+
+def _cached_module(name: str, src: str, options: tuple, exprs: tuple) -> _Cached:
+    """The module from <cache dir>/kernels/, compiled with NVRTC (as cupy.RawModule does) and stored on a miss."""
+    import hashlib
+    import json
+
+    import cupy
+    from cupy.cuda import compiler
+
+    from qtool.sources import cache_dir
+    arch = compiler._get_arch()
+    opts = tuple(options) + ("-ftz=true",)           # what cupy.RawModule adds
+    key = hashlib.sha256(repr((src, opts, exprs, arch, compiler._get_nvrtc_version(), cupy.__version__))
+                         .encode()).hexdigest()[:32]
+    folder = cache_dir() / "kernels"
+    binf, mapf = folder / f"{name}-{key}.cubin", folder / f"{name}-{key}.json"
+    if not (binf.is_file() and mapf.is_file()):
+        try:
+            binary, mapping = compiler.compile_using_nvrtc(src, opts, arch, f"{name}.cu", list(exprs) or None)
+        except compiler.CompileException as exc:
+            raise _compile_error(name, exc) from exc
+        folder.mkdir(parents=True, exist_ok=True)
+        for path, data in ((binf, binary), (mapf, json.dumps(mapping or {}).encode())):
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)                    # atomic: concurrent processes see whole files only
+    mod = cupy.RawModule(path=str(binf))
+    return _Cached(mod, json.loads(mapf.read_text()))
 
 
 def function(name: str, expr: str):

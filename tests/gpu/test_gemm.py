@@ -158,3 +158,27 @@ def test_generate_pipelined_equals_stepwise(tiny_models):
             outs.append(([(r.token_ids, r.finish_reason, r.text) for r in res], st.decode_steps, st.generated_tokens))
             first = first or res
         assert outs[0] == outs[1], (eos, stop)
+
+
+def test_kernel_cache_on_disk(tmp_path, monkeypatch):
+    """loader keeps compiled modules under <QTOOL_CACHE>/kernels: a second load (fresh in-process cache) reads the
+    binary and the template names' mangled forms without compiling."""
+    from cupy.cuda import compiler
+
+    from qtool.kernels import loader
+    monkeypatch.setenv("QTOOL_CACHE", str(tmp_path))
+    loader._module.cache_clear()
+    try:
+        f1 = loader.module("dequant").get_function("dequant_bf16<2>")
+        assert len(list((tmp_path / "kernels").glob("dequant-*.cubin"))) == 1
+        loader._module.cache_clear()
+
+        def no_compile(*a, **k):
+            raise AssertionError("compiled again")
+        monkeypatch.setattr(compiler, "compile_using_nvrtc", no_compile)
+        mod = loader.module("dequant")
+        assert isinstance(mod, loader._Cached)
+        f2 = mod.get_function("dequant_bf16<2>")
+        assert f2.num_regs == f1.num_regs > 0 and mod.get_function("untile_fp8").num_regs > 0
+    finally:
+        loader._module.cache_clear()
