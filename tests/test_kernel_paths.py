@@ -116,7 +116,7 @@ def test_row_grids_cover_the_row():
 def test_prefill_path_choice(monkeypatch):
     """M > 8: cuBLAS through torch ("blas", gemm.py) for every format whose rows are 8-element aligned (fp8 x fp8
     per-tensor / per-token through _scaled_mm, the rest dequantized to bf16); K % 8 != 0 and fp8 / int4 scale
-    blocks off 8 keep the f32 gemm; M <= 8 keeps the GEMV paths."""
+    blocks off 8 keep the f32 gemm; M <= 8 keeps the GEMV paths (bf16: M = 1 only)."""
     from dataclasses import replace
     from qtool.kernels import gemm
     from qtool.kernels.random_weights import RECIPES, random_linear
@@ -126,7 +126,8 @@ def test_prefill_path_choice(monkeypatch):
     for recipe in RECIPES:
         kl = random_linear(recipe, 96, 256, g, "cpu")
         assert ops.decode_path(kl, 64) == "blas" and ops.decode_path(kl, 9) == "blas", recipe
-        assert ops.decode_path(kl, 8) != "blas", recipe
+        assert (ops.decode_path(kl, 8) == "blas") == (recipe == "bf16"), recipe     # bf16: cuBLAS from 2 rows
+        assert ops.decode_path(kl, 1) != "blas", recipe
         assert gemm._scaled_ok(kl) == (recipe in ("fp8", "fp8-rowwise")), recipe
         if kl.fmt == 1:
             assert ops.decode_path(fp8_bulk.to_tiled(kl), 64) == "blas", recipe + " tiled"

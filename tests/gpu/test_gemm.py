@@ -4,8 +4,9 @@ the reference backend.
 Every format at odd and even M > 8 (the "blas" path), mma-tiled fp8 with and without the kept row-major copy,
 GPTQ with act-order; the dequant kernel against the reference decode rounded to bf16; untile_fp8 bit for bit; and
 the batched decode step of a tiny model captured as a CUDA graph at every batch size of the benchmark's set
-(1, 8, 32, 64) against the reference backend. Tolerances (docs/numerics.md): fp8 x fp8 through _scaled_mm with
-float32 outputs 1e-4 (exact products, float32 sums); bf16 rounding of x̂ and of decoded weights 5e-3.
+(1, 8, 32, 64) against the reference backend. Tolerances (docs/numerics.md): fp8 x fp8 through _scaled_mm 2e-3
+(exact products, Hopper's fp8 accumulation between float32 promotions); bf16 rounding of x̂ and of decoded
+weights 5e-3.
 """
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ pytestmark = pytest.mark.gpu
 
 
 def _tol(kl) -> float:
+    """2e-3 for fp8 x fp8 on cuBLASLt's fp8 tensor cores (exact products, but Hopper's fp8 MMA adds into a
+    narrower-than-float32 accumulator between cuBLASLt's float32 promotions: run of 2026-12-07 on an H100 failed
+    1e-4 at K = 512 and passed at K = 256), 5e-3 where x̂ or the weights are rounded to bf16."""
     from qtool.kernels import gemm
-    if gemm._scaled_ok(kl):
-        return 1e-4 if gemm._f32_out("tensor" if kl.act == 1 and kl.sc.numel() == 1 else "row") else 5e-3
-    return 5e-3
+    return 2e-3 if gemm._scaled_ok(kl) else 5e-3
 
 
 @pytest.mark.parametrize("fmt,act", CASES)
