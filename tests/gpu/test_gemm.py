@@ -138,13 +138,13 @@ def test_generate_pipelined_equals_stepwise(tiny_models):
     greedy tokens, finish reasons and step counts as the step-by-step wrap_decode loop, for a batch of prompts of
     different lengths, with EOS, a stop string and the length limit."""
     from qtool.runtime.backends.cuda import CudaBackend
+    from qtool.runtime.chat import load_tokenizer
     from qtool.runtime.generate import GenerateOptions, generate
     from qtool.runtime.loader import load_model_weights
     from qtool.runtime.model import Model
-    from transformers import AutoTokenizer
     path = tiny_models("llama3")
     mw = load_model_weights(str(path), progress=False)
-    tok = AutoTokenizer.from_pretrained(str(path))
+    tok = load_tokenizer(path)
 
     class Stepwise(CudaBackend):
         decode_loop = None
