@@ -2,11 +2,18 @@
 
 Contract: importing this module imports typer, rich and the light command modules only (no torch,
 transformers, modelopt or cupy), so `qtool --help` and `qtool matrix` start instantly. Each
-command module imports its heavy dependencies inside the command body.
+command module imports its heavy dependencies inside the command body. Click's own errors (bad
+or missing option values, unknown options or commands) and Ctrl-C outside a command take the same
+path as QtoolError (`_common.report_click_error`): one `error:` line, a `hint:`, exit 2 (130 for
+Ctrl-C), and the JSON error on stdout when `--json` is among the arguments. Shell completion:
+`qtool --install-completion` / `--show-completion`.
 """
 from __future__ import annotations
 
+import sys
+
 import typer
+from typer.core import TyperGroup
 
 from qtool import __version__
 from qtool.commands import _common
@@ -15,14 +22,29 @@ from qtool.commands import eval as eval_cmd
 from qtool.commands import inspect as inspect_cmd
 from qtool.commands import matrix as matrix_cmd
 from qtool.commands import quantize as quantize_cmd
+from qtool.commands import chat as chat_cmd
 from qtool.commands import run as run_cmd
 from qtool.commands import serve as serve_cmd
 
+
+class _QtoolGroup(TyperGroup):
+    """Runs click in non-standalone mode so its usage errors reach qtool's one-line reporter."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        argv = list(sys.argv[1:] if args is None else args)
+        rv = _common.run_click(lambda: super(_QtoolGroup, self).main(
+            args=argv, prog_name=prog_name or "qtool", complete_var=complete_var, standalone_mode=False, **extra), argv)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 app = typer.Typer(
     name="qtool",
+    cls=_QtoolGroup,
     help="Quantize LLMs with NVIDIA ModelOpt, inspect quantized checkpoints, and run them.\n\n" + EXIT_CODES_HELP,
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -49,6 +71,7 @@ app.command("inspect", epilog=inspect_cmd.EPILOG)(inspect_cmd.inspect)
 app.command("run", epilog=run_cmd.EPILOG)(run_cmd.run)
 app.command("eval", epilog=eval_cmd.EPILOG)(eval_cmd.eval)
 app.command("serve", epilog=serve_cmd.EPILOG)(serve_cmd.serve)
+app.command("chat", epilog=chat_cmd.EPILOG)(chat_cmd.chat)
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 Contract: every expected failure is raised as a QtoolError subclass with a one-line message;
 the CLI prints ``error: <message>`` (plus an optional ``hint:`` line) on stderr and exits
 with the class's code. Exit codes: 0 done, 1 failed, 2 usage error, 3 refused by a support
-matrix. `first_line(exc)` is the one-line form of any other exception's message. Nothing here
+matrix, 130 interrupted (Ctrl-C). `first_line(exc)` is the one-line form of any other exception's message. Nothing here
 imports anything heavy.
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNSUPPORTED = 3
+EXIT_INTERRUPTED = 130
 
 
 def first_line(exc: BaseException, empty: str | None = None) -> str:
@@ -58,6 +59,13 @@ class UsageError(QtoolError):
 
     exit_code = EXIT_USAGE
     kind = "usage"
+
+
+class Interrupted(QtoolError):
+    """Ctrl-C (exit 130, as shells report SIGINT)."""
+
+    exit_code = EXIT_INTERRUPTED
+    kind = "interrupted"
 
 
 class Unsupported(QtoolError):

@@ -103,8 +103,8 @@ def _validate_hf_folder(path: Path) -> Path:
         raise UsageError(f"not a Hugging Face model folder (no config.json): {path}")
     try:
         json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"unreadable config.json in {path}: {exc}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:   # a broken checkpoint: exit 1
+        raise Failure(f"{config}: config.json is not valid JSON or unreadable ({exc})") from None
     if not (any(path.glob("*.safetensors")) or any(path.glob("*.bin"))):
         raise UsageError(f"no weights (*.safetensors) in Hugging Face folder: {path}")
     return path

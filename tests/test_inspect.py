@@ -170,8 +170,9 @@ def test_json_schema_is_documented(modelopt_ckpt):
 
 # ------------------------------------------------------------------ malformed inputs: exit 1, one line, no traceback
 
-def test_missing_folder(tmp_path):
-    assert_fails_one_line(run(tmp_path / "does-not-exist"), "not found")
+def test_missing_folder(tmp_path):     # a path that does not exist is a usage error (exit 2), as for every command
+    r = run(tmp_path / "does-not-exist")
+    assert r.exit_code == 2 and r.stderr.startswith("error:") and "not found" in r.stderr.splitlines()[0]
 
 
 def test_empty_folder(tmp_path):

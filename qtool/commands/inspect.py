@@ -4,8 +4,8 @@ Contract: by default reads only JSON files and safetensors headers (no torch imp
 from the hub; `--deep` also reads every tensor (NaN/Inf, bad scales, all-zero blocks, min/max).
 Prints a compact rich report, or the JSON document of docs/inspect.md with --json. Exit 0 when
 sound, 1 when any problem is found (each printed as one line naming the tensor) or the
-checkpoint cannot be read at all (missing folder, empty folder, corrupt or truncated file, bad
-config JSON, hub unreachable): one line, never a traceback.
+checkpoint cannot be read at all (empty folder, corrupt or truncated file, bad
+config JSON, hub unreachable); 2 when the path does not exist: one line, never a traceback.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import typer
 
 from qtool.commands._common import guarded, print_json, stdout
 from qtool.commands._options import EXIT_CODES_HELP
-from qtool.errors import CheckpointError, UsageError
+from qtool.errors import UsageError
 
 EPILOG = ("Examples:  qtool inspect ./Llama-3.1-8B-fp8  |  qtool inspect nvidia/Llama-3.1-8B-Instruct-FP8  |  "
           "qtool inspect ./ckpt --context 32768 --batch 8  |  qtool inspect ./ckpt --deep --json.  "
@@ -42,10 +42,7 @@ def inspect(
 
     _positive("--context", context)
     _positive("--batch", batch)
-    try:
-        files = open_checkpoint(path, strict=False)
-    except UsageError as err:            # a missing checkpoint is a failed inspection (exit 1), as per issue 4
-        raise CheckpointError(err.message, hint=err.hint)
+    files = open_checkpoint(path, strict=False)     # a missing path is a usage error (exit 2), as everywhere
     scheme = describe(files, strict=False)
     problems, notes = soundness.check(files, scheme)
     deep_doc = None

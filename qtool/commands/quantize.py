@@ -48,6 +48,9 @@ def quantize(
 ):
     """Quantize a model with NVIDIA ModelOpt and write a Hugging Face checkpoint (TensorRT-LLM / vLLM / qtool run)."""
     from qtool.quantize import pipeline
+    from qtool.quantize.ptq import parse_device_map, parse_max_memory
+    parse_device_map(device_map)             # usage errors before anything is resolved or loaded
+    parse_max_memory(max_memory)
 
     req = pipeline.Request(model=model, quant=value(quant), kv=value(kv_cache_quant), output=output, gpu=gpu,
                            family=family, calib_data=calib_data, calib_size=calib_size,

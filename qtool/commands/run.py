@@ -6,12 +6,17 @@ reports) to find the family rows and the recipes, picks the KV-cache dtype, and 
 --force; hardware matrix for the local GPU: a warning, refused with --strict) BEFORE any weight is
 loaded. Then hands the files and that description to the loader (weights kept in their quantized form), builds the backend (auto = cuda when a GPU
 and CuPy are usable, else the float32 CPU reference), and generates: streamed text on stdout, one
-stats line on stderr, or one JSON document with --json. torch/transformers/cupy are imported
+stats line on stderr, or one JSON document with --json. Prompts: the PROMPT argument, --prompts FILE
+('-' = stdin), else stdin when it is not a terminal, else an interactive chat (qtool.commands.chat);
+all text input must be UTF-8 (else exit 2 naming the argument or file and the byte offset).
+temperature / top_p / top_k: the flag, else generation_config.json, else greedy defaults (the JSON
+says which and from where). `open_session` is the setup `chat` shares. torch/transformers/cupy are imported
 inside the command only.
 """
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional
@@ -25,7 +30,8 @@ from qtool.errors import Unsupported, UsageError
 EPILOG = ('Examples:  qtool run ./SmolLM2-fp8-nvfp4kv "What is the capital of France?"  |  '
           'qtool run smollm2-135m "Hello" --kv-cache-dtype fp8  |  '
           'qtool run ./model "Once upon a time" --raw --temperature 0.8 --top-p 0.9 --seed 1  |  '
-          'qtool run ./model --prompts prompts.jsonl --json.  ' + EXIT_CODES_HELP)
+          'qtool run ./model --prompts prompts.jsonl --json  |  echo "Hi" | qtool run ./model  |  '
+          'qtool run ./model (no prompt on a terminal: an interactive chat, as qtool chat).  ' + EXIT_CODES_HELP)
 
 
 class BackendChoice(str, Enum):
@@ -104,79 +110,201 @@ def resolve_and_check(model: str, backend: str, kv_cache_dtype: str, strict: boo
                            be_name=be_name)
 
 
-@guarded
-def run(
-    model: str = typer.Argument(..., help="Model folder, hub id (org/name) or built-in name (smollm2-135m)."),
-    prompt: Optional[str] = typer.Argument(None, help="The prompt (omit with --prompts)."),
-    backend: BackendChoice = typer.Option(BackendChoice.auto, "--backend",
-                                          help="cuda (CuPy kernels), torch (CPU float32 reference), auto = cuda when a GPU and CuPy are present."),
-    kv_cache_dtype: KvDtype = typer.Option(KvDtype.auto, "--kv-cache-dtype",
-                                           help="KV cache storage: auto = the checkpoint's; fp8 works for any checkpoint; nvfp4 needs a checkpoint quantized for it."),
-    strict: bool = typer.Option(False, "--strict", help="Refuse anything the hardware matrix does not mark Y for the local GPU."),
-    force: bool = typer.Option(False, "--force", help="Run a request the model matrix refuses (with a warning)."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Most tokens to generate per prompt."),
-    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
-    top_k: int = typer.Option(0, "--top-k", min=0, help="Sample among the k most likely tokens (0 = all)."),
-    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (1 = all)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling."),
-    stop: Optional[List[str]] = typer.Option(None, "--stop", help="Stop when this text appears (repeatable)."),
-    raw: bool = typer.Option(False, "--raw", help="Send the prompt as is (no chat template)."),
-    system: Optional[str] = typer.Option(None, "--system", help="System message for the chat template."),
-    prompts: Optional[Path] = typer.Option(None, "--prompts", help="File of prompts: one per line, or JSON lines with a 'prompt' field."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON document (completions + stats)."),
-):
-    """Generate text from a (quantized) checkpoint on qtool's runtime."""
-    if (prompt is None) == (prompts is None):
-        raise UsageError("give exactly one of a PROMPT argument or --prompts FILE")
-    from qtool.runtime.chat import read_prompts
-    texts = read_prompts(prompts) if prompts else [prompt]
-    warnings: list[str] = []
+# Options shared with `qtool chat` (typer reads them from each signature).
+BACKEND_OPT = typer.Option(BackendChoice.auto, "--backend",
+                           help="cuda (CuPy kernels), torch (CPU float32 reference), auto = cuda when a GPU and CuPy are present.")
+KV_OPT = typer.Option(KvDtype.auto, "--kv-cache-dtype",
+                      help="KV cache storage: auto = the checkpoint's; fp8 works for any checkpoint; nvfp4 needs a checkpoint quantized for it.")
+STRICT_OPT = typer.Option(False, "--strict", help="Refuse anything the hardware matrix does not mark Y for the local GPU.")
+FORCE_OPT = typer.Option(False, "--force", help="Run a request the model matrix refuses (with a warning).")
+MAX_NEW_OPT = typer.Option(256, "--max-new-tokens", min=1, help="Most tokens to generate per prompt.")
+TEMPERATURE_OPT = typer.Option(None, "--temperature", min=0.0,
+                               help="0 = greedy. Default: generation_config.json's, else 0.")
+TOP_K_OPT = typer.Option(None, "--top-k", min=0,
+                         help="Sample among the k most likely tokens (0 = all). Default: generation_config.json's, else 0.")
+TOP_P_OPT = typer.Option(None, "--top-p", min=0.0, max=1.0,
+                         help="Nucleus sampling mass (1 = all). Default: generation_config.json's, else 1.")
+SEED_OPT = typer.Option(None, "--seed", help="Seed for sampling.")
+STOP_OPT = typer.Option(None, "--stop", help="Stop when this text appears (repeatable).")
+SYSTEM_OPT = typer.Option(None, "--system", help="System message for the chat template.")
+
+_SAMPLING_DEFAULTS = {"temperature": 0.0, "top_p": 1.0, "top_k": 0}
+
+
+def sampling_params(folder: Path, flags: dict) -> tuple[dict, dict]:
+    """(values, source of each) for temperature/top_p/top_k: the flag, else generation_config.json, else qtool's
+    default (greedy), as vLLM's --generation-config auto. do_sample: false in the config means greedy."""
+    from qtool.checkpoint.files import read_json
+    gc = read_json(folder / "generation_config.json") or {}
+    values, source = {}, {}
+    for key, default in _SAMPLING_DEFAULTS.items():
+        if flags.get(key) is not None:
+            values[key], source[key] = type(default)(flags[key]), "flag"
+        elif isinstance(gc.get(key), (int, float)) and not isinstance(gc.get(key), bool) and \
+                not (key == "temperature" and gc.get("do_sample") is False):
+            values[key], source[key] = type(default)(gc[key]), "generation_config.json"
+        elif key == "temperature" and gc.get("do_sample") is False:
+            values[key], source[key] = 0.0, "generation_config.json (do_sample false)"
+        else:
+            values[key], source[key] = default, "default"
+    return values, source
+
+
+@dataclass
+class Session:
+    """A loaded model ready to generate (what `run` and `chat` share)."""
+    folder: Path
+    scheme: object
+    recipes: list
+    kv: str
+    tok: object
+    weights: object
+    net: object
+    backend: object
+    eos: set
+    warnings: list
+
+    def note(self, msg: str) -> None:
+        self.warnings.append(msg)
+        warn(msg)
+
+
+def open_session(model: str, backend: BackendChoice, kv_cache_dtype: KvDtype, strict: bool, force: bool,
+                 quiet: bool, warnings: list | None = None, before_load=None) -> Session:
+    """Resolve, describe and check MODEL (exit 3 refusals before any weight is read), load the tokenizer
+    (`before_load(tok)` may encode prompts then), then the weights and the backend."""
+    warnings = [] if warnings is None else warnings
 
     def note(msg: str) -> None:
         warnings.append(msg)
         warn(msg)
 
-    # 1. resolve, describe (config + tensor headers) and check, before any weight is read
-    c = resolve_and_check(model, backend.value, kv_cache_dtype.value, strict, force, note, progress=not json_output)
-    folder, files, scheme, recipes, kv, be_name = c.folder, c.files, c.scheme, c.recipes, c.kv, c.be_name
+    c = resolve_and_check(model, backend.value, kv_cache_dtype.value, strict, force, note, progress=not quiet)
+    folder, files, scheme, recipes, kv = c.folder, c.files, c.scheme, c.recipes, c.kv
     from qtool.runtime.backends import make_backend
-    from qtool.runtime.chat import eos_ids, load_tokenizer, prompt_ids
+    from qtool.runtime.chat import eos_ids, load_tokenizer
     tok = load_tokenizer(folder)
-    ids = [prompt_ids(tok, t, system, raw) for t in texts]
+    if before_load is not None:
+        before_load(tok)
 
-    # 2. load, build, generate
+    # 2. load and build
     from qtool.runtime.loader import load_weights
-    weights = load_weights(files, scheme, progress=not json_output)
+    weights = load_weights(files, scheme, progress=not quiet)
     if kv in ("fp8", "nvfp4") and any(L.k_scale is None or L.v_scale is None for L in weights.layers):
         note(f"the checkpoint has no calibrated k_scale/v_scale: the {kv} KV cache uses scale 1.0 "
              "(quantize with --kv-cache-quant for calibrated scales)")
-    be = make_backend(be_name)
+    be = make_backend(c.be_name)
     if be.name == "torch":
         info("backend: torch — the PyTorch reference (float32 on CPU); it defines the numerics and is slow")
-    from qtool.runtime.generate import GenerateOptions, generate, stats_line
     from qtool.runtime.model import Model
-    net = Model(weights, be)
-    opts = GenerateOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                           seed=seed, stop=list(stop or []))
+    return Session(folder, scheme, recipes, kv, tok, weights, Model(weights, be), be,
+                   eos_ids(tok, weights.config.eos_token_ids), warnings)
+
+
+def stdin_is_terminal() -> bool:
+    return sys.stdin is None or sys.stdin.isatty()
+
+
+def _read_stdin() -> str:
+    from qtool.commands._common import decode_utf8
+    stream = getattr(sys.stdin, "buffer", None)
+    return decode_utf8(stream.read(), "stdin") if stream is not None else sys.stdin.read()
+
+
+def _prompt_texts(prompt: str | None, prompts: str | None) -> list[str] | None:
+    """The prompts: the argument, --prompts FILE or '-' (stdin), else stdin text; None = interactive (a terminal)."""
+    from qtool.commands._common import check_text, decode_utf8
+    from qtool.runtime.chat import parse_prompts
+    if prompt is not None and prompts is not None:
+        raise UsageError("give either a PROMPT argument or --prompts FILE, not both")
+    if prompt is not None:
+        return [check_text(prompt, "the PROMPT argument")]
+    if prompts == "-":
+        return parse_prompts(_read_stdin(), "stdin (--prompts -)")
+    if prompts is not None:
+        p = Path(check_text(prompts, "--prompts"))
+        if not p.is_file():
+            raise UsageError(f"--prompts file not found: {prompts}")
+        try:
+            data = p.read_bytes()
+        except OSError as exc:
+            raise UsageError(f"--prompts {prompts}: cannot read ({exc.strerror or exc})") from None
+        return parse_prompts(decode_utf8(data, f"--prompts {prompts}"), str(prompts))
+    if stdin_is_terminal():
+        return None
+    text = _read_stdin()
+    if text.endswith("\n"):
+        text = text[:-1]
+    if not text.strip():
+        raise UsageError("no prompt: give a PROMPT argument, --prompts FILE, or text on stdin",
+                         hint="qtool chat MODEL talks interactively")
+    return [text]
+
+
+@guarded
+def run(
+    model: str = typer.Argument(..., help="Model folder, hub id (org/name) or built-in name (smollm2-135m)."),
+    prompt: Optional[str] = typer.Argument(None, help="The prompt. Omitted: --prompts, else text on stdin, "
+                                                      "else (on a terminal) an interactive chat."),
+    backend: BackendChoice = BACKEND_OPT,
+    kv_cache_dtype: KvDtype = KV_OPT,
+    strict: bool = STRICT_OPT,
+    force: bool = FORCE_OPT,
+    max_new_tokens: int = MAX_NEW_OPT,
+    temperature: Optional[float] = TEMPERATURE_OPT,
+    top_k: Optional[int] = TOP_K_OPT,
+    top_p: Optional[float] = TOP_P_OPT,
+    seed: Optional[int] = SEED_OPT,
+    stop: Optional[List[str]] = STOP_OPT,
+    raw: bool = typer.Option(False, "--raw", help="Send the prompt as is (no chat template)."),
+    system: Optional[str] = SYSTEM_OPT,
+    prompts: Optional[str] = typer.Option(None, "--prompts",
+                                          help="File of prompts ('-' = stdin): one per line, or JSON lines with a 'prompt' field."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON document (completions + stats)."),
+):
+    """Generate text from a (quantized) checkpoint on qtool's runtime."""
+    from qtool.commands._common import check_text
+    check_text(system, "--system")
+    check_text(stop, "--stop")
+    check_text(model, "MODEL")
+    texts = _prompt_texts(prompt, prompts)
+    if texts is None:                  # no prompt on a terminal: the interactive chat
+        from qtool.commands.chat import chat_loop
+        return chat_loop(model, backend, kv_cache_dtype, strict, force, max_new_tokens, temperature, top_k, top_p,
+                         seed, stop, system)
+    ids: list = []
+
+    def encode(tok) -> None:
+        from qtool.runtime.chat import has_chat_template, prompt_ids
+        if not raw and not has_chat_template(tok):
+            session_warnings.append("the tokenizer has no chat template: the prompt is sent as is (as with --raw)")
+            warn(session_warnings[-1])
+        ids.extend(prompt_ids(tok, t, system, raw) for t in texts)
+
+    session_warnings: list[str] = []
+    s = open_session(model, backend, kv_cache_dtype, strict, force, json_output, session_warnings, encode)
+    sampling, sources = sampling_params(s.folder, {"temperature": temperature, "top_p": top_p, "top_k": top_k})
+    from qtool.runtime.generate import GenerateOptions, generate, stats_line
+    opts = GenerateOptions(max_new_tokens=max_new_tokens, seed=seed, stop=list(stop or []), **sampling)
     stream = not json_output and len(texts) == 1
 
     def on_text(row: int, text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    results, stats = generate(net, tok, ids, opts, kv, eos_ids(tok, weights.config.eos_token_ids),
-                              on_text if stream else None)
+    results, stats = generate(s.net, s.tok, ids, opts, s.kv, s.eos, on_text if stream else None)
     if stream:
         sys.stdout.write("\n")
     elif not json_output:
         for i, (t, r) in enumerate(zip(texts, results)):
             stdout.print(f"[bold]--- [{i}] {t}[/bold]", markup=True)
             sys.stdout.write(r.text + "\n")
-    info(stats_line(stats, _backend_label(be.name)))
+    info(stats_line(stats, _backend_label(s.backend.name)))
     if json_output:
-        print_json({"ok": True, "model": str(folder), "checkpoint": scheme.summary(), "weight_recipe": scheme.recipe or "bf16",
-                    "recipes": recipes,
-                    "backend": be.name, "kv_cache_dtype": kv, "warnings": warnings,
+        print_json({"ok": True, "model": str(s.folder), "checkpoint": s.scheme.summary(),
+                    "weight_recipe": s.scheme.recipe or "bf16", "recipes": s.recipes,
+                    "backend": s.backend.name, "kv_cache_dtype": s.kv, "warnings": s.warnings,
+                    "sampling": {**sampling, "seed": seed, "source": sources},
                     "completions": [{"prompt": t, "text": r.text, "prompt_tokens": r.prompt_tokens,
                                      "generated_tokens": len(r.token_ids), "finish_reason": r.finish_reason}
                                     for t, r in zip(texts, results)],

@@ -44,18 +44,32 @@ def _quiet_transformers():
     transformers.logging.set_verbosity_error()
 
 
+_SIZE = r"\d+(\.\d+)?\s*([KMGT]i?B|B)?"
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential", "cpu", "cuda", "mps")
+
+
+def parse_device_map(text: str | None) -> str | None:
+    """--device-map: one of from_pretrained's names, a device ('cuda:1'), else UsageError (before any loading)."""
+    import re
+    if text is None or text in DEVICE_MAPS or re.fullmatch(r"cuda:\d+|\d+", text):
+        return text
+    from qtool.errors import UsageError
+    raise UsageError(f"--device-map: unknown value {text!r}",
+                     hint=f"use one of {', '.join(DEVICE_MAPS)} or a device such as cuda:1")
+
+
 def parse_max_memory(text: str | None) -> dict | None:
     """'0=70GiB,cpu=20GiB' → {0: '70GiB', 'cpu': '20GiB'} (accelerate's max_memory)."""
+    import re
     if not text:
         return None
     out = {}
     for part in text.split(","):
-        key, sep, val = part.partition("=")
-        if not sep or not val.strip():
+        key, sep, val = (s.strip() for s in part.partition("="))
+        if not sep or not re.fullmatch(r"\d+|cpu|disk|mps", key) or not re.fullmatch(_SIZE, val, re.IGNORECASE):
             from qtool.errors import UsageError
             raise UsageError(f"--max-memory: expected DEVICE=SIZE[,DEVICE=SIZE…] (e.g. 0=70GiB,cpu=32GiB), got {text!r}")
-        key = key.strip()
-        out[int(key) if key.isdigit() else key] = val.strip()
+        out[int(key) if key.isdigit() else key] = val
     return out
 
 

@@ -9,8 +9,6 @@ model's / generation config's EOS ids.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 
 def load_tokenizer(folder):
     """The checkpoint's Tokenizer (qtool.runtime.tokenizer: `tokenizers` + jinja2, no transformers)."""
@@ -54,28 +52,25 @@ def eos_ids(tok, config_ids) -> set[int]:
     return ids
 
 
-def read_prompts(path) -> list[str]:
-    """--prompts FILE: one prompt per line, or JSON lines with a 'prompt' (or 'text') field."""
+def parse_prompts(text: str, source: str) -> list[str]:
+    """Prompts from text: one per line, or JSON lines with a 'prompt' (or 'text') field; blank lines skipped."""
     import json
     from qtool.errors import UsageError
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"--prompts file not found: {path}")
     out = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         if line.lstrip().startswith("{"):
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise UsageError(f"{path}:{n}: not valid JSON ({exc.msg})")
+                raise UsageError(f"{source}:{n}: not valid JSON ({exc.msg})")
             text = obj.get("prompt", obj.get("text")) if isinstance(obj, dict) else None
             if not isinstance(text, str):
-                raise UsageError(f"{path}:{n}: a JSON line needs a string 'prompt' field")
+                raise UsageError(f"{source}:{n}: a JSON line needs a string 'prompt' field")
             out.append(text)
         else:
             out.append(line)
     if not out:
-        raise UsageError(f"--prompts file {path} has no prompts")
+        raise UsageError(f"{source} has no prompts")
     return out
