@@ -22,7 +22,8 @@ from qtool.commands._options import EXIT_CODES_HELP, GPU_HELP, KvRecipe, WeightR
 EPILOG = ("Examples:  qtool quantize --quant fp8 --kv-cache-quant nvfp4 -o smollm2-fp8  |  "
           "qtool quantize --model ./Llama-3.1-8B --quant nvfp4 --gpu b200 -o llama-nvfp4  |  "
           "qtool quantize --model ./Qwen3-8B --quant w4a16-awq --calib-data my.jsonl -o qwen3-awq  |  "
-          "qtool quantize --quant w4a16-awq --awq-block-size 64 -o smollm2-awq (SmolLM2's 576 needs 64).  "
+          "qtool quantize --quant w4a16-awq --awq-block-size 64 -o smollm2-awq (SmolLM2's 576 needs 64)  |  "
+          "qtool quantize --quant w4a16-awq --awq-block-size 64 --for vllm -o smollm2-awq-vllm (AutoAWQ layout).  "
           + EXIT_CODES_HELP)
 
 
