@@ -14,6 +14,15 @@ PROMPTS = ["The capital of France is", "Water boils at", "def add(a, b):", "Quan
            "The capital of Italy is Rome. The capital of Spain", "print(add(2"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's matmuls only contend for the shared cores with more threads (10x slower under load)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def setup(tiny_models):
     from qtool.runtime.backends.torch_ref import TorchRefBackend

@@ -122,6 +122,9 @@ def test_completions_match_reference_stream_and_not(client, reference):
     lp = r.choices[0].logprobs
     assert len(lp.token_logprobs) == 10 and all(v <= 0 for v in lp.token_logprobs)
     assert [list(d.values())[0] for d in lp.top_logprobs] == lp.token_logprobs      # greedy: chosen = top-1
+    tiny_t = client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=1e-30,
+                                       extra_body={"ignore_eos": True})
+    assert tiny_t.choices[0].text == want.text                                      # a tiny temperature is greedy
     chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0, stream=True,
                                             stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
     assert len({c.id for c in chunks}) == 1

@@ -222,8 +222,9 @@ class Engine:
         picks = logits.argmax(dim=-1)
         for i, r in enumerate(rows):
             p = r.params
-            if not p.greedy:
-                picks[i] = self.be.sample(logits[i:i + 1], p.temperature, p.top_k, p.top_p, r.generator)[0]
+            if not p.greedy:     # NaN / inf logits (a broken checkpoint) must not fail the whole batch
+                row = torch.nan_to_num(logits[i:i + 1].float(), nan=-1e30, posinf=1e30, neginf=-1e30)
+                picks[i] = self.be.sample(row, p.temperature, p.top_k, p.top_p, r.generator)[0]
         tokens = picks.tolist()
         lps: list = [None] * len(rows)
         want = [i for i, r in enumerate(rows) if r.params.logprobs]

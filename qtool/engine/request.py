@@ -1,6 +1,6 @@
 """Requests, per-request sampling parameters, and the outputs the engine streams back (no torch).
 
-Contract: `SamplingParams` holds what one request asks for (temperature 0 = greedy, top_k 0 = all,
+Contract: `SamplingParams` holds what one request asks for (temperature below 1e-5 = greedy, top_k 0 = all,
 top_p 1 = all, seed, stop strings, max_tokens, ignore_eos, logprobs = return the chosen token's
 log-probability and the top-1 alternative). `Request(id, prompt_ids, params, on_output)` is what the
 engine schedules; its state (`num_computed` KV positions, output ids, timing) belongs to the engine.
@@ -12,6 +12,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from typing import Callable
+
+GREEDY_BELOW = 1e-5     # a temperature this small is greedy (as vLLM's _SAMPLING_EPS): logits / T would overflow
 
 
 @dataclass
@@ -27,7 +29,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass
