@@ -151,9 +151,7 @@ extern "C" __global__ void rmsnorm_quant(const float* __restrict__ x, const floa
     wv[4 * q] = a.x; wv[4 * q + 1] = a.y; wv[4 * q + 2] = a.z; wv[4 * q + 3] = a.w;
   }
   float ts = static_scale(scheme, in_scale);
-  QT_STAMP(0);
   pdl_wait();   // the next GEMV is triggered once this kernel's loads are done (below): run 30, +0.7 %
-  QT_STAMP(1);
   float v[16];
   float ss = 0.0f;
 #pragma unroll
@@ -174,7 +172,6 @@ extern "C" __global__ void rmsnorm_quant(const float* __restrict__ x, const floa
 #pragma unroll
   for (int j = 0; j < 16; ++j) v[j] = live ? v[j] * inv * wv[j] : 0.0f;
   store_and_quant(v, y ? y + base : nullptr, pqs, r, t, live, red, H, scheme, ts, outh, hscale, hperm, outq, qscale);
-  QT_STAMP(2);
 }
 
 

@@ -107,7 +107,6 @@ __global__ void __launch_bounds__(128, 1) attn_partial(const float* __restrict__
     float sm_scale, const float* __restrict__ kr, int ldk, const float* __restrict__ vr, int ldv,
     const float* __restrict__ cosT, const float* __restrict__ sinT, int early) {
   kv_fmt = KF;   // v15: one instantiation per cache format (the argument must equal KF; ops passes both)
-  QT_STAMP(0);
   constexpr int DPL = D / 32;
   constexpr int NW = 4;
   __shared__ float sm_s[GMAX][CMAX];      // scores, then exp(s - m)
@@ -128,7 +127,6 @@ __global__ void __launch_bounds__(128, 1) attn_partial(const float* __restrict__
     rope_factors<D>(cs, sn, lane, cosT, sinT, len - 1);
   }
   QT_PDL_ENTRY
-  QT_STAMP(1);
   if (!early) len = (int)pos[n] + 1;
   int c0 = split * chunk, c1 = min(c0 + chunk, len);
   if (c0 >= len) {
@@ -203,7 +201,6 @@ __global__ void __launch_bounds__(128, 1) attn_partial(const float* __restrict__
     }
   }
   __syncthreads();
-  QT_STAMP(2);
   // phase 2: softmax statistics per head
   for (int g = warp; g < G; g += NW) {
     float mx = -QT_INF;
@@ -219,7 +216,6 @@ __global__ void __launch_bounds__(128, 1) attn_partial(const float* __restrict__
     if (lane == 0) { sm_m[g] = mx; sm_l[g] = l; }
   }
   __syncthreads();
-  QT_STAMP(3);
   // phase 3: e * V
   float acc[GMAX][DPL];
 #pragma unroll
@@ -261,7 +257,6 @@ __global__ void __launch_bounds__(128, 1) attn_partial(const float* __restrict__
     part[o * D + d] = a;
     if (d == 0) { ml[o * 2] = sm_m[g]; ml[o * 2 + 1] = sm_l[g]; }
   }
-  QT_STAMP(4);
 }
 
 // the merge's batch of 4 splits s0.. of one 16-element slot (split s of the slot at slot + s * D; indices past
@@ -340,9 +335,7 @@ extern "C" __global__ void __launch_bounds__(128) attn_combine_heads(const float
     const float* __restrict__ in_scale, const float* __restrict__ pqs, unsigned short* __restrict__ outh,
     float* __restrict__ hscale, int hperm, u8* __restrict__ outq, float* __restrict__ qscale) {
   float ts = static_scale(scheme, in_scale);
-  QT_STAMP(5);
   pdl_wait();   // the next GEMV is triggered once this kernel's loads are done (below): run 30, +0.7 %
-  QT_STAMP(6);
   __shared__ float sv[128 * 16];
   __shared__ float smx[128], sls[128];
   __shared__ float red[32];
@@ -377,7 +370,6 @@ extern "C" __global__ void __launch_bounds__(128) attn_combine_heads(const float
   for (int j = 0; j < 16; ++j) sv[tid * 16 + j] = v[j];
   smx[tid] = M; sls[tid] = ls;
   __syncthreads();
-  QT_STAMP(7);
   pdl_trigger();
   if (tid >= 32) return;
   bool live = tid < NS;
@@ -402,7 +394,6 @@ extern "C" __global__ void __launch_bounds__(128) attn_combine_heads(const float
   int t = h * NS + tid;
   store_and_quant(v, (out && live) ? out + (long long)r * HD + 16 * t : nullptr, pqs, r, t, live, red, HD, scheme,
                   ts, outh, hscale, hperm, outq, qscale);
-  QT_STAMP(8);
 }
 
 #define QT_ATTN_ARGS const float*, int, const long long*, int, void*, u8*, void*, u8*, int, float, float, float*, \

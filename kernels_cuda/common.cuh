@@ -40,22 +40,6 @@ __device__ __forceinline__ void pdl_trigger() {
 #endif
 }
 #define QT_PDL_ENTRY pdl_wait(); pdl_trigger();
-// Timeline probe (scripts/probe_timeline.py compiles with -DQT_PROBE): QT_STAMP(i) stores %globaltimer (ns) of
-// thread 0 of each block into qt_probe[i][block] (blocks numbered x-fastest, < 4096); nothing otherwise.
-#ifdef QT_PROBE
-__device__ unsigned long long qt_probe[16][4096];
-#define QT_STAMP(i) do { if (threadIdx.x == 0) { unsigned long long t_; \
-  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t_)); \
-  qt_probe[i][(blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x] = t_; } } while (0)
-#else
-#define QT_STAMP(i) do { } while (0)
-#endif
-
-// L2 load (bypasses L1): for data other blocks of the same kernel wrote (atomic-ticket reductions)
-__device__ __forceinline__ float ld_cg(const float* p) {
-  float v; asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p)); return v;
-}
-
 // exact scalar e4m3fn decode
 __device__ __forceinline__ float e4m3_to_f32(unsigned c) {
   unsigned e = (c >> 3) & 15u, m = c & 7u;

@@ -8,8 +8,8 @@
 //   F=3 mxfp4: w u8 [O, K/2]; sc E8M0 u8 [O, K/32]; W = E2M1 * 2^(sc-127)
 //   F=4 int4 : w u8 [O, K/2] unsigned nibbles u; sc f32 [O, sld], zp f32 [O, sld] (group sbi):
 //              W = (u - zp) * sc; if s2 != 0 (W4A8 AWQ): W = e4m3(W / s2) * s2
-//   F=5 fp8 mma-tiled (gemm only): F=1 with the codes in ops.mma_tile_fp8's order (see gemv_mma4p), the layout
-//              gemv_mma_bulk streams; prefill reads the same copy, so no row-major copy is kept
+//   F=5 fp8 mma-tiled (gemm only): F=1 with the codes in weights.mma_tile_fp8's order (see gemv_mma4p), the
+//              layout of every fp8 layer on the fp8 x fp8 decode path; prefill reads the same copy
 // gemv<F, MR>: decode path, M <= MR rows. grid ceil(O/8), block 256 (one warp per output row, 16-byte
 //   streaming weight loads, 4 in flight per lane). Needs K % EPV == 0 (EPV = 8 bf16, 16 fp8, 32 fp4/int4),
 //   16-byte aligned rows, ldx % 4 == 0, and for fp8 sbi % 16 == 0, for int4 sbi % 32 == 0.
@@ -23,7 +23,6 @@
 // gemm<F>: general path (any M, K), 64x64 tiles of f32 FMA with scalar dequant. grid (ceil(O/64), ceil(M/64)),
 //   block 256.
 #include "common.cuh"
-#include "bulk_copy.cuh"
 
 #define FMT_BF16 0
 #define FMT_FP8 1
@@ -42,7 +41,7 @@ __device__ __forceinline__ unsigned hsub2(unsigned a, unsigned b) {
   unsigned r; asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r;
 }
 
-// byte offset of fp8 code (o, k) in the mma-tiled layout (ops.mma_tile_fp8; gemv_mma4p, gemv_mma_bulk, gemm<5>)
+// byte offset of fp8 code (o, k) in the mma-tiled layout (weights.mma_tile_fp8; gemv_mma4p, gemm<5>)
 __device__ __forceinline__ long long tiled_fp8_offset(int o, int k, int K) {
   return (((long long)(o >> 4) * (K >> 6) + (k >> 6)) * 2 + ((o >> 3) & 1)) * 512 + ((o & 7) * 4 + ((k & 63) >> 4)) * 16
          + (k & 15);
@@ -54,7 +53,7 @@ __device__ __forceinline__ float wload1(const u8* w, const void* sc, const float
   if (F == FMT_BF16) return bf16_to_f32(((const bf16_t*)w)[(long long)o * K + k]);
   if (F == FMT_FP8)
     return e4m3_to_f32(w[(long long)o * K + k]) * ((const float*)sc)[(long long)(o / sbo) * sld + k / sbi];
-  if (F == FMT_FP8T)   // mma-tiled fp8 (gemv_mma4p / gemv_mma_bulk layout)
+  if (F == FMT_FP8T)   // mma-tiled fp8 (gemv_mma4p layout)
     return e4m3_to_f32(w[tiled_fp8_offset(o, k, K)]) * ((const float*)sc)[(long long)(o / sbo) * sld + k / sbi];
   unsigned nib = (w[(long long)o * (K / 2) + k / 2] >> (4 * (k & 1))) & 15u;
   if (F == FMT_NVFP4)
@@ -354,14 +353,6 @@ QT_INST_F(3)
 QT_INST_F(4)
 template __global__ void gemm<FMT_FP8T>(QT_GEMV_ARGS);
 
-// gemv_mma: FP8 weights x FP8 activations on the tensor cores (mma.sync m16n8k32 e4m3, f32 accumulate), the
-// decode path of the fp8 / fp8-rowwise / fp8-block recipes. Exact products, f32 sums: matches x̂ @ W^T to f32
-// rounding. wq e4m3 [O, K]; xq e4m3 codes [M, K] (M <= 8) and xs (per row [M], or per 128-group [M, K/128] when
-// xs_group); weight scale grid ws as for gemv (sbo, sld, sbi_log2 = -1 for one scale per row). One warp = 16
-// output rows x one K slice of kslice (multiple of 128; K % 64 == 0): lane (g, t) loads 16 B of rows g and g+8
-// at k = 16 t (+64 per round) and 16 B of x row g at the same k; two mma steps per round (the k order inside a
-// round is permuted identically for W and x, which a dot product allows). Writes part f32 [S, M, O] (scaled);
-// gemv_mma_reduce sums the S slices and adds the bias. grid (ceil(O/64), S), block 128.
 // d += A (16 x k, fragments a0..a3) x B (k x 8, b0, b1), f32 accumulators; SHAPE_TYPES names the mma.sync form
 #define QT_MMA_16X8(NAME, SHAPE_TYPES)                                                                         \
   __device__ __forceinline__ void NAME(float d[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,        \
@@ -371,7 +362,6 @@ template __global__ void gemm<FMT_FP8T>(QT_GEMV_ARGS);
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));                                    \
   }
 QT_MMA_16X8(mma_e4m3, "m16n8k32.row.col.f32.e4m3.e4m3.f32")   // k 32; Hopper runs it as f16 conversions + HMMA
-QT_MMA_16X8(mma_f16, "m16n8k16.row.col.f32.f16.f16.f32")
 
 // the 4 accumulators of an mma fragment, rows (ra, rb) x columns (m0, m1), + a per-row offset, into p [M, ld]
 __device__ __forceinline__ void store_frag(float* p, int ld, int ra, int rb, bool va, bool vb, int m0, int m1,
@@ -382,90 +372,23 @@ __device__ __forceinline__ void store_frag(float* p, int ld, int ra, int rb, boo
   if (vb && m1 < M) p[(long long)m1 * ld + rb] = bb + acc[3];
 }
 
-extern "C" __global__ void __launch_bounds__(128) gemv_mma(const u8* __restrict__ xq, const float* __restrict__ xs,
-    int xs_group, const u8* __restrict__ wq, const float* __restrict__ ws, float* __restrict__ part, int M, int O,
-    int K, int sld, int sbo, int sbi_log2, int kslice) {
-  QT_PDL_ENTRY
-  int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  int g = lane >> 2, t = lane & 3;
-  int r0 = (blockIdx.x * 4 + warp) * 16;
-  if (r0 >= O) return;
-  int k0 = blockIdx.y * kslice, k1 = min(K, k0 + kslice);
-  int ra = r0 + g, rb = r0 + g + 8;
-  bool va = ra < O, vb = rb < O, vx = g < M;
-  const u8* pa = wq + (long long)(va ? ra : 0) * K;
-  const u8* pb = wq + (long long)(vb ? rb : 0) * K;
-  const u8* px = xq + (long long)(vx ? g : 0) * K;
-  int m0 = 2 * t, m1 = 2 * t + 1;
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};  // rows (ra, m0), (ra, m1), (rb, m0), (rb, m1)
-  int blk = sbi_log2 < 0 ? K : 128;
-  for (int kb0 = k0; kb0 < k1; kb0 += blk) {
-    int kb1 = min(k1, kb0 + blk);
-    float d[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int kb = kb0; kb < kb1; kb += 128) {  // two rounds of 64 per iteration, loads first
-      uint4 A[2], B[2], X[2];
-#pragma unroll
-      for (int u = 0; u < 2; ++u) {
-        int k = kb + 64 * u + 16 * t;
-        bool in = k < kb1;
-        uint4 z = make_uint4(0, 0, 0, 0);
-        A[u] = (va && in) ? ld_stream((const uint4*)(pa + k)) : z;
-        B[u] = (vb && in) ? ld_stream((const uint4*)(pb + k)) : z;
-        X[u] = (vx && in) ? *(const uint4*)(px + k) : z;
-      }
-#pragma unroll
-      for (int u = 0; u < 2; ++u) {
-        mma_e4m3(d, A[u].x, B[u].x, A[u].y, B[u].y, X[u].x, X[u].y);
-        mma_e4m3(d, A[u].z, B[u].z, A[u].w, B[u].w, X[u].z, X[u].w);
-      }
-    }
-    // scale this block's sums: weight scale (per row or per 128x128 block) x activation scale
-    float wa, wb;
-    if (sbi_log2 < 0) { wa = ws[(long long)((va ? ra : 0) / sbo) * sld]; wb = ws[(long long)((vb ? rb : 0) / sbo) * sld]; }
-    else {
-      int kbi = kb0 >> sbi_log2;
-      wa = ws[(long long)((va ? ra : 0) / sbo) * sld + kbi]; wb = ws[(long long)((vb ? rb : 0) / sbo) * sld + kbi];
-    }
-    float x0, x1;
-    if (xs_group) {
-      int gi = kb0 >> 7, ng = (K + 127) / 128;
-      x0 = m0 < M ? xs[(long long)m0 * ng + gi] : 0.f; x1 = m1 < M ? xs[(long long)m1 * ng + gi] : 0.f;
-    } else {
-      x0 = m0 < M ? xs[m0] : 0.f; x1 = m1 < M ? xs[m1] : 0.f;
-    }
-    acc[0] += d[0] * (wa * x0); acc[1] += d[1] * (wa * x1); acc[2] += d[2] * (wb * x0); acc[3] += d[3] * (wb * x1);
-  }
-  store_frag(part + (long long)blockIdx.y * M * O, O, ra, rb, va, vb, m0, m1, M, acc, 0.0f, 0.0f);
-}
-
-extern "C" __global__ void gemv_mma_reduce(const float* __restrict__ part, int S, const float* __restrict__ bias,
-                                           float* __restrict__ y, int ldy, int M, int O) {
-  QT_PDL_ENTRY
-  int o = blockIdx.x * blockDim.x + threadIdx.x, m = blockIdx.y;
-  if (o >= O) return;
-  float a = bias ? bias[o] : 0.0f;
-  for (int s = 0; s < S; ++s) a += part[((long long)s * M + m) * O + o];
-  y[(long long)m * ldy + o] = a;
-}
-
-// gemv_mma4 (v4): the gemv_mma computation (same fragments, same k permutation, same operands and scales) with
-// more bytes in flight and no reduce launch. Each lane issues U = 4 rounds of 64 k (12 16-B loads) before its 8
-// mma steps; the k loop walks 256 k per step. gemv_mma8: U = 8 (512 k per step; kslice a multiple of 512), an
-// experiment timed by bench_decode.py --gemv only. Scales: per-row weight scale with per-row activation scale ->
-// one multiply at the end of the slice; per-128 weight blocks (sbi_log2 = 7) and/or per-128 activation groups
-// (xs_group) -> one multiply per 128-k half. S = gridDim.y K slices of kslice (multiple of 256, K % 64 == 0).
-// S == 1: y = acc + bias written directly. S > 1: each block writes its slice into part f32 [S, M, O], then
-// takes a ticket on cnt[blockIdx.x] (u32, zero before the launch); the block that draws S - 1 sums the S slices
-// of its 64 rows in slice order (deterministic: bias first, then s = 0..S-1, as gemv_mma_reduce), writes y and
-// resets its counter to zero (so the next launch, and every CUDA graph replay, finds zeros). Block = W warps of
-// 16 rows each (W = blockDim.x / 32; ops uses W = 1: one-warp blocks spread evenly over the SMs), grid
-// (ceil(O / (16 W)), S); the ticket counter is per block.
-// inb = 1 (v11, the default): no ticket, no part. Block = S warps, warp s computing K slice s of the 16-row tile
-// blockIdx.x (grid (ceil(O / 16), 1), dynamic shared memory S * 512 B); the warps' fragments meet in shared
-// memory and warp 0 sums them in the ticket's order (bias first, then s = 0..S-1: the same bits) and writes y
-// (or the il epilogue). One block barrier instead of a fence, an atomic and an L2 round trip on the tail.
-// il > 0 (gate|up fused with silu, O = 2 il, il % 8 == 0, S any): the weight rows are interleaved in groups of
-// 8 (row 16 j + i = gate row 8 j + i, row 16 j + 8 + i = up row 8 j + i, bias the same), so a lane holds the
+// gemv_mma4p: FP8 weights x FP8 activations on the tensor cores (mma.sync m16n8k32 e4m3, f32 accumulate), the
+// decode GEMV (M <= 8) of the fp8 / fp8-rowwise / fp8-block recipes. Exact products, f32 sums: matches x̂ @ W^T
+// to f32 rounding. xq e4m3 codes [M, K] and xs (per row [M], or per 128-group [M, K/128] when xs_group); weights
+// mma-tiled (weights.mma_tile_fp8: O padded to 16 rows, K % 64 == 0; byte (o, k) at
+// ((o/16 * K/64 + k/64) * 2 + (o%16)/8) * 512 + ((o%8) * 4 + (k%64)/16) * 16 + k%16), so each warp's 16-B loads
+// of one round read 512 contiguous bytes and a warp streams one contiguous range; weight scale grid ws as for
+// gemv (sbo, sld, sbi_log2 = -1 for one scale per row). One warp = 16 output rows (tile blockIdx.x) x one K
+// slice of kslice (multiple of 256): lane (g, t) loads 16 B of rows g and g+8 at k = 16 t (+64 per round) and
+// 16 B of x row g at the same k, 4 rounds (12 16-B loads) in flight before its 8 mma steps (the k order inside a
+// round is permuted identically for W and x, which a dot product allows). Scales: per-row weight scale with
+// per-row activation scale -> one multiply at the end of the slice; per-128 weight blocks (sbi_log2 = 7) and/or
+// per-128 activation groups (xs_group) -> one multiply per 128-k half.
+// Block = S warps (S = blockDim.x / 32 <= 16 K slices of one 16-row tile), grid ceil(O / 16), dynamic shared
+// memory S * 512 B when S > 1: the warps' fragments meet in shared memory and warp 0 sums them in a fixed order
+// (bias first, then s = 0..S-1) and writes y (or the il epilogue).
+// gemv_mma4ps: il > 0 (gate|up fused with silu, O = 2 il, il % 8 == 0): the weight rows are interleaved in groups
+// of 8 (row 16 j + i = gate row 8 j + i, row 16 j + 8 + i = up row 8 j + i, bias the same), so a lane holds the
 // gate and up sums of the same feature; instead of y the kernel writes the down projection's fp8 input
 // xq_out[m, f] = e4m3(silu_mul1(gate, up) (* pqs[f]) / in_scale[0]) (act_quant scheme 1: the bits of
 // silu_mul_quant on y) and xs_out[m] = in_scale[0] (block 0); y is not touched.
@@ -478,25 +401,20 @@ __device__ __forceinline__ void silu_quant_store(float g, float u, int m, int f,
   xq[(long long)m * I + f] = (u8)f32_to_e4m3(v / ts);
 }
 
-template <int U, bool P, bool IL>
-__device__ __forceinline__ void gemv_mma_deep(const u8* __restrict__ xq, const float* __restrict__ xs,
+template <bool IL>
+__device__ __forceinline__ void gemv_mma_tiled(const u8* __restrict__ xq, const float* __restrict__ xs,
     int xs_group, const u8* __restrict__ wq, const float* __restrict__ ws, const float* __restrict__ bias,
-    float* __restrict__ part, unsigned* __restrict__ cnt, float* __restrict__ y, int ldy, int M, int O, int K,
-    int sld, int sbo, int sbi_log2, int kslice, int il, const float* __restrict__ in_scale,
-    const float* __restrict__ pqs, u8* __restrict__ xq_out, float* __restrict__ xs_out, int inb) {
-  __shared__ unsigned is_last;
-  int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wpb = blockDim.x >> 5;
+    float* __restrict__ y, int ldy, int M, int O, int K, int sld, int sbo, int sbi_log2, int kslice, int il,
+    const float* __restrict__ in_scale, const float* __restrict__ pqs, u8* __restrict__ xq_out,
+    float* __restrict__ xs_out) {
+  constexpr int U = 4;
+  int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, S = blockDim.x >> 5;
   int g = lane >> 2, t = lane & 3;
-  // inb (v11): the block's warps are the S K slices of one 16-row tile (grid y = 1), summed through shared memory
-  int r0 = inb ? blockIdx.x * 16 : (blockIdx.x * wpb + warp) * 16;
-  int S = inb ? wpb : gridDim.y;
-  int k0 = (inb ? warp : blockIdx.y) * kslice, k1 = min(K, k0 + kslice);
+  int r0 = blockIdx.x * 16;
+  int k0 = warp * kslice, k1 = min(K, k0 + kslice);
   int ra = r0 + g, rb = r0 + g + 8;
   bool va = ra < O, vb = rb < O, vx = g < M;
-  // P (mma-tiled weights, see mma_tile_offset): lane's 16 B of row ra at k lie at tw + (k/64)*1024, row rb's
-  // 512 B further; else row-major rows pa, pb
-  const u8* pa = wq + (long long)(va ? ra : 0) * K;
-  const u8* pb = wq + (long long)(vb ? rb : 0) * K;
+  // lane's 16 B of row ra at k lie at tw + (k/64)*1024, row rb's 512 B further
   const u8* tw = wq + (long long)(r0 >> 4) * (K >> 6) * 1024 + lane * 16;
   const u8* px = xq + (long long)(vx ? g : 0) * K;
   int m0 = 2 * t, m1 = 2 * t + 1;
@@ -505,8 +423,8 @@ __device__ __forceinline__ void gemv_mma_deep(const u8* __restrict__ xq, const f
   int ng = (K + 127) / 128;
   bool grouped = sbi_log2 >= 0 || xs_group;
   // PDL: this warp's weights for its first two k steps go to L2 before waiting for the previous kernel (the
-  // weights are constant; x̂, the scales' consumers, part, cnt and y are only touched after pdl_wait)
-  if (P && r0 < O) {            // the warp's 2U KB are contiguous: 2U*8 lines of 128 B
+  // weights are constant; x̂, the scales' consumers and y are only touched after pdl_wait)
+  if (r0 < O) {                 // the warp's 2U KB are contiguous: 2U*8 lines of 128 B
     const u8* base = wq + ((long long)(r0 >> 4) * (K >> 6) + (k0 >> 6)) * 1024;
     long long end = (long long)((k1 - k0 + 63) >> 6) * 1024;
 #pragma unroll
@@ -514,18 +432,10 @@ __device__ __forceinline__ void gemv_mma_deep(const u8* __restrict__ xq, const f
       int off = j * 4096 + lane * 128;
       if (off < end) prefetch_l2(base + off);
     }
-  } else if (r0 < O && t == 0) {
-#pragma unroll
-    for (int j = 0; j < U; ++j) {
-      int k = k0 + 128 * j;
-      if (k < k1) { if (va) prefetch_l2(pa + k); if (vb) prefetch_l2(pb + k); }
-    }
   }
   if (!IL) il = 0;
   float ts = il ? in_scale[0] : 1.0f;   // a constant: read before the wait
-  QT_STAMP(IL ? 3 : 0);
   QT_PDL_ENTRY
-  QT_STAMP(IL ? 4 : 1);
   float acc[4] = {0.f, 0.f, 0.f, 0.f};  // rows (ra, m0), (ra, m1), (rb, m0), (rb, m1)
   float d[4] = {0.f, 0.f, 0.f, 0.f};    // unscaled sums (per-row scales)
   if (r0 < O) {
@@ -536,10 +446,9 @@ __device__ __forceinline__ void gemv_mma_deep(const u8* __restrict__ xq, const f
         int k = kb + 64 * u + 16 * t;
         bool in = k < k1;
         uint4 z = make_uint4(0, 0, 0, 0);
-        const u8* wa = P ? tw + (long long)(k >> 6) * 1024 : pa + k;
-        const u8* wb = P ? wa + 512 : pb + k;
+        const u8* wa = tw + (long long)(k >> 6) * 1024;
         A[u] = (va && in) ? ld_stream((const uint4*)wa) : z;
-        B[u] = (vb && in) ? ld_stream((const uint4*)wb) : z;
+        B[u] = (vb && in) ? ld_stream((const uint4*)(wa + 512)) : z;
         X[u] = (vx && in) ? *(const uint4*)(px + k) : z;
       }
       if (grouped) {
@@ -580,251 +489,42 @@ __device__ __forceinline__ void gemv_mma_deep(const u8* __restrict__ xq, const f
       acc[0] = d[0] * (wa * x0); acc[1] = d[1] * (wa * x1); acc[2] = d[2] * (wb * x0); acc[3] = d[3] * (wb * x1);
     }
   }
-  QT_STAMP(IL ? 5 : 2);
-  if (il && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x < M) xs_out[threadIdx.x] = ts;
-  bool summed = false;                 // acc already holds bias + the S slices (inb)
-  if (inb && S > 1) {                  // the ticket's order: bias first, then slices s = 0..S-1 (same bits)
+  if (il && blockIdx.x == 0 && threadIdx.x < M) xs_out[threadIdx.x] = ts;
+  float ba = (bias && va) ? bias[ra] : 0.0f, bb = (bias && vb) ? bias[rb] : 0.0f;
+  if (S > 1) {                         // fixed order: bias first, then slices s = 0..S-1
     extern __shared__ float red[];     // [S][4][32]
 #pragma unroll
     for (int i = 0; i < 4; ++i) red[(warp * 4 + i) * 32 + lane] = acc[i];
     __syncthreads();
     if (warp != 0) return;
-    float ba = (bias && va) ? bias[ra] : 0.0f, bb = (bias && vb) ? bias[rb] : 0.0f;
     float a4[4] = {ba, ba, bb, bb};
     for (int s = 0; s < S; ++s)
 #pragma unroll
       for (int i = 0; i < 4; ++i) a4[i] += red[(s * 4 + i) * 32 + lane];
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[i] = a4[i];
-    summed = true;
+    ba = bb = 0.0f;
   }
-  if (S == 1 || summed) {
-    float ba = (bias && va && !summed) ? bias[ra] : 0.0f, bb = (bias && vb && !summed) ? bias[rb] : 0.0f;
-    if (il) {                        // rows ra (gate) and rb = ra + 8 (up) of feature (r0 / 16) * 8 + g
-      int f = (r0 >> 4) * 8 + g;
-      if (va && m0 < M) silu_quant_store(ba + acc[0], bb + acc[2], m0, f, il, ts, pqs, xq_out);
-      if (va && m1 < M) silu_quant_store(ba + acc[1], bb + acc[3], m1, f, il, ts, pqs, xq_out);
-      return;
-    }
-    store_frag(y, ldy, ra, rb, va, vb, m0, m1, M, acc, ba, bb);
+  if (il) {                            // rows ra (gate) and rb = ra + 8 (up) of feature (r0 / 16) * 8 + g
+    int f = (r0 >> 4) * 8 + g;
+    if (va && m0 < M) silu_quant_store(ba + acc[0], bb + acc[2], m0, f, il, ts, pqs, xq_out);
+    if (va && m1 < M) silu_quant_store(ba + acc[1], bb + acc[3], m1, f, il, ts, pqs, xq_out);
     return;
   }
-  store_frag(part + (long long)blockIdx.y * M * O, O, ra, rb, va, vb, m0, m1, M, acc, 0.0f, 0.0f);
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) is_last = atomicAdd(&cnt[blockIdx.x], 1u) == (unsigned)(S - 1);
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();
-  int rows = 16 * wpb, o0 = blockIdx.x * rows;
-  if (il) {                          // feature pairs (gate o, up o + 8) of this block's tiles, sums as below
-    for (int i = threadIdx.x; i < rows / 2 * M; i += blockDim.x) {
-      int m = i / (rows / 2), j = i % (rows / 2), og = o0 + 16 * (j >> 3) + (j & 7), ou = og + 8;
-      if (og >= O) continue;
-      float a = bias ? bias[og] : 0.0f, b = bias ? bias[ou] : 0.0f;
-      for (int s = 0; s < S; ++s) {
-        a += ld_cg(part + ((long long)s * M + m) * O + og);
-        b += ld_cg(part + ((long long)s * M + m) * O + ou);
-      }
-      silu_quant_store(a, b, m, (og >> 4) * 8 + (og & 7), il, ts, pqs, xq_out);
-    }
-    if (threadIdx.x == 0) cnt[blockIdx.x] = 0u;
-    return;
-  }
-  for (int i = threadIdx.x; i < rows * M; i += blockDim.x) {
-    int m = i / rows, o = o0 + i % rows;
-    if (o >= O) continue;
-    float a = bias ? bias[o] : 0.0f;
-    for (int s = 0; s < S; ++s) a += ld_cg(part + ((long long)s * M + m) * O + o);
-    y[(long long)m * ldy + o] = a;
-  }
-  if (threadIdx.x == 0) cnt[blockIdx.x] = 0u;
+  store_frag(y, ldy, ra, rb, va, vb, m0, m1, M, acc, ba, bb);
 }
 
-// gemv_mma4 / 4s / 4p: blocks of up to 16 warps (inb: 16 K slices); 512 threads leave the register cap at 128
-// (they use 94-100). gemv_mma8 (~158 registers) keeps 128 threads: inb with at most 4 slices.
+// blocks of up to 16 warps (16 K slices); 512 threads leave the register cap at 128 (they use 94-100)
 #define QT_MMA4_THREADS 512
-#define QT_MMA_DEEP_ARGS const u8* __restrict__ xq, const float* __restrict__ xs, int xs_group, \
-  const u8* __restrict__ wq, const float* __restrict__ ws, const float* __restrict__ bias, float* __restrict__ part, \
-  unsigned* __restrict__ cnt, float* __restrict__ y, int ldy, int M, int O, int K, int sld, int sbo, int sbi_log2, \
-  int kslice, int il, const float* __restrict__ in_scale, const float* __restrict__ pqs, \
-  u8* __restrict__ xq_out, float* __restrict__ xs_out, int inb
-#define QT_MMA_DEEP_PASS xq, xs, xs_group, wq, ws, bias, part, cnt, y, ldy, M, O, K, sld, sbo, sbi_log2, kslice, il, \
-  in_scale, pqs, xq_out, xs_out, inb
-extern "C" __global__ void __launch_bounds__(QT_MMA4_THREADS) gemv_mma4(QT_MMA_DEEP_ARGS) { gemv_mma_deep<4, false, false>(QT_MMA_DEEP_PASS); }
-extern "C" __global__ void __launch_bounds__(128) gemv_mma8(QT_MMA_DEEP_ARGS) { gemv_mma_deep<8, false, false>(QT_MMA_DEEP_PASS); }
-// gemv_mma4s: gemv_mma4 with the il (gate|up + silu + fp8 quantization) epilogue (il > 0 required)
-extern "C" __global__ void __launch_bounds__(QT_MMA4_THREADS) gemv_mma4s(QT_MMA_DEEP_ARGS) { gemv_mma_deep<4, false, true>(QT_MMA_DEEP_PASS); }
-// gemv_mma4p: gemv_mma4 on mma-tiled fp8 weights (ops.mma_tile_fp8): O padded to 16 rows, K % 64 == 0; byte
-// (o, k) at ((o/16 * K/64 + k/64) * 2 + (o%16)/8) * 512 + ((o%8) * 4 + (k%64)/16) * 16 + k%16, so each warp's
-// 16-B loads of one round read 512 contiguous bytes (row-major: 16 rows x 64 B) and a warp streams one
-// contiguous range. Timed by bench_decode.py --gemv ("mma4 tiled"); the decode path on tiled weights (v13).
-extern "C" __global__ void __launch_bounds__(QT_MMA4_THREADS) gemv_mma4p(QT_MMA_DEEP_ARGS) { gemv_mma_deep<4, true, false>(QT_MMA_DEEP_PASS); }
-// gemv_mma4ps (v13): gemv_mma4s on mma-tiled weights (interleaved gate|up rows, then tiled)
-extern "C" __global__ void __launch_bounds__(QT_MMA4_THREADS) gemv_mma4ps(QT_MMA_DEEP_ARGS) { gemv_mma_deep<4, true, true>(QT_MMA_DEEP_PASS); }
-
-// gemv_mma_bulk<XH> (v8): FP8 x FP8 decode GEMV (exact products, f32 sums, the scales of gemv_mma) on mma-tiled
-// fp8 weights (ops.mma_tile_fp8, the gemv_mma4p layout: a 16-row tile is K * 16 contiguous bytes), streamed by
-// the bulk-copy engine into a ring of shared-memory stages instead of register loads. Persistent: grid G <= number
-// of SMs, block 256 (8 warps), one block per SM (dynamic shared memory, fp8_bulk.plan). Block c owns the whole
-// tiles [c T / G, (c+1) T / G) of the T = ceil(O / 16) tiles, i.e. one contiguous byte range of wt, and no K split
-// (no partial sums, no reduce, no counters). Its range is cut into chunks of at most BULK_SB k-blocks (64 k x 16
-// rows = 1 KB) that never straddle a tile; thread 0 keeps `nstages` (<= 16) chunks in flight (ring slot
-// c % nstages, one mbarrier each), the first ones issued before pdl_wait, so a launch streams weights while the
-// previous kernel finishes (wt must not be written by the kernel launched just before: weights are laid out
-// once at load time). x̂ codes [M, K] (M <= 8) are staged in shared memory once:
-// XH = 1 as f16 (exact for e4m3 values; rows 2K + 16 bytes apart), so the loop converts only weights (cvt
-// e4m3x2 -> f16x2) and runs m16n8k16 f16 mma; XH = 0 as e4m3 codes (rows K + 16 apart) with the m16n8k32 e4m3 mma
-// (which Hopper itself runs as conversions + f16 mma). In each chunk warp w takes the 128-k units w, w + 8, ...;
-// per 64 k, lane (g, t) holds 16 B of rows g and g + 8 (at l * 16 and 512 + l * 16 of the 1 KB k-block) and the
-// x̂ values of column g at the same k (any k order is fine for a dot product, as long as A and B share it).
-// Scales: per-row weight x per-row activation once per tile; 128x128 weight blocks and/or per-128 activation
-// groups once per unit. At a tile's last chunk the 8 warps' fragments are summed in warp order (deterministic)
-// and y = bias + sum is written. Needs K % 64 == 0, sm_90+.
-#define BULK_WARPS 8
-#define BULK_SB 16
-
-__device__ __forceinline__ void bulk_issue(int c, int tile0, int spt, int KB, const u8* __restrict__ wt,
-                                           unsigned ring0, unsigned bar0, int nstages) {
-  // one copy per chunk (run 13: 4 or 16 smaller copies per chunk ran at 0.84x / 0.48x)
-  int slot = c % nstages, tile = tile0 + c / spt, kb0 = (c % spt) * BULK_SB;
-  unsigned bytes = (unsigned)min(BULK_SB, KB - kb0) * 1024u;
-  unsigned bar = bar0 + 8u * slot;
-  mbar_expect_tx(bar, bytes);
-  bulk_g2s(ring0 + (unsigned)slot * (BULK_SB * 1024u), wt + ((long long)tile * KB + kb0) * 1024, bytes, bar);
-}
-
-__device__ __forceinline__ unsigned e4m3x2_to_h2(unsigned v) {  // bytes 0, 1 of v -> f16x2 (exact)
-  unsigned r;
-  asm("{ .reg .b16 lo; cvt.u16.u32 lo, %1; cvt.rn.f16x2.e4m3x2 %0, lo; }" : "=r"(r) : "r"(v));
-  return r;
-}
-
-// e += the 64-k block at st (lane's 16 B of rows g, g + 8) times x̂ at xp (XH: 16 f16, else 16 e4m3 codes)
-template <int XH>
-__device__ __forceinline__ void bulk_kblock(float e[4], const u8* st, const u8* xp, bool vx) {
-  uint4 A = *(const uint4*)st, B = *(const uint4*)(st + 512);
-  if (XH) {
-    uint4 X0 = vx ? *(const uint4*)xp : make_uint4(0, 0, 0, 0);
-    uint4 X1 = vx ? *(const uint4*)(xp + 16) : make_uint4(0, 0, 0, 0);
-    unsigned a[4] = {A.x, A.y, A.z, A.w}, b[4] = {B.x, B.y, B.z, B.w};
-    unsigned x[8] = {X0.x, X0.y, X0.z, X0.w, X1.x, X1.y, X1.z, X1.w};
-    float f[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};   // two independent mma chains
-#pragma unroll
-    for (int j = 0; j < 4; ++j)   // k 4j .. 4j + 3 of the lane's 16: slots (2t, 2t+1) and (2t+8, 2t+9)
-      mma_f16(f[j & 1], e4m3x2_to_h2(a[j]), e4m3x2_to_h2(b[j]), e4m3x2_to_h2(a[j] >> 16), e4m3x2_to_h2(b[j] >> 16),
-              x[2 * j], x[2 * j + 1]);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) e[i] += f[0][i] + f[1][i];
-  } else {
-    uint4 X = vx ? *(const uint4*)xp : make_uint4(0, 0, 0, 0);
-    mma_e4m3(e, A.x, B.x, A.y, B.y, X.x, X.y);
-    mma_e4m3(e, A.z, B.z, A.w, B.w, X.z, X.w);
-  }
-}
-
-template <int XH>
-__global__ void __launch_bounds__(32 * BULK_WARPS, 1) gemv_mma_bulk(const u8* __restrict__ xq, const float* __restrict__ xs,
-    int xs_group, const u8* __restrict__ wt, const float* __restrict__ ws, const float* __restrict__ bias,
-    float* __restrict__ y, int ldy, int M, int O, int K, int sld, int sbo, int sbi_log2, int nstages) {
-  extern __shared__ __align__(128) u8 bulk_smem[];
-  constexpr int XB = XH ? 2 : 1;                            // bytes per staged x̂ element
-  u8* ring = bulk_smem + 128;                               // [0, 128): nstages mbarriers
-  u8* xsm = ring + nstages * (BULK_SB * 1024);
-  int xld = XB * K + 16;
-  float4* red = (float4*)(xsm + ((M * xld + 127) & ~127));  // [BULK_WARPS][32] fragments
-  int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-  int T = (O + 15) >> 4, KB = K >> 6, spt = (KB + BULK_SB - 1) / BULK_SB;
-  int tile0 = (int)((long long)blockIdx.x * T / gridDim.x);
-  int nc = ((int)((long long)(blockIdx.x + 1) * T / gridDim.x) - tile0) * spt;
-  unsigned bar0 = smem_u32(bulk_smem), ring0 = smem_u32(ring);
-  if (tid == 0) {
-    for (int s = 0; s < nstages; ++s) mbar_init(bar0 + 8u * s, 1u);
-    mbar_fence_init();
-  }
-  __syncthreads();
-  if (tid == 0)
-    for (int c = 0; c < min(nstages, nc); ++c) bulk_issue(c, tile0, spt, KB, wt, ring0, bar0, nstages);
-  QT_PDL_ENTRY
-  for (int i = tid; i < M * (K >> 4); i += blockDim.x) {   // 16 codes per step
-    int m = i / (K >> 4), q = i - m * (K >> 4);
-    uint4 v = *(const uint4*)(xq + (long long)m * K + 16 * q);
-    uint4* dst = (uint4*)(xsm + m * xld + 16 * XB * q);
-    if (XH) {
-      unsigned c[4] = {v.x, v.y, v.z, v.w}, h[8];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) { h[2 * j] = e4m3x2_to_h2(c[j]); h[2 * j + 1] = e4m3x2_to_h2(c[j] >> 16); }
-      dst[0] = make_uint4(h[0], h[1], h[2], h[3]);
-      dst[1] = make_uint4(h[4], h[5], h[6], h[7]);
-    } else {
-      dst[0] = v;
-    }
-  }
-  __syncthreads();
-  bool vx = g < M, grouped = sbi_log2 >= 0 || xs_group;
-  int m0 = 2 * t, m1 = 2 * t + 1, ng = (K + 127) / 128;
-  const u8* xrow = xsm + (vx ? g : 0) * xld + 16 * XB * t;  // + 64 XB per k-block
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};  // rows (ra, m0), (ra, m1), (rb, m0), (rb, m1) of the current tile
-  for (int c = 0; c < nc; ++c) {
-    int slot = c % nstages, tile = tile0 + c / spt, j = c % spt, kb0 = j * BULK_SB;
-    int nkb = min(BULK_SB, KB - kb0);
-    int ra = tile * 16 + g, rb = ra + 8;
-    bool va = ra < O, vb = rb < O;
-    const float* wsa = ws + (long long)((va ? ra : 0) / sbo) * sld;
-    const float* wsb = ws + (long long)((vb ? rb : 0) / sbo) * sld;
-    mbar_wait(bar0 + 8u * slot, (unsigned)(c / nstages) & 1u);
-    const u8* st = ring + slot * (BULK_SB * 1024) + lane * 16;
-    for (int u = warp; 2 * u < nkb; u += BULK_WARPS) {
-      float e[4] = {0.f, 0.f, 0.f, 0.f}, e1[4] = {0.f, 0.f, 0.f, 0.f};   // the unit's two k-blocks, independent
-      bulk_kblock<XH>(e, st + 2 * u * 1024, xrow + (kb0 + 2 * u) * 64 * XB, vx);
-      if (2 * u + 1 < nkb) bulk_kblock<XH>(e1, st + (2 * u + 1) * 1024, xrow + (kb0 + 2 * u + 1) * 64 * XB, vx);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) e[i] += e1[i];
-      if (grouped) {
-        int kh = (kb0 + 2 * u) * 64;
-        int kbi = sbi_log2 >= 0 ? (kh >> sbi_log2) : 0;
-        float wa = wsa[kbi], wb = wsb[kbi], x0, x1;
-        if (xs_group) {
-          x0 = m0 < M ? xs[(long long)m0 * ng + (kh >> 7)] : 0.f; x1 = m1 < M ? xs[(long long)m1 * ng + (kh >> 7)] : 0.f;
-        } else {
-          x0 = m0 < M ? xs[m0] : 0.f; x1 = m1 < M ? xs[m1] : 0.f;
-        }
-        acc[0] += e[0] * (wa * x0); acc[1] += e[1] * (wa * x1); acc[2] += e[2] * (wb * x0); acc[3] += e[3] * (wb * x1);
-      } else {
-        acc[0] += e[0]; acc[1] += e[1]; acc[2] += e[2]; acc[3] += e[3];
-      }
-    }
-    if (j == spt - 1) {   // the tile's last chunk: scale, sum the warps' fragments, write y
-      if (!grouped) {
-        float wa = wsa[0], wb = wsb[0], x0 = m0 < M ? xs[m0] : 0.f, x1 = m1 < M ? xs[m1] : 0.f;
-        acc[0] *= wa * x0; acc[1] *= wa * x1; acc[2] *= wb * x0; acc[3] *= wb * x1;
-      }
-      red[warp * 32 + lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
-      __syncthreads();
-      if (warp == 0) {
-        float4 s = red[lane];
-#pragma unroll
-        for (int w = 1; w < BULK_WARPS; ++w) {
-          float4 p = red[w * 32 + lane];
-          s.x += p.x; s.y += p.y; s.z += p.z; s.w += p.w;
-        }
-        float sum[4] = {s.x, s.y, s.z, s.w};
-        store_frag(y, ldy, ra, rb, va, vb, m0, m1, M, sum, (bias && va) ? bias[ra] : 0.0f,
-                   (bias && vb) ? bias[rb] : 0.0f);
-      }
-      acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
-    }
-    __syncthreads();      // every warp is done with this slot (and with red)
-    if (tid == 0 && c + nstages < nc) {
-      fence_proxy_async_smem();
-      bulk_issue(c + nstages, tile0, spt, KB, wt, ring0, bar0, nstages);
-    }
-  }
-}
-#define QT_BULK_ARGS const u8*, const float*, int, const u8*, const float*, const float*, float*, int, int, int, int, \
-  int, int, int, int
-template __global__ void gemv_mma_bulk<0>(QT_BULK_ARGS);
-template __global__ void gemv_mma_bulk<1>(QT_BULK_ARGS);
+#define QT_MMA_TILED_ARGS const u8* __restrict__ xq, const float* __restrict__ xs, int xs_group, \
+  const u8* __restrict__ wq, const float* __restrict__ ws, const float* __restrict__ bias, float* __restrict__ y, \
+  int ldy, int M, int O, int K, int sld, int sbo, int sbi_log2, int kslice, int il, \
+  const float* __restrict__ in_scale, const float* __restrict__ pqs, u8* __restrict__ xq_out, \
+  float* __restrict__ xs_out
+#define QT_MMA_TILED_PASS xq, xs, xs_group, wq, ws, bias, y, ldy, M, O, K, sld, sbo, sbi_log2, kslice, il, in_scale, \
+  pqs, xq_out, xs_out
+extern "C" __global__ void __launch_bounds__(QT_MMA4_THREADS) gemv_mma4p(QT_MMA_TILED_ARGS) { gemv_mma_tiled<false>(QT_MMA_TILED_PASS); }
+extern "C" __global__ void __launch_bounds__(QT_MMA4_THREADS) gemv_mma4ps(QT_MMA_TILED_ARGS) { gemv_mma_tiled<true>(QT_MMA_TILED_PASS); }
 
 // gemm_tc<F, XC>: y = x̂ W^T (+ bias) for any M (prefill) on the tensor cores: mma.sync m16n8k16 bf16 with f32
 // accumulation, to float32 accuracy. Tiles of 64 rows x 64 outputs x 32 k in shared memory as bf16 (rows padded to

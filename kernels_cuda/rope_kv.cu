@@ -31,9 +31,7 @@ extern "C" __global__ void rope_kv_write(const float* __restrict__ qs, int ldq, 
                                          const float* __restrict__ kn, float eps, float* __restrict__ q_out,
                                          void* kc, u8* ks, void* vc, u8* vs, int kv_fmt, float k_scale,
                                          float v_scale, int Hq, int Hkv, int D, int L) {
-  QT_STAMP(9);
   QT_PDL_ENTRY
-  QT_STAMP(10);
   __shared__ float buf[1024];
   __shared__ float red[32];
   int n = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
@@ -47,7 +45,6 @@ extern "C" __global__ void rope_kv_write(const float* __restrict__ qs, int ldq, 
   long long row = ((long long)(n / T) * Hkv + kvh) * L + p;
   if (kind == 2) {  // V: store only
     kv_store(kv_fmt, vc, vs, row, D, d, x, v_scale);
-    QT_STAMP(11);
     return;
   }
   const float* nw = kind == 0 ? qn : kn;
@@ -62,5 +59,4 @@ extern "C" __global__ void rope_kv_write(const float* __restrict__ qs, int ldq, 
   float y = d < half ? x * c - buf[d + half] * s : x * c + buf[d - half] * s;
   if (kind == 0) q_out[((long long)n * Hq + h) * D + d] = y;
   else kv_store(kv_fmt, kc, ks, row, D, d, y, k_scale);
-  QT_STAMP(11);
 }

@@ -10,7 +10,9 @@ fused kernel where the linear takes an mma path, unless --no-fuse), final norm, 
 sampling, position advance: captured once as a CUDA graph, timed over replays with CUDA events (median of 5
 blocks of 20 tokens). The KV cache is filled with random codes to the context length. Prints per row: tok/s,
 bytes moved per token (weights + KV read), the bandwidth limit (copy bandwidth measured here / bytes), and
-the ratio. Numbers are not checked for correctness here (tests/gpu does that).
+the ratio. Numbers are not checked for correctness here (tests/gpu does that). The decode step runs the
+kernel sequences CudaBackend runs (ops.norm_linear, ops.attention_o, ops.norm_mlp); --pdl-compare adds rows with
+plain launches, --no-fuse rows with every op unfused.
 """
 from __future__ import annotations
 
@@ -18,7 +20,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from qtool.kernels import l2_warm, ops  # noqa: E402
+from qtool.kernels import ops  # noqa: E402
 from qtool.kernels.random_weights import random_linear  # noqa: E402
 from qtool.kernels.weights import KLinear  # noqa: E402
 
@@ -41,8 +42,7 @@ FUSE = True   # rmsnorm and silu_mul fused with the next linear's activation qua
 
 
 def rand_linear(fmt: str, O: int, K: int) -> KLinear:
-    """Random weights of ``fmt`` in the layout CudaBackend would hold (fp8: mma-tiled for gemv_mma_bulk unless
-    QTOOL_BULK=0, see ops.adopt_layout)."""
+    """Random weights of ``fmt`` in the layout CudaBackend holds (fp8: mma-tiled, see ops.adopt_layout)."""
     return ops.adopt_layout(_rand_linear(fmt, O, K))
 
 
@@ -89,49 +89,21 @@ class Decoder:
                                                                             Ly["down"])) + self.head.nbytes()
         self.kv_bytes = kv_tok * ctx
         self.rng = torch.zeros(1, dtype=torch.int64, device=DEV)
-        self.warm = l2_warm.Warmer()   # as CudaBackend: each layer's weights warmed in L2 beside its attention
-
-    def _skip(self, part: str, key, fn):
-        """fn() — unless ``part`` is in QTOOL_BENCH_SKIP (comma list of norm, attn, qkv, o, gu, down): then the
-        first call's result is kept and later calls (the captured graph) launch nothing for it. A diagnostic: the
-        tokens are garbage, the time saved is that part's cost inside the PDL pipeline."""
-        if part not in os.environ.get("QTOOL_BENCH_SKIP", "").split(","):
-            return fn()
-        if key not in self._kept:
-            self._kept[key] = fn()
-        return self._kept[key]
 
     def step(self, ids, pos):
-        if not hasattr(self, "_kept"):
-            self._kept = {}
-        sk = self._skip
         x = ops.embed(ids, self.embed)
         res = None
         qn = self.HQ * self.D
         kn = self.HKV * self.D
         for i, Ly in enumerate(self.layers):
-            a, res, pre = sk("norm", (i, 1), lambda: ops.rmsnorm_quant(x, Ly["n1"], 1e-5, res, Ly["qkv"], keep_out=False) if FUSE else (*ops.rmsnorm(x, Ly["n1"], 1e-5, res), None))
-            qkv = sk("qkv", i, lambda: ops.linear(a, Ly["qkv"], pre=pre))
+            qkv, res = ops.norm_linear(x, Ly["n1"], 1e-5, res, Ly["qkv"], FUSE)
             q = qkv[:, :qn].view(-1, self.HQ, self.D)
             k = qkv[:, qn:qn + kn].view(-1, self.HKV, self.D)
             v = qkv[:, qn + kn:].view(-1, self.HKV, self.D)
-            def attn():   # as CudaBackend: RoPE + the KV write inside attn_partial where rope_fusable
-                if FUSE and ops.rope_fusable(q, 1):
-                    qr, rope = q, (k, v, self.cos, self.sin)
-                else:
-                    qr, rope = ops.rope_and_store(q, k, v, pos, self.cache, i, self.cos, self.sin, 1), None
-                return ops.attention_quant(qr, pos, self.cache, i, 1, Ly["o"], keep_out=False, rope=rope) if FUSE else (ops.attention(qr, pos, self.cache, i, 1), None)
-            if self.warm:
-                self.warm.fork({"o": Ly["o"], "gu": Ly["gu"], "down": Ly["down"]})
-            att, pre = sk("attn", i, attn)
-            x = sk("o", i, lambda: ops.linear(att, Ly["o"], pre=pre))
-            m, res, pre = sk("norm", (i, 2), lambda: ops.rmsnorm_quant(x, Ly["n2"], 1e-5, res, Ly["gu"], keep_out=False) if FUSE else (*ops.rmsnorm(x, Ly["n2"], 1e-5, res), None))
-            act, pre = sk("gu", i, lambda: ops.gate_up_silu(m, Ly["gu"], Ly["down"], pre, fuse=FUSE))
-            x = sk("down", i, lambda: ops.linear(act, Ly["down"], pre=pre))
+            x = ops.attention_o(q, k, v, pos, self.cache, i, self.cos, self.sin, Ly["o"], FUSE)
+            x, res = ops.norm_mlp(x, Ly["n2"], 1e-5, res, Ly["gu"], Ly["down"], FUSE)
         h, _ = ops.rmsnorm(x, self.norm, 1e-5, res)
-        logits = ops.linear(h, self.head)
-        self.warm.join()
-        return logits
+        return ops.linear(h, self.head)
 
 
 def time_graph(fn_next, n_blocks=5, per_block=20):
@@ -301,7 +273,7 @@ def copy_bandwidth():
 
 
 GRIDS = {
-    "one": [("llama3.1-8b", "fp8", "bf16", 512)],   # the acceptance row alone (A/B runs with --variants)
+    "one": [("llama3.1-8b", "fp8", "bf16", 512)],   # the acceptance row alone
     "must": [("llama3.1-8b", f, "bf16", 512) for f in ("fp8", "bf16")],
     "quick": [("llama3.1-8b", f, "bf16", 512) for f in ("fp8", "bf16", "fp8-rowwise", "nvfp4", "w4a16-awq")]
              + [("llama3.1-8b", "fp8", kv, 512) for kv in ("fp8", "nvfp4")]
@@ -313,24 +285,9 @@ GRIDS["full"] = GRIDS["quick"] + [(s, f, kv, c) for s in ("llama3.1-8b", "qwen3-
                                   for c in (512, 8192)]
 
 
-@contextlib.contextmanager
-def _env(name: str, value: str):
-    """Environment variable ``name`` set to ``value`` inside (QTOOL_PDL is read at each launch, QTOOL_BULK when
-    weights are laid out)."""
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = old
-
-
 def _pdl(on: bool):
-    """Programmatic dependent launch on/off inside."""
-    return _env("QTOOL_PDL", "1" if on else "0")
+    """Programmatic dependent launch on (the product's launches) or off (plain launches) inside."""
+    return contextlib.nullcontext() if on else ops.pdl.plain_launches()
 
 
 def graph_time(fn, reps=20):
@@ -397,31 +354,20 @@ def prefill_table(M: int = 512):
             torch.cuda.empty_cache()
 
 
-GEMV_PATHS = {   # format -> the decode GEMV variants timed by --gemv
+GEMV_PATHS = {   # format -> the decode GEMV paths timed by --gemv ("f32": gemv, "mma4": gemv_mma4p, mma-tiled)
     "bf16": ("f32",),
-    # mma4: gemv_mma4 (row-major, 4 rounds of 16-B loads in flight per lane, split-K with an atomic ticket);
-    # mma8 U=8: 8 rounds; mma4 tiled: gemv_mma4p on mma-tiled weights; bulk: gemv_mma_bulk (QTOOL_BULK=1: bulk
-    # copies into shared-memory rings, PER_SM blocks per SM) as planned, with one block per SM, a 2-stage ring,
-    # 3 blocks per SM, and x̂ staged as e4m3 codes (xh=0, the variant for large M x K)
-    "fp8": ("mma4", "mma8 U=8", "mma4 tiled", "bulk", "bulk sm=1", "bulk ns=2", "bulk sm=3", "bulk xh=0"),
-    "fp8-rowwise": ("mma4", "bulk"),
-    "fp8-block": ("mma4", "bulk"),
+    "fp8": ("mma4",),
+    "fp8-rowwise": ("mma4",),
+    "fp8-block": ("mma4",),
 }
 COLD_BYTES = 180e6   # weight copies cycled per timed shape: 3x the 60 MB L2, so every call reads DRAM as in decode
 
 
 def _gemv_call(path: str, kl: KLinear, pre: dict, x: torch.Tensor, y: torch.Tensor):
-    """One launch of ``path`` on ``kl`` (row-major for f32/mma4/mma8, mma-tiled for "mma4 tiled" and bulk)."""
-    from qtool.kernels import fp8_bulk
+    """One launch of ``path`` on ``kl`` (row-major for f32, mma-tiled for mma4)."""
     if path == "f32":
         return ops.linear(x, kl, path="f32")
-    if path.startswith("mma"):
-        U = 8 if path.endswith("U=8") else 4
-        return ops._launch_mma4(pre, kl, y, 1, None, U)          # tiled kl: gemv_mma4p
-    opts = dict(a.split("=") for a in path.split()[1:])
-    return fp8_bulk.launch_bulk(pre, kl, y, 1, stages=int(opts.get("ns", 0)) or None,
-                                xh=int(opts["xh"]) if "xh" in opts else None,
-                                per_sm=int(opts["sm"]) if "sm" in opts else None)
+    return ops._launch_mma4(pre, kl, y, 1)
 
 
 def gemv_table():
@@ -430,25 +376,19 @@ def gemv_table():
     once outside the timed region (in decode it comes fused with the rmsnorm / silu / attention merge)."""
     import itertools
 
-    from qtool.kernels import fp8_bulk
     rows = []
     shapes = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096))
     x = {k: torch.randn(1, k, device=DEV) for k in (4096, 14336)}
     bf = {}
-    bulk = fp8_bulk.supported() and ops._path_ok("bulk")
     for fmt, paths in GEMV_PATHS.items():
         for O, K in shapes:
             first = _rand_linear(fmt, O, K)
             kls = [first] + [_rand_linear(fmt, O, K) for _ in range(max(1, math.ceil(COLD_BYTES / first.nbytes())) - 1)]
-            tiled = [fp8_bulk.to_tiled(k) for k in kls] if fmt.startswith("fp8") else []
+            tiled = [ops.adopt_layout(k) for k in kls] if fmt.startswith("fp8") else []
             pre = ops.act_quant(x[K], first, codes=True) if fmt.startswith("fp8") else None
             y = torch.empty(1, O, device=DEV)
             for path in paths:
-                needs = "bulk" if path.startswith("bulk") else "mma4" if path.startswith("mma") else None
-                if needs and not (bulk if needs == "bulk" else ops._path_ok("mma4")):
-                    rows.append((fmt, path, f"{O}x{K}", None, None, None))
-                    continue
-                it = itertools.cycle(tiled if (path.startswith("bulk") or path.endswith("tiled")) else kls)
+                it = itertools.cycle(tiled if path == "mma4" else kls)
                 t = graph_time(lambda: _gemv_call(path, next(it), pre, x[K], y))
                 gbs = first.nbytes() / t / 1e9
                 if fmt == "bf16":
@@ -459,11 +399,8 @@ def gemv_table():
     print("\n| gemv | path | shape | us | GB/s | bf16 GB/s |")
     print("|---|---|---|---|---|---|")
     for fmt, path, shp, us, gbs, b in rows:
-        if us is None:
-            print(f"| {fmt} | {path} | {shp} | self-check FAILED | | |")
-        else:
-            print(f"| {fmt} | {path} | {shp} | {us:.1f} | {gbs:.0f} | {b:.0f} |" if b else
-                  f"| {fmt} | {path} | {shp} | {us:.1f} | {gbs:.0f} | |", flush=True)
+        print(f"| {fmt} | {path} | {shp} | {us:.1f} | {gbs:.0f} | {b:.0f} |" if b else
+              f"| {fmt} | {path} | {shp} | {us:.1f} | {gbs:.0f} | |", flush=True)
 
 
 def main():
@@ -476,12 +413,7 @@ def main():
     ap.add_argument("--profile", action="store_true",
                     help="only the per-kernel profile of the Llama-3.1-8B FP8 decode step, with and without PDL")
     ap.add_argument("--pdl-compare", action="store_true",
-                    help="also time the Llama-3.1-8B fp8 and bf16 rows with plain launches (QTOOL_PDL=0)")
-    ap.add_argument("--bulk-compare", action="store_true",
-                    help="also time the Llama-3.1-8B fp8 row with mma-tiled weights and gemv_mma_bulk (QTOOL_BULK=1)")
-    ap.add_argument("--variants", default="",
-                    help="also time the Llama-3.1-8B fp8 ctx-512 row (name@weights/kv/ctx: that row) under environment "
-                         "overrides: 'name:VAR=V+VAR=V,name2@fp8/fp8/8192:VAR=V' (e.g. 'no-silu:QTOOL_SILU_FUSED=0')")
+                    help="also time the Llama-3.1-8B fp8 and bf16 rows with plain launches (no PDL)")
     ap.add_argument("--no-fuse", action="store_true",
                     help="unfused rmsnorm / silu_mul / attention combine + act_quant (for comparison)")
     args = ap.parse_args()
@@ -529,31 +461,6 @@ def main():
             r.update(engine="qtool (no PDL)", shape=cfg[0], fmt=cfg[1], kv=cfg[2], ctx=cfg[3])
             rows.append(r)
             _print(r, bw)
-    if args.bulk_compare:
-        cfg = ("llama3.1-8b", "fp8", "bf16", 512)
-        try:
-            with _env("QTOOL_BULK", "1"):
-                r = bench_qtool(*cfg)
-            r.update(engine="qtool (gemv_mma_bulk)", shape=cfg[0], fmt=cfg[1], kv=cfg[2], ctx=cfg[3])
-            rows.append(r)
-            _print(r, bw)
-        except Exception as exc:
-            print(f"FAILED gemv_mma_bulk {cfg}: {type(exc).__name__}: {exc}", flush=True)
-    for spec in filter(None, args.variants.split(",")):
-        name, _, sets = spec.partition(":")
-        name, _, row = name.partition("@")     # name@weights/kv/ctx: another Llama-3.1-8B row
-        w_, kv_, ctx_ = row.split("/") if row else ("fp8", "bf16", "512")
-        cfg = ("llama3.1-8b", w_, kv_, int(ctx_))
-        try:
-            with contextlib.ExitStack() as stack:
-                for kv in filter(None, sets.split("+")):
-                    stack.enter_context(_env(*kv.split("=", 1)))
-                r = bench_qtool(*cfg)
-            r.update(engine=f"qtool ({name})", shape=cfg[0], fmt=cfg[1], kv=cfg[2], ctx=cfg[3])
-            rows.append(r)
-            _print(r, bw)
-        except Exception as exc:
-            print(f"FAILED variant {spec}: {type(exc).__name__}: {exc}", flush=True)
     for spec in filter(None, args.peer.split(",")):
         shape, ctx = spec.split(":")
         try:

@@ -85,22 +85,22 @@ def test_mma_tile_fp8_layout():
 
 
 def test_mma_untile_and_tiled_interleave():
-    """fp8_bulk.mma_untile_fp8 inverts mma_tile_fp8 (odd O: padding rows dropped), and interleave_gate_up of an
+    """weights.mma_untile_fp8 inverts mma_tile_fp8 (odd O: padding rows dropped), and interleave_gate_up of an
     mma-tiled gate|up layer is the tiling of the row-major interleave (weights, per-row scales, bias)."""
     from dataclasses import replace
-    from qtool.kernels import fp8_bulk, ops
+    from qtool.kernels import ops, weights
     from qtool.kernels.weights import KLinear
     g = torch.Generator().manual_seed(5)
     for O, K in ((37, 192), (64, 128)):
         w = torch.randint(0, 256, (O, K), generator=g, dtype=torch.uint8)
-        assert torch.equal(fp8_bulk.mma_untile_fp8(fp8_bulk.mma_tile_fp8(w), O, K), w)
+        assert torch.equal(weights.mma_untile_fp8(weights.mma_tile_fp8(w), O, K), w)
     I, K = 24, 128
     kl = KLinear(1, 2 * I, K, torch.randint(0, 256, (2 * I, K), generator=g, dtype=torch.uint8),
                  sc=torch.rand(2 * I, generator=g), sbo=1, sbi=K, act=1, bias=torch.randn(2 * I, generator=g),
                  in_scale=torch.ones(1))
     plain = ops.interleave_gate_up(kl)
-    tiled = ops.interleave_gate_up(replace(kl, w=fp8_bulk.mma_tile_fp8(kl.w), tiled=True))
+    tiled = ops.interleave_gate_up(replace(kl, w=weights.mma_tile_fp8(kl.w), tiled=True))
     assert tiled.tiled and tiled.il == plain.il == I
-    assert torch.equal(tiled.w, fp8_bulk.mma_tile_fp8(plain.w))
+    assert torch.equal(tiled.w, weights.mma_tile_fp8(plain.w))
     assert torch.equal(tiled.sc, plain.sc) and torch.equal(tiled.bias, plain.bias)
     assert not torch.equal(plain.w, kl.w)     # the interleave moved rows

@@ -43,7 +43,7 @@ def test_compiles(src, tmp_path):
         assert out.stat().st_size > 0
         entries |= set(re.findall(r"Compiling entry function '(\w+)'", r.stderr + r.stdout))
         # no kernel may spill registers to local memory (a silent slowdown on every launch), except the f32 / f16
-        # fallback GEMVs known to spill a few words with nvcc 13.0 (gemv<4, 1>, gemv_h<F, 4|8>: docs/cuda-notes.md)
+        # fallback GEMVs known to spill a few words with nvcc 13.0 (gemv<4, 1>, gemv_h<F, 4|8>: docs/dev/cuda-notes.md)
         spills = re.findall(r"Function properties for (\w+)\n\s+\d+ bytes stack frame, (\d+) bytes spill stores",
                             r.stderr + r.stdout)
         bad = [(f, n) for f, n in spills if int(n) > (32 if f.startswith(("_Z4gemvI", "_Z6gemv_hI")) else 0)]

@@ -5,8 +5,7 @@ plain name or a ``loader.TEMPLATES`` instantiation) with ``smem`` bytes of dynam
 programmatic dependent launch where available (pdl.py; the kernels wait for their predecessor in-kernel), else
 through CuPy on a cached view of torch's stream. Arguments are numpy scalars: ``ptr(tensor)`` (np.uint64, null
 for None), ``i32``, ``i64``, ``f32``. ``allow_smem(file, name, nbytes)`` raises a kernel's dynamic shared-memory limit
-(needed above 48 KB) once per kernel. ``plain=True`` launches without the PDL attribute (a kernel that has no
-``pdl_wait`` and must depend fully on its predecessors: l2_prefetch on a graph branch).
+(needed above 48 KB) once per kernel.
 """
 from __future__ import annotations
 
@@ -24,9 +23,9 @@ def ptr(t: torch.Tensor | None) -> np.uint64:
     return np.uint64(0 if t is None else t.data_ptr())
 
 
-def launch(file: str, name: str, grid, block, args, smem: int = 0, plain: bool = False) -> None:
+def launch(file: str, name: str, grid, block, args, smem: int = 0) -> None:
     fn = loader.function(file, name)
-    if not plain and pdl.available():
+    if pdl.available():
         try:
             pdl.launch(fn, grid, block, torch.cuda.current_stream().cuda_stream, args, smem)
             return

@@ -28,7 +28,6 @@ _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
 TEMPLATES = {
     "linear": [f"gemv<{f}, {m}>" for f in range(5) for m in (1, 2, 4, 8)] + [f"gemm<{f}>" for f in range(6)]
               + [f"gemv_h<{f}, {m}>" for f in range(1, 5) for m in (1, 2, 4, 8)]
-              + [f"gemv_mma_bulk<{x}>" for x in (0, 1)]
               + [f"gemm_tc<{f}, 0>" for f in range(6)] + [f"gemm_tc<{f}, 1>" for f in (1, 5)],
     "attention": [f"attn_partial<{d}, {pu}, {gm}, {kf}>" for d, pu, gm in ((64, 8, 4), (64, 8, 8), (128, 8, 4),
                                                                           (128, 8, 8), (256, 4, 8))
@@ -71,13 +70,8 @@ def _compile_error(name: str, exc: Exception) -> Failure:
                    hint="this is a bug in qtool's kernels; please report it with the GPU model")
 
 
-def _options() -> tuple:
-    """OPTIONS plus QTOOL_NVRTC_DEFINES (space-separated -D flags for experiments, e.g. -DQT_PROBE)."""
-    return OPTIONS + tuple(os.environ.get("QTOOL_NVRTC_DEFINES", "").split())
-
-
 def module(name: str):
-    return _module(name, _options())
+    return _module(name, OPTIONS)
 
 
 @functools.lru_cache(maxsize=None)
@@ -142,10 +136,6 @@ def _cached_module(name: str, src: str, options: tuple, exprs: tuple) -> _Cached
     return _Cached(mod, json.loads(mapf.read_text()))
 
 
-def function(name: str, expr: str):
-    return _function(name, expr, _options())
-
-
 @functools.lru_cache(maxsize=None)
-def _function(name: str, expr: str, options: tuple):
-    return _module(name, options).get_function(expr)
+def function(name: str, expr: str):
+    return module(name).get_function(expr)

@@ -4,21 +4,35 @@ matching kernel of kernels_cuda/ on torch's current stream (so CUDA-graph captur
 Contract: inputs are float32 contiguous unless stated; pointers are passed as 64-bit integers (null = 0);
 every function returns its output tensor(s). Shapes and layouts are those of each kernel's header comment.
 One allocator: all memory comes from torch (CuPy allocates nothing).
+
+The kernel plan: what runs is chosen by format, shape and GPU properties only (no environment switches; the
+measurements behind each choice are in docs/dev/gpu-results.md and docs/dev/cuda-notes.md, the variants that lost
+are in git history):
+- decode linears (M <= 8): fp8 x fp8 on gemv_mma4p over mma-tiled weights (``adopt_layout``), the K split over the
+  warps of one block sized to one resident wave (``_mma4_split``); an fp8 gate|up with a static down-projection
+  input scale interleaved for gemv_mma4ps (silu * mul + the down projection's quantization in its epilogue,
+  ``silu_fusable``); weight-only and fp4-activation recipes on gemv_h; the rest on gemv (f32);
+- prefill and batched-decode linears (M > 8; bf16 from 2 rows): cuBLAS through torch where ``gemm.applies``
+  (gemm.py), else gemm_tc where ``_tc_ok``, else the f32 gemm;
+- decode: rmsnorm, silu * mul and the attention merge write the next linear's quantized input (``*_quant``);
+- decode attention: RoPE + KV write inside attn_partial (``rope_fusable``), GM = 4 heads unrolled where G <= 4,
+  splits of 16/32 positions up to 1024 (64 up to 4096, then 128) merged by attn_combine_heads where the o
+  projection's quantization is local to a head, else by attn_combine over several blocks per row;
+- every launch with programmatic dependent launch on sm_90+ (pdl.py).
+The fused sequences the backend runs are ``norm_linear``, ``attention_o`` and ``norm_mlp``.
 """
 from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import replace
 
 import torch
 
 from qtool.formats import registry
-from qtool.kernels import fp8_bulk, gemm, loader, pdl  # noqa: F401 - pdl: ops.pdl for callers
-from qtool.kernels.fp8_bulk import mma_tile_fp8, to_tiled  # noqa: F401 - re-exported
+from qtool.kernels import gemm, loader, pdl  # noqa: F401 - pdl: ops.pdl for callers
 from qtool.kernels.launch import f32, i32, launch, ptr
-from qtool.kernels.weights import KLinear
+from qtool.kernels.weights import KLinear, mma_tile_fp8, mma_untile_fp8, to_tiled
 
 KV_CODES = registry.kv_format_codes()
 
@@ -95,13 +109,10 @@ def act_quant(x: torch.Tensor, kl: KLinear, half: bool = False, codes: bool = Fa
     return res
 
 
-# decode paths, each checked once per process against the f32 path before first use (see _path_ok);
-# "bulk" (gemv_mma_bulk, fp8_bulk.py) runs on mma-tiled weights (adopt_layout), "mma4" (gemv_mma4: deeper loads,
-# reduce folded in) on row-major ones, with "mma" (gemv_mma + reduce) as its fallback
-PATHS = ("bulk", "mma4", "mma", "half", "tc")
-MMA_PATHS = ("bulk", "mma4", "mma")
-ROW_MAJOR_PATHS = ("mma", "half", "f32")   # mma4 reads either layout (tiled: gemv_mma4p)
-_PATH_STATE: dict[str, bool] = {}
+# decode paths: "mma4" (gemv_mma4p, fp8 x fp8 on mma-tiled weights), "half" (gemv_h), "f32" (gemv); prefill:
+# "tc" (gemm_tc), "gemm" (f32 tiled gemm)
+PATHS = ("mma4", "half", "f32", "tc", "gemm")
+MMA4_MAX_SLICES = 16        # K slices of one gemv_mma4p block: its launch bound (512 threads) / 32
 
 
 def _fp8_codes_ok(kl: KLinear) -> bool:
@@ -141,48 +152,31 @@ def _half_ok(kl: KLinear, M: int) -> bool:
 
 
 def adopt_layout(kl: KLinear) -> KLinear:
-    """``kl`` with its fp8 weights in the mma-tiled order when its decode GEMV is to be gemv_mma_bulk (QTOOL_BULK=1
-    on sm_90+, fp8 activations, self-check passed) or gemv_mma4p (tiled_decode()); else ``kl`` unchanged
-    (row-major: gemv_mma4)."""
+    """``kl`` with its fp8 weights in the mma-tiled order when its decode GEMV is gemv_mma4p (fp8 activations
+    given as e4m3 codes, K % 64 == 0, per-tensor / per-row / 128-block scales); else ``kl`` unchanged."""
     if kl.fmt != 1 or kl.tiled or not _mma_ok(kl, 1):
         return kl
-    if ((kl.in_features <= fp8_bulk.MAX_K and fp8_bulk.enabled() and _path_ok("bulk"))
-            or (tiled_decode() and _path_ok("mma4"))):
-        return fp8_bulk.to_tiled(kl)
-    return kl
-
-
-def tiled_decode() -> bool:
-    """fp8 decode GEMVs on mma-tiled weights (gemv_mma4p / gemv_mma4ps: each warp's 16-B loads of a round are
-    512 contiguous bytes) instead of row-major ones (the default); QTOOL_TILED=0 keeps row-major (gemv_mma4 /
-    gemv_mma4s)."""
-    return os.environ.get("QTOOL_TILED", "1") != "0"   # run 42: +4.9 % (335.7 / 335.1 vs 319.7 / 319.3 tok/s)
+    return to_tiled(kl)
 
 
 def decode_path(kl: KLinear, M: int) -> str:
-    """The path ``linear`` takes for M rows by default ("blas": cuBLAS through torch, gemm.py, for M > 8)."""
+    """The path ``linear`` takes for M rows ("blas": cuBLAS through torch, gemm.py, for M > 8; row-major fp8
+    weights that could be tiled take the f32 GEMV)."""
     if gemm.applies(kl, M):
         return "blas"
-    if kl.tiled:
-        if _mma_ok(kl, M) and fp8_bulk.enabled() and fp8_bulk.plan(M, kl.in_features, per_sm=1) is not None:
-            return "bulk"
-        if _mma_ok(kl, M) and _path_ok("mma4"):
-            return "mma4"                 # gemv_mma4p
-    elif _mma_ok(kl, M):
-        for p in MMA_PATHS[1:]:
-            if _path_ok(p):
-                return p
-    elif _half_ok(kl, M) and _path_ok("half"):
+    if kl.tiled and _mma_ok(kl, M):
+        return "mma4"
+    if not kl.tiled and _half_ok(kl, M):
         return "half"
     if M <= 8 and kl.gemv_ok:
         return "f32"
-    return "tc" if _tc_ok(kl) and _path_ok("tc") else "gemm"
+    return "tc" if _tc_ok(kl) else "gemm"
 
 
 def _quant_outputs(kl: KLinear, M: int, K: int, path: str, dev) -> dict:
     """Empty buffers for the quantized forms of x that ``path`` reads (see act_quant)."""
     res = {}
-    if path in MMA_PATHS:
+    if path == "mma4":
         res["xq"] = torch.empty(M, K, dtype=torch.uint8, device=dev)
         res["xs"] = torch.empty(M, (K + 127) // 128 if kl.act == 3 else 1, dtype=torch.float32, device=dev)
     elif path == "half":
@@ -212,7 +206,7 @@ def rmsnorm_quant(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.
     x = x.contiguous()
     M, H = x.shape
     path = decode_path(kl, M)
-    if path not in (*MMA_PATHS, "half") or H % 16 or H > 16 * 1024 or kl.perm is not None:
+    if path not in ("mma4", "half") or H % 16 or H > 16 * 1024 or kl.perm is not None:
         y, r = rmsnorm(x, w, eps, residual)
         return y, r, None
     y = torch.empty_like(x)
@@ -227,15 +221,14 @@ def rmsnorm_quant(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.
 
 def silu_mul_quant(gu: torch.Tensor, kl: KLinear, keep_out: bool = True):
     """silu_mul (as ``silu_mul``) fused with the activation quantization of the linear ``kl`` that reads it (the
-    down projection), when that linear takes an mma decode path (fp8 activations): returns (out, pre) as
+    down projection), when that linear takes the mma4 decode path (fp8 activations): returns (out, pre) as
     rmsnorm_quant, pre None when nothing was fused (then out comes from plain silu_mul); keep_out as
     rmsnorm_quant."""
     gu = gu.contiguous()
     M, I2 = gu.shape
     I = I2 // 2
     path = decode_path(kl, M)
-    if (path not in MMA_PATHS or I % 16 or I > 16 * 1024 or kl.perm is not None
-            or not _path_ok("silu_quant")):
+    if path != "mma4" or I % 16 or I > 16 * 1024 or kl.perm is not None:
         return silu_mul(gu), None
     out = torch.empty(M, I, dtype=torch.float32, device=gu.device)
     pre = _quant_outputs(kl, M, I, path, gu.device)
@@ -253,30 +246,29 @@ def _launch_silu_quant(gu, out, kl, pre, path, M, I) -> None:
 # ---------------------------------------------------------------- gate|up + silu fused into the GEMV epilogue
 def silu_fusable(kl, down) -> bool:
     """Whether the gate|up linear ``kl`` may hold its rows interleaved (interleave_gate_up) so that its decode
-    GEMV (gemv_mma4s) also applies silu * mul and the down projection's fp8 input quantization: row-major fp8
-    with a per-tensor or per-row weight scale on the mma4 path, a down projection ``down`` reading fp8 codes with
-    a static per-tensor input scale (scheme 1), out = 2 * in_features(down), in_features(down) % 8 == 0;
-    QTOOL_SILU_FUSED=0 turns it off; the "silu_fused" self-check must pass."""
-    if not (isinstance(kl, KLinear) and isinstance(down, KLinear)) or os.environ.get("QTOOL_SILU_FUSED", "1") == "0":
+    GEMV (gemv_mma4ps) also applies silu * mul and the down projection's fp8 input quantization: fp8 with a
+    per-tensor or per-row weight scale on the mma4 path, a down projection ``down`` on the mma4 path reading fp8
+    codes with a static per-tensor input scale (scheme 1), out = 2 * in_features(down), in_features(down) % 8 == 0."""
+    if not (isinstance(kl, KLinear) and isinstance(down, KLinear)):
         return False
     O = kl.out_features
     return (kl.fmt == 1 and kl.perm is None and kl.il == 0 and down.perm is None
             and O % 16 == 0 and down.in_features * 2 == O and (kl.sbo == 1 or kl.sbo >= O)
             and down.act == 1 and down.in_scale is not None and decode_path(kl, 1) == "mma4"
-            and decode_path(down, 1) in MMA_PATHS and _path_ok("silu_fused"))
+            and decode_path(down, 1) == "mma4")
 
 
 def interleave_gate_up(kl: KLinear) -> KLinear:
     """``kl`` (rows [gate | up], O = 2I) with its rows interleaved in groups of 8: row 16j + i = gate row 8j + i,
     row 16j + 8 + i = up row 8j + i (weights, per-row scales, bias); ``il`` = I. Its outputs come back in that
-    order (deinterleave) unless gemv_mma4s / gemv_mma4ps consume them. Mma-tiled weights stay tiled."""
+    order (deinterleave) unless gemv_mma4ps consumes them. Mma-tiled weights stay tiled."""
     O = kl.out_features
     idx = torch.arange(O, device=kl.w.device).view(2, O // 16, 8).transpose(0, 1).reshape(-1)
     sc = kl.sc.reshape(O, -1)[idx].reshape(kl.sc.shape).contiguous() if kl.sbo == 1 else kl.sc
     bias = kl.bias[idx].contiguous() if kl.bias is not None else None
-    w = fp8_bulk.mma_untile_fp8(kl.w, O, kl.in_features) if kl.tiled else kl.w
+    w = mma_untile_fp8(kl.w, O, kl.in_features) if kl.tiled else kl.w
     w = w.index_select(0, idx).contiguous()
-    return replace(kl, w=mma_tile_fp8(w) if kl.tiled else w, sc=sc, bias=bias, il=O // 2)
+    return replace(kl, w=mma_tile_fp8(w) if kl.tiled else w, sc=sc, bias=bias, il=O // 2, rm=None)
 
 
 def deinterleave(y: torch.Tensor, I: int) -> torch.Tensor:
@@ -287,11 +279,11 @@ def deinterleave(y: torch.Tensor, I: int) -> torch.Tensor:
 
 def gate_up_silu(x: torch.Tensor, kl: KLinear, down: KLinear | None, pre: dict | None = None, fuse: bool = True):
     """silu(gate) * up of the gate|up linear ``kl`` on x, ready for the down projection ``down``: (act, pre_down)
-    to pass as ``linear(act, down, pre=pre_down)``. Decode on an interleaved kl (kl.il): one gemv_mma4s launch
+    to pass as ``linear(act, down, pre=pre_down)``. Decode on an interleaved kl (kl.il): one gemv_mma4ps launch
     writes pre_down's fp8 codes and act is allocated but not written; otherwise linear (+ deinterleave), then
     silu_mul_quant (fuse and down reads fp8 codes: act not written either) or silu_mul (pre_down None)."""
     M = x.shape[0]
-    if kl.il and fuse and down is not None and M <= 8 and decode_path(kl, M) == "mma4" and _counters(x.device) is not None:
+    if kl.il and fuse and down is not None and M <= 8 and decode_path(kl, M) == "mma4":
         x = x.to(torch.float32).contiguous()
         q = pre if pre is not None else act_quant(x, kl, codes=True)
         dpath = decode_path(down, M)
@@ -309,10 +301,10 @@ def gate_up_silu(x: torch.Tensor, kl: KLinear, down: KLinear | None, pre: dict |
 
 def linear(x: torch.Tensor, kl: KLinear, force_gemm: bool = False, force_f32: bool = False,
            path: str | None = None, pre: dict | None = None) -> torch.Tensor:
-    """y = x̂ W^T + b. M <= 8: gemv_mma_bulk (mma-tiled fp8) / gemv_mma4 / gemv_mma (fp8 x fp8 tensor cores),
-    gemv_h (f16 pair math) or gemv (f32); else gemm_tc (tensor cores, "tc") or the f32 tiled gemm. ``path``
-    forces 'bulk' / 'mma4' / 'mma' / 'half' / 'f32' / 'tc' / 'gemm' (tests; 'f32' on mma-tiled weights is the
-    gemm, mma4 / mma / half need row-major weights)."""
+    """y = x̂ W^T + b. M <= 8: gemv_mma4p (fp8 x fp8 tensor cores on mma-tiled weights), gemv_h (f16 pair math)
+    or gemv (f32); else gemm_tc (tensor cores, "tc") or the f32 tiled gemm. ``path`` forces 'mma4' / 'half' /
+    'f32' / 'tc' / 'gemm' (tests; 'f32' on mma-tiled weights is the gemm, mma4 needs mma-tiled weights, half
+    row-major ones)."""
     x = x.to(torch.float32).contiguous()
     if kl.perm is not None:
         x = x.index_select(1, kl.perm)
@@ -328,34 +320,16 @@ def linear(x: torch.Tensor, kl: KLinear, force_gemm: bool = False, force_f32: bo
         path = decode_path(kl, M)
     if path == "blas":
         return gemm.linear(x, kl)
-    if kl.tiled and path in ROW_MAJOR_PATHS:
+    if kl.tiled and path in ("half", "f32"):
         if path != "f32":
             raise ValueError(f"path {path!r} reads row-major weights; this layer's fp8 weights are mma-tiled")
         path = "gemm"                    # the f32 reference of tiled weights
-    if path == "bulk":
-        q = pre if pre is not None else act_quant(x, kl, codes=True)
-        fp8_bulk.launch_bulk(q, kl, y, M)
-        return y
     if path == "tc":
         _launch_tc(x, kl, y, M)
         return y
-    if path == "mma4" and _counters(x.device) is None:
-        path = "mma"                     # no ticket counters yet and capturing a graph: the v3 kernel
     if path == "mma4":
         q = pre if pre is not None else act_quant(x, kl, codes=True)
-        U = 8 if not kl.tiled and _shape_knob("QTOOL_MMA8", kl) is not None else 4
-        S = _shape_knob("QTOOL_MMA4_S", kl)
-        _launch_mma4(q, kl, y, M, int(S) if S else None, U)
-        return y
-    if path == "mma":
-        q = pre if pre is not None else act_quant(x, kl, codes=True)
-        S, kslice = _mma_split(O, K)
-        part = torch.empty(S, M, O, dtype=torch.float32, device=x.device)
-        launch("linear", "gemv_mma", (math.ceil(O / 64), S), (128,),
-               (ptr(q["xq"]), ptr(q["xs"]), i32(1 if kl.act == 3 else 0), ptr(kl.w), ptr(kl.sc), ptr(part), i32(M),
-                i32(O), i32(K), i32(kl.sld), i32(kl.sbo), i32(kl.sbi_log2), i32(kslice)))
-        launch("linear", "gemv_mma_reduce", (math.ceil(O / 256), M), (256,),
-               (ptr(part), i32(S), ptr(kl.bias), ptr(y), i32(O), i32(M), i32(O)))
+        _launch_mma4(q, kl, y, M)
         return y
     if path == "half":
         fp4c = kl.act in (4, 5)
@@ -392,83 +366,26 @@ def _launch_tc(x: torch.Tensor, kl: KLinear, y: torch.Tensor, M: int) -> None:
                     i32(O), i32(K), i32(kl.sld), i32(kl.sbo), i32(kl.sbi)))
 
 
-def _mma_split(O: int, K: int) -> tuple[int, int]:
-    """K slices for gemv_mma: enough warps (O/16 per slice) to fill the GPU; slices are multiples of 128."""
-    warps = max(1, math.ceil(O / 16))
-    S = max(1, min(math.ceil(2048 / warps), math.ceil(K / 128)))
-    kslice = math.ceil(math.ceil(K / S) / 128) * 128
-    return math.ceil(K / kslice), kslice
-
-
-def _launch_mma4(q: dict, kl: KLinear, y: torch.Tensor, M: int, S: int | None = None, U: int = 4,
-                 tiled: torch.Tensor | None = None, silu: tuple | None = None, inb: bool | None = None) -> None:
-    """gemv_mma4 (U = 4; U = 8: gemv_mma8, the benchmark's experiment; ``tiled`` = mma_tile_fp8(kl.w), or kl
-    itself mma-tiled: gemv_mma4p) into y [M, O] (S K slices; default from _mma4_split). ``silu`` = (down, pre):
-    kl's rows are gate|up interleaved (kl.il), and gemv_mma4s writes silu(gate) * up quantized for the down
-    projection into pre's xq / xs instead of y. inb (default: unless QTOOL_MMA4_INB=0): the S K slices of a
-    16-row tile are the warps of one block, summed through shared memory (same bits as the ticket of one-warp
-    blocks, which inb=False launches; default once the "inb" self-check passed); S = 1 and S above the block's
-    limit take the one-warp grid."""
+def _launch_mma4(q: dict, kl: KLinear, y: torch.Tensor, M: int, S: int | None = None,
+                 silu: tuple | None = None) -> None:
+    """gemv_mma4p on the mma-tiled kl into y [M, O]: one block of S warps (K slices; default _mma4_split, at most
+    MMA4_MAX_SLICES) per 16-row tile, the slices summed through shared memory in a fixed order. ``silu`` =
+    (down, pre): kl's rows are gate|up interleaved (kl.il), and gemv_mma4ps writes silu(gate) * up quantized for
+    the down projection into pre's xq / xs instead of y."""
+    if not kl.tiled:
+        raise ValueError("gemv_mma4p reads mma-tiled weights (adopt_layout)")
     O, K = kl.out_features, kl.in_features
-    if kl.tiled:
-        if U != 4:
-            raise ValueError("gemv_mma8 reads row-major weights")
-        tiled = kl.w
-    name = f"gemv_mma{U}" + ("p" if tiled is not None else "") + ("s" if silu is not None else "")
-    if inb is None:
-        inb = os.environ.get("QTOOL_MMA4_INB", "1") != "0" and _path_ok("inb")
-    if S is None:
-        S, kslice = (_inb_split if inb else _mma4_split)(O, K, U, name)
-    else:
-        S, kslice = _kslices(K, S, 64 * U)
-    inb = inb and 1 < S <= _inb_max(U)
-    cnt = _counters(y.device)
-    rows = 16 * MMA4_WARPS
-    if math.ceil(O / rows) > cnt.numel():
-        raise ValueError(f"gemv_mma4 supports at most {cnt.numel() * rows} output features")
-    part = torch.empty(S, M, O, dtype=torch.float32, device=y.device) if S > 1 and not inb else None
+    name = "gemv_mma4ps" if silu is not None else "gemv_mma4p"
+    S, kslice = _mma4_split(O, K, name) if S is None else _kslices(K, min(S, MMA4_MAX_SLICES), 256)
     if silu is None:
         tail = (i32(0), ptr(None), ptr(None), ptr(None), ptr(None))
     else:
         down, pre = silu
         tail = (i32(kl.il), ptr(down.in_scale), ptr(down.pqs), ptr(pre["xq"]), ptr(pre["xs"]))
-    grid, block = ((math.ceil(O / 16), 1), (32 * S,)) if inb else ((math.ceil(O / rows), S), (32 * MMA4_WARPS,))
-    launch("linear", name, grid, block,
-           (ptr(q["xq"]), ptr(q["xs"]), i32(1 if kl.act == 3 else 0), ptr(kl.w if tiled is None else tiled),
-            ptr(kl.sc), ptr(kl.bias), ptr(part),
-            ptr(cnt), ptr(y), i32(O), i32(M), i32(O), i32(K), i32(kl.sld), i32(kl.sbo), i32(kl.sbi_log2),
-            i32(kslice)) + tail + (i32(int(inb)),), smem=512 * S if inb else 0)
-
-
-def _inb_max(U: int) -> int:
-    """Most K slices one in-block gemv_mma launch takes: the kernels' launch bound / 32 (gemv_mma8: 128)."""
-    return 16 if U == 4 else 4
-
-
-def _inb_split(O: int, K: int, U: int = 4, name: str | None = None) -> tuple[int, int]:
-    """K slices for the in-block gemv_mma4 (one block of S warps per 16-row tile): _mma4_split's count, lowered
-    until every block is resident at once (blocks of S warps per SM x SMs >= tiles: one wave) and S fits a block."""
-    S, _ = _mma4_split(O, K, U, name)
-    name = name or f"gemv_mma{U}"
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    warps_per_sm = _resident_blocks(name) // sms * MMA4_WARPS   # _resident_blocks counts MMA4_WARPS-warp blocks
-    tiles = math.ceil(O / 16)
-    while S > 1 and (S > _inb_max(U) or tiles > sms * (warps_per_sm // S)):
-        S -= 1
-    return _kslices(K, S, 64 * U)
-
-
-def _shape_knob(env: str, kl: KLinear) -> str | None:
-    """Experiment knobs keyed by GEMV shape: ``env`` = comma (or slash) list of ``OxK`` or ``OxK:value`` (QTOOL_MMA8=6144x4096:
-    gemv_mma8 for that shape; QTOOL_MMA4_S=4096x4096:8: that many K slices); the value ("" without one) or None."""
-    spec = os.environ.get(env)
-    if not spec:
-        return None
-    for item in spec.replace("/", ",").split(","):
-        shape, _, val = item.partition(":")
-        if shape == f"{kl.out_features}x{kl.in_features}":
-            return val
-    return None
+    launch("linear", name, (math.ceil(O / 16),), (32 * S,),
+           (ptr(q["xq"]), ptr(q["xs"]), i32(1 if kl.act == 3 else 0), ptr(kl.w), ptr(kl.sc), ptr(kl.bias), ptr(y),
+            i32(O), i32(M), i32(O), i32(K), i32(kl.sld), i32(kl.sbo), i32(kl.sbi_log2), i32(kslice)) + tail,
+           smem=512 * S if S > 1 else 0)
 
 
 def _kslices(K: int, S: int, gran: int) -> tuple[int, int]:
@@ -477,73 +394,33 @@ def _kslices(K: int, S: int, gran: int) -> tuple[int, int]:
     return math.ceil(K / kslice), kslice
 
 
-def _mma4_split(O: int, K: int, U: int = 4, name: str | None = None) -> tuple[int, int]:
-    """K slices for gemv_mma4: about 2560 warps of 16 rows (~20 resident per SM at 90 registers on 132 SMs,
-    4 KB of weight loads in flight each), but never more blocks than fit at once (one wave): run 4 measured a
-    second, partial wave costing more than the extra warps gain (28672x4096: S=2, 1.36 waves, 3124 GB/s; S=1,
-    0.68 wave, 3545 GB/s). Slices are multiples of 256 (one k step). gemv_mma8 (158 registers, ~12 warps per
-    SM, 8 KB each): about 1536 warps, slices multiples of 512."""
-    warps = max(1, math.ceil(O / 16))
-    step = 64 * U
-    target = 2560 if U == 4 else 1536
-    S = max(1, min(math.ceil(target / warps), math.ceil(K / step)))
-    tiles = math.ceil(O / (16 * MMA4_WARPS))
-    S = max(1, min(S, _resident_blocks(name or f"gemv_mma{U}") // tiles))
-    return _kslices(K, S, step)
+def _mma4_split(O: int, K: int, name: str = "gemv_mma4p") -> tuple[int, int]:
+    """(S, kslice) for gemv_mma4p: about 2560 warps of 16 rows (~20 resident per SM at 90 registers on 132 SMs,
+    4 KB of weight loads in flight each), then lowered until S fits a block (MMA4_MAX_SLICES) and every block is
+    resident at once (one wave: run 4 measured a second, partial wave costing more than the extra warps gain,
+    28672x4096: 3124 GB/s with 1.36 waves, 3545 GB/s with 0.68). Slices are multiples of 256 (one k step)."""
+    tiles = max(1, math.ceil(O / 16))
+    S = max(1, min(math.ceil(2560 / tiles), math.ceil(K / 256)))
+    S, _ = _kslices(K, max(1, min(S, _resident_warps(name) // tiles)), 256)
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    per_sm = _resident_warps(name) // sms
+    while S > 1 and (S > MMA4_MAX_SLICES or tiles > sms * (per_sm // S)):
+        S -= 1
+    return _kslices(K, S, 256)
 
 
 @functools.lru_cache(maxsize=None)
-def _resident_blocks(name: str) -> int:
-    """Blocks of the gemv_mma kernel ``name`` (MMA4_WARPS warps) resident at once on the current GPU: registers
-    per SM / registers per block (the compiled kernel's count, ~96 for gemv_mma4, ~160 for gemv_mma8, rounded
-    to the 256-register warp allocation unit), at most 32 blocks and 64 warps per SM, x SMs."""
+def _resident_warps(name: str) -> int:
+    """Warps of the kernel ``name`` resident at once on the current GPU: registers per SM / registers per warp
+    (the compiled kernel's count, ~96 for gemv_mma4p, rounded to the 256-register allocation unit), at most 32
+    per SM, x SMs."""
     try:
         regs = int(loader.function("linear", name).num_regs)
     except Exception:  # noqa: BLE001 - an attribute CuPy lacks: the nvcc -Xptxas -v counts
-        regs = 160 if name == "gemv_mma8" else 100
+        regs = 100
     per_warp = math.ceil(regs * 32 / 256) * 256
-    per_sm = min(65536 // (MMA4_WARPS * per_warp), 32, 64 // MMA4_WARPS)
+    per_sm = min(65536 // per_warp, 32)
     return per_sm * torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-
-
-# warps per gemv_mma4 block: 1 (run 5 used 4: 448 blocks for 28672 rows left some SMs with 4 blocks, others 3)
-MMA4_WARPS = 1
-
-# ticket counters of gemv_mma4, one u32 per block (16 * MMA4_WARPS rows), zero between launches (the last block resets its own)
-_COUNTERS: dict = {}
-
-
-def _counters(dev) -> torch.Tensor | None:
-    """The device's counter buffer, allocated (zeroed) on first use outside graph capture; None while
-    capturing before it exists."""
-    idx = torch.device(dev).index
-    if idx is None:
-        idx = torch.cuda.current_device()
-    c = _COUNTERS.get(idx)
-    if c is None:
-        if torch.cuda.is_current_stream_capturing():
-            return None
-        c = _COUNTERS[idx] = torch.zeros(1 << 16, dtype=torch.int32, device=torch.device("cuda", idx))
-    return c
-
-
-def _path_ok(name: str) -> bool:
-    """Run the fast path once on random data against the f32 path; a mismatch disables it for this process
-    (a safety net: the GPU tests check each path directly)."""
-    ok = _PATH_STATE.get(name)
-    if ok is None:
-        if torch.cuda.is_current_stream_capturing():
-            return False
-        _PATH_STATE[name] = False       # while checking, nested calls take the f32 path
-        try:
-            from qtool.kernels import self_checks
-            ok = self_checks.run(name)
-        except Exception as exc:  # noqa: BLE001
-            import warnings
-            warnings.warn(f"qtool CUDA: fast path {name!r} failed its self-check ({exc}); disabled (next path)")
-            ok = False
-        _PATH_STATE[name] = ok
-    return ok
 
 
 # ---------------------------------------------------------------- rope + KV cache + attention
@@ -571,8 +448,6 @@ class KVCache:
         # 262; with attn_combine (per-token activation scales) 16 positions is slower than 32 (288 vs 293)
         short = 16 if _head_local(o_proj, decode_path(o_proj, batch) if o_proj is not None else "f32", d) else 32
         self.chunk = short if max_len <= 1024 else 64 if max_len <= 4096 else 128
-        if os.environ.get("QTOOL_ATTN_CHUNK"):          # experiment knob: 16..128 positions per split
-            self.chunk = min(128, max(16, int(os.environ["QTOOL_ATTN_CHUNK"])))
         self.splits = math.ceil(max_len / self.chunk)
 
     def nbytes(self) -> int:
@@ -602,18 +477,18 @@ ATTN_PU = {64: 8, 128: 8, 256: 4}   # positions in flight per warp of attn_parti
 
 def _attn_gm(D: int, G: int) -> int:
     """GM, the query heads per KV head attn_partial unrolls: 4 where G <= 4 and PU * 4 >= 32 (the warp
-    transpose-reduce needs 32 values), else 8; QTOOL_ATTN_GM=8 forces 8 (the v9 kernel, for A/B timing)."""
-    if G <= 4 and ATTN_PU[D] * 4 >= 32 and os.environ.get("QTOOL_ATTN_GM") != "8":
+    transpose-reduce needs 32 values; half the registers and FMAs of 8), else 8 (G = 5..8, or D = 256)."""
+    if G <= 4 and ATTN_PU[D] * 4 >= 32:
         return 4
     return 8
 
 
 def _attn_partial(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, layer: int, T: int,
-                  rope: tuple | None = None):
+                  rope: tuple | None = None, early: bool = True):
     """attn_partial over every split: (part f32 [N, Hq, S, D], ml f32 [N, Hq, S, 2]). q [N, Hq, D] rotated, or with
     rope = (k, v, cos, sin) (decode, T = 1: rope_fusable) the unrotated q, k, v (row views with unit element
     stride), rotated and written into the cache by the kernel itself; then pos, the first K / V rows and the RoPE
-    factors are read before the PDL wait unless QTOOL_ATTN_EARLY=0 (attention.cu's ``early``)."""
+    factors are read before the PDL wait (attention.cu's ``early``; early=False: after it, for tests)."""
     N, Hq, D = q.shape
     Hkv = cache.hkv
     if Hq % Hkv or Hq // Hkv > 8 or D not in ATTN_PU:
@@ -634,7 +509,7 @@ def _attn_partial(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, laye
         k, v, cos, sin = rope
         k2, v2 = _rows(k), _rows(v)
         # early loads before the PDL wait: only if no copy kernel (the predecessor) produced pos
-        early = pos.data_ptr() == positions.data_ptr() and os.environ.get("QTOOL_ATTN_EARLY", "1") != "0"
+        early = early and pos.data_ptr() == positions.data_ptr()
         tail = (ptr(k2), i32(k2.stride(0)), ptr(v2), i32(v2.stride(0)), ptr(cos), ptr(sin), i32(int(early)))
     launch("attention", f"attn_partial<{D}, {ATTN_PU[D]}, {_attn_gm(D, Hq // Hkv)}, {cache.code}>", (N * Hkv, S), (128,),
            (ptr(q2), i32(q2.stride(0)), ptr(pos), i32(T), ptr(kc), ptr(ks), ptr(vc), ptr(vs), i32(cache.code),
@@ -654,9 +529,8 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 def rope_fusable(q: torch.Tensor, T: int) -> bool:
     """Whether decode attention may do RoPE and the KV write itself (attn_partial with cos): one token per row,
-    head dims the kernel has, unless QTOOL_ROPE_FUSED=0, and the "rope_fused" self-check passed."""
-    return (T == 1 and q.shape[-1] in ATTN_PU and os.environ.get("QTOOL_ROPE_FUSED", "1") != "0"
-            and _path_ok("rope_fused"))
+    head dims the kernel has (run 24: +2 %)."""
+    return T == 1 and q.shape[-1] in ATTN_PU
 
 
 def attention(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, layer: int, T: int,
@@ -678,8 +552,7 @@ def attention_quant(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, la
     N, Hq, D = q.shape
     HD = Hq * D
     path = decode_path(kl, N)
-    if (path not in (*MMA_PATHS, "half") or HD % 16 or D % 16 or HD > 16 * 1024 or kl.perm is not None
-            or not _path_ok("attn_quant")):
+    if path not in ("mma4", "half") or HD % 16 or D % 16 or HD > 16 * 1024 or kl.perm is not None:
         return attention(q, positions, cache, layer, T, rope), None
     part, ml = _attn_partial(q, positions, cache, layer, T, rope)
     out = torch.empty(N, HD, dtype=torch.float32, device=q.device)
@@ -689,33 +562,30 @@ def attention_quant(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, la
     return out, pre
 
 
-def _launch_combine(part, ml, out, S, D, kl, pre, path, N, HD, split: bool | None = None,
+def _launch_combine(part, ml, out, S, D, kl, pre, path, N, HD, split: bool = True,
                     heads: bool | None = None) -> None:
     """Merge + normalise the splits into out [N, HD] (may be None), and with kl the quantized forms in pre.
     heads: attn_combine_heads (parallel over splits, one block per head; default where the quantization is
-    local to a head and the "combine_heads" self-check passed, unless QTOOL_COMBINE=rows); else attn_combine with
-    split: rows over several blocks where the scheme allows (default: once the "merge_split" self-check passed)."""
+    local to a head); else attn_combine with split: rows over several blocks where the scheme allows (split=False:
+    one block per row, the tests' reference grid)."""
     if HD % 16 or HD > 16 * 1024:
         raise ValueError(f"attention merge supports rows of at most 16384 elements (got {HD})")
     if heads is None:
-        heads = (_head_local(kl, path, D) and os.environ.get("QTOOL_COMBINE", "heads") != "rows"
-                 and _path_ok("combine_heads"))
+        heads = _head_local(kl, path, D)
     if heads:
         launch("attention", "attn_combine_heads", (N, HD // D), (128,),
                (ptr(part), ptr(ml), ptr(out), i32(S), i32(D), i32(HD)) + _quant_args(kl, pre, path))
         return
-    if split is None:
-        split = _path_ok("merge_split")
     launch("attention", "attn_combine", *(_row_grid(N, HD, kl, path) if split else ((N,), (_threads(HD),))),
            (ptr(part), ptr(ml), ptr(out), i32(S), i32(D), i32(HD)) + _quant_args(kl, pre, path))
 
 
 def _head_local(kl: KLinear | None, path: str, D: int) -> bool:
     """Whether the o projection's input quantization of kl (None: none) is local to one head of D elements
-    (attn_combine_heads): none, per-tensor static, or per-128-group fp8 with D % 128 == 0, on an mma path."""
+    (attn_combine_heads): none, per-tensor static, or per-128-group fp8 with D % 128 == 0, on the mma4 path."""
     if D not in ATTN_PU:
         return False
-    return kl is None or (path in MMA_PATHS and (kl.act == 1 or (kl.act == 3 and D % 128 == 0)))
+    return kl is None or (path == "mma4" and (kl.act == 1 or (kl.act == 3 and D % 128 == 0)))
 
 
 def _row_grid(M: int, n: int, kl: KLinear | None, path: str, per_block: int = 512) -> tuple[tuple, tuple]:
@@ -723,10 +593,52 @@ def _row_grid(M: int, n: int, kl: KLinear | None, path: str, per_block: int = 51
     scales are local to 16..128 elements (no quantization, per-tensor static or per-128-group fp8) spread over
     blocks of per_block elements, so a row is not pulled through one SM (attn_combine: S splits x n x 4 B; run 6
     measured 9.3 us for one block); other schemes need the whole row in one block (row-wide amax)."""
-    local = kl is None or (path in MMA_PATHS and kl.act in (1, 3))
+    local = kl is None or (path == "mma4" and kl.act in (1, 3))
     if local:
         return (M, math.ceil(n / per_block)), (per_block // 16,)
     return (M,), (_threads(n),)
+
+
+# ---------------------------------------------------------------- the fused sequences of a decoder layer
+def norm_linear(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tensor | None, kl: KLinear,
+                fuse: bool = True):
+    """linear(rmsnorm(x + residual) * w, kl) and the new residual. Decode (M <= 8, fuse): the rmsnorm kernel writes
+    kl's quantized input (rmsnorm_quant), which the linear reads."""
+    if fuse and x.shape[0] <= 8:
+        y, res, pre = rmsnorm_quant(x, w, eps, residual, kl, keep_out=False)
+        return linear(y, kl, pre=pre), res
+    y, res = rmsnorm(x, w, eps, residual)
+    return linear(y, kl), res
+
+
+def norm_mlp(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tensor | None, gu: KLinear,
+             down: KLinear, fuse: bool = True):
+    """down(silu(gate) * up) of rmsnorm(x + residual) * w through the gate|up linear gu, and the new residual;
+    fused as norm_linear and gate_up_silu (an interleaved gu: one gemv_mma4ps launch for gate|up + silu + down's
+    input quantization)."""
+    pre = None
+    if fuse and x.shape[0] <= 8:
+        m, res, pre = rmsnorm_quant(x, w, eps, residual, gu, keep_out=False)
+    else:
+        m, res = rmsnorm(x, w, eps, residual)
+    act, pre_d = gate_up_silu(m, gu, down, pre, fuse)
+    return linear(act, down, pre=pre_d), res
+
+
+def attention_o(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                layer: int, cos: torch.Tensor, sin: torch.Tensor, o: KLinear, fuse: bool = True) -> torch.Tensor:
+    """o(attention(RoPE(q) over the cache after RoPE(k), v are stored at positions)): q [N, Hq, d], k / v
+    [N, Hkv, d] unrotated (row views allowed), positions [B, T]. Decode (fuse): attn_partial rotates and stores
+    itself (rope_fusable), and for M <= 8 the split merge writes o's quantized input (attention_quant)."""
+    T = positions.shape[1]
+    if fuse and rope_fusable(q, T):
+        qr, rope = q, (k, v, cos, sin)
+    else:
+        qr, rope = rope_and_store(q, k, v, positions, cache, layer, cos, sin, T), None
+    if fuse and q.shape[0] <= 8:
+        out, pre = attention_quant(qr, positions, cache, layer, T, o, keep_out=False, rope=rope)
+        return linear(out, o, pre=pre)
+    return linear(attention(qr, positions, cache, layer, T, rope), o)
 
 
 # ---------------------------------------------------------------- sampling

@@ -5,13 +5,14 @@ CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, so the kernel may be sche
 the stream is still running; every qtool kernel calls ``pdl_wait()`` (kernels_cuda/common.cuh) before touching
 data of earlier kernels, so results are those of plain launches. Stream capture turns the attribute into a
 programmatic edge of the CUDA graph. ``available()`` is False (and callers launch through CuPy) below sm_90,
-when ``QTOOL_PDL=0``, or when the driver lacks the entry point; a failing launch raises ``RuntimeError``.
+inside ``plain_launches()`` (tests and the benchmark compare against plain launches), or when the driver lacks
+the entry point; a failing launch raises ``RuntimeError``.
 Arguments are numpy scalars as CuPy takes them (np.uint64 pointers, np.int32, np.int64, np.float32).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
-import os
 
 import numpy as np
 
@@ -52,8 +53,8 @@ def _entry():
 
 
 def available() -> bool:
-    """PDL launches are possible here and not switched off (QTOOL_PDL=0)."""
-    if os.environ.get("QTOOL_PDL", "1") == "0":
+    """PDL launches are possible here and not switched off (plain_launches, or after a failed launch)."""
+    if _STATE.get("plain"):
         return False
     ok = _STATE.get("ok")
     if ok is None:
@@ -61,6 +62,17 @@ def available() -> bool:
         ok = (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9 and _entry() is not None)
         _STATE["ok"] = ok
     return ok
+
+
+@contextlib.contextmanager
+def plain_launches():
+    """Launch without the PDL attribute inside (a comparison for tests and bench/, not a product setting)."""
+    old = _STATE.get("plain", False)
+    _STATE["plain"] = True
+    try:
+        yield
+    finally:
+        _STATE["plain"] = old
 
 
 def disable() -> None:

@@ -1,4 +1,4 @@
-"""Random linear layers directly in the kernels' layouts (KLinear), for self-checks and the decode benchmark.
+"""Random linear layers directly in the kernels' layouts (KLinear), for the GPU tests and the decode benchmark.
 
 Contract: ``random_linear(fmt, O, K, g=None, device="cuda", bias=False)`` for fmt in RECIPES: codes drawn
 uniformly (fp8 without NaN codes, all 16 fp4 / int4 nibbles), scales of a plausible size, the activation

@@ -6,11 +6,11 @@ all as a scale grid), nvfp4, mxfp4, int4 (ModelOpt AWQ, GPTQ and AutoAWQ all as 
 with per-group f32 scale and zero; GPTQ act-order ``g_idx`` becomes an input permutation). Codes are moved
 bit-exactly, so the decoded weight equals ``lw.dequantize()`` (up to the bf16 cast of non-bf16 dense weights).
 ``gemv_ok`` says whether the 16-byte-vector decode path applies (else the general tiled kernel runs); fp8
-weights may later be put in the mma-tiled order (``tiled``, see qtool/kernels/fp8_bulk.py).
+weights on the fp8 x fp8 decode path are put in the mma-tiled order (``to_tiled``; ``ops.adopt_layout`` decides).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -41,7 +41,7 @@ class KLinear:
     pqs: torch.Tensor | None = None
     perm: torch.Tensor | None = None
     note: str = ""
-    tiled: bool = False          # fp8 codes in fp8_bulk.mma_tile_fp8's order instead of row-major [O, K]
+    tiled: bool = False          # fp8 codes in mma_tile_fp8's order instead of row-major [O, K]
     il: int = 0                  # > 0: gate|up rows interleaved in groups of 8, il = I (ops.interleave_gate_up)
     rm: torch.Tensor | None = None   # tiled fp8: a row-major copy of the codes for the cuBLAS GEMMs (gemm.py)
 
@@ -177,3 +177,28 @@ def prepare_linear(lw, device) -> KLinear:
     if lw.note:
         kl.note = (kl.note + "; " if kl.note else "") + lw.note
     return kl
+
+
+def mma_tile_fp8(w: torch.Tensor) -> torch.Tensor:
+    """fp8 codes [O, K] (K % 64 == 0) in the mma-tiled order of linear.cu (gemv_mma4p, gemm<5>, gemm_tc<5, .>):
+    rows padded to 16 with zeros, then [O/16, K/64, 2 (rows 0-7 | 8-15), 8 rows, 4 chunks of 16 k, 16 bytes]."""
+    O, K = w.shape
+    if K % 64:
+        raise ValueError(f"mma tiling needs K % 64 == 0 (got {K})")
+    Op = -(-O // 16) * 16
+    if Op != O:
+        w = torch.cat([w, w.new_zeros(Op - O, K)])
+    return w.view(Op // 16, 2, 8, K // 64, 4, 16).permute(0, 3, 1, 2, 4, 5).contiguous()
+
+
+def mma_untile_fp8(wt: torch.Tensor, O: int, K: int) -> torch.Tensor:
+    """The inverse of mma_tile_fp8: row-major codes [O, K] (padding rows dropped)."""
+    Op = -(-O // 16) * 16
+    return wt.reshape(Op // 16, K // 64, 2, 8, 4, 16).permute(0, 2, 3, 1, 4, 5).reshape(Op, K)[:O]
+
+
+def to_tiled(kl: KLinear) -> KLinear:
+    """kl with mma-tiled weights (no row-major copy is kept: prefill reads the same bytes through gemm<5>). Lay
+    weights out at load time only: gemv_mma4p prefetches them before it waits for the previous kernel
+    (programmatic dependent launch), so they must not be written right before it."""
+    return replace(kl, w=mma_tile_fp8(kl.w), tiled=True)

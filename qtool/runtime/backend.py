@@ -14,6 +14,12 @@ overwritten before any later query can see it).
 CUDA-graph rules (for the decode step, T = 1): no method may synchronise with the host or branch
 in Python on tensor values; everything that varies per step (ids, positions) is a tensor.
 
+Fusion is part of the protocol: the model code calls the fused methods `rmsnorm_linear`,
+`attention_with_rope_store` and `rmsnorm_mlp` (each defined as a composition of the plain ops, which
+is how the reference implements them, bit for bit); a backend runs each as one kernel sequence
+(the CUDA backend: rmsnorm writing the next linear's quantized input, RoPE + KV write inside the
+attention kernel, the attention merge quantizing for the o projection, gate|up + silu in one GEMV).
+
 Methods beyond the list in the brief (all have trivial implementations in the reference):
 `synchronize()` (wait for queued work, for timing), `peak_memory_bytes()` (for the stats line),
 `wrap_decode(step)` (a backend may return a CUDA-graph-captured replacement of the decode
@@ -78,6 +84,19 @@ class Backend(Protocol):
         """Causal GQA of q [N,Hq,d] over the (quantized) K/V in the cache, query at position p
         seeing slots 0..p of its row; scale 1/sqrt(d); returns [N, Hq*d]."""
 
+    def rmsnorm_linear(self, x: Tensor, weight: Tensor, eps: float, residual: Tensor | None,
+                       lw: LinearWeights) -> tuple[Tensor, Tensor]:
+        """(linear(rmsnorm(x, weight, eps, residual)[0], lw), rmsnorm(...)[1])."""
+
+    def attention_with_rope_store(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, cache: object,
+                                  layer: int, o: LinearWeights) -> Tensor:
+        """linear(attention(rope_and_store(q, k, v, positions, cache, layer), cache, layer, positions), o)."""
+
+    def rmsnorm_mlp(self, x: Tensor, weight: Tensor, eps: float, residual: Tensor | None,
+                    gate_up: LinearWeights, down: LinearWeights) -> tuple[Tensor, Tensor]:
+        """(linear(silu_mul(linear(m, gate_up)), down), residual) with m, residual = rmsnorm(x, weight, eps,
+        residual)."""
+
     def final_logits(self, x: Tensor) -> Tensor:
         """Final RMSNorm + lm_head of the given rows x [M, H] → float32 logits [M, V]."""
 
@@ -101,7 +120,8 @@ class Backend(Protocol):
 def check_backend(obj) -> None:
     """Raise TypeError naming the missing members if `obj` does not implement Backend."""
     missing = [m for m in ("name", "device", "act_dtype", "prepare", "new_cache", "embed", "rmsnorm", "linear",
-                           "silu_mul", "head_rmsnorm", "rope_and_store", "attention", "final_logits", "sample",
+                           "silu_mul", "head_rmsnorm", "rope_and_store", "attention", "rmsnorm_linear",
+                           "attention_with_rope_store", "rmsnorm_mlp", "final_logits", "sample",
                            "synchronize", "peak_memory_bytes", "wrap_decode", "cache_nbytes")
                if not hasattr(obj, m)]
     if missing:

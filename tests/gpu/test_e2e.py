@@ -108,21 +108,6 @@ def test_recipes(tiny_models, family, fmt, act, kv):
     _check(mw, kv)
 
 
-@pytest.mark.parametrize("layout", ["bulk", "mma4p"])
-@pytest.mark.parametrize("fmt,act,kv", [r for r in RECIPES if r[0].startswith("fp8")])
-def test_fp8_recipes_tiled(tiny_models, monkeypatch, fmt, act, kv, layout):
-    """The fp8 recipes with mma-tiled weights (QTOOL_BULK=1: gemv_mma_bulk decode; QTOOL_TILED=1: gemv_mma4p /
-    gemv_mma4ps decode; gemm_tc<5, 1> prefill); test_recipes runs the default layout."""
-    from qtool.kernels import fp8_bulk
-    from qtool.runtime.loader import load_model_weights
-    if layout == "bulk" and not fp8_bulk.supported():
-        pytest.skip("gemv_mma_bulk needs sm_90+")
-    monkeypatch.setenv("QTOOL_BULK", "1" if layout == "bulk" else "0")
-    monkeypatch.setenv("QTOOL_TILED", "1" if layout == "mma4p" else "0")
-    mw = _requant(load_model_weights(str(tiny_models("llama3")), progress=False), fmt, act, kv)
-    _check(mw, kv)
-
-
 @pytest.mark.parametrize("packer", ["pack_gptq", "pack_autoawq", "pack_deepseek_fp8"])
 def test_packed_checkpoints(tiny_models, tmp_path, packer):
     import packers
@@ -137,13 +122,12 @@ def test_graph_replay_equals_eager(tiny_models):
     from qtool.runtime.backends.cuda import CudaBackend
     from qtool.runtime.loader import load_model_weights
     from qtool.runtime.model import Model
-    from qtool.kernels import fp8_bulk
     from qtool.kernels.weights import KLinear
     mw = _requant(load_model_weights(str(tiny_models("qwen3")), progress=False), "fp8", "fp8", "fp8")
     be = CudaBackend()
     m = Model(mw, be)
-    if fp8_bulk.enabled():      # the decode step below replays gemv_mma_bulk on mma-tiled weights
-        assert any(kl.tiled for kl in be._lin.values() if isinstance(kl, KLinear))
+    # the decode step below replays gemv_mma4p on mma-tiled weights
+    assert any(kl.tiled for kl in be._lin.values() if isinstance(kl, KLinear))
     prompt = torch.randint(0, mw.config.vocab_size, (1, 9)).cuda()
     outs = []
     for graphed in (False, True):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_kernels import CASES, DEV, _lw, _ref, poison, rel
+from qtool.kernels.weights import to_tiled
 
 pytestmark = pytest.mark.gpu
 
@@ -28,7 +29,7 @@ def _tol(kl) -> float:
 @pytest.mark.parametrize("fmt,act", CASES)
 @pytest.mark.parametrize("m,o,k", [(9, 256, 512), (37, 200, 768), (130, 384, 256)])
 def test_blas_linear_vs_reference(fmt, act, m, o, k):
-    from qtool.kernels import fp8_bulk, gemm, ops
+    from qtool.kernels import gemm, ops
     from qtool.kernels.weights import prepare_linear
     g = torch.Generator().manual_seed(m * 5 + o + k + len(fmt) * 3 + len(act))
     lw = _lw(fmt, torch.randn(o, k, generator=g) * 0.05, act, g)
@@ -37,8 +38,8 @@ def test_blas_linear_vs_reference(fmt, act, m, o, k):
     kl = prepare_linear(lw, DEV)
     layouts = [kl]
     if kl.fmt == 1 and k % 64 == 0:
-        kt = fp8_bulk.to_tiled(kl)
-        kr = fp8_bulk.to_tiled(kl)
+        kt = to_tiled(kl)
+        kr = to_tiled(kl)
         gemm.keep_row_major([kr])
         layouts += [kt, kr]
     for layer in layouts:
@@ -72,13 +73,13 @@ def test_dequant_is_reference_decode_in_bf16(fmt, act):
     """dequant_bf16 == the reference decode (LinearWeights.dequantize, float32) rounded to bf16, except a last-bit
     difference where the float32 value lies on a bf16 rounding boundary (nvfp4 multiplies its two scales in
     linear.cu's order)."""
-    from qtool.kernels import fp8_bulk, gemm
+    from qtool.kernels import gemm
     from qtool.kernels.weights import prepare_linear
     g = torch.Generator().manual_seed(len(fmt) * 31 + len(act))
     lw = _lw(fmt, torch.randn(208, 512, generator=g) * 0.05, act, g)
     want = lw.dequantize().float().to(torch.bfloat16)
     kl = prepare_linear(lw, DEV)
-    for layer in [kl] + ([fp8_bulk.to_tiled(kl)] if kl.fmt == 1 else []):
+    for layer in [kl] + ([to_tiled(kl)] if kl.fmt == 1 else []):
         poison()
         got = gemm.dequant(layer).cpu()
         diff = (got.float() - want.float()).abs()
@@ -87,11 +88,11 @@ def test_dequant_is_reference_decode_in_bf16(fmt, act):
 
 
 def test_untile_fp8_bit_exact():
-    from qtool.kernels import fp8_bulk, gemm
+    from qtool.kernels import gemm
     from qtool.kernels.random_weights import random_linear
     for O, K in ((208, 640), (4096, 1024)):
         kl = random_linear("fp8", O, K, device=DEV)
-        assert torch.equal(gemm.row_major(fp8_bulk.to_tiled(kl)), kl.w)
+        assert torch.equal(gemm.row_major(to_tiled(kl)), kl.w)
 
 
 @pytest.mark.parametrize("fmt,act", [("fp8", "fp8"), ("bf16", "none"), ("nvfp4", "nvfp4"), ("int4-awq", "none")])

@@ -193,7 +193,7 @@ def test_linear_vs_reference(fmt, act, m, o, k):
     poison()
     y = ops.linear(x.to(DEV), kl)
     assert rel(y, ref) < 5e-3, f"{fmt}/{act} default path: rel {rel(y, ref):.2e}"
-    kt = _layouts(kl)[-1]            # mma-tiled fp8 on sm_90 (gemv_mma_bulk, gemm<5>, gemm_tc<5, 1>)
+    kt = _layouts(kl)[-1]            # mma-tiled fp8 (gemv_mma4p, gemm<5>, gemm_tc<5, 1>)
     if kt.tiled:
         for path in ("f32", None):
             poison()
@@ -203,29 +203,25 @@ def test_linear_vs_reference(fmt, act, m, o, k):
 
 
 def _paths(kl, m):
-    """Every path that applies, with its bound: f32 paths (gemv, gemm), gemm_tc and gemv_mma (exact fp8 products
-    or split bf16 operands, f32 sums) ~1e-6; gemv_h with exact fp4 codes likewise; gemv_h on weight-only recipes rounds x̂ to f16 and sums
-    8 terms in f16, ~1e-3, inside numerics.md's 1e-2 per-kernel budget."""
+    """Every path that applies to row-major kl, with its bound: f32 paths (gemv, gemm) and gemm_tc (exact fp8
+    products or split bf16 operands, f32 sums) ~1e-6; gemv_h with exact fp4 codes likewise; gemv_h on weight-only
+    recipes rounds x̂ to f16 and sums 8 terms in f16, ~1e-3, inside numerics.md's 1e-2 per-kernel budget (the
+    fp8 x fp8 decode GEMV reads mma-tiled weights: test_linear_vs_reference checks it on _layouts)."""
     from qtool.kernels import ops
     out = [("gemm", 1e-4)]
     if ops._tc_ok(kl):                 # tensor cores: exact fp8 products or split bf16 operands, f32 sums
         out.append(("tc", 1e-4))
     if m <= 8 and kl.gemv_ok:
         out.append(("f32", 1e-4))
-    if ops._mma_ok(kl, m):
-        out += [("mma", 1e-4), ("mma4", 1e-4)]
     if ops._half_ok(kl, m):
         out.append(("half", 1e-4 if kl.act in (4, 5) else 5e-3))
     return out
 
 
 def _layouts(kl):
-    """kl as prepared (row-major), then mma-tiled where gemv_mma_bulk can take it (fp8 on sm_90; CudaBackend's
-    layout with QTOOL_BULK=1)."""
-    from qtool.kernels import fp8_bulk, ops
-    if fp8_bulk.supported() and ops._mma_ok(kl, 1):
-        return [kl, fp8_bulk.to_tiled(kl)]
-    return [kl]
+    """[kl in CudaBackend's layout]: mma-tiled where its decode GEMV is gemv_mma4p (ops.adopt_layout)."""
+    from qtool.kernels import ops
+    return [ops.adopt_layout(kl)]
 
 
 @pytest.mark.parametrize("fmt,act", [("fp8-rowwise", "fp8-token"), ("fp8-block", "fp8-block"), ("fp8", "fp8")])
@@ -241,7 +237,7 @@ def test_silu_mul_fused_quant(fmt, act, m, i):
     for kl in _layouts(prepare_linear(lw, DEV)):
         poison()
         out, pre = ops.silu_mul_quant(gu.to(DEV), kl)
-        assert pre is not None and pre["path"] in ("bulk", "mma4", "mma")
+        assert pre is not None and pre["path"] == "mma4"
         gd, ud = gu[:, :i].double(), gu[:, i:].double()
         assert rel(out, gd * torch.sigmoid(gd) * ud) < 1e-6
         assert torch.equal(out, ops.silu_mul(gu.to(DEV)))
@@ -251,64 +247,27 @@ def test_silu_mul_fused_quant(fmt, act, m, i):
 
 
 @pytest.mark.parametrize("fmt,act", [("fp8-rowwise", "fp8-token"), ("fp8-block", "fp8-block"), ("fp8", "fp8")])
-@pytest.mark.parametrize("m,o,k", [(1, 1000, 4096), (3, 200, 640), (8, 96, 14336)])
-def test_mma4_splits_and_ticket(fmt, act, m, o, k):
-    """gemv_mma4 (and the benchmark's gemv_mma8) at forced K-slice counts (S = 1 writes y directly; S > 1 folds
-    the reduce into the last block by an atomic ticket; S > 1 in-block: the slices as the warps of one block, the same bits):
-    float64 reference, bit-identical repeats (counters reset, fixed summation order),
-    and a CUDA-graph replay equal to the eager launch."""
+@pytest.mark.parametrize("m,o,k", [(1, 1000, 4096), (3, 200, 640), (8, 96, 14336), (1, 28672, 4096), (5, 72, 384),
+                                   (2, 1000, 1088)])
+def test_mma4_splits(fmt, act, m, o, k):
+    """gemv_mma4p (mma-tiled weights) at forced K-slice counts (S = 1 writes y directly; S > 1: the slices are the
+    warps of one block, summed through shared memory in a fixed order) and the default split: float64
+    reference, every output written (NaN-poisoned), bit-identical repeats, a CUDA-graph replay equal to the eager
+    launch; and the tiled prefill GEMM (gemm<5>) bit-identical to the row-major one (gemm<1>)."""
     from qtool.kernels import ops
     kl, x, ref, q = _fp8_case(fmt, act, m, o, k, m * 11 + o + k + len(fmt))
-    for U, S in [(4, s) for s in (1, 2, 3, 7)] + [(8, 3), (8, None), (4, None)]:   # gemv_mma8 (bench) too
+    kt = ops.adopt_layout(kl)
+    assert kt.tiled and ops.decode_path(kt, m) == "mma4"
+    for S in (1, 2, 3, 7, 16, None):
         outs = []
         for _ in range(2):
             y = torch.full((m, o), float("nan"), device=DEV)
-            ops._launch_mma4(q, kl, y, m, S, U)
+            ops._launch_mma4(q, kt, y, m, S)
             outs.append(y)
-        assert rel(outs[0], ref) < 1e-4, f"U={U} S={S}: rel {rel(outs[0], ref):.2e}"
-        assert torch.equal(outs[0], outs[1]), f"U={U} S={S}: repeat differs"
-    tiled = ops.mma_tile_fp8(kl.w)   # gemv_mma4p (bench experiment): same sums in the same order
-    for S in (1, 3, None):
-        y0, y1 = (torch.full((m, o), float("nan"), device=DEV) for _ in range(2))
-        ops._launch_mma4(q, kl, y0, m, S)
-        ops._launch_mma4(q, kl, y1, m, S, 4, tiled)
-        assert torch.equal(y0, y1), f"tiled S={S}: differs from gemv_mma4"
-    for S in (2, 3, 7, 16):          # in-block K slices (v11) == the one-warp-block ticket, bit for bit
-        y0, y1 = (torch.full((m, o), float("nan"), device=DEV) for _ in range(2))
-        ops._launch_mma4(q, kl, y0, m, S, inb=True)
-        ops._launch_mma4(q, kl, y1, m, S, inb=False)
-        assert torch.equal(y0, y1), f"in-block S={S}: differs from the ticket launch"
-        assert rel(y0, ref) < 1e-4
-    assert int(ops._counters(torch.device(DEV)).abs().sum()) == 0
-    assert_replays_equal(lambda y: ops._launch_mma4(q, kl, y, m, 16, inb=True), y0)   # y0: the S = 16 launch
-    assert_replays_equal(lambda y: ops._launch_mma4(q, kl, y, m), outs[0])
-
-
-@pytest.mark.parametrize("fmt,act", [("fp8-rowwise", "fp8-token"), ("fp8-block", "fp8-block"), ("fp8", "fp8")])
-@pytest.mark.parametrize("m,o,k", [(1, 4096, 4096), (1, 28672, 4096), (3, 200, 640), (8, 96, 14336),
-                                   (2, 1000, 1088), (5, 72, 384), (1, 4096, 14336)])
-def test_bulk_gemv(fmt, act, m, o, k):
-    """gemv_mma_bulk (mma-tiled weights streamed by bulk copies through shared-memory rings, fp8_bulk.PER_SM
-    blocks per SM) against float64: both x̂ staging variants where they fit, rings of 2 / 4 / 16 stages (slot reuse, phase
-    parity), odd O (padded tile), K % 128 == 64 (half unit); every output written (NaN-poisoned), bit-identical
-    repeats (fixed summation order), a CUDA-graph replay equal to the eager launch, and the tiled prefill GEMM
-    (gemm<5>) bit-identical to the row-major one (gemm<1>)."""
-    from qtool.kernels import fp8_bulk, ops
-    if not fp8_bulk.supported():
-        pytest.skip("gemv_mma_bulk needs sm_90+")
-    kl, x, ref, q = _fp8_case(fmt, act, m, o, k, m * 5 + o + k + len(fmt))
-    kt = fp8_bulk.to_tiled(kl)
-    runs = [(None, None), (None, None)] + [(st, xh) for xh in (0, 1) for st in (2, 4, 16)
-                                           if fp8_bulk.plan(m, k, st, xh) is not None]
-    outs = {}
-    for st, xh in runs:
-        y = torch.full((m, o), float("nan"), device=DEV)
-        fp8_bulk.launch_bulk(q, kt, y, m, st, xh)
-        assert rel(y, ref) < 1e-4, f"stages={st} xh={xh}: rel {rel(y, ref):.2e}"
-        outs.setdefault((st, xh), []).append(y)
-    a, b = outs[(None, None)]
-    assert torch.equal(a, b), "repeat differs"
-    assert_replays_equal(lambda y: fp8_bulk.launch_bulk(q, kt, y, m), a)
+        assert rel(outs[0], ref) < 1e-4, f"S={S}: rel {rel(outs[0], ref):.2e}"
+        assert torch.equal(outs[0], outs[1]), f"S={S}: repeat differs"
+    assert_replays_equal(lambda y: ops._launch_mma4(q, kt, y, m), outs[0])
+    assert torch.equal(ops.linear(x.to(DEV), kt, pre=q), outs[0])
     xg = torch.randn(11, k, device=DEV)
     assert torch.equal(ops.linear(xg, kt, path="gemm"), ops.linear(xg, kl, path="gemm"))
 
@@ -327,7 +286,7 @@ def test_rmsnorm_fused_quant(fmt, act, m, h):
     for kl in _layouts(prepare_linear(lw, DEV)):
         poison()
         y, res, pre = ops.rmsnorm_quant(x.to(DEV), w.to(DEV), 1e-6, r.to(DEV), kl)
-        assert pre is not None and pre["path"] in ("bulk", "mma4", "mma", "half")
+        assert pre is not None and pre["path"] in ("mma4", "half")
         hd = x.double() + r.double()
         yref = hd * torch.rsqrt(hd.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
         assert rel(y, yref) < 1e-5 and rel(res, hd) < 1e-6
@@ -359,7 +318,7 @@ def test_attention_fused_quant(fmt, act, kv, d, hq, hkv):
     for kl in _layouts(prepare_linear(lw, DEV)):
         poison()
         out, pre = ops.attention_quant(q, pos, cache, 0, 1, kl)
-        assert pre is not None and pre["path"] in ("bulk", "mma4", "mma", "half")
+        assert pre is not None and pre["path"] in ("mma4", "half")
         plain = ops.attention(q, pos, cache, 0, 1)       # attn_combine_heads; quantized: heads where local
         assert torch.equal(out, plain) if ops._head_local(kl, pre["path"], d) else rel(out, plain) < 1e-5
         y = ops.linear(out, kl, pre=pre)
@@ -371,8 +330,8 @@ def test_attention_fused_quant(fmt, act, kv, d, hq, hkv):
 def test_merge_split_equals_one_block(hq, hkv, d, n):
     """attn_combine spread over blocks of 512 elements (schemes 0, 1, 3; the grid used when attn_combine_heads is
     off) gives one block's bits, incl. a partial last block (9 x 64 = 576) and several rows."""
-    from qtool.kernels import self_checks
-    assert self_checks.merge_split(torch.Generator(device=DEV).manual_seed(hq + d + n), DEV, hq, hkv, d, n)
+    from test_fast_paths import merge_split_error
+    assert merge_split_error(torch.Generator(device=DEV).manual_seed(hq + d + n), DEV, hq, hkv, d, n) is None
 
 
 @pytest.mark.parametrize("hq,hkv,d,n,L", [(32, 8, 128, 1, 300), (9, 3, 64, 3, 300), (8, 8, 256, 2, 300),
@@ -381,9 +340,11 @@ def test_combine_heads(hq, hkv, d, n, L):
     """attn_combine_heads (splits merged in parallel groups, one block per head) against attn_combine's one
     block per row: rows to 1e-5, e4m3 codes except rounding-boundary elements, plain / per-tensor / per-128 fp8,
     1 to 65 splits with empty ones; and against the float64 softmax over the decoded cache; graph replay."""
-    from qtool.kernels import ops, self_checks
+    from test_fast_paths import combine_heads_error
+
+    from qtool.kernels import ops
     g = torch.Generator(device=DEV).manual_seed(hq + d + n + L)
-    assert self_checks.combine_heads_error(g, DEV, hq, hkv, d, n, L) is None
+    assert combine_heads_error(g, DEV, hq, hkv, d, n, L) is None
     cache = ops.KVCache("bf16", n, L, 1, hkv, d, DEV, [1.0], [1.0])
     for t in (cache.k[0][0], cache.v[0][0]):
         t.copy_(torch.randn(t.shape, generator=g, device=DEV))
@@ -405,15 +366,17 @@ def test_combine_heads(hq, hkv, d, n, L):
 @pytest.mark.parametrize("recipe", ["fp8", "fp8-rowwise"])
 @pytest.mark.parametrize("m,i,k", [(1, 14336 // 8, 4096), (3, 200 - 8, 512), (8, 1536, 576)])
 def test_gate_up_silu_epilogue(recipe, m, i, k):
-    """gemv_mma4s on interleaved gate|up rows (silu * mul + the down projection's fp8 quantization in the GEMV
-    epilogue) == gemv_mma4 on the plain rows + silu_mul_quant, bit for bit, eager and graph-replayed; the
-    interleaved layer's plain outputs deinterleave to the plain layer's; and down(act) against float64."""
+    """gemv_mma4ps on interleaved gate|up rows (silu * mul + the down projection's fp8 quantization in the GEMV
+    epilogue) == gemv_mma4p on the plain rows + silu_mul_quant, bit for bit, eager and graph-replayed; the
+    interleaved layer's plain outputs deinterleave to the plain layer's; and down(act) against float64. Weights
+    mma-tiled before the interleave, as CudaBackend lays them out."""
     from qtool.kernels import ops
     from qtool.kernels.random_weights import random_linear
     g = torch.Generator(device=DEV).manual_seed(m + i + k + len(recipe))
     down = random_linear("fp8", 256, i, g, DEV)
     down.in_scale = torch.full((1,), 0.5, device=DEV)
-    kl = random_linear(recipe, 2 * i, k, g, DEV, bias=True)
+    down = ops.adopt_layout(down)
+    kl = ops.adopt_layout(random_linear(recipe, 2 * i, k, g, DEV, bias=True))
     assert ops.silu_fusable(kl, down)
     assert not ops.silu_fusable(random_linear("fp8-block", 2 * i, k, g, DEV), down)      # 128-row scale blocks
     assert not ops.silu_fusable(kl, random_linear("fp8-rowwise", 256, i, g, DEV))       # dynamic down input
@@ -427,7 +390,7 @@ def test_gate_up_silu_epilogue(recipe, m, i, k):
     assert torch.equal(ops.deinterleave(ops.linear(x, kil), i), gu)
     y = ops.linear(act, down, pre=pre)
     xhat = ref["xq"].view(torch.float8_e4m3fn).double() * ref["xs"].double()
-    wd = down.w.view(torch.float8_e4m3fn).double() * down.sc.double()
+    wd = ops.mma_untile_fp8(down.w, 256, i).view(torch.float8_e4m3fn).double() * down.sc.double()
     assert rel(y, xhat @ wd.t()) < 1e-5
     q = ops.act_quant(x, kil, codes=True)
 
@@ -435,17 +398,14 @@ def test_gate_up_silu_epilogue(recipe, m, i, k):
         p = ops._quant_outputs(down, m, i, "mma4", DEV)
         ops._launch_mma4(q, layer, out, m, silu=(down, p))
         out.copy_(p["xq"].float())
+    assert kil.tiled and ops.decode_path(kil, m) == "mma4"
     assert_replays_equal(run, ref["xq"].float())
-    # v13: the same on mma-tiled weights (gemv_mma4ps), tiled before the interleave as CudaBackend does
-    kt = ops.interleave_gate_up(ops.to_tiled(kl))
-    assert kt.tiled and ops.decode_path(kt, m) == "mma4"
-    assert_replays_equal(lambda out: run(out, kt), ref["xq"].float())
 
 
-def test_pdl_launch_chain_and_graph(monkeypatch):
+def test_pdl_launch_chain_and_graph():
     """Kernels launched with programmatic dependent launch (the default on sm_90+) give the plain launches'
-    bits: a chain of dependent kernels (rmsnorm + fused quant -> gemv_mma4 / gemv_mma_bulk -> silu_mul -> a torch op) eager and
-    replayed from a CUDA graph, against the same chain with QTOOL_PDL=0."""
+    bits: a chain of dependent kernels (rmsnorm + fused quant -> gemv_mma4p (weights prefetched before the wait)
+    -> silu_mul -> a torch op) eager and replayed from a CUDA graph, against the same chain with plain launches."""
     from qtool.kernels import ops
     from qtool.kernels.weights import prepare_linear
     if not ops.pdl.available():
@@ -454,7 +414,7 @@ def test_pdl_launch_chain_and_graph(monkeypatch):
     lw = _lw("fp8", torch.randn(4096, 1024, generator=g) * 0.05, "fp8", g)
     x0, w = torch.randn(1, 1024, generator=g).to(DEV), (torch.rand(1024, generator=g) + 0.5).to(DEV)
     from qtool.runtime.backends.cuda import warm_and_capture
-    for kl in _layouts(prepare_linear(lw, DEV)):    # gemv_mma4, then gemv_mma_bulk (weights prefetched pre-wait)
+    for kl in _layouts(prepare_linear(lw, DEV)):
 
         def chain():
             x = x0
@@ -464,9 +424,9 @@ def test_pdl_launch_chain_and_graph(monkeypatch):
                 x = ops.silu_mul(h)[:, :1024].contiguous() * 1.0
             return x
 
-        monkeypatch.setenv("QTOOL_PDL", "0")
-        ref = chain().clone()
-        monkeypatch.delenv("QTOOL_PDL")
+        with ops.pdl.plain_launches():
+            assert not ops.pdl.available()
+            ref = chain().clone()
         assert torch.equal(chain(), ref)
         gr, out = warm_and_capture(chain)
         for _ in range(3):
@@ -580,42 +540,13 @@ def test_rope_kv_attention(kv, d, hq, hkv, L, fused):
 @pytest.mark.parametrize("hq,hkv,d,n,L", [(32, 8, 128, 1, 300), (16, 2, 128, 3, 1000), (9, 3, 64, 4, 77),
                                           (8, 8, 256, 2, 300), (4, 4, 64, 1, 1)])
 @pytest.mark.parametrize("early", ["1", "0"], ids=["early", "after_wait"])
-def test_rope_fused_matches_unfused(kv, hq, hkv, d, n, L, early, monkeypatch):
-    """attn_partial with RoPE + KV write fused == rope_kv_write + attn_partial (self_checks.rope_fused_error: cache
-    codes, split sums and softmax statistics), odd head counts, several rows, a one-position cache; with its
+def test_rope_fused_matches_unfused(kv, hq, hkv, d, n, L, early):
+    """attn_partial with RoPE + KV write fused == rope_kv_write + attn_partial (test_fast_paths.rope_fused_error:
+    cache codes, split sums and softmax statistics), odd head counts, several rows, a one-position cache; with its
     pre-wait loads (early) and without."""
-    from qtool.kernels import self_checks
-    monkeypatch.setenv("QTOOL_ATTN_EARLY", early)
+    from test_fast_paths import rope_fused_error
     g = torch.Generator(device=DEV).manual_seed(hq * d + n)
-    assert self_checks.rope_fused_error(g, torch.device(DEV), kv, hq, hkv, d, n, L) is None
-
-
-def test_l2_warming_changes_nothing():
-    """The decode graph with L2 warming branches (QTOOL_L2PF default) gives the same logits as without (the
-    prefetch kernel writes nothing; the branches rejoin inside the capture)."""
-    from qtool.kernels import l2_warm, ops
-    from qtool.kernels.random_weights import random_linear
-    g = torch.Generator(device=DEV).manual_seed(5)
-    kl = random_linear("fp8", 256, 512, g, torch.device(DEV))
-    x = torch.randn(1, 512, generator=g, device=DEV)
-    outs = []
-    for spec in ("0", "o:1,gu:0.25", "o:1,mode:1", "gu:0.5"):
-        w = l2_warm.Warmer(spec)
-        assert bool(w) == (spec != "0")
-
-        def step():
-            w.fork({"o": kl, "gu": kl})
-            y = ops.linear(x, kl)
-            w.join()
-            return y
-        graph = torch.cuda.CUDAGraph()
-        step()
-        with torch.cuda.graph(graph):
-            y = step()
-        graph.replay()
-        torch.cuda.synchronize()
-        outs.append(y.clone())
-    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    assert rope_fused_error(g, torch.device(DEV), kv, hq, hkv, d, n, L, early=early == "1") is None
 
 
 # ------------------------------------------------------------------ sampling

@@ -5,7 +5,9 @@ tolerances (activations and the residual stream are float32 here, so the only di
 are accumulation order and the quantized formats' own rounding). One allocator: every buffer is a torch tensor;
 kernels run on torch's current stream. ``prepare`` repacks each linear layer once on the GPU
 (qtool/kernels/weights.py); NVFP4/MXFP4 weights and the nvfp4 KV cache run on any sm_89+ GPU by decoding in
-registers. ``wrap_decode`` captures the decode step (all layers + final logits) in one CUDA graph;
+registers. The fused methods (``rmsnorm_linear``, ``attention_with_rope_store``, ``rmsnorm_mlp``) run the
+kernel sequences of qtool.kernels.ops (``norm_linear``, ``attention_o``, ``norm_mlp``); the plain ops run one
+kernel each. ``wrap_decode`` captures the decode step (all layers + final logits) in one CUDA graph;
 ``decode_loop`` captures decode + sampling + the position advance, so a token costs one graph replay and no
 host synchronisation. Importing this module does not import cupy (the loader does, on first launch).
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from qtool.kernels import gemm, l2_warm, ops
+from qtool.kernels import gemm, ops
 from qtool.kernels.weights import KLinear, prepare_linear
 from qtool.runtime import rope
 
@@ -29,16 +31,8 @@ class CudaBackend:
         self._cos = self._sin = None
         self._old_tables: list = []
         self.notes: list[str] = []
-        self._consumer: dict[int, object] = {}   # id(norm weight) -> the LinearWeights reading its output
-        self._down: dict[int, object] = {}       # id(gate_up LinearWeights) -> that layer's down projection
-        self._o_proj: list = []                  # layer index -> its o projection (reads the attention output)
-        self._next_down = None                   # the down projection after the last gate_up linear
-        self._pre: dict = {}                     # (data_ptr of a norm output, id(linear)) -> quantized forms
-        self._silu_done: dict = {}               # data_ptr of a gate_up placeholder -> (silu output, pre of down)
-        self._rope_pending: dict = {}            # data_ptr of a rotated-q placeholder -> (q, (k, v, cos, sin))
-        self.fuse = True
-        self._warm: l2_warm.Warmer | None = None   # decode: L2 warming of each layer's weights on a graph branch
-        self._layer_lin: list[dict] = []          # layer index -> {"o" | "gu" | "down": its prepared linear}
+        self._o_proj: list = []                  # layer index -> its o projection (sets the cache's split length)
+        self.fuse = True                         # False: the fused methods compose the plain ops (comparisons)
 
     # -- weights -----------------------------------------------------------------------------
     def prepare(self, weights) -> None:
@@ -56,16 +50,10 @@ class CudaBackend:
                     self.norms[id(t)] = t.to(dev, torch.float32).contiguous()
             for lw in (L.qkv, L.o, L.gate_up, L.down):
                 self._register(lw)
-            self._consumer[id(L.input_norm)] = L.qkv
-            self._consumer[id(L.post_attn_norm)] = L.gate_up
-            self._down[id(L.gate_up)] = L.down
             gu, down = self._lin[id(L.gate_up)], self._lin[id(L.down)]
             if ops.silu_fusable(gu, down):   # decode: silu * mul + down's input quantization in gate_up's GEMV
                 self._lin[id(L.gate_up)] = ops.interleave_gate_up(gu)
         self._o_proj = [L.o for L in weights.layers]
-        self._layer_lin = [{"o": self._lin[id(L.o)], "gu": self._lin[id(L.gate_up)], "down": self._lin[id(L.down)]}
-                           for L in weights.layers]
-        self._warm = l2_warm.Warmer()
         gemm.keep_row_major(list(self._lin.values()))   # tiled fp8: row-major codes for prefill / batched GEMMs
         head = weights.lm_head
         hw = head.tensors.get("weight")
@@ -108,62 +96,49 @@ class CudaBackend:
 
     # -- ops -----------------------------------------------------------------------------------
     def embed(self, ids):
-        self._pre.clear()
-        self._silu_done.clear()
-        self._rope_pending.clear()
         return ops.embed(ids, self.embed_table)
 
     def rmsnorm(self, x, weight, eps, residual=None):
-        lw = self._consumer.get(id(weight)) if self.fuse else None
-        kl = self._lin.get(id(lw)) if lw is not None else None
-        if isinstance(kl, KLinear) and x.dim() == 2 and x.shape[0] <= 8:
-            y, res, pre = ops.rmsnorm_quant(x, self._norm(weight), eps, residual, kl, keep_out=False)
-            if pre is not None:   # the next linear(y, lw) skips its own activation quantization
-                self._pre[(y.data_ptr(), id(kl))] = pre
-            return y, res
         return ops.rmsnorm(x, self._norm(weight), eps, residual)
 
     def head_rmsnorm(self, x, weight, eps):
         return ops.rmsnorm(x, self._norm(weight), eps)[0]
 
     def silu_mul(self, gate_up):
-        lw, self._next_down = self._next_down, None
-        done = self._silu_done.pop(gate_up.data_ptr(), None)
-        if done is not None:     # computed by linear(x, gate_up) (ops.gate_up_silu)
-            out, pre = done
-            if pre is not None:
-                self._pre[(out.data_ptr(), id(self._lin[id(lw)]))] = pre
-            return out
-        kl = self._lin.get(id(lw)) if (lw is not None and self.fuse) else None
-        if isinstance(kl, KLinear) and gate_up.dim() == 2 and gate_up.shape[0] <= 8:
-            out, pre = ops.silu_mul_quant(gate_up, kl, keep_out=False)
-            if pre is not None:   # the next linear(out, down) skips its own activation quantization
-                self._pre[(out.data_ptr(), id(kl))] = pre
-            return out
         return ops.silu_mul(gate_up)
 
     def linear(self, x, lw):
-        self._next_down = self._down.get(id(lw))
         kl = self._lin[id(lw)]
         if isinstance(kl, list):
             return torch.cat([ops.linear(x, p) for p in kl], dim=-1)
-        pre = self._pre.pop((x.data_ptr(), id(kl)), None) if self._pre else None
-        if pre is not None and x.shape[0] != pre.get("xq", pre.get("xh")).shape[0]:
-            pre = None
-        if kl.il:                # interleaved gate|up: silu_mul(returned tensor) hands back ops.gate_up_silu's act
-            down = self._next_down and self._lin.get(id(self._next_down))
-            done = ops.gate_up_silu(x, kl, down if isinstance(down, KLinear) else None, pre, self.fuse)
-            gu = torch.empty(1, 1, dtype=torch.float32, device=self.device).expand(x.shape[0], kl.out_features)
-            self._silu_done[gu.data_ptr()] = done
-            return gu
-        return ops.linear(x, kl, pre=pre)
+        y = ops.linear(x, kl)
+        return ops.deinterleave(y, kl.il) if kl.il else y
 
     def final_logits(self, x):
         h, _ = ops.rmsnorm(x, self.final_norm, self.config.rms_norm_eps)
-        logits = self.linear(h, self.weights.lm_head)
-        if self._warm:
-            self._warm.join()      # the warming branches rejoin before the step (or its captured graph) ends
-        return logits
+        return self.linear(h, self.weights.lm_head)
+
+    # -- fused sequences -------------------------------------------------------------------------
+    def rmsnorm_linear(self, x, weight, eps, residual, lw):
+        kl = self._lin[id(lw)]
+        if isinstance(kl, list) or kl.il:
+            y, residual = self.rmsnorm(x, weight, eps, residual)
+            return self.linear(y, lw), residual
+        return ops.norm_linear(x, self._norm(weight), eps, residual, kl, self.fuse)
+
+    def rmsnorm_mlp(self, x, weight, eps, residual, gate_up, down):
+        gu, dn = self._lin[id(gate_up)], self._lin[id(down)]
+        if isinstance(gu, list) or isinstance(dn, list):
+            m, residual = self.rmsnorm(x, weight, eps, residual)
+            return self.linear(self.silu_mul(self.linear(m, gate_up)), down), residual
+        return ops.norm_mlp(x, self._norm(weight), eps, residual, gu, dn, self.fuse)
+
+    def attention_with_rope_store(self, q, k, v, positions, cache, layer, o):
+        kl = self._lin[id(o)]
+        if isinstance(kl, list):
+            return self.linear(self.attention(self.rope_and_store(q, k, v, positions, cache, layer), cache, layer,
+                                              positions), o)
+        return ops.attention_o(q, k, v, positions, cache, layer, self._cos, self._sin, kl, self.fuse)
 
     # -- KV cache and attention ----------------------------------------------------------------
     def new_cache(self, batch, max_len, kv_format):
@@ -177,25 +152,10 @@ class CudaBackend:
         return cache.nbytes()
 
     def rope_and_store(self, q, k, v, positions, cache, layer):
-        if self._warm and self.fuse and positions.shape[1] == 1 and layer < len(self._layer_lin):
-            self._warm.fork(self._layer_lin[layer])   # runs beside rope + attention (l2_warm.py)
-        if self.fuse and ops.rope_fusable(q, positions.shape[1]):
-            # decode: attention(placeholder) rotates q, k and writes the cache itself (attn_partial with cos)
-            ph = torch.empty(1, 1, 1, dtype=torch.float32, device=self.device).expand(q.shape)
-            self._rope_pending[ph.data_ptr()] = (q, (k, v, self._cos, self._sin))
-            return ph
         return ops.rope_and_store(q, k, v, positions, cache, layer, self._cos, self._sin, positions.shape[1])
 
     def attention(self, q, cache, layer, positions):
-        T = positions.shape[1]
-        q, rope = self._rope_pending.pop(q.data_ptr(), (q, None))
-        kl = self._lin.get(id(self._o_proj[layer])) if (self.fuse and layer < len(self._o_proj)) else None
-        if isinstance(kl, KLinear) and q.shape[0] <= 8:
-            out, pre = ops.attention_quant(q, positions, cache, layer, T, kl, keep_out=False, rope=rope)
-            if pre is not None:   # the next linear(out, o) skips its own activation quantization
-                self._pre[(out.data_ptr(), id(kl))] = pre
-            return out
-        return ops.attention(q, positions, cache, layer, T, rope)
+        return ops.attention(q, positions, cache, layer, positions.shape[1])
 
     # -- sampling, graphs, misc ----------------------------------------------------------------
     def sample(self, logits, temperature, top_k, top_p, generator):

@@ -124,6 +124,19 @@ class TorchRefBackend:
         h = self._rms(x, self.final_norm, self.config.rms_norm_eps)
         return self.linear(h, self.weights.lm_head)
 
+    # -- fused sequences: the compositions that define them (backend.py) ------------------------------
+    def rmsnorm_linear(self, x, weight, eps, residual, lw):
+        y, residual = self.rmsnorm(x, weight, eps, residual)
+        return self.linear(y, lw), residual
+
+    def attention_with_rope_store(self, q, k, v, positions, cache, layer, o):
+        q = self.rope_and_store(q, k, v, positions, cache, layer)
+        return self.linear(self.attention(q, cache, layer, positions), o)
+
+    def rmsnorm_mlp(self, x, weight, eps, residual, gate_up, down):
+        m, residual = self.rmsnorm(x, weight, eps, residual)
+        return self.linear(self.silu_mul(self.linear(m, gate_up)), down), residual
+
     # -- KV cache and attention ----------------------------------------------------------------
     def _fill(self, cache, lead: tuple, kv_format):
         from qtool.formats import kv_encode
