@@ -7,17 +7,9 @@ from __future__ import annotations
 import pytest
 
 from test_serve import Server
+from test_tokenizer import smollm2  # noqa: F401 (fixture)
 
 MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France?"}]
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    from qtool.sources import resolve_model_source
-    try:
-        return resolve_model_source("smollm2-135m", progress=False).path
-    except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"SmolLM2 not available here: {exc}")
 
 
 @pytest.mark.slow
