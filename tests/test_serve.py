@@ -125,6 +125,9 @@ def test_completions_match_reference_stream_and_not(client, reference):
     tiny_t = client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=1e-30,
                                        extra_body={"ignore_eos": True})
     assert tiny_t.choices[0].text == want.text                                      # a tiny temperature is greedy
+    top_p0 = client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=1.0, top_p=0,
+                                       extra_body={"ignore_eos": True})
+    assert top_p0.choices[0].text == want.text                                      # top_p 0 keeps the top token
     chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0, stream=True,
                                             stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
     assert len({c.id for c in chunks}) == 1
@@ -203,6 +206,8 @@ def test_disconnect_mid_stream_frees_blocks(server):
 
 BAD = [  # (body or raw bytes, status, param)
     (b"{not json", 400, None),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}', 400, "messages"),   # lone surrogate
+    (b'{"model": "\\ud800", "messages": [{"role": "user", "content": "hi"}]}', 404, "model"),
     ({"model": "tiny", "messages": []}, 400, "messages"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature"),

@@ -97,6 +97,10 @@ class Engine:
             raise ValueError(f"the prompt has {n} tokens; this server allows {self.max_model_len} "
                              "(prompt + at least one generated token)")
         req.params.max_tokens = max(1, min(req.params.max_tokens, self.max_model_len - n))
+        p = req.params
+        if p.top_p <= 0:                  # keep only the most likely token (top_p 0 would keep none)
+            p.top_k, p.top_p = 1, 1.0
+        p.top_k = max(0, p.top_k)
         with self._cv:
             self._inbox.append(req)
             self._cv.notify()
@@ -220,11 +224,15 @@ class Engine:
     # -- sampling and outputs ---------------------------------------------------------------------
     def _sample(self, rows: list[Request], logits: torch.Tensor) -> None:
         picks = logits.argmax(dim=-1)
+        failed = set()
         for i, r in enumerate(rows):
             p = r.params
             if not p.greedy:     # NaN / inf logits (a broken checkpoint) must not fail the whole batch
                 row = torch.nan_to_num(logits[i:i + 1].float(), nan=-1e30, posinf=1e30, neginf=-1e30)
-                picks[i] = self.be.sample(row, p.temperature, p.top_k, p.top_p, r.generator)[0]
+                try:
+                    picks[i] = self.be.sample(row, p.temperature, p.top_k, p.top_p, r.generator)[0]
+                except RuntimeError:     # a degenerate distribution: this request ends, the batch goes on
+                    failed.add(i)
         tokens = picks.tolist()
         lps: list = [None] * len(rows)
         want = [i for i, r in enumerate(rows) if r.params.logprobs]
@@ -234,8 +242,11 @@ class Engine:
             chosen = lp.gather(1, picks[want].reshape(-1, 1)).squeeze(1)
             for j, i in enumerate(want):
                 lps[i] = (float(chosen[j]), int(top_id[j]), float(top_lp[j]))
-        for r, t, lp in zip(rows, tokens, lps):
-            self._append(r, t, lp)
+        for i, (r, t, lp) in enumerate(zip(rows, tokens, lps)):
+            if i in failed:
+                self._finish(r, "abort")
+            else:
+                self._append(r, t, lp)
 
     def _append(self, r: Request, token: int, lp) -> None:
         now = time.monotonic()

@@ -59,9 +59,16 @@ def error_body(message: str, type_: str, param=None, code=None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+class _AsciiJSON(JSONResponse):
+    """JSON with non-ASCII escaped: an error message may quote client text holding lone surrogates."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 def _error_response(state: ServerState, err: APIError) -> JSONResponse:
     state.metrics.status(err.status)
-    return JSONResponse(error_body(err.message, err.type, err.param, err.code), status_code=err.status,
+    return _AsciiJSON(error_body(err.message, err.type, err.param, err.code), status_code=err.status,
                         headers=err.headers)
 
 
@@ -207,8 +214,16 @@ def _check_model(state: ServerState, name: str) -> None:
                        "not_found_error", "model", "model_not_found")
 
 
+def _utf8(text: str, param: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, f"{param}: not valid Unicode text (a lone surrogate)", param=param)
+    return text
+
+
 def _text_ids(state: ServerState, text: str, special: bool) -> list[int]:
-    return state.tok.encode(text, add_special_tokens=special)
+    return state.tok.encode(_utf8(text, "prompt"), add_special_tokens=special)
 
 
 def _chat_ids(state: ServerState, messages, add_generation_prompt: bool = True) -> list[int]:
@@ -218,8 +233,10 @@ def _chat_ids(state: ServerState, messages, add_generation_prompt: bool = True) 
         raise APIError(400, "the model has no chat template: use /v1/completions, or start the server with "
                        "--chat-template", param="messages")
     try:
-        msgs = [{"role": m.role, "content": m.text()} for m in messages]
+        msgs = [{"role": m.role, "content": _utf8(m.text(), "messages")} for m in messages]
         text = state.tok.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt)
+    except APIError:
+        raise
     except ValueError as exc:
         raise APIError(400, str(exc), param="messages")
     except Exception as exc:  # noqa: BLE001 - jinja TemplateError and friends: the template refused the messages
@@ -243,7 +260,7 @@ def _params(state: ServerState, body, ids: list[int], max_tokens: int | None, lo
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
     try:
-        stop = body.stop_list()
+        stop = [_utf8(x, "stop") for x in body.stop_list()]
     except ValueError as exc:
         raise APIError(400, str(exc), param="stop")
     temperature = 1.0 if body.temperature is None else body.temperature
