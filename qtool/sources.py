@@ -9,6 +9,9 @@ safetensors weights and a tokenizer (with a chat template when the model has one
   * a local Hugging Face folder (sharded safetensors fine), used in place;
   * a hub id ``org/name`` that is not a local path: downloaded with huggingface_hub when the hub
     is reachable, else one-line ``Failure``.
+The hub rules every command shares live here: ``looks_like_hub_id`` and ``hub_timeout``
+($QTOOL_HUB_TIMEOUT seconds, default 8, for every hub network call); qtool.checkpoint.files reads
+hub checkpoints' headers with them (no second downloader).
 Converted checkpoints live under ``cache_dir()`` ($QTOOL_CACHE, else $XDG_CACHE_HOME/qtool, else
 ~/.cache/qtool) and are written to a temporary folder and renamed into place, so an interrupted
 conversion leaves nothing behind. Bad input raises ``UsageError`` with one line. torch,
@@ -20,6 +23,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -30,7 +34,8 @@ from urllib.parse import urlparse
 
 from qtool.errors import Failure, UsageError, first_line
 
-HUB_TIMEOUT_S = 5.0
+HUB_TIMEOUT_S = 8.0        # default of QTOOL_HUB_TIMEOUT
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 @dataclass
@@ -86,7 +91,7 @@ def resolve_model_source(model: str, progress: bool = True) -> ModelSource:
         if path.suffix.lower() == ".gguf":
             return _gguf_source(path, progress)
         raise UsageError(f"not a Hugging Face model folder or .gguf file: {model}")
-    if _looks_like_hub_id(model):
+    if looks_like_hub_id(model):
         return _hub_source(model, progress)
     if path.suffix.lower() == ".gguf":
         raise UsageError(f"model path not found: {model}")
@@ -110,12 +115,10 @@ def _validate_hf_folder(path: Path) -> Path:
     return path
 
 
-def _looks_like_hub_id(model: str) -> bool:
-    if model.startswith((".", "/", "~")) or "\\" in model or model.endswith(".gguf"):
-        return False
-    parts = model.split("/")
-    return len(parts) == 2 and all(parts) and all(p.replace("-", "").replace("_", "").replace(".", "").isalnum()
-                                                  for p in parts)
+def looks_like_hub_id(text: str) -> bool:
+    """Whether `text` (not a local path) names a hub repository `org/name`: the one rule every command uses."""
+    return (bool(HUB_ID.match(text)) and not text.startswith((".", "/", "~")) and ".." not in text
+            and not text.lower().endswith(".gguf"))
 
 
 # ---------------------------------------------------------------- GGUF conversion
@@ -307,6 +310,20 @@ class _Steps:
 
 # ---------------------------------------------------------------- hub
 
+def hub_timeout() -> float:
+    """Seconds for each hub network call: $QTOOL_HUB_TIMEOUT, default 8."""
+    try:
+        return float(os.environ.get("QTOOL_HUB_TIMEOUT", HUB_TIMEOUT_S))
+    except ValueError:
+        return HUB_TIMEOUT_S
+
+
+def hub_env(download_timeout: float) -> None:
+    """huggingface_hub's own timeouts (read when it loads), unless the user set them."""
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(int(hub_timeout())))
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", str(int(download_timeout)))
+
+
 def _hub_endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
 
@@ -321,14 +338,14 @@ def _hub_offline_reason() -> str | None:
 
     def probe():   # getaddrinfo has no timeout of its own, so probe in a daemon thread
         try:
-            socket.create_connection((host, port), timeout=HUB_TIMEOUT_S).close()
+            socket.create_connection((host, port), timeout=hub_timeout()).close()
             result["ok"] = True
         except OSError as exc:
             result["err"] = exc
 
     t = threading.Thread(target=probe, daemon=True)
     t.start()
-    t.join(HUB_TIMEOUT_S + 1)
+    t.join(hub_timeout() + 1)
     if result.get("ok"):
         return None
     return f"cannot connect to {host}:{port}" + (f" ({result['err']})" if "err" in result else " (timed out)")
@@ -344,8 +361,7 @@ def _hub_source(repo_id: str, progress: bool) -> ModelSource:
         from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
     except ImportError:
         raise Failure("downloading from the hub needs huggingface_hub (pip install huggingface_hub)") from None
-    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(int(HUB_TIMEOUT_S)))
-    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
+    hub_env(30)
     if not progress:
         disable_progress_bars()
     try:

@@ -180,6 +180,7 @@ def test_huggingface_example_rejects_in_one_line(args):
 
 def test_recipe_needing_cuda_refused_in_one_line_on_cpu(smol_shaped, tmp_path, monkeypatch):
     """A recipe marked cpu_calibration = false (none is, with ModelOpt 0.47) fails in one line without CUDA."""
+    import qtool.quantize.pipeline as pipeline
     import qtool.quantize.plan as plan
     from qtool.support import data
     if plan.cuda_available():
@@ -187,7 +188,7 @@ def test_recipe_needing_cuda_refused_in_one_line_on_cpu(smol_shaped, tmp_path, m
     real = data.recipes()["weights"]["fp8"]
     fake = data.Recipe(real.name, real.kind, real.column, real.title,
                        {**real.spec, "cpu_calibration": False, "cuda_reason": "its fake quant has no CPU kernel"})
-    monkeypatch.setattr(plan, "recipe", lambda kind, name: fake if name == "fp8" else data.recipes()[kind][name])
+    monkeypatch.setattr(pipeline, "recipe", lambda kind, name: fake if name == "fp8" else data.recipes()[kind][name])
     r = invoke("--model", str(smol_shaped), "-o", str(tmp_path / "o"), "--quant", "fp8", "--gpu", "sm90")
     assert r.exit_code == 1 and len(errors(r)) == 1
     assert "fp8 needs CUDA: its fake quant has no CPU kernel" in errors(r)[0]

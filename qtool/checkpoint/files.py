@@ -9,7 +9,10 @@ JSON, no safetensors, corrupt or truncated header, data past the end of a file, 
 index naming a missing shard or tensor) raises CheckpointError with one line naming the file and
 tensor. With `strict=False` the per-tensor problems are collected in `.problems` instead, so
 `inspect` can list all of them. A string that is not a local path but looks like `org/name` is
-opened from the Hugging Face hub through `qtool.checkpoint.hub` (JSON + ranged header reads).
+opened from the Hugging Face hub (qtool.sources' hub rules and timeout): a complete copy in the local
+hub cache is used as is; otherwise the JSON files are downloaded (cached) and each shard's header is
+read with HTTP range requests (the first 100 kB, then the rest of the header if longer), no tensor
+data. Offline, unknown or gated repositories end in one-line Failures.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qtool.errors import CheckpointError, UsageError
+from qtool.errors import CheckpointError, Failure, UsageError
 
 # safetensors dtype string -> bits per element
 DTYPE_BITS = {
@@ -175,13 +178,6 @@ def read_json(path: Path, required: bool = False) -> dict | None:
     return obj
 
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-def looks_like_hub_id(text: str) -> bool:
-    return bool(HUB_ID.match(text)) and not text.startswith((".", "/", "~")) and ".." not in text
-
-
 def shard_names(root: Path, index: dict | None, listing: list[str]) -> tuple[list[str], dict[str, str]]:
     """Shard file names and the index's tensor -> file map (empty without an index)."""
     if index is not None:
@@ -264,8 +260,117 @@ def open_checkpoint(path_or_hub_id: str, strict: bool = True) -> CheckpointFiles
     p = Path(text).expanduser()
     if p.exists():
         return open_local(p, text, strict)
+    from qtool.sources import looks_like_hub_id
     if looks_like_hub_id(text):
-        from qtool.checkpoint import hub
-        return hub.open_hub(text, strict)
+        return _open_hub(text, strict)
     raise UsageError(f"checkpoint not found: {text}",
                      hint="give a local folder with config.json and *.safetensors, or a hub id such as org/name")
+
+
+# ---------------------------------------------------------------- hub ids: JSON + ranged header reads
+
+FIRST_RANGE = 100_000
+
+
+def _cached_snapshot(repo_id: str) -> Path | None:
+    """The local cache snapshot when it holds config.json and every safetensors shard."""
+    from huggingface_hub import snapshot_download
+    try:
+        snap = Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached (LocalEntryNotFoundError and friends)
+        return None
+    if not (snap / "config.json").exists():
+        return None
+    index = snap / INDEX_NAME
+    if index.exists():
+        try:
+            names = set(read_json(index)["weight_map"].values())
+        except Exception:  # noqa: BLE001
+            return None
+    else:
+        names = {p.name for p in snap.glob("*.safetensors")}
+    return snap if names and all((snap / n).exists() for n in names) else None
+
+
+def _offline(repo_id: str, exc: Exception) -> Failure:
+    why = type(exc).__name__
+    return Failure(f"cannot reach the Hugging Face hub to inspect {repo_id} ({why}) and it is not in the local cache",
+                   hint="connect to the network, or download it first (huggingface-cli download) and pass the folder")
+
+
+def _fetch_header(repo_id: str, filename: str, timeout: float) -> tuple[bytes, int]:
+    """(header JSON bytes, file size) of one remote safetensors file via range requests."""
+    from huggingface_hub import get_session, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
+
+    url = hf_hub_url(repo_id, filename)
+    headers = build_hf_headers()
+    r = get_session().get(url, headers={**headers, "range": f"bytes=0-{FIRST_RANGE - 1}"}, timeout=timeout,
+                          follow_redirects=True)
+    hf_raise_for_status(r)
+    body = r.content
+    m = re.search(r"/(\d+)$", r.headers.get("content-range", ""))
+    size = int(m.group(1)) if m else len(body)
+    path = Path(filename)
+    n = header_length(body[:8], path, size)
+    if 8 + n <= len(body):
+        return body[8:8 + n], size
+    r = get_session().get(url, headers={**headers, "range": f"bytes=8-{n + 7}"}, timeout=timeout,
+                          follow_redirects=True)
+    hf_raise_for_status(r)
+    return r.content, size
+
+
+def _open_hub(repo_id: str, strict: bool = True) -> CheckpointFiles:
+    from qtool.sources import hub_env, hub_timeout
+    hub_env(hub_timeout())
+    snap = _cached_snapshot(repo_id)
+    if snap is not None:
+        return open_local(snap, repo_id, strict)
+    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    timeout = hub_timeout()
+    try:
+        info = HfApi().model_info(repo_id, timeout=timeout)
+    except GatedRepoError:
+        raise Failure(f"hub repository {repo_id} is gated", hint="accept its licence on huggingface.co and log in "
+                      "(huggingface-cli login)")
+    except RepositoryNotFoundError:
+        raise Failure(f"no local folder and no hub repository named {repo_id}",
+                      hint="check the spelling, or log in if it is private")
+    except Exception as exc:  # noqa: BLE001 - any network failure: offline
+        raise _offline(repo_id, exc)
+    listing = sorted(s.rfilename for s in (info.siblings or []) if "/" not in s.rfilename)
+    root: Path | None = None
+    jsons: dict[str, dict | None] = {}
+    try:
+        for name in JSON_NAMES:
+            if name in listing:
+                local = Path(hf_hub_download(repo_id, name, etag_timeout=timeout))
+                root = local.parent
+                jsons[name] = read_json(local)
+            else:
+                jsons[name] = None
+    except Failure:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise _offline(repo_id, exc)
+    if jsons.get("config.json") is None:
+        raise CheckpointError(f"hub repository {repo_id} has no config.json")
+    names, _ = shard_names(root, jsons.get(INDEX_NAME), listing)
+    fetched: dict[str, tuple[bytes, int]] = {}
+    try:
+        for name in names:
+            if name in listing:
+                fetched[name] = _fetch_header(repo_id, name, timeout)
+    except Failure:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise _offline(repo_id, exc)
+
+    def reader(name: str, problems):
+        raw, size = fetched[name]
+        return parse_header(raw, root / name, size, problems)
+
+    return assemble(root, repo_id, jsons, listing, {n: s for n, (_, s) in fetched.items()}, strict, True, reader)

@@ -1,15 +1,14 @@
 """Option types shared by commands, built from the recipe data (so --help lists the real choices).
 
 Contract: `WeightRecipe` / `KvRecipe` are Enums whose values are the CLI names in
-recipes/recipes.toml (`KvRecipe` adds 'none', which commands turn into None); `target_arch(gpu)` resolves --gpu, or the local
-GPU when it is None (importing torch only then).
+recipes/recipes.toml (`KvRecipe` adds 'none', which `kv_value` turns into None); `target_arch` (qtool.support.gpus) resolves --gpu.
 """
 from __future__ import annotations
 
 from enum import Enum
 
 from qtool.formats import registry
-from qtool.support.gpus import Arch, local_gpu, resolve_gpu
+from qtool.support.gpus import target_arch  # noqa: F401 - re-exported for commands
 
 WeightRecipe = Enum("WeightRecipe", {n.replace("-", "_"): n for n in registry.recipe_names("weights")}, type=str)
 KvRecipe = Enum("KvRecipe", {"none": "none", **{n: n for n in registry.recipe_names("kv")}}, type=str)
@@ -25,7 +24,7 @@ def value(v):
     return None if v is None else getattr(v, "value", v)
 
 
-def target_arch(gpu: str | None, detect_local: bool = True) -> Arch | None:
-    if gpu:
-        return resolve_gpu(gpu)
-    return local_gpu() if detect_local else None
+def kv_value(v) -> str | None:
+    """--kv-cache-quant → the KV recipe name, None for 'none' (no KV-cache quantization)."""
+    v = value(v)
+    return None if v == "none" else v

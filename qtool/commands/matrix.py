@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from qtool.commands._common import guarded, print_json, stdout
-from qtool.commands._options import EXIT_CODES_HELP, GPU_HELP, KvRecipe, WeightRecipe, value
+from qtool.commands._options import EXIT_CODES_HELP, GPU_HELP, KvRecipe, WeightRecipe, kv_value, value
 from qtool.formats import registry
 from qtool.support import consumers, data
 from qtool.support.check import check_request, runtime_cell, usable_recipes
@@ -72,9 +72,7 @@ def matrix(
     json_output: bool = typer.Option(False, "--json", help="Machine-readable output (schema in README)."),
 ):
     """Show which quantization recipes each model family and each GPU architecture supports."""
-    quant_s, kv_s = value(quant), value(kv_cache_quant)
-    if kv_s == "none":
-        kv_s = None
+    quant_s, kv_s = value(quant), kv_value(kv_cache_quant)
     arch = resolve_gpu(gpu) if gpu else None
     rows, how = (None, None)
     if model or family:

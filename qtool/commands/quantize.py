@@ -16,8 +16,8 @@ from typing import Optional
 
 import typer
 
-from qtool.commands._common import guarded, print_json, stdout, warn
-from qtool.commands._options import EXIT_CODES_HELP, GPU_HELP, KvRecipe, WeightRecipe, target_arch, value
+from qtool.commands._common import debug_enabled, guarded, print_json, stdout, warn
+from qtool.commands._options import EXIT_CODES_HELP, GPU_HELP, KvRecipe, WeightRecipe, kv_value, value
 
 EPILOG = ("Examples:  qtool quantize --quant fp8 --kv-cache-quant nvfp4 -o smollm2-fp8  |  "
           "qtool quantize --model ./Llama-3.1-8B --quant nvfp4 --gpu b200 -o llama-nvfp4  |  "
@@ -53,11 +53,11 @@ def quantize(
     parse_device_map(device_map)             # usage errors before anything is resolved or loaded
     parse_max_memory(max_memory)
 
-    req = pipeline.Request(model=model, quant=value(quant), kv=value(kv_cache_quant), output=output, gpu=gpu,
+    req = pipeline.Request(model=model, quant=value(quant), kv=kv_value(kv_cache_quant), output=output, gpu=gpu,
                            family=family, calib_data=calib_data, calib_size=calib_size,
                            calib_seq_len=calib_seq_len, batch_size=batch_size, block_size=awq_block_size,
                            device_map=device_map, max_memory=max_memory, force=force, targets=for_target,
-                           progress=not json_output)
+                           progress=not json_output, debug=debug_enabled())
     plan = pipeline.prepare(req)               # every refusal happens here, before loading
     if plan.force_warning:
         warn(plan.force_warning)

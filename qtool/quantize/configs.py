@@ -1,6 +1,7 @@
 """Recipe data (recipes/recipes.toml) → a ModelOpt 0.47 `mtq.quantize` config.
 
-Contract: `build_config(quant, kv, block_size)` deep-copies the recipe's `modelopt_config`
+Contract: `build_config(recipe, kv_recipe, block_size)` (registry Recipes; kv_recipe None = no KV-cache
+quantization) deep-copies the recipe's `modelopt_config`
 constant, applies its `algorithm` (GPTQ), the INT4 block size (`--awq-block-size`), the FP8
 activation quantizer of w4a8-gptq, and merges the KV recipe with
 `mtq.update_quant_cfg_with_kv_cache_quant` (0.47: appends to the ordered list). Imports modelopt
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import copy
 
-from qtool.formats.registry import recipe
+from qtool.formats.registry import Recipe
 
 # ModelOpt's GPTQ (`GPTQCalibConfig`, 0.44+): Hessian-based, layer by layer.
 GPTQ_ALGORITHM = {"method": "gptq", "perc_damp": 0.01, "block_size": 128}
@@ -28,10 +29,10 @@ def _set_int4_block(cfg: dict, block: int) -> None:
                 st["block_sizes"] = {**st["block_sizes"], -1: block}
 
 
-def build_config(quant: str, kv: str | None, block_size: int | None = None) -> dict:
+def build_config(recipe: Recipe, kv_recipe: Recipe | None, block_size: int | None = None) -> dict:
     import modelopt.torch.quantization as mtq
 
-    spec = recipe("weights", quant).spec
+    spec = recipe.spec
     cfg = copy.deepcopy(getattr(mtq, spec["modelopt_config"]))
     if spec.get("block_size_option") and block_size:
         _set_int4_block(cfg, block_size)
@@ -42,8 +43,8 @@ def build_config(quant: str, kv: str | None, block_size: int | None = None) -> d
         cfg["algorithm"] = algo
     if spec.get("fp8_activations"):
         cfg["quant_cfg"].append({"quantizer_name": "*input_quantizer", "cfg": dict(FP8_PER_TENSOR)})
-    if kv and kv != "none":
-        kv_cfg = getattr(mtq, recipe("kv", kv).spec["modelopt_config"])
+    if kv_recipe is not None:
+        kv_cfg = getattr(mtq, kv_recipe.spec["modelopt_config"])
         cfg = mtq.update_quant_cfg_with_kv_cache_quant(cfg, kv_cfg["quant_cfg"])
     return cfg
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qtool.errors import UsageError
+from qtool.formats.registry import Recipe, recipe
 from qtool.quantize import configs, plan as planmod
 from qtool.quantize.output import check_target, staged
 
@@ -25,7 +26,7 @@ from qtool.quantize.output import check_target, staged
 class Request:
     model: str
     quant: str
-    kv: str | None
+    kv: str | None                   # KV recipe; None = no KV-cache quantization
     output: Path
     gpu: str | None = None
     family: str | None = None
@@ -55,6 +56,10 @@ class Plan:
     calib_desc: str = ""
     block_size: int | None = None
     choice: object | None = None    # qtool.support.consumers.Choice: the export layout and where it loads
+    recipe: Recipe | None = None               # the weight recipe, looked up once
+    kv_recipe: Recipe | None = None            # None: no KV-cache quantization
+    source: object | None = None               # ModelSource when prepare already resolved it (a hub id)
+    max_memory: dict | None = None             # --max-memory, parsed
 
 
 def _rows(req: Request, cfg: dict | None, how: str) -> tuple[list[str], str]:
@@ -67,11 +72,10 @@ def _rows(req: Request, cfg: dict | None, how: str) -> tuple[list[str], str]:
 
 
 def prepare(req: Request) -> Plan:
-    from qtool.commands._common import debug_enabled
     from qtool.support.check import check_request, enforce
+    from qtool.support.gpus import target_arch
 
-    req.debug = debug_enabled()
-    req.kv = None if req.kv in (None, "none") else req.kv
+    src = None
     cfg, how = planmod.peek_config(req.model)
     if cfg is None:
         from qtool.sources import resolve_model_source   # a hub id: fetched first; a bad path: one line
@@ -79,31 +83,28 @@ def prepare(req: Request) -> Plan:
         req.model = str(src.path)
         cfg, how = planmod.peek_config(req.model)
     rows, rows_how = _rows(req, cfg, how)
-    arch = _target_arch(req.gpu)
+    arch = target_arch(req.gpu)
     verdict = check_request(rows or None, req.quant, req.kv, arch, any_arch=arch is None)
     force_warning = enforce(verdict, req.force)
     check_target(req.output, req.force, req.model)
-    spec = configs.recipe("weights", req.quant).spec
-    block = req.block_size if spec.get("block_size_option") else None
+    rec, kv_rec = recipe("weights", req.quant), (recipe("kv", req.kv) if req.kv else None)
+    block = req.block_size if rec.get("block_size_option") else None
     from qtool.quantize import targets
     choice = targets.resolve(req.quant, req.kv, req.targets, block, cfg)
-    cuda = planmod.cuda_problem(req.quant, req.kv)
+    cuda = planmod.cuda_problem(rec, kv_rec)
     if cuda:
         from qtool.errors import Failure
         raise Failure(cuda, hint="run it on a machine with an NVIDIA GPU")
     from qtool.calibration import calibration_texts
+    max_memory = None
     if req.max_memory:
         from qtool.quantize.ptq import parse_max_memory
-        parse_max_memory(req.max_memory)
+        max_memory = parse_max_memory(req.max_memory)
         if not req.device_map:
             raise UsageError("--max-memory needs --device-map (e.g. --device-map auto)")
     texts, desc = calibration_texts(str(req.calib_data) if req.calib_data else None, req.calib_size)
-    return Plan(req, rows, rows_how, arch, verdict, force_warning, cfg, texts, desc, block, choice)
-
-
-def _target_arch(gpu):
-    from qtool.commands._options import target_arch
-    return target_arch(gpu)
+    return Plan(req, rows, rows_how, arch, verdict, force_warning, cfg, texts, desc, block, choice, rec, kv_rec, src,
+                max_memory)
 
 
 def _peak_memory() -> dict:
@@ -153,15 +154,15 @@ def run(plan: Plan) -> dict:
     req = plan.req
     t0 = time.perf_counter()
     _sigterm_as_interrupt()
-    source = resolve_model_source(req.model, progress=req.progress)
-    spec = configs.recipe("weights", req.quant).spec
+    source = plan.source or resolve_model_source(req.model, progress=req.progress)
+    spec = plan.recipe.spec
     label = req.quant + (f" + kv {req.kv}" if req.kv else "")
     with staged(req.output, req.force, source.path) as tmp, Stages(req.progress) as stages:
         stages.stage(f"loading {source.path.name}")
         offload = tmp / ".offload"
         with ptq.quiet(req.debug):
-            model, tok = ptq.load_model(source.path, req.device_map, ptq.parse_max_memory(req.max_memory), offload)
-            cfg = configs.build_config(req.quant, req.kv, plan.block_size)
+            model, tok = ptq.load_model(source.path, req.device_map, plan.max_memory, offload)
+            cfg = configs.build_config(plan.recipe, plan.kv_recipe, plan.block_size)
         from qtool.calibration import calibration_batches
         batch = _auto_batch(req)
         batches = calibration_batches(tok, plan.texts, req.calib_seq_len, batch)
@@ -219,7 +220,7 @@ def _gptq(tmp: Path, group: int, fp8_act: bool, modelopt_version: str) -> dict:
 def _result(plan: Plan, source, tmp: Path, cfg: dict, versions: dict, modelopt_hf, batch, n_samples, n_tokens,
             passes, calib_s, export_s, t0) -> dict:
     req = plan.req
-    spec = configs.recipe("weights", req.quant).spec
+    spec = plan.recipe.spec
     hf_q = tmp / "hf_quant_config.json"
     hfq = json.loads(hf_q.read_text()).get("quantization", {}) if hf_q.is_file() else {}
     config_q = json.loads((tmp / "config.json").read_text()).get("quantization_config", {})
@@ -236,11 +237,11 @@ def _result(plan: Plan, source, tmp: Path, cfg: dict, versions: dict, modelopt_h
         **versions,
         "source": {"model": req.model, "label": source.label, "kind": source.kind, "path": str(source.path),
                    "families": plan.rows, "families_from": plan.rows_how},
-        "recipe": {"name": req.quant, "column": configs.recipe("weights", req.quant).column,
+        "recipe": {"name": req.quant, "column": plan.recipe.column,
                    "modelopt_config": spec["modelopt_config"], "quant_algo": hfq.get("quant_algo"),
                    "quant_method": spec.get("quant_method"), "group_size": hfq.get("group_size") or plan.block_size},
         "kv_cache": {"name": req.kv or "none",
-                     "modelopt_config": configs.recipe("kv", req.kv).spec["modelopt_config"] if req.kv else None,
+                     "modelopt_config": plan.kv_recipe.spec["modelopt_config"] if plan.kv_recipe else None,
                      "kv_cache_quant_algo": hfq.get("kv_cache_quant_algo")},
         "modelopt": {"algorithm": cfg.get("algorithm"), "hf_quant_config": hfq or None,
                      "replaced_hf_quant_config": modelopt_hf},

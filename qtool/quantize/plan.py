@@ -4,7 +4,7 @@ Contract: `peek_config(model)` returns (config dict, where it came from) without
 (a HF folder's config.json; the built-in smollm2-135m's cached config or its known config; a
 GGUF's metadata) or None when it cannot be known yet (a hub id). `block_size_problem(config,
 block)` returns a one-line message naming the block sizes that would work when an INT4 block
-does not divide every linear layer's in_features, else None. `cuda_problem(quant, kv)` returns
+does not divide every linear layer's in_features, else None. `cuda_problem(recipe, kv_recipe)` returns
 the one-line reason when the recipe's ModelOpt path needs CUDA and none is available.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from qtool.formats.registry import recipe
+from qtool.formats.registry import Recipe
 
 # SmolLM2-135M-Instruct (HuggingFaceTB), a Llama-architecture model; used before the built-in
 # GGUF has been converted (the converted folder's config.json is read when it exists).
@@ -119,12 +119,12 @@ def cuda_available() -> bool:
         return False
 
 
-def cuda_problem(quant: str, kv: str | None) -> str | None:
+def cuda_problem(recipe: Recipe, kv_recipe: Recipe | None) -> str | None:
     """The one-line reason this recipe cannot run here (recipes.toml `cpu_calibration`/`cuda_reason`)."""
-    for kind, name in (("weights", quant), ("kv", kv)):
-        if not name or name == "none":
+    for r in (recipe, kv_recipe):
+        if r is None:
             continue
-        spec = recipe(kind, name).spec
+        spec, name = r.spec, r.name
         if not spec.get("cpu_calibration", True) and not cuda_available():
             return (f"{name} needs CUDA: " + spec.get("cuda_reason", "ModelOpt's calibration for it has no CPU path")
                     + " (no CUDA device here)")

@@ -111,14 +111,15 @@ def _linear(spec, reader: _Reader) -> LinearWeights:
 
 def load_model_weights(path_or_id: str, progress: bool = True) -> ModelWeights:
     """Open (a hub id through qtool.sources), describe and load a checkpoint."""
-    from qtool.checkpoint.files import looks_like_hub_id, open_checkpoint
+    from qtool.checkpoint.files import open_checkpoint
     from qtool.checkpoint.scheme import describe
-    files = None
-    if not Path(path_or_id).expanduser().exists() and looks_like_hub_id(path_or_id):
-        from qtool.sources import resolve_model_source
+    from qtool.sources import looks_like_hub_id, resolve_model_source
+    local = Path(path_or_id).expanduser()
+    if local.exists() or not looks_like_hub_id(path_or_id):
+        files = open_checkpoint(str(local))
+    else:
         files = open_checkpoint(str(resolve_model_source(path_or_id, progress).path))
         files.source = path_or_id
-    files = files or open_checkpoint(str(Path(path_or_id).expanduser()))
     model_config(files.config, files.generation_config, files.tensors)     # family first: Unsupported
     return load_weights(files, describe(files), progress)
 

@@ -105,7 +105,7 @@ def check_request(rows: list[str] | None, quant: str | None, kv: str | None,
     """
     v = Verdict(True)
     wanted = [("weights", quant), ("kv", kv)]
-    wanted = [(k, n) for k, n in wanted if n and n != "none"]
+    wanted = [(k, n) for k, n in wanted if n]
     fam = " / ".join(rows) if rows else ""
     for kind, name in wanted:
         r = _recipe(kind, name)
@@ -131,7 +131,7 @@ def check_request(rows: list[str] | None, quant: str | None, kv: str | None,
             v.supported = False
             v.reasons.append("no GPU architecture supports " + " with ".join(
                 _recipe(k, n).column for k, n in wanted) + " (hardware support matrix).")
-    if quant and kv and kv != "none":
+    if quant and kv:
         bad = _rule_violation(quant, kv)
         v.findings.append(Finding("rule", f"kv {kv}", _label("kv", kv), _recipe("kv", kv).column, bad is None, bad or ""))
         if bad:

@@ -74,3 +74,10 @@ def local_gpu() -> Arch | None:
         return None
     major, minor = torch.cuda.get_device_capability(0)
     return arch_for_capability(major, minor, torch.cuda.get_device_name(0))
+
+
+def target_arch(gpu: str | None, detect_local: bool = True) -> Arch | None:
+    """--gpu resolved, or the local GPU when it is None (importing torch only then; None without one)."""
+    if gpu:
+        return resolve_gpu(gpu)
+    return local_gpu() if detect_local else None
