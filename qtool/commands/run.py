@@ -241,6 +241,70 @@ def _prompt_texts(prompt: str | None, prompts: str | None) -> list[str] | None:
     return [text]
 
 
+# ---------------------------------------------------------------- the interactive chat (`qtool chat`, `run` on a tty)
+
+HELP = "commands: /reset (forget the conversation), /exit or /quit (end; Ctrl-D too), /help"
+
+
+def _read_turn(interactive: bool) -> str | None:
+    if interactive:
+        try:
+            return input("> ")    # readline editing on a terminal; the prompt goes to stdout only there
+        except EOFError:
+            return None
+    line = sys.stdin.readline()
+    return None if line == "" else line.rstrip("\n")
+
+
+def chat_loop(model: str, backend: BackendChoice, kv_cache_dtype: KvDtype, strict: bool, force: bool,
+              max_new_tokens: int, temperature, top_k, top_p, seed, stop, system) -> None:
+    from qtool.commands._common import check_text
+    from qtool.runtime import generate as gen
+    from qtool.runtime.chat import conversation_ids, has_chat_template
+
+    s = open_session(model, backend, kv_cache_dtype, strict, force, quiet=False)
+    if not has_chat_template(s.tok):
+        s.note("the tokenizer has no chat template: the turns are sent joined as raw text")
+    sampling, _ = sampling_params(s.folder, {"temperature": temperature, "top_p": top_p, "top_k": top_k})
+    opts = gen.GenerateOptions(max_new_tokens=max_new_tokens, seed=seed, stop=list(stop or []), **sampling)
+    base = [{"role": "system", "content": system}] if system else []
+    messages = list(base)
+    interactive = stdin_is_terminal()
+    if interactive:
+        info(f"chatting with {s.folder.name} — {HELP}")
+
+    def on_text(row: int, text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    while True:
+        line = _read_turn(interactive)
+        if line is None:
+            break
+        check_text(line, "the chat input")
+        cmd = line.strip()
+        if not cmd:
+            continue
+        if cmd in ("/exit", "/quit"):
+            break
+        if cmd == "/reset":
+            messages = list(base)
+            info("(conversation reset)")
+            continue
+        if cmd == "/help":
+            info(HELP)
+            continue
+        if cmd.startswith("/") and " " not in cmd:
+            warn(f"unknown command {cmd}; {HELP}")
+            continue
+        messages.append({"role": "user", "content": line})
+        ids = conversation_ids(s.tok, messages)
+        (result,), _ = gen.generate(s.net, s.tok, [ids], opts, s.kv, s.eos, on_text)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        messages.append({"role": "assistant", "content": result.text})
+
+
 @guarded
 def run(
     model: str = typer.Argument(..., help="Model folder, hub id (org/name) or built-in name (smollm2-135m)."),
@@ -269,7 +333,6 @@ def run(
     check_text(model, "MODEL")
     texts = _prompt_texts(prompt, prompts)
     if texts is None:                  # no prompt on a terminal: the interactive chat
-        from qtool.commands.chat import chat_loop
         return chat_loop(model, backend, kv_cache_dtype, strict, force, max_new_tokens, temperature, top_k, top_p,
                          seed, stop, system)
     ids: list = []
