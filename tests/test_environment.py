@@ -10,8 +10,6 @@ import ast
 import re
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -63,13 +61,6 @@ def test_finder_sees_every_form():
     assert [n for _, n in sorted(_uses(ast.parse(code)), key=lambda u: u[0])] == ["A", "B", "C", "D", None, None]
 
 
-def _workbench_switches_left() -> bool:
-    """The kernel workbench's QTOOL_* switches are still in qtool/kernels/ (issue 15 part 2 removes them)."""
-    return any("QTOOL_TILED" in p.read_text(encoding="utf-8") for p in (REPO / "qtool" / "kernels").glob("*.py"))
-
-
-@pytest.mark.xfail(_workbench_switches_left(), reason="qtool/kernels/ still has the workbench's QTOOL_* switches "
-                   "(issue 15 part 2)", strict=False)
 def test_only_documented_variables_in_qtool():
     documented = _documented()
     bad = []
