@@ -2,9 +2,11 @@
 // One kernel serves decode and prefill: query row n = b*T + t attends to cache positions [0, pos[n]] of batch
 // row b = n / T (the causal mask).
 //
-// attn_partial<D, PU, GM, KF>(q f32 rows [N, ldq] holding Hq*D, ldq, pos int64 [N], T, K/V cache (kv_cache.cuh
+// attn_partial<D, PU, GM, KF, PG>(q f32 rows [N, ldq] holding Hq*D, ldq, pos int64 [N], T, K/V cache (kv_cache.cuh
 //     layout, L = max_len), kv_fmt (== KF, the cache format the instantiation is compiled for), k_scale, v_scale, part f32 [N, Hq, S, D], ml f32 [N, Hq, S, 2], Hq, Hkv, L,
-//     chunk, sm_scale, rope: kr [N, ldk] / vr [N, ldv] / cos / sin or null)
+//     chunk, sm_scale, rope: kr [N, ldk] / vr [N, ldv] / cos / sin or null, early, paging: bt / bt_ld / bs)
+//     PG = 1: a paged cache (kv_cache.cuh): batch row b's position p at block bt[b * bt_ld + p / bs], slot p % bs;
+//     PG = 0: contiguous rows of L positions (bt unused).
 //     With cos non-null (decode, T = 1; v10): q is the unrotated query; every block applies RoPE to its G query
 //     heads in registers (rope_kv_write's expression), and the block whose split holds position p = pos[n] first
 //     writes rope(k) and v of its KV head at p into the cache (rope_kv_write's quantization, kv_store_vec) and
@@ -37,20 +39,20 @@
 #define CMAX 128
 
 // rows j0 + u*4 (u < PU, those < np) of one KV head's cache (K or V), DPL elements per lane, into r[u]
-template <int D, int PU>
-__device__ __forceinline__ void load_rows(int kv_fmt, const void* codes, const u8* scales, long long rowbase,
+template <int D, int PU, class R>
+__device__ __forceinline__ void load_rows(int kv_fmt, const void* codes, const u8* scales, const R& rows,
                                           int j0, int np, int lane, float scale, float r[PU][D / 32]) {
 #pragma unroll
   for (int u = 0; u < PU; ++u) {
     int j = j0 + u * 4;
-    if (j < np) kv_load_vec<D / 32>(kv_fmt, codes, scales, rowbase + j, D, lane * (D / 32), scale, r[u]);
+    if (j < np) kv_load_vec<D / 32>(kv_fmt, codes, scales, rows.at(j), D, lane * (D / 32), scale, r[u]);
   }
 }
 
 // load_rows, or (pre: the rows this warp loaded before the PDL wait, attn_partial's early) a copy of pre
-template <int D, int PU>
+template <int D, int PU, class R>
 __device__ __forceinline__ void rows_or_pre(bool use_pre, const float pre[PU][D / 32], int kv_fmt, const void* codes,
-                                            const u8* scales, long long rowbase, int j0, int np, int lane,
+                                            const u8* scales, const R& rows, int j0, int np, int lane,
                                             float scale, float r[PU][D / 32]) {
   if (use_pre) {
 #pragma unroll
@@ -58,7 +60,7 @@ __device__ __forceinline__ void rows_or_pre(bool use_pre, const float pre[PU][D 
 #pragma unroll
       for (int i = 0; i < D / 32; ++i) r[u][i] = pre[u][i];
   } else {
-    load_rows<D, PU>(kv_fmt, codes, scales, rowbase, j0, np, lane, scale, r);
+    load_rows<D, PU>(kv_fmt, codes, scales, rows, j0, np, lane, scale, r);
   }
 }
 
@@ -100,12 +102,13 @@ __device__ __forceinline__ void rope_lanes(float x[D / 32], int lane, const floa
   }
 }
 
-template <int D, int PU, int GMAX, int KF>
+template <int D, int PU, int GMAX, int KF, int PG>
 __global__ void __launch_bounds__(128, 1) attn_partial(const float* __restrict__ q, int ldq,
     const long long* __restrict__ pos, int T, void* kc, u8* ks, void* vc, u8* vs, int kv_fmt, float k_scale,
     float v_scale, float* __restrict__ part, float* __restrict__ ml, int Hq, int Hkv, int L, int chunk,
     float sm_scale, const float* __restrict__ kr, int ldk, const float* __restrict__ vr, int ldv,
-    const float* __restrict__ cosT, const float* __restrict__ sinT, int early) {
+    const float* __restrict__ cosT, const float* __restrict__ sinT, int early, const int* __restrict__ bt,
+    int bt_ld, int bs) {
   kv_fmt = KF;   // v15: one instantiation per cache format (the argument must equal KF; ops passes both)
   constexpr int DPL = D / 32;
   constexpr int NW = 4;
@@ -121,7 +124,7 @@ __global__ void __launch_bounds__(128, 1) attn_partial(const float* __restrict__
   int len = early ? (int)pos[n] + 1 : 0;
   if (early) {
     int e0 = split * chunk, enp = min(e0 + chunk, len) - e0;
-    long long rb = ((long long)n * Hkv + kh) * L + e0;
+    KVRows<PG> rb = kv_rows<PG>(n, kh, Hkv, L, e0, bt, bt_ld, bs);
     load_rows<D, PU>(kv_fmt, kc, ks, rb, warp, enp, lane, k_scale, k0);
     load_rows<D, PU>(kv_fmt, vc, vs, rb, warp, enp, lane, v_scale, v0);
     rope_factors<D>(cs, sn, lane, cosT, sinT, len - 1);
@@ -137,7 +140,7 @@ __global__ void __launch_bounds__(128, 1) attn_partial(const float* __restrict__
     return;
   }
   int np = c1 - c0;
-  long long rowbase = ((long long)(n / T) * Hkv + kh) * L + c0;
+  KVRows<PG> rows = kv_rows<PG>(n / T, kh, Hkv, L, c0, bt, bt_ld, bs);
   long long p = len - 1;
   if (cosT && !early) rope_factors<D>(cs, sn, lane, cosT, sinT, p);
   if (cosT && p < c1 && warp < 2) {   // this block's split holds p: K (warp 0) and V (warp 1) of the new token
@@ -146,7 +149,7 @@ __global__ void __launch_bounds__(128, 1) attn_partial(const float* __restrict__
 #pragma unroll
     for (int i = 0; i < DPL; ++i) x[i] = src[i];
     if (warp == 0) rope_lanes<D>(x, lane, cs, sn);
-    kv_store_vec<DPL>(kv_fmt, warp == 0 ? kc : vc, warp == 0 ? ks : vs, rowbase + (p - c0), D, lane * DPL, x,
+    kv_store_vec<DPL>(kv_fmt, warp == 0 ? kc : vc, warp == 0 ? ks : vs, rows.at(p - c0), D, lane * DPL, x,
                       warp == 0 ? k_scale : v_scale);
   }
   if (cosT) __syncthreads();          // the new row is read back below (block-visible after the barrier)
@@ -154,8 +157,8 @@ __global__ void __launch_bounds__(128, 1) attn_partial(const float* __restrict__
 #pragma unroll
     for (int u = 0; u < PU; ++u) {
       if (warp + u * NW == p - c0) {
-        kv_load_vec<DPL>(kv_fmt, kc, ks, rowbase + (p - c0), D, lane * DPL, k_scale, k0[u]);
-        kv_load_vec<DPL>(kv_fmt, vc, vs, rowbase + (p - c0), D, lane * DPL, v_scale, v0[u]);
+        kv_load_vec<DPL>(kv_fmt, kc, ks, rows.at(p - c0), D, lane * DPL, k_scale, k0[u]);
+        kv_load_vec<DPL>(kv_fmt, vc, vs, rows.at(p - c0), D, lane * DPL, v_scale, v0[u]);
       }
     }
   }
@@ -174,7 +177,7 @@ __global__ void __launch_bounds__(128, 1) attn_partial(const float* __restrict__
     constexpr int V = PU * GMAX;   // partial dot products per lane: (position slot u, head g) -> u * GMAX + g
     for (int j0 = warp; j0 < np; j0 += NW * PU) {
       float kv[PU][DPL];
-      rows_or_pre<D, PU>(early && j0 == warp, k0, kv_fmt, kc, ks, rowbase, j0, np, lane, k_scale, kv);
+      rows_or_pre<D, PU>(early && j0 == warp, k0, kv_fmt, kc, ks, rows, j0, np, lane, k_scale, kv);
       float val[V];
 #pragma unroll
       for (int u = 0; u < PU; ++u)
@@ -224,7 +227,7 @@ __global__ void __launch_bounds__(128, 1) attn_partial(const float* __restrict__
     for (int i = 0; i < DPL; ++i) acc[g][i] = 0.0f;
   for (int j0 = warp; j0 < np; j0 += NW * PU) {
     float vv[PU][DPL];
-    rows_or_pre<D, PU>(early && j0 == warp, v0, kv_fmt, vc, vs, rowbase, j0, np, lane, v_scale, vv);
+    rows_or_pre<D, PU>(early && j0 == warp, v0, kv_fmt, vc, vs, rows, j0, np, lane, v_scale, vv);
 #pragma unroll
     for (int u = 0; u < PU; ++u) {
       int j = j0 + u * NW;
@@ -397,10 +400,12 @@ extern "C" __global__ void __launch_bounds__(128) attn_combine_heads(const float
 }
 
 #define QT_ATTN_ARGS const float*, int, const long long*, int, void*, u8*, void*, u8*, int, float, float, float*, \
-  float*, int, int, int, int, float, const float*, int, const float*, int, const float*, const float*, int
-#define QT_ATTN_KF(D, PU, GM) template __global__ void attn_partial<D, PU, GM, KV_BF16>(QT_ATTN_ARGS); \
-  template __global__ void attn_partial<D, PU, GM, KV_FP8>(QT_ATTN_ARGS); \
-  template __global__ void attn_partial<D, PU, GM, KV_NVFP4>(QT_ATTN_ARGS);
+  float*, int, int, int, int, float, const float*, int, const float*, int, const float*, const float*, int, \
+  const int*, int, int
+#define QT_ATTN_PG(D, PU, GM, KF) template __global__ void attn_partial<D, PU, GM, KF, 0>(QT_ATTN_ARGS); \
+  template __global__ void attn_partial<D, PU, GM, KF, 1>(QT_ATTN_ARGS);
+#define QT_ATTN_KF(D, PU, GM) QT_ATTN_PG(D, PU, GM, KV_BF16) QT_ATTN_PG(D, PU, GM, KV_FP8) \
+  QT_ATTN_PG(D, PU, GM, KV_NVFP4)
 QT_ATTN_KF(64, 8, 4)
 QT_ATTN_KF(64, 8, 8)
 QT_ATTN_KF(128, 8, 4)

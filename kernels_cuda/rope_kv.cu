@@ -4,6 +4,8 @@
 // qn/kn f32 [D] or null; q_out f32 [N, Hq, D] (rotated q); cache as in kv_cache.cuh with L = max_len.
 // K written = rope(norm(k)), V written = v, both quantized per kv_fmt (fp8: e4m3(x / scale);
 // nvfp4: g = scale/6, per 16 elements sb = e4m3(amax16 / (6 g)), S = sb*g, codes e2m1(x / S), S < 1e-5 -> codes 0).
+// Paged cache (bt non-null): position p of batch row b = n / T is stored in block bt[b * bt_ld + p / bs], slot
+// p % bs (kv_cache.cuh); else in row b of L positions.
 // grid (N, Hq + 2*Hkv), block D threads (D in {32..1024}, D % 32 == 0).
 #include "kv_cache.cuh"
 
@@ -30,7 +32,8 @@ extern "C" __global__ void rope_kv_write(const float* __restrict__ qs, int ldq, 
                                          const float* __restrict__ sinT, const float* __restrict__ qn,
                                          const float* __restrict__ kn, float eps, float* __restrict__ q_out,
                                          void* kc, u8* ks, void* vc, u8* vs, int kv_fmt, float k_scale,
-                                         float v_scale, int Hq, int Hkv, int D, int L) {
+                                         float v_scale, int Hq, int Hkv, int D, int L, const int* __restrict__ bt,
+                                         int bt_ld, int bs) {
   QT_PDL_ENTRY
   __shared__ float buf[1024];
   __shared__ float red[32];
@@ -42,7 +45,8 @@ extern "C" __global__ void rope_kv_write(const float* __restrict__ qs, int ldq, 
                                 : vs_in + (long long)n * ldv + (long long)kvh * D);
   float x = src[d];
   long long p = pos[n];
-  long long row = ((long long)(n / T) * Hkv + kvh) * L + p;
+  long long row = bt ? ((long long)bt[(long long)(n / T) * bt_ld + p / bs] * Hkv + kvh) * bs + p % bs
+                     : ((long long)(n / T) * Hkv + kvh) * L + p;
   if (kind == 2) {  // V: store only
     kv_store(kv_fmt, vc, vs, row, D, d, x, v_scale);
     return;

@@ -105,3 +105,25 @@ def test_no_environment_switch_chooses_a_kernel():
         assert not re.search(r"os\.environ|getenv", f.read_text()), f
     for f in (root / "kernels_cuda").iterdir():
         assert "QTOOL_" not in f.read_text() and "QT_PROBE" not in f.read_text(), f
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8", "nvfp4"])
+def test_paged_cache_layout(fmt):
+    """ops.PagedKVCache: per layer a block pool [num_blocks, Hkv, block_size, ...] in the contiguous cache's
+    per-row layout (the kernels' row = (block * Hkv + h) * block_size + slot), an all-zero int32 block table
+    [max_batch, max_blocks_per_seq] the kernels read through paging(), and the attention split length of a
+    contiguous cache of max_blocks_per_seq * block_size positions."""
+    c = ops.PagedKVCache(fmt, 40, 16, 9, 5, 2, 3, 64, "cpu", [1.0, 1.0], [1.0, 1.0])
+    plain = ops.KVCache(fmt, 9, 80, 2, 3, 64, "cpu", [1.0, 1.0], [1.0, 1.0])
+    k, ks = c.k[1]
+    assert k.shape[:3] == (40, 3, 16) and k.shape[3:] == plain.k[1][0].shape[3:]
+    assert (ks is None) == (fmt != "nvfp4") and (ks is None or ks.shape == (40, 3, 16, 4))
+    assert c.block_tables.shape == (9, 5) and c.block_tables.dtype == torch.int32 and not c.block_tables.any()
+    assert c.row_len() == 16 and plain.row_len() == 80 and (c.chunk, c.splits) == (plain.chunk, plain.splits)
+    bt, ld, bs = c.paging()
+    assert int(bt) == c.block_tables.data_ptr() and int(ld) == 5 and int(bs) == 16
+    assert [int(a) for a in plain.paging()] == [0, 0, 0]
+    assert c.nbytes() == plain.nbytes() * 40 * 16 // (9 * 80)
+    with pytest.raises(ValueError, match="int32"):
+        c.block_tables = c.block_tables.long()
+        c.paging()

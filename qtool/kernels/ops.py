@@ -425,14 +425,19 @@ def _resident_warps(name: str) -> int:
 
 # ---------------------------------------------------------------- rope + KV cache + attention
 class KVCache:
-    """Per layer K and V codes (+ nvfp4 block scales) in kv_cache.cuh's layout [B, Hkv, L, ...]."""
+    """Per layer K and V codes (+ nvfp4 block scales) in kv_cache.cuh's layout [B, Hkv, L, ...] (``storage``:
+    other leading dims, PagedKVCache's block pool)."""
+
+    block_tables: torch.Tensor | None = None       # paged caches only
+    block_size = 0
 
     def __init__(self, fmt: str, batch: int, max_len: int, layers: int, hkv: int, d: int, device,
-                 k_scales: list[float], v_scales: list[float], o_proj: KLinear | None = None):
+                 k_scales: list[float], v_scales: list[float], o_proj: KLinear | None = None,
+                 storage: tuple | None = None):
         self.fmt, self.code = fmt, KV_CODES[fmt]
         self.batch, self.max_len, self.hkv, self.d = batch, max_len, hkv, d
         self.k_scales, self.v_scales = k_scales, v_scales
-        shape = (batch, hkv, max_len)
+        shape = storage or (batch, hkv, max_len)
         if fmt == "bf16":
             mk = lambda: (torch.zeros(*shape, d, dtype=torch.bfloat16, device=device), None)  # noqa: E731
         elif fmt == "fp8":
@@ -453,6 +458,41 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for pair in self.k + self.v for t in pair if t is not None)
 
+    def paging(self) -> tuple:
+        """The kernels' trailing paging arguments: (block table, its row stride, block size); null for this
+        contiguous layout."""
+        return ptr(None), i32(0), i32(0)
+
+    def row_len(self) -> int:
+        """L, the positions of one stored row (contiguous: max_len; paged: the block size)."""
+        return self.max_len
+
+
+class PagedKVCache(KVCache):
+    """The serving cache (backend.py's paged contract): per layer K and V over a pool of ``num_blocks`` blocks of
+    ``block_size`` positions, [num_blocks, Hkv, block_size, ...] in kv_cache.cuh's per-row layout, and
+    ``block_tables`` int32 [max_batch, max_blocks_per_seq] on the device (all zero: every row on the dummy block
+    0), which the engine fills in place before each step: position p of batch row b lives in block
+    ``block_tables[b, p // block_size]``, slot ``p % block_size``. The split length of the attention kernel
+    follows max_blocks_per_seq * block_size as for a contiguous cache of that length."""
+
+    def __init__(self, fmt: str, num_blocks: int, block_size: int, max_batch: int, max_blocks_per_seq: int,
+                 layers: int, hkv: int, d: int, device, k_scales: list[float], v_scales: list[float],
+                 o_proj: KLinear | None = None):
+        super().__init__(fmt, max_batch, max_blocks_per_seq * block_size, layers, hkv, d, device, k_scales,
+                         v_scales, o_proj, storage=(num_blocks, hkv, block_size))
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.block_tables = torch.zeros(max_batch, max_blocks_per_seq, dtype=torch.int32, device=device)
+
+    def paging(self) -> tuple:
+        bt = self.block_tables
+        if bt.dtype != torch.int32 or not bt.is_contiguous():
+            raise ValueError("block_tables must stay a contiguous int32 tensor (filled in place)")
+        return ptr(bt), i32(bt.stride(0)), i32(self.block_size)
+
+    def row_len(self) -> int:
+        return self.block_size
+
 
 def rope_and_store(q, k, v, positions, cache: KVCache, layer: int, cos: torch.Tensor, sin: torch.Tensor,
                    T: int) -> torch.Tensor:
@@ -468,7 +508,7 @@ def rope_and_store(q, k, v, positions, cache: KVCache, layer: int, cos: torch.Te
            (ptr(q2), i32(q2.stride(0)), ptr(k2), i32(k2.stride(0)), ptr(v2), i32(v2.stride(0)), ptr(pos), i32(T),
             ptr(cos), ptr(sin), ptr(None), ptr(None), f32(0.0), ptr(q_out), ptr(kc), ptr(ks), ptr(vc), ptr(vs),
             i32(cache.code), f32(cache.k_scales[layer]), f32(cache.v_scales[layer]), i32(Hq), i32(Hkv), i32(D),
-            i32(cache.max_len)))
+            i32(cache.row_len())) + cache.paging())
     return q_out
 
 
@@ -511,10 +551,11 @@ def _attn_partial(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, laye
         # early loads before the PDL wait: only if no copy kernel (the predecessor) produced pos
         early = early and pos.data_ptr() == positions.data_ptr()
         tail = (ptr(k2), i32(k2.stride(0)), ptr(v2), i32(v2.stride(0)), ptr(cos), ptr(sin), i32(int(early)))
-    launch("attention", f"attn_partial<{D}, {ATTN_PU[D]}, {_attn_gm(D, Hq // Hkv)}, {cache.code}>", (N * Hkv, S), (128,),
+    name = f"attn_partial<{D}, {ATTN_PU[D]}, {_attn_gm(D, Hq // Hkv)}, {cache.code}, {int(cache.block_size > 0)}>"
+    launch("attention", name, (N * Hkv, S), (128,),
            (ptr(q2), i32(q2.stride(0)), ptr(pos), i32(T), ptr(kc), ptr(ks), ptr(vc), ptr(vs), i32(cache.code),
             f32(cache.k_scales[layer]), f32(cache.v_scales[layer]), ptr(part), ptr(ml), i32(Hq), i32(Hkv),
-            i32(cache.max_len), i32(cache.chunk), f32(1.0 / math.sqrt(D))) + tail)
+            i32(cache.row_len()), i32(cache.chunk), f32(1.0 / math.sqrt(D))) + tail + cache.paging())
     return part, ml
 
 

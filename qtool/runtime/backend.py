@@ -30,7 +30,8 @@ Serving (qtool/engine/) also needs `new_paged_cache(num_blocks, block_size, kv_f
 max_blocks_per_seq)`: a pool of fixed-size KV blocks with an int32 `block_tables` [max_batch,
 max_blocks_per_seq] the engine fills in place before each step (a static buffer, so graphs can
 capture it); with such a cache, position p of row b lives in block `block_tables[b, p // block_size]`,
-slot `p % block_size`, and padded rows point at the dummy block 0, position 0 (torch_ref defines it).
+slot `p % block_size`, and padded rows point at the dummy block 0, position 0 (torch_ref defines it;
+the CUDA backend's is qtool.kernels.ops.PagedKVCache).
 """
 from __future__ import annotations
 

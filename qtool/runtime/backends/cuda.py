@@ -144,9 +144,23 @@ class CudaBackend:
     def new_cache(self, batch, max_len, kv_format):
         c = self.config
         self._ensure_rope(max_len)
-        o = self._lin.get(id(self._o_proj[0])) if self._o_proj and self.fuse else None
         return ops.KVCache(kv_format, batch, max_len, c.num_layers, c.num_kv_heads, c.head_dim, self.device,
-                           self.k_scales, self.v_scales, o_proj=o if isinstance(o, KLinear) else None)
+                           self.k_scales, self.v_scales, o_proj=self._first_o())
+
+    def new_paged_cache(self, num_blocks, block_size, kv_format, max_batch=64, max_blocks_per_seq=None):
+        """ops.PagedKVCache: `num_blocks` blocks of `block_size` positions, `block_tables` [max_batch,
+        max_blocks_per_seq] (default: num_blocks) on the device, all zero (every row on the dummy block 0)."""
+        c = self.config
+        per_row = max_blocks_per_seq or num_blocks
+        self._ensure_rope(per_row * block_size)
+        return ops.PagedKVCache(kv_format, num_blocks, block_size, max_batch, per_row, c.num_layers, c.num_kv_heads,
+                                c.head_dim, self.device, self.k_scales, self.v_scales, o_proj=self._first_o())
+
+    def _first_o(self):
+        """The first o projection's KLinear (its input quantization sets a cache's attention split length);
+        None when unfused or kept in parts."""
+        o = self._lin.get(id(self._o_proj[0])) if self._o_proj and self.fuse else None
+        return o if isinstance(o, KLinear) else None
 
     def cache_nbytes(self, cache) -> int:
         return cache.nbytes()
