@@ -297,3 +297,22 @@ def test_autoawq_under_gqa_requantizes_o_proj_and_says_so(tiny_models, tmp_path)
         assert 0 < rel < 0.15 and abs(rel - r["relative_change"]) < 1e-3, (mod, rel, r)
     assert not (awq / "hf_quant_config.json").exists()
     assert rec["modelopt_hf_quant_config"]["quantization"]["quant_algo"] == "W4A16_AWQ"
+
+
+def test_autoawq_and_modelopt_layouts_give_the_same_logits(exports):
+    """The same function end to end: qtool's reference backend (float32) on both layouts of one calibration,
+    prefill logits of 24 tokens agree to the fp16 rounding of AutoAWQ's scales."""
+    from qtool.runtime.backends.torch_ref import TorchRefBackend
+    from qtool.runtime.loader import load_model_weights
+    from qtool.runtime.model import Model
+    ids = torch.randint(0, 384, (1, 24), generator=torch.Generator().manual_seed(3))
+    out = []
+    for rid in ("awq-vllm", "awq-trtllm"):
+        proc, ckpt, _ = exports[rid]
+        assert proc.returncode == 0, proc.stderr[-1000:]
+        model = Model(load_model_weights(str(ckpt), progress=False), TorchRefBackend())
+        cache = model.new_cache(1, ids.shape[1], "bf16")
+        with torch.no_grad():
+            out.append(model.forward(ids, torch.arange(ids.shape[1])[None], cache, all_logits=True)[0].float())
+    a, b = out
+    assert float((a - b).abs().max() / b.abs().max()) < 1e-2
