@@ -267,7 +267,7 @@ def test_mma4_splits(fmt, act, m, o, k):
         assert rel(outs[0], ref) < 1e-4, f"S={S}: rel {rel(outs[0], ref):.2e}"
         assert torch.equal(outs[0], outs[1]), f"S={S}: repeat differs"
     assert_replays_equal(lambda y: ops._launch_mma4(q, kt, y, m), outs[0])
-    assert torch.equal(ops.linear(x.to(DEV), kt, pre=q), outs[0])
+    assert torch.equal(ops.linear(x.to(DEV), kt, pre=dict(q, path="mma4")), outs[0])
     xg = torch.randn(11, k, device=DEV)
     assert torch.equal(ops.linear(xg, kt, path="gemm"), ops.linear(xg, kl, path="gemm"))
 
