@@ -170,3 +170,236 @@ def test_qtool_json_carries_a_fresh_random_id():
     facts = {k: None for k in MANIFEST_KEYS if k not in ("schema", "tool", "qtool_version")}
     a, b = build_manifest(**facts)["id"], build_manifest(**facts)["id"]
     assert a != b and len(a) == 32 and int(a, 16) >= 0
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints for 3-10
+
+def fp8_checkpoint(src: Path, dst: Path, kv: str | None = "FP8", kv_scales: bool = True) -> Path:
+    """An FP8 per-tensor checkpoint (ModelOpt layout, docs/numerics.md) of a tiny bf16 llama, written here."""
+    import shutil
+    import torch
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(src, dst)
+    sd = load_file(str(dst / "model.safetensors"))
+    out = {}
+    for name, t in sd.items():
+        if ".layers." in name and name.endswith("_proj.weight"):
+            scale = t.float().abs().max() / 448.0
+            out[name] = (t.float() / scale).to(torch.float8_e4m3fn)
+            out[name[: -len("weight")] + "weight_scale"] = scale.reshape(()).float()
+            out[name[: -len("weight")] + "input_scale"] = torch.tensor(0.05)
+        else:
+            out[name] = t
+    layers = json.loads((dst / "config.json").read_text())["num_hidden_layers"]
+    for i in range(layers if kv and kv_scales else 0):
+        out[f"model.layers.{i}.self_attn.k_proj.k_scale"] = torch.tensor(0.02)
+        out[f"model.layers.{i}.self_attn.v_proj.v_scale"] = torch.tensor(0.03)
+    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    (dst / "hf_quant_config.json").write_text(json.dumps(
+        {"producer": {"name": "modelopt", "version": "0.47.0"},
+         "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": kv, "exclude_modules": ["lm_head"]}}))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def fp8_ckpt(tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fp8")
+    cache = {}
+
+    def get(**kw) -> Path:
+        key = tuple(sorted(kw.items()))
+        if key not in cache:
+            cache[key] = fp8_checkpoint(tiny_models("llama"), root / f"c{len(cache)}", **kw)
+        return cache[key]
+    return get
+
+
+def edit_tensors(folder: Path, fn) -> None:
+    from safetensors.torch import load_file, save_file
+    sd = load_file(str(folder / "model.safetensors"))
+    fn(sd)
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def edit_config(folder: Path, fn, name: str = "config.json") -> None:
+    cfg = json.loads((folder / name).read_text())
+    fn(cfg)
+    (folder / name).write_text(json.dumps(cfg))
+
+
+def copy_of(src: Path, dst: Path) -> Path:
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
+
+
+# ------------------------------------------------------------------------------------------------ 2/3. one snapshot
+
+def _versions(tiny_models, tmp_path):
+    """A qtool output at `target` (version a) and version b: other weights and another rope_theta."""
+    a = copy_of(tiny_models("llama"), tmp_path / "a")
+    (a / "qtool.json").write_text(json.dumps({"id": "a" * 32}))
+    b = copy_of(a, tmp_path / "b")
+    edit_tensors(b, lambda sd: sd.update({k: (v.float() * 2).to(v.dtype) for k, v in sd.items()}))
+    edit_config(b, lambda c: c.update(rope_theta=20000.0))
+    (b / "qtool.json").write_text(json.dumps({"id": "b" * 32}))
+    return copy_of(a, tmp_path / "target"), a, b
+
+
+def _replace_with(target: Path, version: Path) -> None:
+    import shutil
+    from qtool.quantize.output import staged
+    with staged(target, force=True) as tmp:
+        for f in version.iterdir():
+            shutil.copy(f, tmp / f.name)
+
+
+def test_loader_never_mixes_versions_of_a_folder_replaced_while_loading(tiny_models, tmp_path, monkeypatch):
+    import torch
+    import qtool.checkpoint.scheme as scheme
+    from qtool.errors import CheckpointError
+    from qtool.runtime.loader import load_model_weights
+    target, a, b = _versions(tiny_models, tmp_path)
+    real = scheme.describe
+
+    def describe_then_replace(files, strict=True):      # config.json and headers read: now the folder changes
+        out = real(files, strict)
+        if not (target / "qtool.json").read_text().count("b"):
+            _replace_with(target, b)
+        return out
+    monkeypatch.setattr(scheme, "describe", describe_then_replace)
+    with pytest.raises(CheckpointError, match="replaced while it was being loaded"):
+        load_model_weights(str(target), progress=False)
+    monkeypatch.setattr(scheme, "describe", real)
+    w = load_model_weights(str(target), progress=False)          # afterwards: all of version b
+    from safetensors.torch import load_file
+    assert w.config.rope_theta == 20000.0
+    assert torch.equal(w.embed, load_file(str(b / "model.safetensors"))["model.embed_tokens.weight"])
+
+
+def test_run_never_mixes_tokenizer_and_config_with_replaced_weights(tiny_models, tmp_path, monkeypatch):
+    import qtool.runtime.chat as chat
+    target, a, b = _versions(tiny_models, tmp_path)
+    real = chat.load_tokenizer
+
+    def tokenizer_then_replace(folder, *args, **kw):     # config + tokenizer read; the weights are next
+        tok = real(folder, *args, **kw)
+        _replace_with(target, b)
+        return tok
+    monkeypatch.setattr(chat, "load_tokenizer", tokenizer_then_replace)
+    r, errs = cli("run", str(target), "hi", "--max-new-tokens", "1", "--backend", "torch", "--json")
+    assert r.exit_code == 1 and len(errs) == 1 and "replaced while it was being loaded" in errs[0]
+
+
+# ------------------------------------------------------------------------------------------------ 6. quantized input
+
+@pytest.mark.parametrize("variant,needle", [("modelopt", "ModelOpt FP8 checkpoint"),
+                                            ("tensors only", "F8_E4M3 tensors"),
+                                            ("config only", "config.json quantization_config")])
+def test_quantizing_a_quantized_checkpoint_is_refused(fp8_ckpt, tmp_path, variant, needle):
+    src = copy_of(fp8_ckpt(), tmp_path / "in")
+    if variant != "modelopt":
+        (src / "hf_quant_config.json").unlink()
+    if variant == "config only":
+        edit_tensors(src, lambda sd: sd.update({k: v.float().to(__import__("torch").bfloat16) for k, v in sd.items()}))
+        edit_tensors(src, lambda sd: [sd.pop(k) for k in [k for k in sd if k.endswith(("_scale",))]])
+        edit_config(src, lambda c: c.update(quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]}))
+    r, errs = cli("quantize", "--model", str(src), "-o", str(tmp_path / "out"), "--quant", "fp8", "--gpu", "sm90",
+                  "--calib-size", "1", "--calib-seq-len", "8")
+    assert r.exit_code == 2, r.stdout + (r.stderr or "")
+    assert len(errs) == 1 and "already quantized" in errs[0] and needle in errs[0]
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------ 7, 9. one validator
+
+def _set(name, value):
+    import torch
+    return lambda sd: sd.__setitem__(name, torch.tensor(value, dtype=sd[name].dtype))
+
+
+def _overlap(folder: Path) -> None:
+    """Point layer 1's input_layernorm at the bytes of layer 0's (same dtype and shape)."""
+    import struct
+    raw = (folder / "model.safetensors").read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    head = json.loads(raw[8:8 + n])
+    head["model.layers.1.input_layernorm.weight"]["data_offsets"] = head["model.layers.0.input_layernorm.weight"][
+        "data_offsets"]
+    new = json.dumps(head).encode()
+    new += b" " * (-len(new) % 8)
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n:])
+
+
+Q0 = "model.layers.0.self_attn.q_proj"
+CASES = {   # name -> (fp8 base?, mutation of the folder, the text both inspect and run must name)
+    "nan weight_scale": (True, lambda d: edit_tensors(d, _set(Q0 + ".weight_scale", float("nan"))),
+                         Q0 + ".weight_scale: scale is NaN"),
+    "inf input_scale": (True, lambda d: edit_tensors(d, _set(Q0 + ".input_scale", float("inf"))),
+                        Q0 + ".input_scale: scale is Inf"),
+    "zero weight_scale": (True, lambda d: edit_tensors(d, _set("model.layers.1.mlp.down_proj.weight_scale", 0.0)),
+                          "model.layers.1.mlp.down_proj.weight_scale: scale is zero"),
+    "negative k_scale": (True, lambda d: edit_tensors(d, _set("model.layers.1.self_attn.k_proj.k_scale", -0.5)),
+                         "model.layers.1.self_attn.k_proj.k_scale: scale is negative"),
+    "nan v_scale": (True, lambda d: edit_tensors(d, _set("model.layers.0.self_attn.v_proj.v_scale", float("nan"))),
+                    "model.layers.0.self_attn.v_proj.v_scale: scale is NaN"),
+    "kv contradiction": (True, lambda d: edit_config(d, lambda c: c.update(quantization_config={
+        "quant_method": "modelopt", "quant_algo": "FP8", "kv_cache_scheme": "NVFP4"})),
+        "kv_cache_scheme says a nvfp4 KV cache but hf_quant_config.json kv_cache_quant_algo says fp8"),
+    "zero layers": (False, lambda d: edit_config(d, lambda c: c.update(num_hidden_layers=0)),
+                    "num_hidden_layers is 0: the model has no layers"),
+    "string num_hidden_layers": (False, lambda d: edit_config(d, lambda c: c.update(num_hidden_layers="2")),
+                                 "num_hidden_layers '2' is not an integer"),
+    "float num_hidden_layers": (False, lambda d: edit_config(d, lambda c: c.update(num_hidden_layers=2.0)),
+                                "num_hidden_layers 2.0 is not an integer"),
+    "missing hidden_size": (False, lambda d: edit_config(d, lambda c: c.pop("hidden_size")), "hidden_size"),
+    "missing linear weight": (False, lambda d: edit_tensors(d, lambda sd: sd.pop("model.layers.1.mlp.down_proj.weight")),
+                              "model.layers.1.mlp.down_proj.weight: missing"),
+    "overlapping offsets": (False, _overlap, "model.layers.0.input_layernorm.weight and "
+                                             "model.layers.1.input_layernorm.weight overlap"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_inspect_and_run_both_refuse(case, fp8_ckpt, tiny_models, tmp_path):
+    from qtool.errors import CheckpointError
+    from qtool.runtime.loader import load_model_weights
+    fp8, mutate, needle = CASES[case]
+    ckpt = copy_of(fp8_ckpt() if fp8 else tiny_models("llama"), tmp_path / "ckpt")
+    mutate(ckpt)
+    r, _ = cli("inspect", str(ckpt), "--json")
+    assert r.exit_code == 1, r.stdout
+    doc = json.loads(r.stdout)
+    assert any(needle in p for p in doc.get("problems", [doc.get("error", {}).get("message", "")])), doc.get("problems")
+    with pytest.raises(CheckpointError, match=__import__("re").escape(needle)):
+        load_model_weights(str(ckpt), progress=False)
+
+
+def test_run_on_a_nan_scale_exits_1_naming_the_tensor(fp8_ckpt, tmp_path):
+    ckpt = copy_of(fp8_ckpt(), tmp_path / "ckpt")
+    CASES["nan weight_scale"][1](ckpt)
+    r, errs = cli("run", str(ckpt), "hi", "--max-new-tokens", "2", "--backend", "torch")
+    assert r.exit_code == 1 and len(errs) == 1 and Q0 + ".weight_scale: scale is NaN" in errs[0]
+
+
+# ------------------------------------------------------------------------------------------------ 8. KV scales 1.0
+
+def test_missing_kv_scales_are_warned_and_recorded(fp8_ckpt):
+    r, _ = cli("run", str(fp8_ckpt(kv_scales=False)), "hi", "--max-new-tokens", "1", "--backend", "torch", "--json")
+    assert r.exit_code == 0, r.stdout + (r.stderr or "")
+    warnings = json.loads(r.stdout)["warnings"]
+    assert [w for w in warnings if "k_scale/v_scale in layer(s) 0-1 of 2" in w and "scale 1.0" in w], warnings
+    assert "k_scale/v_scale in layer(s) 0-1 of 2" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------------ 10. bounded by tensors
+
+def test_inspect_bounds_work_by_the_tensors_present(tiny_models, tmp_path):
+    ckpt = copy_of(tiny_models("llama"), tmp_path / "ckpt")
+    edit_config(ckpt, lambda c: c.update(num_hidden_layers=10**9))
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30)); "
+            "from qtool.cli import app; sys.argv = ['qtool', 'inspect', sys.argv[1], '--json']; app()")
+    p = subprocess.run([sys.executable, "-c", code, str(ckpt)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1, p.stderr
+    assert "model.layers.2-999999999: no tensors, but config.json num_hidden_layers is 1000000000" in \
+        json.loads(p.stdout)["problems"]

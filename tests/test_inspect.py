@@ -326,7 +326,10 @@ def test_deep_finds_value_problems(tmp_path, modelopt_ckpt):
         q[7, 8:16] = 0                                   # one NVFP4 block of 16 codes, all zero
         sd["model.layers.0.mlp.up_proj.weight"] = q
     rewrite_tensors(out, edit)
-    assert run(out).exit_code == 0                       # headers alone cannot see values
+    r, doc = run_json(out)                               # without --deep: the small scales only (validate.py)
+    assert r.exit_code == 1 and sorted(doc["problems"]) == sorted([
+        "model.layers.0.self_attn.q_proj.weight_scale_2: scale is zero (a scale must be finite and > 0)",
+        "model.layers.1.self_attn.k_proj.k_scale: scale is negative (a scale must be finite and > 0)"])
     r, doc = run_json(out, "--deep")
     assert r.exit_code == 1
     assert sorted(doc["deep"]["problems"]) == sorted([

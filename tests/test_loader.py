@@ -234,7 +234,7 @@ def test_missing_kv_scales_default_to_one(exported, tmp_path):
               metadata={"format": "pt"})
     mw = load_model_weights(str(dst), progress=False)
     assert mw.kv_format == "fp8" and mw.layers[0].k_scale == 1.0 and mw.layers[1].v_scale == 1.0
-    assert any("k_scale" in n and "1.0" in n for n in mw.notes)
+    assert mw.kv_scale_defaults == [0, 1] and "layer(s) 0-1 of 2" in mw.kv_scale_warning("fp8")
 
 
 def test_unknown_family_and_bad_checkpoint(tiny_models, tmp_path):

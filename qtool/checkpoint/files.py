@@ -7,7 +7,8 @@ every shard (`model.safetensors.index.json` honoured). No tensor data is read an
 imported. A missing local path raises UsageError; a malformed checkpoint (no config, config not
 JSON, no safetensors, corrupt or truncated header, data past the end of a file, unknown dtype,
 index naming a missing shard or tensor) raises CheckpointError with one line naming the file and
-tensor. With `strict=False` the per-tensor problems are collected in `.problems` instead, so
+tensor. `.pin` identifies the version of a local folder that was read (qtool.checkpoint.snapshot: a loader
+verifies it after its last read). With `strict=False` the per-tensor problems are collected in `.problems` instead, so
 `inspect` can list all of them. A string that is not a local path but looks like `org/name` is
 opened from the Hugging Face hub (qtool.sources' hub rules and timeout): a complete copy in the local
 hub cache is used as is; otherwise the JSON files are downloaded (cached) and each shard's header is
@@ -73,6 +74,7 @@ class CheckpointFiles:
     file_sizes: dict[Path, int] = field(default_factory=dict)   # shard -> bytes on disk
     remote: bool = False                    # headers came from the hub (no local tensor data)
     problems: list[str] = field(default_factory=list)           # strict=False: what would have raised
+    pin: tuple | None = None                # qtool.checkpoint.snapshot.pin(root), taken before any file was read
 
     @property
     def bytes_on_disk(self) -> int:
@@ -236,6 +238,8 @@ def assemble(root: Path, source: str, jsons: dict[str, dict | None], listing: li
 
 
 def open_local(root: Path, source: str | None = None, strict: bool = True) -> CheckpointFiles:
+    from qtool.checkpoint import snapshot
+    pin = snapshot.pin(root)          # first: a reader verifies it after its last read (one version of the folder)
     if not root.is_dir():
         raise CheckpointError(f"{root} is a file, not a checkpoint folder",
                               hint="give the folder that holds config.json and the *.safetensors files")
@@ -250,8 +254,10 @@ def open_local(root: Path, source: str | None = None, strict: bool = True) -> Ch
     for n in listing:
         if n.endswith(".safetensors"):
             sizes[n] = (root / n).stat().st_size
-    return assemble(root, source or str(root), jsons, listing, sizes, strict, False,
-                    lambda name, problems: _read_header(root / name, problems))
+    files = assemble(root, source or str(root), jsons, listing, sizes, strict, False,
+                     lambda name, problems: _read_header(root / name, problems))
+    files.pin = pin
+    return files
 
 
 def open_checkpoint(path_or_hub_id: str, strict: bool = True) -> CheckpointFiles:

@@ -34,7 +34,8 @@ ACT_TITLES = {"none": "16-bit (not quantized)", "fp8": "FP8 per-tensor static", 
               "mxfp4": "MXFP4 dynamic (per 32)"}
 
 
-def _ranges(nums: list[int]) -> str:
+def ranges(nums: list[int]) -> str:
+    """'0-3,5' for [0, 1, 2, 3, 5]."""
     nums = sorted(set(nums))
     out, start = [], None
     for i, n in enumerate(nums):
@@ -61,7 +62,7 @@ def layer_groups(scheme: CheckpointScheme) -> list[dict]:
             g["layers"].append(int(m.group(1)))
     out = []
     for g in groups.values():
-        g["layers"] = _ranges(g["layers"]) if g["layers"] else None
+        g["layers"] = ranges(g["layers"]) if g["layers"] else None
         out.append(g)
     return out
 
@@ -300,6 +301,6 @@ def render(rep: dict, console) -> None:
             console.print(f"  [red]problem:[/red] {escape(p)}")
     else:
         console.print("[green]Sound[/green]    no problems found" + ("" if rep["deep"] is not None else
-                                                                     " (headers only; --deep checks values)"))
+                                                                     " (headers and scales; --deep checks every value)"))
 
 

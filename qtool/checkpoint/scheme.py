@@ -452,7 +452,8 @@ def _kv(files: CheckpointFiles, d: _Declared, kv_tensors: dict[str, TensorInfo],
             bad(f"{name}: unexpected KV scale in a checkpoint without a quantized KV cache")
         return kv_format, {}
     n = num_layers(files.config)
-    layers = range(n) if n else sorted(found)
+    top = 1 + max((int(m.group(1)) for t in files.tensors if (m := LAYER_RE.search(t))), default=-1)
+    layers = range(min(n, top)) if n else sorted(found)      # bounded by the layers present (a config may say 1e9)
     return kv_format, {i: tuple(found.get(i, [None, None])) for i in layers}
 
 

@@ -5,13 +5,15 @@ the tensor or file: what `open_checkpoint(strict=False)` and `describe(strict=Fa
 (truncated data, corrupt entries, missing/unexpected scale tensors, shapes or dtypes contradicting
 the format, config vs tensors), plus config.json against the tensors (vocab/hidden size vs the
 embedding, layer count vs the numbered layers, projection shapes vs hidden/intermediate/head
-sizes, a missing lm_head), a missing tokenizer, and KV scales present for some layers only.
+sizes, a missing lm_head), a missing tokenizer, KV scales present for some layers only, and everything
+`qtool.checkpoint.validate` finds (the checks the runtime loader shares: scale values, zero layers, overlaps…).
 Notes are harmless facts (no chat template, KV scales absent everywhere so engines use 1.0).
 """
 from __future__ import annotations
 
 import re
 
+from qtool.checkpoint import validate
 from qtool.checkpoint.files import CheckpointFiles
 from qtool.checkpoint.scheme import LAYER_RE, CheckpointScheme, num_layers
 from qtool.support.families import text_config
@@ -41,8 +43,12 @@ def _config_vs_tensors(files: CheckpointFiles, scheme: CheckpointScheme) -> list
     seen = {int(m.group(1)) for name in files.tensors if (m := LAYER_RE.search(name))}
     if isinstance(n, int) and seen:
         prefix = _layer_prefix(files)
-        for i in sorted(set(range(n)) - seen):
+        top = max(seen) + 1                        # bounded by the tensors present, whatever the config says
+        for i in sorted(set(range(min(n, top))) - seen):
             out.append(f"{prefix}{i}: no tensors, but config.json num_hidden_layers is {n}")
+        if n > top:
+            where = f"{top}" if n == top + 1 else f"{top}-{n - 1}"
+            out.append(f"{prefix}{where}: no tensors, but config.json num_hidden_layers is {n}")
         extra = c.get("num_nextn_predict_layers") or 0      # DeepSeek-V3 MTP layers follow the last one
         for i in sorted(i for i in seen if i >= n + (extra if isinstance(extra, int) else 0)):
             out.append(f"{prefix}{i}: tensors beyond config.json num_hidden_layers = {n}")
@@ -102,7 +108,7 @@ def _kv_scales(scheme: CheckpointScheme) -> tuple[list[str], list[str]]:
 def check(files: CheckpointFiles, scheme: CheckpointScheme) -> tuple[list[str], list[str]]:
     problems = list(files.problems) + list(scheme.problems)
     notes = list(scheme.notes)
-    problems += _config_vs_tensors(files, scheme)
+    problems += _config_vs_tensors(files, scheme) + validate.problems(files, scheme)
     if not any(n in files.tokenizer_files for n in TOKENIZER_CORE):
         problems.append("tokenizer: missing (no tokenizer.json, tokenizer.model or vocab.json next to config.json)")
     elif not files.has_chat_template:

@@ -190,9 +190,8 @@ def open_session(model: str, backend: BackendChoice, kv_cache_dtype: KvDtype, st
     # 2. load and build
     from qtool.runtime.loader import load_weights
     weights = load_weights(files, scheme, progress=not quiet)
-    if kv in ("fp8", "nvfp4") and any(L.k_scale is None or L.v_scale is None for L in weights.layers):
-        note(f"the checkpoint has no calibrated k_scale/v_scale: the {kv} KV cache uses scale 1.0 "
-             "(quantize with --kv-cache-quant for calibrated scales)")
+    if weights.kv_scale_warning(kv):       # every layer whose k/v scale is 1.0, named
+        note(weights.kv_scale_warning(kv))
     be = make_backend(c.be_name)
     if be.name == "torch":
         info("backend: torch — the PyTorch reference (float32 on CPU); it defines the numerics and is slow")

@@ -1,6 +1,6 @@
 """The quantize pipeline: `prepare` (all checks, nothing loaded) then `run` (load → calibrate → export).
 
-Contract: `prepare(Request)` resolves the family rows (from --family or the model's config.json,
+Contract: `prepare(Request)` refuses an input that is already quantized (exit 2), resolves the family rows (from --family or the model's config.json,
 read without loading weights), the target architecture (--gpu, else the local GPU, else any
 architecture), runs `check_request` + `enforce` (Unsupported, exit 3, unless force), checks the
 output folder, the INT4 block size, CUDA needs and the calibration source, and returns a Plan.
@@ -82,6 +82,7 @@ def prepare(req: Request) -> Plan:
         src = resolve_model_source(req.model, progress=req.progress)
         req.model = str(src.path)
         cfg, how = planmod.peek_config(req.model)
+    _refuse_quantized_input(req.model)
     rows, rows_how = _rows(req, cfg, how)
     arch = target_arch(req.gpu)
     verdict = check_request(rows or None, req.quant, req.kv, arch, any_arch=arch is None)
@@ -105,6 +106,14 @@ def prepare(req: Request) -> Plan:
     texts, desc = calibration_texts(str(req.calib_data) if req.calib_data else None, req.calib_size)
     return Plan(req, rows, rows_how, arch, verdict, force_warning, cfg, texts, desc, block, choice, rec, kv_rec, src,
                 max_memory)
+
+
+def _refuse_quantized_input(model: str) -> None:
+    """Exit 2 for an input that is already quantized: its scales would be ignored on load (docs/quantize.md)."""
+    from qtool.checkpoint.validate import quantized_input
+    if Path(model).expanduser().is_dir() and (what := quantized_input(Path(model).expanduser())):
+        raise UsageError(f"{model} is already quantized: {what}; qtool quantizes bf16/fp16/fp32 checkpoints",
+                         hint="give the unquantized model it was made from")
 
 
 def _peak_memory() -> dict:

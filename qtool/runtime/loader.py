@@ -7,8 +7,11 @@ against its format), loads each tensor in its on-disk dtype onto the CPU, builds
 and fuses q|k|v and gate|up (qtool.runtime.fusion, which says in ``note`` and in ``ModelWeights.notes`` where
 it re-quantized or kept parts). Families: llama (incl. llama3 rope scaling), mistral, qwen2 (q/k/v bias),
 qwen3 (q/k RMSNorm); tied or untied embeddings. An unknown model_type raises Unsupported; a bad checkpoint
-raises CheckpointError (one line each). A quantized KV cache without k_scale/v_scale uses 1.0 and says so in
-``notes``. A hub id is resolved by qtool.sources (offline: one-line Failure). Progress goes to stderr.
+raises CheckpointError (one line each), as does anything qtool.checkpoint.validate finds (the checks inspect
+makes: NaN/Inf/zero/negative scales, zero layers, overlapping tensors, a missing linear weight, ...), checked by
+``load_weights`` first; it also fails on a folder replaced since ``open_checkpoint`` began reading it
+(qtool.checkpoint.snapshot; so config, tokenizer and weights come from one version). A quantized KV cache
+without k_scale/v_scale uses 1.0 and lists those layers in ``kv_scale_defaults``. A hub id is resolved by qtool.sources (offline: one-line Failure). Progress goes to stderr.
 """
 from __future__ import annotations
 
@@ -126,7 +129,9 @@ def load_model_weights(path_or_id: str, progress: bool = True) -> ModelWeights:
 
 def load_weights(files, scheme, progress: bool = True) -> ModelWeights:
     """ModelWeights from opened checkpoint files and their description (qtool.checkpoint.scheme.describe)."""
+    from qtool.checkpoint.validate import require_valid
     config = model_config(files.config, files.generation_config, files.tensors)
+    require_valid(files, scheme)                # the checks inspect makes: scale values, zero layers, ...
     reader, notes = _Reader(files), list(scheme.notes)
 
     def need(name: str) -> torch.Tensor:
@@ -141,6 +146,7 @@ def load_weights(files, scheme, progress: bool = True) -> ModelWeights:
     embed = need("model.embed_tokens.weight")
     layers: list[LayerWeights] = []
     fusion_notes: dict[str, int] = {}
+    kv_defaults: list[int] = []
     with _progress(progress, config.num_layers, files.source) as advance:
         for i in range(config.num_layers):
             p = f"model.layers.{i}."
@@ -149,7 +155,7 @@ def load_weights(files, scheme, progress: bool = True) -> ModelWeights:
             for lw in (qkv, gate_up):
                 if ";" in lw.note or lw.parts is not None:      # anything beyond a plain concatenation
                     fusion_notes[lw.note] = fusion_notes.get(lw.note, 0) + 1
-            k_scale, v_scale = _kv_scales(scheme, i, reader, notes)
+            k_scale, v_scale = _kv_scales(scheme, i, reader, kv_defaults)
             layers.append(LayerWeights(
                 input_norm=need(p + "input_layernorm.weight"), post_attn_norm=need(p + "post_attention_layernorm.weight"),
                 qkv=qkv, o=lin(p + "self_attn.o_proj"), gate_up=gate_up, down=lin(p + "mlp.down_proj"),
@@ -158,6 +164,8 @@ def load_weights(files, scheme, progress: bool = True) -> ModelWeights:
                 k_scale=k_scale, v_scale=v_scale))
             advance()
     notes += [f"{note} (in {n} of {config.num_layers} layers)" for note, n in fusion_notes.items()]
+    from qtool.checkpoint import snapshot
+    snapshot.verify(files.root, files.pin)     # pinned before config.json was read: one version of the folder
     if "lm_head" in scheme.linears and not config.tie_word_embeddings:
         lm_head = lin("lm_head")
     else:   # tied (as transformers does, even when a copy of lm_head.weight is also stored)
@@ -165,18 +173,19 @@ def load_weights(files, scheme, progress: bool = True) -> ModelWeights:
                                 note="tied to the embedding")
     return ModelWeights(config=config, embed=embed, final_norm=need("model.norm.weight"), lm_head=lm_head,
                         layers=layers, kv_format=scheme.kv_format, source=files.source,
-                        scheme_summary=scheme.summary(), notes=_dedupe(notes))
+                        scheme_summary=scheme.summary(), notes=_dedupe(notes), kv_scale_defaults=kv_defaults)
 
 
-def _kv_scales(scheme, layer: int, reader: _Reader, notes: list[str]):
+def _kv_scales(scheme, layer: int, reader: _Reader, defaulted: list[int]):
     if scheme.kv_format == "bf16":
         return None, None
     k_name, v_name = scheme.kv_scales.get(layer, (None, None))
     out = []
-    for what, name in (("k_scale", k_name), ("v_scale", v_name)):
+    for name in (k_name, v_name):
         if name is None:
             out.append(1.0)
-            notes.append(f"{scheme.kv_format} KV cache: checkpoint has no {what}; using 1.0")
+            if layer not in defaulted:
+                defaulted.append(layer)
         else:
             out.append(float(reader.get(name).float().reshape(-1)[0]))
     return out[0], out[1]

@@ -119,6 +119,20 @@ class ModelWeights:
     source: str
     scheme_summary: str
     notes: list[str] = field(default_factory=list)
+    kv_scale_defaults: list[int] = field(default_factory=list)   # layers whose missing k/v scale became 1.0
+
+    def kv_scale_warning(self, kv: str) -> str | None:
+        """The warning for a quantized KV cache (`kv`) that runs with scale 1.0 in some layers, else None."""
+        if kv not in ("fp8", "nvfp4"):
+            return None
+        layers = sorted(set(self.kv_scale_defaults) | {i for i, L in enumerate(self.layers)
+                                                       if L.k_scale is None or L.v_scale is None})
+        if not layers:
+            return None
+        from qtool.checkpoint.report import ranges
+        return (f"the checkpoint has no calibrated k_scale/v_scale in layer(s) {ranges(layers)} of "
+                f"{len(self.layers)}: the {kv} KV cache uses scale 1.0 there "
+                "(quantize with --kv-cache-quant for calibrated scales)")
 
     def nbytes(self) -> int:
         """Bytes held in memory (a tied lm_head that shares the embedding tensor is counted once)."""
