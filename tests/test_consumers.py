@@ -215,3 +215,14 @@ def test_config_compat_reads_the_same_in_457_and_5(tmp_path, family, theta, rope
     assert ta(text)["input_ids"] == tb(text)["input_ids"]
     assert tb.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == \
         ta.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+
+
+def test_vllm_nvfp4_kv_head_dim_64_is_told():
+    """vllm/v1/attention/backends/flashinfer.py (~683-685, vLLM 0.33): head_size 64 refused on sm80/90/120."""
+    ch = consumers.choose("fp8", "nvfp4", None, None, head_dim=64)
+    assert ch.loads_in == list(consumers.TARGETS)
+    assert any("FlashInfer" in n and "head_dim 64" in n for n in ch.cells["vllm"].notes)
+    assert not consumers.choose("fp8", "nvfp4", None, None, head_dim=128).cells["vllm"].notes
+    assert not ch.cells["trtllm"].notes
+    from qtool.quantize.targets import summary
+    assert "note: vLLM:" in summary(ch.as_dict()) and "--kv-cache-dtype bfloat16" in summary(ch.as_dict())

@@ -82,7 +82,8 @@ def _print_summary(r: dict) -> None:
                  f"{r['calibration']['seq_len']} tokens; algorithm {r['calibration']['algorithm']}.")
     if r.get("consumers"):
         from qtool.quantize.targets import summary
-        stdout.print(summary(r["consumers"]))
+        from rich.markup import escape
+        stdout.print(escape(summary(r["consumers"])))
     if r.get("architectures_supported"):
         stdout.print("runs on (hardware matrix): " + ", ".join(r["architectures_supported"]))
     elif r.get("target"):

@@ -49,8 +49,14 @@ def finish(out_dir: Path, choice, block: int | None, modelopt_version: str | Non
 
 
 def summary(record: dict) -> str:
-    """One line for the quantize summary: where the checkpoint loads."""
+    """Lines for the quantize summary: where the checkpoint loads, and what a user of each must know."""
     loads = record.get("loads_in") or []
-    line = (f"loads in: {consumers.names(loads) or 'none of ' + consumers.names(consumers.TARGETS)} "
-            f"({record['layout']} layout)")
-    return line
+    lines = [f"loads in: {consumers.names(loads) or 'none of ' + consumers.names(consumers.TARGETS)} "
+             f"({record['layout']} layout; serving commands: docs/quantize.md \"Use the checkpoint elsewhere\")"]
+    seen = set()
+    for t in loads:
+        for n in record["consumers"][t]["notes"]:
+            if n not in seen:
+                seen.add(n)
+                lines.append(f"note: {consumers.title(t)}: {n}")
+    return "\n".join(lines)

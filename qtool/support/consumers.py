@@ -83,8 +83,7 @@ def cell(quant: str | None, kv: str | None, layout: str | None, consumer: str, g
             c.loads = False
             c.reason = f"kv {kv} in the {layout} layout: {contracts()['kv']['other_layouts_reason']}"
         if head_dim in e.get("head_dim_refused", []):
-            c.notes.append(e["note"] + f" (this model: head_dim {head_dim}; "
-                           + "/".join(e.get("head_dim_archs", [])) + ")")
+            c.notes.append(e["note"] + f" (this model has head_dim {head_dim})")
         elif e.get("note") and head_dim is None:
             c.notes.append(e["note"])
     return c
