@@ -42,12 +42,14 @@ def alone(model, tok, prompt, n, **kw):
     return c
 
 
-def run_engine(model, tok, prompts, n=10, *, num_blocks=256, block_size=16, abort_after=None, **kw):
+def run_engine(model, tok, prompts, n=10, *, num_blocks=256, block_size=16, abort_after=None, warmup=False, **kw):
     from qtool.engine import Request, SamplingParams
     from qtool.engine.engine import Engine
     engine = Engine(model, tok, "bf16", [], num_blocks=num_blocks, block_size=block_size,
                     max_num_seqs=kw.pop("max_num_seqs", 64), max_num_batched_tokens=kw.pop("max_num_batched_tokens", 256),
                     max_model_len=256)
+    if warmup:
+        engine.warmup()       # writes only the dummy block 0: must not change any output
     outs = {}
     params = kw.pop("params", None)
     for i, p in enumerate(prompts):
@@ -73,7 +75,7 @@ def text(outs, i):
 
 def test_eight_concurrent_greedy_equal_alone(setup):
     model, tok, prompts = setup
-    engine, outs = run_engine(model, tok, prompts, n=10)
+    engine, outs = run_engine(model, tok, prompts, n=10, warmup=True)
     for i, p in enumerate(prompts):
         ref = alone(model, tok, p, 10)
         assert tokens(outs, i) == ref.token_ids, i

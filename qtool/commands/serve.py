@@ -121,6 +121,8 @@ def serve(
             engine = Engine(net, tok, kv, eos_ids(tok, weights.config.eos_token_ids), num_blocks=blocks,
                             block_size=block_size, max_num_seqs=max_num_seqs,
                             max_num_batched_tokens=max_num_batched_tokens, max_model_len=length)
+            if be.device.type == "cuda":
+                engine.warmup()           # kernels compiled, decode graphs captured before /health says ok
             state.engine, state.max_model_len = engine, engine.max_model_len
             state.metrics.bind(engine)
             holder["loop"] = EngineLoop(engine, on_error=lambda e: warn(f"engine step failed: {type(e).__name__}: {e}"))

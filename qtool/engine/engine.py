@@ -125,6 +125,20 @@ class Engine:
                 self._cv.wait(timeout)
             return self.has_work()
 
+    def warmup(self) -> None:
+        """Run a prefill chunk and one decode step per padded batch size on the dummy block 0 (every block
+        table row is zero), so kernels compile and CUDA graphs are captured before the first request."""
+        dev = self.be.device
+        n = min(2 * self.block_size, self.max_num_batched_tokens, self.max_blocks_per_seq * self.block_size)
+        self.cache.block_tables.zero_()
+        with torch.inference_mode():
+            self.model.forward(torch.zeros(1, n, dtype=torch.long, device=dev),
+                               torch.arange(n, device=dev)[None], self.cache)
+            for size in self.sizes:
+                z = torch.zeros(size, 1, dtype=torch.long, device=dev)
+                self._decode(z, z.clone())
+        self.be.synchronize()
+
     # -- one scheduler iteration ------------------------------------------------------------------
     def step(self) -> None:
         self._take_inbox()
