@@ -45,9 +45,10 @@ def alone(model, tok, prompt, n, **kw):
 def run_engine(model, tok, prompts, n=10, *, num_blocks=256, block_size=16, abort_after=None, warmup=False, **kw):
     from qtool.engine import Request, SamplingParams
     from qtool.engine.engine import Engine
-    engine = Engine(model, tok, "bf16", [], num_blocks=num_blocks, block_size=block_size,
-                    max_num_seqs=kw.pop("max_num_seqs", 64), max_num_batched_tokens=kw.pop("max_num_batched_tokens", 256),
-                    max_model_len=256)
+    engine = kw.pop("engine", None) or Engine(
+        model, tok, "bf16", [], num_blocks=num_blocks, block_size=block_size, max_num_seqs=kw.pop("max_num_seqs", 64),
+        max_num_batched_tokens=kw.pop("max_num_batched_tokens", 256), max_model_len=256,
+        prefix_caching=kw.pop("prefix_caching", True))
     if warmup:
         engine.warmup()       # writes only the dummy block 0: must not change any output
     outs = {}
@@ -128,6 +129,43 @@ def test_stop_strings_seeds_and_logprobs(setup):
     for j, (chosen, top_id, top_lp) in enumerate(lps):
         pos = len(prompts[2]) - 1 + j
         assert top_id == ids[pos + 1] and abs(chosen - float(full[pos, ids[pos + 1]])) < 1e-4 and chosen == top_lp
+
+
+def test_prefix_cache_reuses_blocks_and_keeps_output(setup):
+    from qtool.engine.engine import Engine
+    model, tok, _ = setup
+    system = tok("The capital of France is Paris. The capital of Italy is Rome. The capital of Spain is Madrid. "
+                 "Water boils at one hundred degrees", add_special_tokens=False)["input_ids"]
+    assert len(system) > 24
+    asks = [system + tok(q, add_special_tokens=False)["input_ids"] for q in (" and ice", " def add", " Quantization")]
+    engine = Engine(model, tok, "bf16", [], num_blocks=64, block_size=8, max_num_seqs=8, max_num_batched_tokens=256,
+                    max_model_len=256)
+    for i, p in enumerate(asks):            # one after the other: the first fills the cache, the others hit it
+        _, outs = run_engine(model, tok, [p], n=8, engine=engine)
+        assert tokens(outs, 0) == alone(model, tok, p, 8).token_ids, i
+        assert outs["0"][-1].cached_tokens == (0 if i == 0 else len(system) // 8 * 8)
+    # the same prompt again: every full block but the one holding the last prompt token comes from the cache
+    _, outs = run_engine(model, tok, [asks[0]], n=8, engine=engine)
+    assert outs["0"][-1].cached_tokens == (len(asks[0]) - 1) // 8 * 8
+    assert tokens(outs, 0) == alone(model, tok, asks[0], 8).token_ids
+    assert engine.blocks.used_blocks == 0 and engine.blocks.cached_blocks > 0
+
+
+def test_block_manager_prefix_cache_lru():
+    from qtool.engine import BlockManager
+    bm = BlockManager(4, 2)                          # 3 usable blocks of 2
+    ids = [5, 6, 7, 8, 9]
+    assert bm.ensure("a", 5) and bm.match("b", ids) == 0
+    bm.register("a", ids, 5)                          # blocks [5,6] and [7,8] are full and computed
+    assert bm.cached_blocks == 2
+    assert bm.match("b", ids) == 4 and bm.table("b") == bm.table("a")[:2]      # shared while "a" runs
+    bm.free("a")
+    bm.free("b")
+    assert bm.free_blocks == 3 and bm.cached_blocks == 2
+    assert bm.match("c", [5, 6, 7, 0, 1]) == 2        # the chain key: [7, 0] after [5, 6] is not cached
+    assert bm.ensure("c", 5) and bm.cached_blocks == 1   # the third block: the plain one, then an LRU eviction
+    bm.free("c")
+    assert bm.match("d", [1, 2, 7, 8, 9]) == 0        # same block content after another prefix: no hit
 
 
 def test_block_manager():

@@ -145,6 +145,11 @@ def test_chat_stream_and_not(client, reference, server):
                                        extra_body={"ignore_eos": True})
     assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
     assert r.choices[0].message.content == want.text and r.usage.prompt_tokens == len(ids)
+    again = client.chat.completions.create(model="tiny", messages=msgs, max_completion_tokens=8, temperature=0,
+                                           extra_body={"ignore_eos": True})        # the prompt's full blocks: cached
+    assert again.choices[0].message.content == want.text
+    assert again.usage.prompt_tokens_details.cached_tokens == (len(ids) - 1) // 8 * 8 > 0
+    assert metric(server.metrics(), "qtool_prefix_cache_hits_total") > 0
     stream = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0, stream=True,
                                             extra_body={"ignore_eos": True})
     chunks = list(stream)

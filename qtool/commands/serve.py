@@ -74,6 +74,8 @@ def serve(
                                                     help="The model id clients send (default: the folder name)."),
     chat_template: Optional[str] = typer.Option(None, "--chat-template", help="A Jinja chat template, or a file holding one."),
     max_waiting: int = typer.Option(256, "--max-waiting", min=0, help="Queued requests beyond this get 429."),
+    prefix_caching: bool = typer.Option(True, "--prefix-caching/--no-prefix-caching",
+                                        help="Reuse the KV blocks of prompt prefixes seen before (shared system prompts, conversations)."),
     strict: bool = typer.Option(False, "--strict", help="Refuse anything the hardware matrix does not mark Y for the local GPU."),
     force: bool = typer.Option(False, "--force", help="Serve a checkpoint the model matrix refuses (with a warning)."),
 ):
@@ -120,7 +122,8 @@ def serve(
                               hint="raise --gpu-memory-utilization or lower --max-model-len")
             engine = Engine(net, tok, kv, eos_ids(tok, weights.config.eos_token_ids), num_blocks=blocks,
                             block_size=block_size, max_num_seqs=max_num_seqs,
-                            max_num_batched_tokens=max_num_batched_tokens, max_model_len=length)
+                            max_num_batched_tokens=max_num_batched_tokens, max_model_len=length,
+                            prefix_caching=prefix_caching)
             if be.device.type == "cuda":
                 engine.warmup()           # kernels compiled, decode graphs captured before /health says ok
             state.engine, state.max_model_len = engine, engine.max_model_len

@@ -16,6 +16,8 @@ max_num_batched_tokens=2048, max_model_len=...)`. Each `step()`:
 5. samples per request (greedy rows by one argmax; others with their own temperature / top-k /
    top-p / seeded generator), detokenizes incrementally with stop-string and UTF-8 hold-back
    (runtime.generate.TextStream) and calls `request.on_output`.
+With prefix caching (default), an admitted request first takes the cached full blocks of its longest
+cached prefix (blocks.py: exact token-chain keys, LRU eviction) and computes only the rest.
 When a sequence needs a block and none is free, the newest running request is preempted: its blocks
 are freed and it goes back to the front of the queue to be recomputed. A request whose prompt plus
 max_tokens fits the cache alone always completes. Greedy output does not depend on the batch beyond
@@ -62,13 +64,14 @@ def kv_cache_blocks(backend, block_size: int, kv_format: str, gpu_memory_utiliza
 
 class Engine:
     def __init__(self, model, tok, kv_format: str, eos_ids, *, num_blocks: int, block_size: int = 16,
-                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, max_model_len: int):
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, max_model_len: int,
+                 prefix_caching: bool = True):
         self.model, self.tok, self.kv_format = model, tok, kv_format
         self.be = model.backend
         self.eos = set(int(e) for e in eos_ids)
         self.block_size, self.max_num_seqs = block_size, max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.blocks = BlockManager(num_blocks, block_size)
+        self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         self.max_model_len = min(max_model_len, self.blocks.usable * block_size)
         self.sizes = decode_sizes(max_num_seqs)
         self.max_blocks_per_seq = self.blocks.blocks_for(self.max_model_len)
@@ -183,6 +186,10 @@ class Engine:
                 break
             self.running.append(self.waiting.popleft())
             self._requeued -= r.preemptions > 0
+            if r.num_computed == 0:                        # cached full blocks of the same prefix: not recomputed
+                r.num_computed = self.blocks.match(r.id, r.all_ids)
+                if r.cached_tokens is None:
+                    r.cached_tokens = r.num_computed
 
     def _reserve(self, r: Request, n_tokens: int) -> bool:
         """Blocks for positions 0..n_tokens-1 of r, preempting the newest running requests if needed;
@@ -218,6 +225,7 @@ class Engine:
         self._fill_tables([r], 1)
         logits = self.model.forward(ids, pos, self.cache)
         r.num_computed += n
+        self.blocks.register(r.id, r.all_ids, r.num_computed)
         if r.num_computed == len(r.all_ids):
             self._sample([r], logits)
 
@@ -233,6 +241,8 @@ class Engine:
         logits = self._decode(ids.to(self.be.device), pos.to(self.be.device))[:B]
         for r in rows:
             r.num_computed += 1
+            if r.num_computed % self.block_size == 0:
+                self.blocks.register(r.id, r.all_ids, r.num_computed)
         self._sample(rows, logits)
 
     # -- sampling and outputs ---------------------------------------------------------------------
@@ -285,6 +295,7 @@ class Engine:
 
     def _emit(self, r: Request, out: Output) -> None:
         out.prompt_tokens, out.completion_tokens = len(r.prompt_ids), len(r.output_ids)
+        out.cached_tokens = r.cached_tokens or 0
         if r.on_output is not None:
             r.on_output(out)
 

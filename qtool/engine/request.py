@@ -42,6 +42,7 @@ class Output:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
 
 
 @dataclass(eq=False)
@@ -57,6 +58,7 @@ class Request:
     generator: object = None
     stream: object = None            # TextStream
     first_token_time: float | None = None
+    cached_tokens: int | None = None   # prompt tokens found in the prefix cache at first admission
     finished: bool = False
     preemptions: int = 0
 

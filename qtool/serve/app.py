@@ -332,8 +332,9 @@ class _Live:
             self.state.engine.abort(self.req.id)
 
 
-def _usage(p: int, c: int) -> dict:
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+def _usage(p: int, c: int, cached: int) -> dict:
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _token_str(tok, t: int) -> str:
@@ -394,19 +395,19 @@ async def _respond(state, request: Request, rid: str, ids, params, body, arrival
                     "finish_reason": finish}
 
         async def events():
-            offset, p, c = 0, len(ids), 0
+            offset, p, c, cached = 0, len(ids), 0, 0
             if chat:
                 yield sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                                 "logprobs": None, "finish_reason": None}]})
             async for out in live.outputs():
-                p, c = out.prompt_tokens, out.completion_tokens
+                p, c, cached = out.prompt_tokens, out.completion_tokens, out.cached_tokens
                 if out.finished:
                     if out.finish_reason == "abort":
                         yield sse(error_body("the request was cancelled by the server", "unavailable_error"))
                         break
                     yield sse({**head, "choices": [choice(None if chat else "", None, offset, out.finish_reason)]})
                     if include_usage:
-                        yield sse({**head, "choices": [], "usage": _usage(p, c)})
+                        yield sse({**head, "choices": [], "usage": _usage(p, c, cached)})
                     break
                 if out.text or out.logprobs:
                     yield sse({**head, "choices": [choice(out.text, out, offset)]})
@@ -417,13 +418,13 @@ async def _respond(state, request: Request, rid: str, ids, params, body, arrival
                                  headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
 
     # non-stream: collect, watching for a client that went away
-    text, token_ids, lps, finish, p, c = [], [], [], None, len(ids), 0
+    text, token_ids, lps, finish, p, c, cached = [], [], [], None, len(ids), 0, 0
     try:
         while finish is None:
             out = await live.next(request)
             if out is None:
                 return Response(status_code=499)
-            p, c = out.prompt_tokens, out.completion_tokens
+            p, c, cached = out.prompt_tokens, out.completion_tokens, out.cached_tokens
             text.append(out.text)
             token_ids += out.token_ids
             lps += out.logprobs or []
@@ -443,4 +444,4 @@ async def _respond(state, request: Request, rid: str, ids, params, body, arrival
     else:
         ch = {"index": 0, "text": full, "logprobs": lp, "finish_reason": finish}
         obj = "text_completion"
-    return {"id": rid, "object": obj, "created": created, "model": body.model, "choices": [ch], "usage": _usage(p, c)}
+    return {"id": rid, "object": obj, "created": created, "model": body.model, "choices": [ch], "usage": _usage(p, c, cached)}

@@ -5,7 +5,7 @@ Contract: `Metrics(model_name)` registers, with a `model_name` label on each:
 request), `qtool_prompt_tokens_total`, `qtool_generation_tokens_total`, the histograms
 `qtool_time_to_first_token_seconds` (from the request's arrival) and `qtool_inter_token_latency_seconds`,
 and the gauges `qtool_num_requests_running`, `qtool_num_requests_waiting`, `qtool_kv_cache_blocks_used`,
-`qtool_kv_cache_blocks_free`, `qtool_num_preemptions_total`, read from the engine at scrape time (`bind(engine)`). `render()` → (body,
+`qtool_kv_cache_blocks_free`, `qtool_num_preemptions_total`, `qtool_prefix_cache_queries_total` / `_hits_total` (tokens), read from the engine at scrape time (`bind(engine)`). `render()` → (body,
 content type).
 """
 from __future__ import annotations
@@ -34,14 +34,18 @@ class Metrics:
             ("num_requests_waiting", "Requests queued for admission"),
             ("kv_cache_blocks_used", "KV-cache blocks held by requests"),
             ("kv_cache_blocks_free", "KV-cache blocks free"),
-            ("num_preemptions_total", "Requests preempted (blocks freed, recomputed later)"))}
+            ("num_preemptions_total", "Requests preempted (blocks freed, recomputed later)"),
+            ("prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache"),
+            ("prefix_cache_hits_total", "Prompt tokens found in the prefix cache (not recomputed)"))}
 
     def bind(self, engine) -> None:
         reads = {"num_requests_running": lambda: len(engine.running),
                  "num_requests_waiting": lambda: len(engine.waiting) + len(engine._inbox),
                  "kv_cache_blocks_used": lambda: engine.blocks.used_blocks,
                  "kv_cache_blocks_free": lambda: engine.blocks.free_blocks,
-                 "num_preemptions_total": lambda: engine.counters["preemptions"]}
+                 "num_preemptions_total": lambda: engine.counters["preemptions"],
+                 "prefix_cache_queries_total": lambda: engine.blocks.queried_tokens,
+                 "prefix_cache_hits_total": lambda: engine.blocks.hit_tokens}
         for k, fn in reads.items():
             self.gauges[k].labels(self.name).set_function(fn)
 
