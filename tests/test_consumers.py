@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from qtool.cli import app
+from packers import modelopt_ckpt  # noqa: F401 - fixture
 from qtool.support import consumers, data
 
 runner = CliRunner()
@@ -226,3 +227,15 @@ def test_vllm_nvfp4_kv_head_dim_64_is_told():
     assert not ch.cells["trtllm"].notes
     from qtool.quantize.targets import summary
     assert "note: vLLM:" in summary(ch.as_dict()) and "--kv-cache-dtype bfloat16" in summary(ch.as_dict())
+
+
+def test_inspect_loads_in_for_a_modelopt_format_without_recipe(modelopt_ckpt):
+    """W4A16_NVFP4 (ModelOpt 0.46+): in vLLM's QUANT_ALGOS (modelopt.py, vLLM 0.33.0), no QuantAlgo member of
+    the TensorRT-LLM snapshot (mode.py); W4A16_AWQ the other way round."""
+    doc = json.loads(runner.invoke(app, ["inspect", str(modelopt_ckpt("w4a16_nvfp4")), "--json"]).stdout)
+    got = {t: c["loads"] for t, c in doc["loads_in"].items()}
+    assert got == {"trtllm": False, "vllm": True, "qtool": True}, doc["loads_in"]
+    doc = json.loads(runner.invoke(app, ["inspect", str(modelopt_ckpt("int4_awq")), "--json"]).stdout)
+    got = {t: c["loads"] for t, c in doc["loads_in"].items()}
+    assert got == {"trtllm": True, "vllm": False, "qtool": True}, doc["loads_in"]
+    assert "autoawq-gemm" in doc["loads_in"]["vllm"]["reason"]

@@ -231,6 +231,12 @@ def for_checkpoint(quant_method: str, recipe: str | None, kv_format: str, group_
     for t in TARGETS:
         if quant_method == "none" and kv is None:
             c = Cell(t, True, "bf16", sources=["unquantized Hugging Face checkpoint"])
+        elif layout == "modelopt" and recipe is None and quant_algo and quant_algo.upper() != "MIXED_PRECISION":
+            # a ModelOpt format that is no qtool recipe (e.g. W4A16_NVFP4): the consumer's quant_algo list decides
+            ok = t == "qtool" or algo_accepted(t, quant_algo)
+            c = Cell(t, ok, layout, None if ok else f"does not accept quant_algo {quant_algo}")
+            if kv and t != "qtool" and kv.upper() not in contracts()["consumers"][t]["kv_cache_quant_algos"]:
+                c.loads, c.reason = False, f"does not accept kv_cache_quant_algo {kv.upper()}"
         elif layout is None or recipe is None:
             c = Cell(t, t == "qtool" and layout is not None, layout,
                      reason=f"{quant_method} {quant_algo or ''} is not a recipe in recipes/consumers.toml".strip())
