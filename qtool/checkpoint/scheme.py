@@ -4,7 +4,8 @@ Contract: `describe(files)` returns a CheckpointScheme: the producer and quant m
 recipe it corresponds to, the KV-cache format and per-layer k/v scale tensor names, and a
 LinearSpec (weight format and activation scheme of the format registry, group size, out/in features
 and role -> tensor-name map) for every linear layer, quantized or not. The format of each layer
-is read from the tensors (dtype and shapes, the layouts of docs/numerics.md) and compared with
+is read from the tensors (dtype and shapes, the layouts of docs/numerics.md; each format's expected
+tensors come from the registry, recipes/formats.toml) and compared with
 what the config declares (hf_quant_config.json incl. MIXED_PRECISION `quantized_layers` and
 `exclude_modules`, GPTQ/AWQ/DeepSeek `quantization_config`, quantize_config.json). Any
 disagreement, missing or unexpected scale tensor, or shape/dtype that contradicts the format
@@ -22,9 +23,6 @@ from qtool.errors import CheckpointError
 from qtool.formats import registry
 from qtool.support.families import text_config
 
-ROLES = ('weight', 'weight_scale', 'weight_scale_2', 'weight_scale_inv', 'input_scale', 'pre_quant_scale', 'bias',
-         'qweight', 'qzeros', 'scales', 'g_idx')
-FLOAT_DTYPES = ('BF16', 'F16', 'F32')
 EMBED_NAMES = ("embed_tokens", "wte", "wpe", "word_embeddings", "embed_in", "tok_embeddings", "embed_positions",
                "position_embeddings", "token_type_embeddings")
 KV_ROLES = ("k_scale", "v_scale")
@@ -106,7 +104,7 @@ def _group_tensors(tensors: dict[str, TensorInfo]):
         mod, _, role = name.rpartition(".")
         if role in KV_ROLES:
             kv[name] = t
-        elif role in ROLES and mod:
+        elif role in registry.tensor_roles() and mod:
             modules.setdefault(mod, {})[role] = t
     return modules, kv
 
@@ -266,66 +264,6 @@ def _features(fmt: str, roles: dict[str, TensorInfo]) -> tuple[int, int]:
     return w[0], w[1]
 
 
-def _ceil(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _expected(spec: LinearSpec, roles: dict[str, TensorInfo], block: tuple[int, int]
-              ) -> tuple[dict[str, tuple[tuple[str, ...], object]], set[str]]:
-    """role -> (allowed dtypes, shape or 'scalar' or None=any), and the optional roles."""
-    o, i, g, fmt = spec.out_features, spec.in_features, spec.group_size, spec.format
-    req: dict[str, tuple[tuple[str, ...], object]] = {}
-    opt = {"bias"}
-    req["bias"] = (FLOAT_DTYPES, (o,))
-    if fmt == "bf16":
-        req["weight"] = (FLOAT_DTYPES, (o, i))
-    elif fmt in ("fp8", "fp8-rowwise", "fp8-block"):
-        req["weight"] = (("F8_E4M3",), (o, i))
-        if fmt == "fp8":
-            req["weight_scale"] = (("F32",), "scalar")
-            req["input_scale"] = (("F32",), "scalar")
-        elif fmt == "fp8-rowwise":
-            req["weight_scale"] = (("F32",), ((o,), (o, 1)))
-        elif "weight_scale_inv" in roles:
-            req["weight_scale_inv"] = (("F32", "BF16"), (_ceil(o, block[0]), _ceil(i, block[1])))
-        else:
-            req["weight_scale"] = (("F32",), (_ceil(o, 128), 1, _ceil(i, 128), 1))
-    elif fmt in ("nvfp4", "mxfp4"):
-        req["weight"] = (("U8",), (o, i // 2))
-        blocks = i // g if g else None
-        if fmt == "nvfp4":
-            req["weight_scale"] = (("F8_E4M3",), (o, blocks))
-            req["weight_scale_2"] = (("F32",), "scalar")
-        else:
-            req["weight_scale"] = (("U8", "F8_E8M0"), (o, blocks))
-        if spec.activation != "none":
-            req["input_scale"] = (("F32",), "scalar")
-            if spec.activation == "fp8" or fmt == "mxfp4":
-                opt.add("input_scale")      # stock W4A8_*_FP8 / MXFP4 exports have no input_scale
-        req["pre_quant_scale"] = (FLOAT_DTYPES, (i,))
-        opt.add("pre_quant_scale")
-    elif fmt == "int4-awq":
-        req["weight"] = (("U8", "I8"), (o // 2, i))
-        req["weight_scale"] = (("F32", "BF16", "F16"), (o, i // g if g else None))
-        req["pre_quant_scale"] = (FLOAT_DTYPES, (i,))
-        opt.add("pre_quant_scale")
-        if spec.fp8_weight_stage:
-            req["weight_scale_2"] = (("F32",), "scalar")
-        if spec.activation == "fp8":
-            req["input_scale"] = (("F32",), "scalar")
-    elif fmt in ("gptq", "autoawq"):
-        ng = _ceil(i, g) if g else None
-        req["qweight"] = (("I32",), (i // 8, o) if fmt == "gptq" else (i, o // 8))
-        req["qzeros"] = (("I32",), (ng, o // 8))
-        req["scales"] = (FLOAT_DTYPES, (ng, o))
-        if fmt == "gptq":
-            req["g_idx"] = (("I32",), (i,))
-            opt.add("g_idx")
-            req["input_scale"] = (("F32",), "scalar")
-            opt.add("input_scale")
-    return req, opt
-
-
 def _shape_ok(shape: tuple[int, ...], want) -> bool:
     if want is None:
         return True
@@ -345,12 +283,13 @@ def _fmt_shape(want) -> str:
 
 
 def _validate(spec: LinearSpec, roles: dict[str, TensorInfo], block, bad) -> None:
-    req, opt = _expected(spec, roles, block)
+    dims = {"o": spec.out_features, "i": spec.in_features, "g": spec.group_size, "bo": block[0], "bi": block[1]}
+    req = registry.expected_tensors(spec.format, spec.activation, spec.fp8_weight_stage, roles.keys(), dims)
     label = registry.weight_format(spec.format).label
-    for role, (dtypes, shape) in req.items():
+    for role, (dtypes, shape, optional) in req.items():
         t = roles.get(role)
         if t is None:
-            if role not in opt:
+            if not optional:
                 bad(f"{spec.module}.{role}: missing ({label} layer needs it)")
             continue
         if t.dtype not in dtypes:

@@ -2,13 +2,14 @@
 
 Contract: the only reader of recipes/recipes.toml (recipes: CLI name, matrix column, ModelOpt config,
 exported quant_algo / KV algo, the layers a recipe produces) and recipes/formats.toml (weight formats:
-label, default activation, group size, decode function, kernel code, minimum architecture; activation
-schemes and KV-cache formats with their kernel codes; ModelOpt quant_algo -> layer). Every other module
-asks these functions instead of restating a table. Torch-free (tomllib only); results are cached.
+label, tensor roles with their dtype / shape rules (`expected_tensors`), default activation, group size,
+decode function, kernel code, minimum architecture; activation schemes and KV-cache formats with their
+kernel codes; ModelOpt quant_algo -> layer). Every other module asks these functions instead of restating a table. Torch-free (tomllib only); results are cached.
 "No KV quantization" is None in every function that takes or returns a KV recipe.
 """
 from __future__ import annotations
 
+import ast
 import functools
 import sys
 from dataclasses import dataclass, field
@@ -63,9 +64,32 @@ class WeightFormat:
     kernel: int                           # linear.cu's format code
     kernel_epv: int
     min_arch: str
+    tensors: dict = field(hash=False, compare=False)     # role -> TensorRule (recipes/formats.toml)
 
     def default_activation(self, has_input_scale: bool) -> str:
         return self.activation_with_input_scale if has_input_scale else self.activation
+
+
+@dataclass(frozen=True)
+class TensorRule:
+    """What one tensor role of a format must be: dtypes, shape expression, and when it is expected."""
+
+    role: str
+    dtypes: tuple[str, ...]
+    shape: str
+    optional: bool = False
+    when: str | None = None
+    optional_when: str | None = None
+    unless: str | None = None
+
+
+FLOAT_DTYPES = ("BF16", "F16", "F32")
+
+
+def _rule(role: str, s: dict) -> TensorRule:
+    dtypes = FLOAT_DTYPES if s["dtype"] == "float" else tuple(s["dtype"])
+    return TensorRule(role, dtypes, s["shape"], bool(s.get("optional", False)), s.get("when"), s.get("optional_when"),
+                      s.get("unless"))
 
 
 @dataclass(frozen=True)
@@ -103,10 +127,70 @@ def _formats() -> dict:
 def weight_formats() -> dict[str, WeightFormat]:
     """Weight formats by name, in report order."""
     out = {}
+    common = {r: _rule(r, v) for r, v in _formats()["tensor_roles"].items()}
     for name, s in _formats()["weight_formats"].items():
+        rules = {**common, **{r: _rule(r, v) for r, v in s["tensors"].items()}}
         out[name] = WeightFormat(name, s.get("label", name), s["activation"],
                                  s.get("activation_with_input_scale", s["activation"]), s.get("group_size"),
-                                 s["decode"], tuple(s["decode_args"]), s["kernel"], s["kernel_epv"], s["min_arch"])
+                                 s["decode"], tuple(s["decode_args"]), s["kernel"], s["kernel_epv"], s["min_arch"],
+                                 rules)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def tensor_roles() -> frozenset[str]:
+    """Every tensor role of a linear layer in any format (weight, weight_scale, qweight, bias, ...)."""
+    return frozenset(r for f in weight_formats().values() for r in f.tensors)
+
+
+def _holds(cond: str, activation: str, fp8_weight_stage: bool) -> bool:
+    if cond == "activation":
+        return activation != "none"
+    if cond == "fp8_weight_stage":
+        return fp8_weight_stage
+    kind, _, value = cond.partition(" ")
+    if kind == "activation" and value:
+        return activation == value
+    raise ValueError(f"recipes/formats.toml: unknown condition {cond!r}")
+
+
+def _shape(spec: str, env: dict):
+    """'scalar', a tuple of dims, or a tuple of alternative tuples. A dim is '?' (any), an int, a name of `env`,
+    `a // b` or `cdiv(a, b)`; None (any) where a name is None."""
+    if spec == "scalar":
+        return "scalar"
+
+    def ev(n):
+        if isinstance(n, ast.Constant) and isinstance(n.value, int):
+            return n.value
+        if isinstance(n, ast.Name) and (n.id in env or n.id == "ANY"):
+            return env.get(n.id)
+        pair = ((n.left, n.right) if isinstance(n, ast.BinOp) and isinstance(n.op, ast.FloorDiv) else
+                tuple(n.args) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "cdiv" and len(n.args) == 2
+                else None)
+        if pair is None:
+            raise ValueError(f"recipes/formats.toml: bad shape {spec!r}")
+        a, b = ev(pair[0]), ev(pair[1])
+        if a is None or not b:
+            return None
+        return a // b if isinstance(n, ast.BinOp) else -(-a // b)
+    alts = [tuple(ev(e) for e in ast.parse(f"({alt.replace('?', 'ANY')},)", mode="eval").body.elts)
+            for alt in spec.split("|")]
+    return alts[0] if len(alts) == 1 else tuple(alts)
+
+
+def expected_tensors(fmt: str, activation: str, fp8_weight_stage: bool, present, dims: dict
+                     ) -> dict[str, tuple[tuple[str, ...], object, bool]]:
+    """role -> (allowed dtypes, shape, optional) of a layer in `fmt` whose tensors have the roles `present`;
+    `dims` gives o, i, g (group size or None) and bo, bi (a DeepSeek block)."""
+    out = {}
+    for role, r in weight_format(fmt).tensors.items():
+        if r.when and not _holds(r.when, activation, fp8_weight_stage):
+            continue
+        if r.unless and r.unless in present:
+            continue
+        optional = r.optional or bool(r.optional_when and _holds(r.optional_when, activation, fp8_weight_stage))
+        out[role] = (r.dtypes, _shape(r.shape, dims), optional)
     return out
 
 
