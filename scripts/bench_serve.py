@@ -216,7 +216,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--url", help="an already running server")
     ap.add_argument("--serve", type=Path, help="start `qtool serve DIR` for the run")
-    ap.add_argument("--serve-args", default="", help="extra qtool serve arguments (one string)")
+    ap.add_argument("--serve-args", default="--max-model-len 2048",
+                    help="extra qtool serve arguments, one string (default: --max-model-len 2048; the model's 131072 "
+                         "would size every row's block table and the attention split for 131072 positions)")
     ap.add_argument("--make-random", type=Path, help="write a random FP8 checkpoint here (if absent) and serve it")
     ap.add_argument("--shape", default="llama3.1-8b", choices=sorted(SHAPES))
     ap.add_argument("--concurrency", default="1,8,32,64")

@@ -211,10 +211,11 @@ class Engine:
         self.waiting.appendleft(r)
 
     def _fill_tables(self, rows: list[Request], padded: int) -> None:
+        tables = [self.blocks.table(r.id) for r in rows]
+        width = max(len(t) for t in tables)
         self._tables[:padded].zero_()
-        for i, r in enumerate(rows):
-            t = self.blocks.table(r.id)
-            self._tables[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
+        self._tables[:len(rows), :width] = torch.tensor([t + [0] * (width - len(t)) for t in tables],
+                                                        dtype=torch.int32)
         self.cache.block_tables[:padded].copy_(self._tables[:padded])
 
     def _prefill_chunk(self, r: Request, n: int) -> None:
@@ -232,11 +233,9 @@ class Engine:
     def _decode_step(self, rows: list[Request]) -> None:
         B = len(rows)
         P = next(s for s in self.sizes if s >= B)
-        ids = torch.zeros(P, 1, dtype=torch.long)
-        pos = torch.zeros(P, 1, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, 0] = r.all_ids[r.num_computed]
-            pos[i, 0] = r.num_computed
+        pad = [0] * (P - B)
+        ids = torch.tensor([r.all_ids[r.num_computed] for r in rows] + pad, dtype=torch.long).view(P, 1)
+        pos = torch.tensor([r.num_computed for r in rows] + pad, dtype=torch.long).view(P, 1)
         self._fill_tables(rows, P)
         logits = self._decode(ids.to(self.be.device), pos.to(self.be.device))[:B]
         for r in rows:
@@ -277,6 +276,7 @@ class Engine:
         if r.first_token_time is None:
             r.first_token_time = now
         r.output_ids.append(token)
+        r.all_ids.append(token)
         self.counters["generation_tokens"] += 1
         text, reason = "", None
         if token in self.eos and not r.params.ignore_eos:

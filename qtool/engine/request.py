@@ -62,6 +62,7 @@ class Request:
     finished: bool = False
     preemptions: int = 0
 
-    @property
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+    all_ids: list[int] = field(default_factory=list)   # prompt + output (kept by the engine, not rebuilt)
+
+    def __post_init__(self):
+        self.all_ids = list(self.prompt_ids) + list(self.output_ids)
