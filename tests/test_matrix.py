@@ -262,14 +262,15 @@ def test_matrix_is_fast_and_imports_nothing_heavy():
 
 
 def test_runtime_row_marks_qtool_kernel_cells_from_the_data():
+    # qtool's kernels need sm_89+ (e4m3 cvt, mma.sync e4m3): every recipe runs on Hopper (Y where the hardware
+    # matrix says Y, else q), none on Ampere
     from qtool.support.check import runtime_cell
-    rt = data.runtime_support()["cuda"]
-    hop = resolve_gpu("sm90")
-    for label in rt["recipes"]:
-        kind, name = ("kv", label[3:]) if label.startswith("kv ") else ("weights", label)
-        col = data.recipes()[kind][name].column
-        expected = ("Y" if data.hardware_matrix().supported("Hopper", col) else "q") if "sm90" in rt["archs"] else "."
-        assert runtime_cell(hop, label) == expected
+    hop, amp = resolve_gpu("sm90"), resolve_gpu("sm86")
+    for kind in ("weights", "kv"):
+        for name, r in data.recipes()[kind].items():
+            label = name if kind == "weights" else f"kv {name}"
+            assert runtime_cell(hop, label) == ("Y" if data.hardware_matrix().supported("Hopper", r.column) else "q")
+            assert runtime_cell(amp, label) == "."
     assert runtime_cell(hop, "nvfp4") == "q" and runtime_cell(hop, "fp8") == "Y"
     r = runner.invoke(app, ["matrix", "--gpu", "h200", "--json"])
     assert json.loads(r.stdout)["gpu"]["qtool_runtime"]["NVFP4"] == "q"

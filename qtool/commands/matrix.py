@@ -52,7 +52,7 @@ def _print_notes(m: data.Matrix) -> None:
 
 
 def _runtime_row(arch) -> dict[str, str]:
-    """Matrix column → qtool runtime cell ('Y', 'q', '.') on `arch` (recipes/runtime_support.toml)."""
+    """Matrix column → qtool runtime cell ('Y', 'q', '.') on `arch` (check.runtime_cell)."""
     return {col: runtime_cell(arch, label) for label, col in _recipe_columns().items()}
 
 

@@ -208,7 +208,14 @@ def activation_codes() -> dict[str, int]:
 
 def kv_format_codes() -> dict[str, int]:
     """KV-cache storage format -> kv_cache.cuh code ('bf16' is the unquantized cache)."""
-    return dict(_formats()["kv_formats"])
+    return {name: s["kernel"] for name, s in _formats()["kv_formats"].items()}
+
+
+def recipe_min_archs(kind: str, name: str) -> set[str]:
+    """The `min_arch` of every format a recipe produces (weights) or stores (kv: its KV-cache format)."""
+    if kind == "kv":
+        return {_formats()["kv_formats"][name]["min_arch"]}
+    return {weight_format(f).min_arch for f in recipe("weights", name).get("formats", ())}
 
 
 def quant_algo_layer(algo: str) -> Layer | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from qtool.errors import Unsupported
-from qtool.formats.registry import recipe as _recipe, recipes
+from qtool.formats.registry import recipe as _recipe, recipe_min_archs, recipes
 from qtool.support import data
 from qtool.support.gpus import Arch, archs
 
@@ -73,16 +73,20 @@ def usable_recipes(rows: list[str] | None, arch: Arch | None) -> list[str]:
     return out
 
 
+def _capability(arch_key: str) -> float:
+    return min(float(c) for c in data.gpus()["arch"][arch_key]["capabilities"])
+
+
 def runtime_cell(arch: Arch, label: str) -> str:
     """qtool's CUDA runtime on `arch` for a recipe label ('fp8', 'kv nvfp4'): 'Y', 'q' or '.'.
 
     'Y': the hardware matrix says Y and qtool runs it; 'q': qtool's kernels run it although the
-    hardware matrix says '.'; '.': qtool's CUDA backend does not run it there.
+    hardware matrix says '.'; '.': qtool's CUDA backend does not run it there (an older architecture
+    than the `min_arch` of one of its formats, recipes/formats.toml).
     """
-    rt = data.runtime_support().get("cuda", {})
-    if arch.key not in rt.get("archs", []) or label not in rt.get("recipes", []):
-        return "."
     kind, name = ("kv", label[3:]) if label.startswith("kv ") else ("weights", label)
+    if any(_capability(arch.key) < _capability(m) for m in recipe_min_archs(kind, name)):
+        return "."
     return "Y" if hardware_allows(arch, _recipe(kind, name).column) else "q"
 
 

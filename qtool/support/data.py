@@ -72,6 +72,6 @@ def gpus() -> dict:
 
 @functools.lru_cache(maxsize=None)
 def runtime_support() -> dict:
-    """qtool's own kernels: which formats they run on which arch (recipes/runtime_support.toml)."""
+    """Where the GPU test suite has passed (recipes/runtime_support.toml; where the kernels run: formats.toml)."""
     path = recipes_dir() / "runtime_support.toml"
     return _toml("runtime_support.toml") if path.exists() else {}
