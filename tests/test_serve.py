@@ -145,6 +145,10 @@ def test_chat_stream_and_not(client, reference, server):
                                        extra_body={"ignore_eos": True})
     assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
     assert r.choices[0].message.content == want.text and r.usage.prompt_tokens == len(ids)
+    lp = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=4, temperature=0, logprobs=True,
+                                        top_logprobs=1, extra_body={"ignore_eos": True}).choices[0].logprobs.content
+    assert len(lp) == 4 and all(e.top_logprobs[0].logprob == e.logprob <= 0 for e in lp)   # greedy: chosen = top-1
+    assert "".join(e.token for e in lp) == want.text[:len("".join(e.token for e in lp))]
     again = client.chat.completions.create(model="tiny", messages=msgs, max_completion_tokens=8, temperature=0,
                                            extra_body={"ignore_eos": True})        # the prompt's full blocks: cached
     assert again.choices[0].message.content == want.text
@@ -291,3 +295,18 @@ def test_refusals_before_loading(tiny_models):
         r = CliRunner().invoke(app, ["serve", str(tiny_models("llama")), "--backend", "torch",
                                      "--port", str(s.getsockname()[1])])
     assert r.exit_code == 2 and "cannot listen" in r.stderr
+
+
+def test_loading_state_in_process():
+    """While the weights load: /health and every /v1 route answer 503 in OpenAI's error shape; the key is checked
+    first; /version and /metrics answer."""
+    from fastapi.testclient import TestClient
+    from qtool.serve.app import ServerState, create_app
+    state = ServerState(model_name="m", root="/nowhere", tok=None, api_key="k")
+    with TestClient(create_app(state)) as c:
+        r = c.get("/health")
+        assert r.status_code == 503 and r.json()["error"]["type"] == "unavailable_error"
+        assert c.get("/v1/models").status_code == 401
+        r = c.post("/v1/chat/completions", json={}, headers={"authorization": "Bearer k"})
+        assert r.status_code == 503 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+        assert c.get("/version").status_code == 200 and c.get("/metrics").status_code == 200
