@@ -39,11 +39,11 @@ def metric(text: str, name: str, **labels) -> float:
 
 
 class Server:
-    def __init__(self, model: Path, *args: str):
+    def __init__(self, model: Path, *args: str, backend: str = "torch"):
         import httpx
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "qtool", "serve", str(model), "--backend", "torch",
+        self.proc = subprocess.Popen([sys.executable, "-m", "qtool", "serve", str(model), "--backend", backend,
                                       "--port", str(self.port), *args], cwd=REPO,
                                      env={**os.environ, "OMP_NUM_THREADS": "1"},   # tiny matmuls: threads only contend
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -110,7 +110,7 @@ def reference(tiny_models):
     return tok, ref
 
 
-def test_completions_match_reference_stream_and_not(client, reference):
+def test_completions_match_reference_stream_and_not(client, reference, server):
     tok, ref = reference
     prompt = PROMPTS[0]
     want = ref(tok(prompt)["input_ids"], 10)
@@ -122,6 +122,10 @@ def test_completions_match_reference_stream_and_not(client, reference):
     lp = r.choices[0].logprobs
     assert len(lp.token_logprobs) == 10 and all(v <= 0 for v in lp.token_logprobs)
     assert [list(d.values())[0] for d in lp.top_logprobs] == lp.token_logprobs      # greedy: chosen = top-1
+    ids_doc = server.http.post("/v1/completions", headers={"authorization": f"Bearer {KEY}"},
+                               json={"model": "tiny", "prompt": prompt, "max_tokens": 10, "temperature": 0,
+                                     "ignore_eos": True, "return_token_ids": True}).json()
+    assert ids_doc["choices"][0]["token_ids"] == want.token_ids
     tiny_t = client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=1e-30,
                                        extra_body={"ignore_eos": True})
     assert tiny_t.choices[0].text == want.text                                      # a tiny temperature is greedy

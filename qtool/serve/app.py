@@ -394,6 +394,11 @@ async def _respond(state, request: Request, rid: str, ids, params, body, arrival
             return {"index": 0, "text": text or "", "logprobs": lp_of(out, offset) if out else None,
                     "finish_reason": finish}
 
+        def with_ids(ch, out):
+            if body.return_token_ids:
+                ch["token_ids"] = list(out.token_ids) if out else []
+            return ch
+
         async def events():
             offset, p, c, cached = 0, len(ids), 0, 0
             if chat:
@@ -409,8 +414,8 @@ async def _respond(state, request: Request, rid: str, ids, params, body, arrival
                     if include_usage:
                         yield sse({**head, "choices": [], "usage": _usage(p, c, cached)})
                     break
-                if out.text or out.logprobs:
-                    yield sse({**head, "choices": [choice(out.text, out, offset)]})
+                if out.text or out.logprobs or (body.return_token_ids and out.token_ids):
+                    yield sse({**head, "choices": [with_ids(choice(out.text, out, offset), out)]})
                     offset += len(out.text)
             yield "data: [DONE]\n\n"
 
@@ -444,4 +449,6 @@ async def _respond(state, request: Request, rid: str, ids, params, body, arrival
     else:
         ch = {"index": 0, "text": full, "logprobs": lp, "finish_reason": finish}
         obj = "text_completion"
+    if body.return_token_ids:
+        ch["token_ids"] = token_ids
     return {"id": rid, "object": obj, "created": created, "model": body.model, "choices": [ch], "usage": _usage(p, c, cached)}

@@ -3,7 +3,7 @@
 Contract: `ChatRequest` (POST /v1/chat/completions), `CompletionRequest` (POST /v1/completions),
 `TokenizeRequest` (POST /tokenize). Ranges follow the OpenAI spec (temperature 0..2, top_p 0..1,
 stop up to 4 strings, seed in int64); qtool extras as in vLLM: `top_k` (0 or -1 = off),
-`ignore_eos`. Unknown fields are accepted and ignored (`extra="allow"`); a wrong type or an
+`ignore_eos`, `return_token_ids` (each choice also carries the generated `token_ids`). Unknown fields are accepted and ignored (`extra="allow"`); a wrong type or an
 out-of-range value is a 400 from the app's validation handler. `n` must be 1.
 """
 from __future__ import annotations
@@ -34,6 +34,7 @@ class _Sampling(_Body):
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
     ignore_eos: bool = False
+    return_token_ids: bool = False
     max_tokens: Optional[int] = Field(None, ge=1, le=2 ** 31)
 
     def stop_list(self) -> list[str]:

@@ -8,6 +8,10 @@
    greedy requests give the reference engine's greedy tokens, allowing a divergence only where the reference's
    top-2 margin is at float-noise level (as tests/gpu/test_e2e.py does for `run`); and they give exactly what the
    CUDA engine gives for each request alone up to the same rule.
+3. `qtool serve --backend cuda` end to end (subprocess, openai client): chat and completions streamed and not,
+   8 concurrent requests under a block budget that forces preemption all complete with their token counts and
+   the server's blocks return to free; greedy text equals the same server's answer to each request alone unless
+   the tokens part at float noise (checked on the reference as above).
 """
 from __future__ import annotations
 
@@ -116,3 +120,41 @@ def test_engine_cuda_greedy_matches_reference(models):
     for p, b in zip(prompts, cu):
         (alone,), _ = _engine_tokens(cu_m, tok, [p], n)
         _same_up_to_noise(ref_m, p, alone, b)
+
+
+def test_serve_cuda_end_to_end(tiny_models, models):
+    import threading
+    import openai
+    from test_serve import PROMPTS as P, Server, metric
+    ref_m, _, tok = models
+    server = Server(tiny_models("llama"), "--num-kv-blocks", "9", "--block-size", "8", "--max-num-seqs", "4",
+                    "--served-model-name", "tiny", backend="cuda")
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
+                                           temperature=0, extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 8
+        chunks = list(client.completions.create(model="tiny", prompt="Water boils at", max_tokens=8, stream=True,
+                                                stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+        assert chunks[-1].usage.completion_tokens == 8
+
+        def ask(p):
+            r = server.http.post("/v1/completions", json={"model": "tiny", "prompt": p, "max_tokens": 12,
+                                                          "temperature": 0, "ignore_eos": True,
+                                                          "return_token_ids": True}).json()
+            return r["choices"][0]["token_ids"]
+        alone = [ask(p) for p in P]
+        got = [None] * len(P)
+        threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, ask(P[i]))) for i in range(len(P))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(len(g) == 12 for g in got)
+        for p, a, g in zip(P, alone, got):
+            _same_up_to_noise(ref_m, tok.encode(p), a, g)
+        m = server.metrics()
+        assert metric(m, "qtool_num_preemptions_total") > 0 and metric(m, "qtool_kv_cache_blocks_used") == 0
+    finally:
+        code, err = server.stop()
+    assert code == 0, err
