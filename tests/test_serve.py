@@ -38,6 +38,17 @@ def metric(text: str, name: str, **labels) -> float:
     return 0.0
 
 
+def concurrently(fn, args: list) -> list:
+    """[fn(a) for a in args], each call on its own thread, all in flight together."""
+    out = [None] * len(args)
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, fn(args[i]))) for i in range(len(args))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
 class Server:
     def __init__(self, model: Path, *args: str, backend: str = "torch"):
         import httpx
@@ -186,12 +197,7 @@ def test_concurrent_greedy_equal_alone_with_preemption(client, server):
 
     alone = [ask(p) for p in PROMPTS]
     before = metric(server.metrics(), "qtool_num_preemptions_total")
-    got = [None] * len(PROMPTS)
-    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, ask(PROMPTS[i]))) for i in range(len(PROMPTS))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    got = concurrently(ask, PROMPTS)
     assert got == alone
     m = server.metrics()
     assert metric(m, "qtool_num_preemptions_total") > before          # 4 running x 3 blocks > 8 blocks

@@ -123,9 +123,8 @@ def test_engine_cuda_greedy_matches_reference(models):
 
 
 def test_serve_cuda_end_to_end(tiny_models, models):
-    import threading
     import openai
-    from test_serve import PROMPTS as P, Server, metric
+    from test_serve import PROMPTS as P, Server, concurrently, metric
     ref_m, _, tok = models
     server = Server(tiny_models("llama"), "--num-kv-blocks", "9", "--block-size", "8", "--max-num-seqs", "4",
                     "--served-model-name", "tiny", backend="cuda")
@@ -144,12 +143,7 @@ def test_serve_cuda_end_to_end(tiny_models, models):
                                                           "return_token_ids": True}).json()
             return r["choices"][0]["token_ids"]
         alone = [ask(p) for p in P]
-        got = [None] * len(P)
-        threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, ask(P[i]))) for i in range(len(P))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        got = concurrently(ask, P)
         assert all(len(g) == 12 for g in got)
         for p, a, g in zip(P, alone, got):
             _same_up_to_noise(ref_m, tok.encode(p), a, g)
