@@ -93,8 +93,24 @@ def server(tiny_models):
     s = Server(tiny_models("llama"), "--api-key", KEY, "--num-kv-blocks", "9", "--block-size", "8", "--max-num-seqs", "4",
                "--max-waiting", "4", "--max-num-batched-tokens", "24", "--served-model-name", "tiny")
     yield s
+    # SIGTERM drains: a stream in flight when the signal comes still runs to its end
+    import httpx
+    got = []
+
+    def stream():
+        with httpx.stream("POST", s.url + "/v1/completions", headers={"authorization": f"Bearer {KEY}"}, timeout=60,
+                          json={"model": "tiny", "prompt": "Hello", "max_tokens": 40, "stream": True,
+                                "ignore_eos": True, "stream_options": {"include_usage": True}}) as r:
+            got.extend(ln for ln in r.iter_lines() if ln)
+    t = threading.Thread(target=stream)
+    t.start()
+    deadline = time.monotonic() + 20
+    while metric(s.metrics(), "qtool_num_requests_running") == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
     code, err = s.stop()
+    t.join()
     assert code == 0, err
+    assert got[-1] == "data: [DONE]" and json.loads(got[-2][6:])["usage"]["completion_tokens"] == 40
     assert "serving 'tiny' at http://127.0.0.1:" in err and "KV cache bf16: 64 tokens" in err and "stopped" in err
 
 
