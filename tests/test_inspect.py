@@ -508,10 +508,11 @@ def test_sharded_truncated_shard_names_tensor(tmp_path, tiny_models):
     assert doc["problems"][0].startswith(f"{last.name}: tensor ") and "truncated" in doc["problems"][0]
 
 
-def test_runtime_model_types_match_the_loader():
-    from qtool.checkpoint.report import RUNTIME_MODEL_TYPES
-    from qtool.runtime.loader import FAMILIES
-    assert tuple(RUNTIME_MODEL_TYPES) == tuple(FAMILIES)
+def test_runtime_model_types_match_the_model_code():
+    """The model_types in recipes/runtime_support.toml are exactly those qtool/runtime/families/ has code for."""
+    from qtool.runtime.families import supported_families
+    from qtool.support.data import runtime_model_types
+    assert sorted(runtime_model_types()) == sorted(supported_families())
 
 
 def test_mixed_precision_verdict_needs_every_recipe(modelopt_ckpt, tmp_path, tiny_models):

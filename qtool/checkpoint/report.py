@@ -19,19 +19,10 @@ from qtool.checkpoint.scheme import LAYER_RE, CheckpointScheme, num_layers
 from qtool.checkpoint.sizes import Sizes, human_bytes, human_count
 from qtool.errors import QtoolError
 from qtool.formats import registry
+from qtool.support.data import runtime_model_types
 from qtool.support.families import text_config
 
 SCHEMA_VERSION = 1
-RUNTIME_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")     # docs/numerics.md "The model"
-FORMAT_TITLES = {
-    "bf16": "unquantized (model dtype)", "fp8": "FP8 E4M3, per-tensor scale", "fp8-rowwise": "FP8 E4M3, per-channel scale",
-    "fp8-block": "FP8 E4M3, 128x128 block scales", "nvfp4": "NVFP4 (E2M1, E4M3 per 16, FP32 global)",
-    "mxfp4": "MXFP4 (E2M1, E8M0 per 32)", "int4-awq": "INT4 (ModelOpt AWQ, packed along out)",
-    "gptq": "INT4 GPTQ (qweight/qzeros/scales/g_idx)", "autoawq": "INT4 AutoAWQ gemm (asymmetric)",
-}
-ACT_TITLES = {"none": "16-bit (not quantized)", "fp8": "FP8 per-tensor static", "fp8-token": "FP8 per-token dynamic",
-              "fp8-block": "FP8 per-token 1x128 dynamic", "nvfp4": "NVFP4 dynamic (per 16, static global)",
-              "mxfp4": "MXFP4 dynamic (per 32)"}
 
 
 def ranges(nums: list[int]) -> str:
@@ -167,8 +158,8 @@ def _runtime(files: CheckpointFiles, scheme: CheckpointScheme) -> dict:
     from qtool.support.check import runtime_cell
     mt = str(files.config.get("model_type", "")).lower()
     why = None
-    if mt not in RUNTIME_MODEL_TYPES:
-        why = f"model_type {mt or '?'} is not one qtool's runtime implements ({', '.join(RUNTIME_MODEL_TYPES)})"
+    if mt not in runtime_model_types():
+        why = f"model_type {mt or '?'} is not one qtool's runtime implements ({', '.join(runtime_model_types())})"
     elif any(s.format not in registry.weight_formats() for s in scheme.linears.values()):
         why = "a layer format the runtime does not decode"
     elif importlib.util.find_spec("torch") is None:
@@ -224,8 +215,8 @@ def build(files: CheckpointFiles, scheme: CheckpointScheme, sizes: Sizes, proble
 
 def _recipe_line(r: dict) -> str:
     name = r["name"] or ("none (bf16)" if r["quant_method"] == "none" else "no qtool recipe")
-    w = " + ".join(FORMAT_TITLES.get(f, f) for f in r["weights"])
-    a = " + ".join(ACT_TITLES.get(x, x) for x in r["activations"])
+    w = " + ".join(registry.weight_format(f).title if f in registry.weight_formats() else f for f in r["weights"])
+    a = " + ".join(registry.activation_title(x) for x in r["activations"])
     g = f", group {r['group_size']}" if r["group_size"] else ""
     stage = " + FP8 stage" if r["fp8_weight_stage"] else ""
     kv = r["kv_cache"] + ("" if r["kv_scales"] is None else f" (k/v scales {r['kv_scales']})")

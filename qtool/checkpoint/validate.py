@@ -93,8 +93,9 @@ def _missing_linears(files: CheckpointFiles, scheme: CheckpointScheme, layers: l
         have.setdefault(module[m.end(1) + 1:], set()).add(int(m.group(1)))
     if prefix is None:
         prefix = "model.layers."
-    from qtool.checkpoint.report import RUNTIME_MODEL_TYPES, ranges
-    if str(text_config(files.config).get("model_type", "")).lower() not in RUNTIME_MODEL_TYPES:
+    from qtool.checkpoint.report import ranges
+    from qtool.support.data import runtime_model_types
+    if str(text_config(files.config).get("model_type", "")).lower() not in runtime_model_types():
         return []       # other families may differ per layer by design (dense and MoE layers)
     out = []
     for suffix in sorted(set(have) | set(RUNTIME_LINEARS)):

@@ -55,6 +55,7 @@ class WeightFormat:
     """One storage format of a linear layer's weights (recipes/formats.toml [weight_formats])."""
 
     name: str
+    title: str
     label: str
     activation: str                       # default activation scheme
     activation_with_input_scale: str      # ... when the layer has an input_scale tensor
@@ -130,7 +131,7 @@ def weight_formats() -> dict[str, WeightFormat]:
     common = {r: _rule(r, v) for r, v in _formats()["tensor_roles"].items()}
     for name, s in _formats()["weight_formats"].items():
         rules = {**common, **{r: _rule(r, v) for r, v in s["tensors"].items()}}
-        out[name] = WeightFormat(name, s.get("label", name), s["activation"],
+        out[name] = WeightFormat(name, s["title"], s.get("label", name), s["activation"],
                                  s.get("activation_with_input_scale", s["activation"]), s.get("group_size"),
                                  s["decode"], tuple(s["decode_args"]), s["kernel"], s["kernel_epv"], s["min_arch"],
                                  rules)
@@ -203,7 +204,12 @@ def weight_format(name: str) -> WeightFormat:
 
 def activation_codes() -> dict[str, int]:
     """Activation scheme -> act_quant.cuh code ('none' is the unquantized scheme)."""
-    return dict(_formats()["activations"])
+    return {name: s["kernel"] for name, s in _formats()["activations"].items()}
+
+
+def activation_title(name: str) -> str:
+    s = _formats()["activations"].get(name)
+    return s["title"] if s else name
 
 
 def kv_format_codes() -> dict[str, int]:

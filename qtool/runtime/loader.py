@@ -23,7 +23,6 @@ from qtool.errors import CheckpointError, Unsupported
 from qtool.runtime.fusion import fuse
 from qtool.runtime.weights import LayerWeights, LinearWeights, ModelConfig, ModelWeights
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 ATTN = ("q_proj", "k_proj", "v_proj")
 MLP = ("gate_proj", "up_proj")
 
@@ -57,9 +56,10 @@ def model_config(cfg: dict, gen: dict | None, tensor_names) -> ModelConfig:
     from qtool.support.families import text_config
     cfg = text_config(cfg)
     family = str(cfg.get("model_type", "")).lower()
-    if family not in FAMILIES:
+    from qtool.support.data import runtime_model_types
+    if family not in runtime_model_types():
         raise Unsupported(f"model_type {cfg.get('model_type')!r} is not supported by qtool run "
-                          f"(supported: {', '.join(FAMILIES)})")
+                          f"(supported: {', '.join(runtime_model_types())})")
     try:
         hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
         theta, scaling = _rope(cfg)

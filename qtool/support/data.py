@@ -75,3 +75,8 @@ def runtime_support() -> dict:
     """Where the GPU test suite has passed (recipes/runtime_support.toml; where the kernels run: formats.toml)."""
     path = recipes_dir() / "runtime_support.toml"
     return _toml("runtime_support.toml") if path.exists() else {}
+
+
+def runtime_model_types() -> tuple[str, ...]:
+    """The model_types qtool's runtime implements (recipes/runtime_support.toml [runtime])."""
+    return tuple(runtime_support()["runtime"]["model_types"])
