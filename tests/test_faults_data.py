@@ -22,6 +22,7 @@ import pytest
 from typer.testing import CliRunner
 
 from qtool.cli import app
+from packers import modelopt_ckpt  # noqa: F401 - fixture (a ModelOpt export of the tiny llama)
 from qtool.errors import Failure, UsageError
 
 runner = CliRunner()
@@ -123,6 +124,40 @@ def test_second_writer_of_one_output_fails_while_the_first_runs(tmp_path):
     finally:
         p.kill()
         p.wait()
+
+
+def test_quantize_to_an_output_being_written_fails_before_loading(tmp_path):
+    src = fake_model(tmp_path / "m")
+    target = tmp_path / "out"
+    p = _holder(target)
+    try:
+        r, errs = cli("quantize", "--model", str(src), "-o", str(target), "--quant", "fp8", "--gpu", "sm90",
+                      "--calib-size", "1")
+        assert r.exit_code == 1 and len(errs) == 1 and f"pid {p.pid}" in errs[0]
+    finally:
+        p.kill()
+        p.wait()
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two renames"])
+def test_replace_swaps_the_whole_folder(tmp_path, monkeypatch, exchange):
+    from qtool.quantize import output
+    if not exchange:             # a file system without renameat2: old aside, new in, old deleted
+        monkeypatch.setattr(output, "_renameat2", lambda src, dst, flags: False)
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "qtool.json").write_text('{"id": "old"}')
+    (target / "old.safetensors").write_bytes(b"old")
+    with output.staged(target, force=True) as tmp:
+        (tmp / "qtool.json").write_text('{"id": "new"}')
+    assert listing(target) == {"qtool.json": b'{"id": "new"}'}
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    with pytest.raises(UsageError, match="changed while quantizing"):
+        with output.staged(tmp_path / "new", force=False) as tmp:
+            (tmp / "x").write_text("ours")
+            (tmp_path / "new").mkdir()
+            (tmp_path / "new" / "y").write_text("theirs")
+    assert listing(tmp_path / "new") == {"y": b"theirs"}
 
 
 def test_target_appearing_during_the_run_is_not_replaced(tmp_path):
@@ -303,7 +338,8 @@ def test_quantizing_a_quantized_checkpoint_is_refused(fp8_ckpt, tmp_path, varian
     if variant == "config only":
         edit_tensors(src, lambda sd: sd.update({k: v.float().to(__import__("torch").bfloat16) for k, v in sd.items()}))
         edit_tensors(src, lambda sd: [sd.pop(k) for k in [k for k in sd if k.endswith(("_scale",))]])
-        edit_config(src, lambda c: c.update(quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]}))
+        edit_config(src, lambda c: c.update(quantization_config={"quant_method": "fp8",
+                                                                 "weight_block_size": [128, 128]}))
     r, errs = cli("quantize", "--model", str(src), "-o", str(tmp_path / "out"), "--quant", "fp8", "--gpu", "sm90",
                   "--calib-size", "1", "--calib-seq-len", "8")
     assert r.exit_code == 2, r.stdout + (r.stderr or "")
@@ -331,8 +367,19 @@ def _overlap(folder: Path) -> None:
     (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n:])
 
 
+def _nvfp4_block_scale(code: int):
+    """Set one E4M3 block scale of layer 0's q_proj (an NVFP4 layer) to `code` (0x7f: NaN, 0xb8: -1.0)."""
+    def edit(sd):
+        import torch
+        ws = sd[Q0 + ".weight_scale"].view(torch.uint8).clone()
+        ws[3, 2] = code
+        sd[Q0 + ".weight_scale"] = ws.view(torch.float8_e4m3fn)
+    return edit
+
+
 Q0 = "model.layers.0.self_attn.q_proj"
-CASES = {   # name -> (fp8 base?, mutation of the folder, the text both inspect and run must name)
+# name -> (base checkpoint, mutation, the text both inspect and run must name); q_proj has 256 x 256/16 block scales
+CASES = {
     "nan weight_scale": (True, lambda d: edit_tensors(d, _set(Q0 + ".weight_scale", float("nan"))),
                          Q0 + ".weight_scale: scale is NaN"),
     "inf input_scale": (True, lambda d: edit_tensors(d, _set(Q0 + ".input_scale", float("inf"))),
@@ -352,8 +399,13 @@ CASES = {   # name -> (fp8 base?, mutation of the folder, the text both inspect 
                                  "num_hidden_layers '2' is not an integer"),
     "float num_hidden_layers": (False, lambda d: edit_config(d, lambda c: c.update(num_hidden_layers=2.0)),
                                 "num_hidden_layers 2.0 is not an integer"),
+    "nan nvfp4 block scale": ("nvfp4", lambda d: edit_tensors(d, _nvfp4_block_scale(0x7F)),
+                              Q0 + ".weight_scale: scale is 1 of 4096 NaN (a scale must be finite and >= 0)"),
+    "negative nvfp4 block scale": ("nvfp4", lambda d: edit_tensors(d, _nvfp4_block_scale(0xB8)),
+                                   Q0 + ".weight_scale: scale is 1 of 4096 negative"),
     "missing hidden_size": (False, lambda d: edit_config(d, lambda c: c.pop("hidden_size")), "hidden_size"),
-    "missing linear weight": (False, lambda d: edit_tensors(d, lambda sd: sd.pop("model.layers.1.mlp.down_proj.weight")),
+    "missing linear weight": (False,
+                              lambda d: edit_tensors(d, lambda sd: sd.pop("model.layers.1.mlp.down_proj.weight")),
                               "model.layers.1.mlp.down_proj.weight: missing"),
     "overlapping offsets": (False, _overlap, "model.layers.0.input_layernorm.weight and "
                                              "model.layers.1.input_layernorm.weight overlap"),
@@ -361,11 +413,12 @@ CASES = {   # name -> (fp8 base?, mutation of the folder, the text both inspect 
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_inspect_and_run_both_refuse(case, fp8_ckpt, tiny_models, tmp_path):
+def test_inspect_and_run_both_refuse(case, fp8_ckpt, tiny_models, modelopt_ckpt, tmp_path):
     from qtool.errors import CheckpointError
     from qtool.runtime.loader import load_model_weights
-    fp8, mutate, needle = CASES[case]
-    ckpt = copy_of(fp8_ckpt() if fp8 else tiny_models("llama"), tmp_path / "ckpt")
+    base, mutate, needle = CASES[case]
+    src = {True: fp8_ckpt, False: lambda: tiny_models("llama"), "nvfp4": lambda: modelopt_ckpt("nvfp4_kvnvfp4")}[base]
+    ckpt = copy_of(src(), tmp_path / "ckpt")
     mutate(ckpt)
     r, _ = cli("inspect", str(ckpt), "--json")
     assert r.exit_code == 1, r.stdout
@@ -384,6 +437,16 @@ def test_run_on_a_nan_scale_exits_1_naming_the_tensor(fp8_ckpt, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ 8. KV scales 1.0
 
+def test_zero_nvfp4_block_scale_is_valid(modelopt_ckpt, tmp_path):
+    """An all-zero block has scale 0: not a problem (unlike a per-tensor scale of 0)."""
+    from qtool.runtime.loader import load_model_weights
+    ckpt = copy_of(modelopt_ckpt("nvfp4_kvnvfp4"), tmp_path / "ckpt")
+    edit_tensors(ckpt, _nvfp4_block_scale(0x00))
+    r, _ = cli("inspect", str(ckpt), "--json")
+    assert r.exit_code == 0, json.loads(r.stdout)["problems"]
+    assert load_model_weights(str(ckpt), progress=False).layers[0].qkv is not None
+
+
 def test_missing_kv_scales_are_warned_and_recorded(fp8_ckpt):
     r, _ = cli("run", str(fp8_ckpt(kv_scales=False)), "hi", "--max-new-tokens", "1", "--backend", "torch", "--json")
     assert r.exit_code == 0, r.stdout + (r.stderr or "")
@@ -392,7 +455,7 @@ def test_missing_kv_scales_are_warned_and_recorded(fp8_ckpt):
     assert "k_scale/v_scale in layer(s) 0-1 of 2" in r.stderr
 
 
-# ------------------------------------------------------------------------------------------------ 10. bounded by tensors
+# ------------------------------------------------------------------------------------------------ 10. bounded
 
 def test_inspect_bounds_work_by_the_tensors_present(tiny_models, tmp_path):
     ckpt = copy_of(tiny_models("llama"), tmp_path / "ckpt")

@@ -6,13 +6,14 @@ config.json values the runtime relies on (`hidden_size` missing or not a positiv
 missing, not an integer, or 0: zero layers; no numbered layer tensors at all), overlapping tensor byte ranges in
 a safetensors file, a linear weight missing from some layers (families qtool runs: the seven attention/MLP
 projections and whatever linear the other layers have), config.json `quantization_config.kv_cache_scheme`
-contradicting hf_quant_config.json `kv_cache_quant_algo`, and the VALUES of the small scale tensors (per-tensor,
-per-channel and 128x128-block weight scales, `weight_scale_2`, `input_scale`, `k_scale`, `v_scale`): NaN, Inf,
-zero or negative. Scale values are read from the local files without torch or numpy (a hub checkpoint's are not
-read; tensors above 65536 elements are left to `inspect --deep`). Everything computed from config values is bounded by the tensors present (`present_layers`), so a
-config claiming 1e9 layers costs nothing. `require_valid(files, scheme)` raises CheckpointError with the first
-problem. `quantized_input(files_or_folder)` says what makes a checkpoint already quantized (or None): the
-quantize command refuses such an input. Torch-free.
+contradicting hf_quant_config.json `kv_cache_quant_algo`, and the VALUES of the scale tensors (weight scales,
+`weight_scale_2`, `weight_scale_inv`, `input_scale`, `k_scale`, `v_scale`): NaN, Inf, zero or negative (a
+per-block 4-bit weight scale may be 0: its block is all zero). Scale values are read from the local files
+without torch or numpy, up to 65536 elements per tensor (larger ones, and a hub checkpoint's, are left to
+`inspect --deep`). Everything computed from config values is bounded by the tensors present
+(`present_layers`), so a config claiming 1e9 layers costs nothing. `require_valid(files, scheme)` raises
+CheckpointError with the first problem. `quantized_input(folder)` says what makes a checkpoint already
+quantized (or None): the quantize command refuses such an input. Torch-free.
 """
 from __future__ import annotations
 
@@ -167,28 +168,30 @@ def decode(raw: bytes, dtype: str) -> list[float] | None:
     return None
 
 
-def _scale_tensors(scheme: CheckpointScheme) -> list[str]:
+def _scale_tensors(scheme: CheckpointScheme) -> list[tuple[str, bool]]:
+    """(tensor name, whether 0 is a valid value: the per-block scale of an all-zero block) of every scale."""
     names = []
     for spec in scheme.linears.values():
         for role in SCALE_ROLES:
-            if role in spec.tensors and not (role == "weight_scale" and spec.format in BLOCK_SCALED):
-                names.append(spec.tensors[role])
+            if role in spec.tensors:
+                names.append((spec.tensors[role], role == "weight_scale" and spec.format in BLOCK_SCALED))
     for k, v in scheme.kv_scales.values():
-        names += [n for n in (k, v) if n]
+        names += [(n, False) for n in (k, v) if n]
     return names
 
 
-def scale_problem(name: str, values: list[float]) -> str | None:
-    """One line when a scale tensor holds NaN, Inf, zero or negative values (a scale must be finite and > 0)."""
+def scale_problem(name: str, values: list[float], zero_ok: bool = False) -> str | None:
+    """One line when a scale tensor holds NaN, Inf, zero (unless `zero_ok`) or negative values."""
     inf = float("inf")
     counts = {"NaN": 0, "Inf": 0, "zero": 0, "negative": 0}
     for v in values:
-        if 0.0 < v < inf:
+        if 0.0 < v < inf or (zero_ok and v == 0):
             continue
         counts["NaN" if v != v else "Inf" if v in (inf, -inf) else "zero" if v == 0 else "negative"] += 1
     n = len(values)
     bad = [f"{k} of {n} {w}" if n > 1 else w for w, k in counts.items() if k]
-    return f"{name}: scale is {', '.join(bad)} (a scale must be finite and > 0)" if bad else None
+    rule = "finite and >= 0" if zero_ok else "finite and > 0"
+    return f"{name}: scale is {', '.join(bad)} (a scale must be {rule})" if bad else None
 
 
 def _scale_values(files: CheckpointFiles, scheme: CheckpointScheme) -> list[str]:
@@ -197,7 +200,7 @@ def _scale_values(files: CheckpointFiles, scheme: CheckpointScheme) -> list[str]
     out = []
     handles = {}
     try:
-        for name in _scale_tensors(scheme):
+        for name, zero_ok in _scale_tensors(scheme):
             t = files.tensors.get(name)
             if t is None or t.numel > MAX_SCALE_ELEMENTS:
                 continue
@@ -211,7 +214,7 @@ def _scale_values(files: CheckpointFiles, scheme: CheckpointScheme) -> list[str]
             raw = f.read(t.nbytes)
             values = decode(raw, t.dtype) if len(raw) == t.nbytes else None
             if values is not None:
-                msg = scale_problem(name, values)
+                msg = scale_problem(name, values, zero_ok)
                 if msg:
                     out.append(msg)
     finally:

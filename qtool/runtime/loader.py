@@ -11,7 +11,8 @@ raises CheckpointError (one line each), as does anything qtool.checkpoint.valida
 makes: NaN/Inf/zero/negative scales, zero layers, overlapping tensors, a missing linear weight, ...), checked by
 ``load_weights`` first; it also fails on a folder replaced since ``open_checkpoint`` began reading it
 (qtool.checkpoint.snapshot; so config, tokenizer and weights come from one version). A quantized KV cache
-without k_scale/v_scale uses 1.0 and lists those layers in ``kv_scale_defaults``. A hub id is resolved by qtool.sources (offline: one-line Failure). Progress goes to stderr.
+without k_scale/v_scale uses 1.0 and lists those layers in ``kv_scale_defaults``. A hub id is resolved by
+qtool.sources (offline: one-line Failure). Progress goes to stderr.
 """
 from __future__ import annotations
 
