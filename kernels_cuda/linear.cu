@@ -23,6 +23,7 @@
 // gemm<F>: general path (any M, K), 64x64 tiles of f32 FMA with scalar dequant. grid (ceil(O/64), ceil(M/64)),
 //   block 256.
 #include "common.cuh"
+#include "mma_frag.cuh"
 
 #define FMT_BF16 0
 #define FMT_FP8 1
@@ -31,15 +32,6 @@
 #define FMT_INT4 4
 #define FMT_FP8T 5
 
-__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
-  uint4 r;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
-  return r;
-}
-__device__ __forceinline__ unsigned hsub2(unsigned a, unsigned b) {
-  unsigned r; asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r;
-}
 
 // byte offset of fp8 code (o, k) in the mma-tiled layout (weights.mma_tile_fp8; gemv_mma4p, gemm<5>)
 __device__ __forceinline__ long long tiled_fp8_offset(int o, int k, int K) {
@@ -353,24 +345,8 @@ QT_INST_F(3)
 QT_INST_F(4)
 template __global__ void gemm<FMT_FP8T>(QT_GEMV_ARGS);
 
-// d += A (16 x k, fragments a0..a3) x B (k x 8, b0, b1), f32 accumulators; SHAPE_TYPES names the mma.sync form
-#define QT_MMA_16X8(NAME, SHAPE_TYPES)                                                                         \
-  __device__ __forceinline__ void NAME(float d[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,        \
-                                       unsigned b0, unsigned b1) {                                            \
-    asm volatile("mma.sync.aligned." SHAPE_TYPES " {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"    \
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                            \
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));                                    \
-  }
 QT_MMA_16X8(mma_e4m3, "m16n8k32.row.col.f32.e4m3.e4m3.f32")   // k 32; Hopper runs it as f16 conversions + HMMA
 
-// the 4 accumulators of an mma fragment, rows (ra, rb) x columns (m0, m1), + a per-row offset, into p [M, ld]
-__device__ __forceinline__ void store_frag(float* p, int ld, int ra, int rb, bool va, bool vb, int m0, int m1,
-                                           int M, const float acc[4], float ba, float bb) {
-  if (va && m0 < M) p[(long long)m0 * ld + ra] = ba + acc[0];
-  if (va && m1 < M) p[(long long)m1 * ld + ra] = ba + acc[1];
-  if (vb && m0 < M) p[(long long)m0 * ld + rb] = bb + acc[2];
-  if (vb && m1 < M) p[(long long)m1 * ld + rb] = bb + acc[3];
-}
 
 // gemv_mma4p: FP8 weights x FP8 activations on the tensor cores (mma.sync m16n8k32 e4m3, f32 accumulate), the
 // decode GEMV (M <= 8) of the fp8 / fp8-rowwise / fp8-block recipes. Exact products, f32 sums: matches x̂ @ W^T
@@ -392,7 +368,6 @@ __device__ __forceinline__ void store_frag(float* p, int ld, int ra, int rb, boo
 // gate and up sums of the same feature; instead of y the kernel writes the down projection's fp8 input
 // xq_out[m, f] = e4m3(silu_mul1(gate, up) (* pqs[f]) / in_scale[0]) (act_quant scheme 1: the bits of
 // silu_mul_quant on y) and xs_out[m] = in_scale[0] (block 0); y is not touched.
-__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" :: "l"(p)); }
 
 __device__ __forceinline__ void silu_quant_store(float g, float u, int m, int f, int I, float ts,
                                                  const float* __restrict__ pqs, u8* __restrict__ xq) {

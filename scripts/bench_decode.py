@@ -2,7 +2,9 @@
 """Batch-1 decode benchmark of qtool's CUDA kernels on random weights, against the bandwidth limit and a
 PyTorch bf16 torch.compile(mode="reduce-overhead") static-cache decoder, all in one run.
 
-Contract: `python3 scripts/bench_decode.py [--grid quick|full] [--json out.json]`. Weights of Llama-3.1-8B /
+Contract: `python3 scripts/bench_decode.py [--grid quick|full|4bit] [--json out.json]`; `--grid 4bit --q4-compare
+--gemv4 --peer ""` is the 4-bit decode comparison (fp8, nvfp4, w4a16-awq, w4a16-gptq rows; the 4-bit rows again on
+gemv_h; per-GEMV gemv_h vs gemv_q4 at Llama-3.1-8B shapes). Weights of Llama-3.1-8B /
 Qwen3-8B / SmolLM2-135M shape are generated on the GPU directly in the kernels' layouts (random codes, no
 checkpoint). One decode step = embed, per layer (rmsnorm + act-quant, qkv GEMV, RoPE + KV write, split attention,
 split merge + act-quant, o GEMV, rmsnorm + act-quant, gate_up GEMV, silu*mul + act-quant, down GEMV; "+" = one
@@ -41,9 +43,14 @@ DEV = "cuda"
 FUSE = True   # rmsnorm and silu_mul fused with the next linear's activation quantization (as CudaBackend does)
 
 
+Q4 = True    # 4-bit layers get their q4-tiled copy (gemv_q4); False: row-major only (gemv_h, the earlier path)
+
+
 def rand_linear(fmt: str, O: int, K: int) -> KLinear:
-    """Random weights of ``fmt`` in the layout CudaBackend holds (fp8: mma-tiled, see ops.adopt_layout)."""
-    return ops.adopt_layout(_rand_linear(fmt, O, K))
+    """Random weights of ``fmt`` in the layout CudaBackend holds (fp8: mma-tiled; 4-bit: a q4-tiled copy unless Q4
+    is off; see ops.adopt_layout)."""
+    kl = _rand_linear(fmt, O, K)
+    return ops.adopt_layout(kl) if Q4 or fmt.startswith(("fp8", "bf16")) else kl
 
 
 def _rand_linear(fmt: str, O: int, K: int) -> KLinear:
@@ -280,6 +287,7 @@ GRIDS = {
              + [("llama3.1-8b", "fp8", kv, 8192) for kv in ("bf16", "fp8", "nvfp4")]
              + [("smollm2-135m", "bf16", "bf16", 512), ("qwen3-8b", "fp8", "bf16", 512)],
 }
+GRIDS["4bit"] = [("llama3.1-8b", f, "bf16", 512) for f in ("fp8", "nvfp4", "w4a16-awq", "w4a16-gptq")]
 GRIDS["full"] = GRIDS["quick"] + [(s, f, kv, c) for s in ("llama3.1-8b", "qwen3-8b") for f in
                                   ("bf16", "nvfp4", "w4a16-awq") for kv in ("bf16", "fp8", "nvfp4")
                                   for c in (512, 8192)]
@@ -403,10 +411,49 @@ def gemv_table():
               f"| {fmt} | {path} | {shp} | {us:.1f} | {gbs:.0f} | |", flush=True)
 
 
+Q4_FORMATS = ("nvfp4", "w4a16-awq", "w4a16-gptq")
+Q4_SHAPES = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))
+
+
+def gemv4_table():
+    """The 4-bit decode GEMVs at Llama-3.1-8B shapes (M = 1, graph-timed, cold weights as gemv_table): gemv_h (f16
+    pair math on row-major codes, the path before gemv_q4) against gemv_q4 (tensor cores on the q4-tiled copy), and
+    fp8's gemv_mma4p for scale. GB/s counts the bytes one call reads (codes + scales)."""
+    import itertools
+    x = {k: torch.randn(1, k, device=DEV) for k in (4096, 14336)}
+    print("\n| gemv | shape | gemv_h us | gemv_q4 us | speed-up | gemv_q4 GB/s | fp8 gemv_mma4p us |")
+    print("|---|---|---|---|---|---|---|")
+    for fmt in Q4_FORMATS:
+        for O, K in Q4_SHAPES:
+            first = ops.adopt_layout(_rand_linear(fmt, O, K))
+            nbytes = first.nbytes()
+            kls = [first] + [ops.adopt_layout(_rand_linear(fmt, O, K))
+                             for _ in range(max(1, math.ceil(COLD_BYTES / nbytes)) - 1)]
+            q = ops.act_quant(x[K], first, half=True, fp4codes=first.act in (4, 5))
+            t = {}
+            for path in ("half", "q4"):
+                it = itertools.cycle(kls)
+                pre = dict(q, path=path)
+                t[path] = graph_time(lambda: ops.linear(x[K], next(it), pre=pre))
+            del kls, first
+            f8 = [rand_linear("fp8", O, K) for _ in range(max(1, math.ceil(COLD_BYTES / (O * K))))]
+            it8 = itertools.cycle(f8)
+            q8 = dict(ops.act_quant(x[K], f8[0], codes=True), path="mma4")
+            t8 = graph_time(lambda: ops.linear(x[K], next(it8), pre=q8))
+            del f8
+            torch.cuda.empty_cache()
+            print(f"| {fmt} | {O}x{K} | {t['half'] * 1e6:.1f} | {t['q4'] * 1e6:.1f} | {t['half'] / t['q4']:.2f}x | "
+                  f"{nbytes / t['q4'] / 1e9:.0f} | {t8 * 1e6:.1f} |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--kernels", action="store_true", help="print the per-kernel table first")
     ap.add_argument("--gemv", action="store_true", help="only the FP8-vs-bf16 GEMV table, then exit")
+    ap.add_argument("--gemv4", action="store_true",
+                    help="also the 4-bit GEMV table (gemv_h vs gemv_q4, fp8 for scale) at Llama-3.1-8B shapes")
+    ap.add_argument("--q4-compare", action="store_true",
+                    help="also time the grid's 4-bit rows without the q4-tiled copy (gemv_h, the earlier path)")
     ap.add_argument("--grid", default="quick", choices=sorted(GRIDS))
     ap.add_argument("--peer", default="llama3.1-8b:512", help="shape:ctx list for the torch peer, comma-separated")
     ap.add_argument("--json", default=None)
@@ -417,7 +464,7 @@ def main():
     ap.add_argument("--no-fuse", action="store_true",
                     help="unfused rmsnorm / silu_mul / attention combine + act_quant (for comparison)")
     args = ap.parse_args()
-    global FUSE
+    global FUSE, Q4
     FUSE = not args.no_fuse
     if args.gemv:
         gemv_table()
@@ -434,6 +481,8 @@ def main():
     if args.kernels:
         kernel_table()
         prefill_table()
+    if args.gemv4:
+        gemv4_table()
     print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s (read+write)", flush=True)
     rows = []
     seen = set()
@@ -450,17 +499,14 @@ def main():
         r.update(engine="qtool", shape=shape, fmt=fmt, kv=kv, ctx=ctx)
         rows.append(r)
         _print(r, bw)
+    if args.q4_compare:
+        Q4 = False
+        for cfg in [c for c in GRIDS[args.grid] if c[1] in Q4_FORMATS]:
+            _bench_row(rows, bw, cfg, "qtool (gemv_h)")
+        Q4 = True
     if args.pdl_compare and ops.pdl.available():
         for cfg in (("llama3.1-8b", "fp8", "bf16", 512), ("llama3.1-8b", "bf16", "bf16", 512)):
-            try:
-                with _pdl(False):
-                    r = bench_qtool(*cfg)
-            except Exception as exc:
-                print(f"FAILED no-PDL {cfg}: {type(exc).__name__}: {exc}", flush=True)
-                continue
-            r.update(engine="qtool (no PDL)", shape=cfg[0], fmt=cfg[1], kv=cfg[2], ctx=cfg[3])
-            rows.append(r)
-            _print(r, bw)
+            _bench_row(rows, bw, cfg, "qtool (no PDL)", _pdl(False))
     for spec in filter(None, args.peer.split(",")):
         shape, ctx = spec.split(":")
         try:
@@ -477,6 +523,20 @@ def main():
         _print(r, bw, table=True)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(copy_bw=bw, rows=rows), indent=1))
+
+
+def _bench_row(rows, bw, cfg, engine, ctx=None):
+    """bench_qtool(*cfg) inside the context manager ctx, appended to rows as ``engine`` and printed (a failure is
+    printed instead)."""
+    try:
+        with ctx or contextlib.nullcontext():
+            r = bench_qtool(*cfg)
+    except Exception as exc:  # keep the rest of the run
+        print(f"FAILED {engine} {cfg}: {type(exc).__name__}: {exc}", flush=True)
+        return
+    r.update(engine=engine, shape=cfg[0], fmt=cfg[1], kv=cfg[2], ctx=cfg[3])
+    rows.append(r)
+    _print(r, bw)
 
 
 def _print(r, bw, table=False):

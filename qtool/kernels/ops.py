@@ -11,7 +11,9 @@ are in git history):
 - decode linears (M <= 8): fp8 x fp8 on gemv_mma4p over mma-tiled weights (``adopt_layout``), the K split over the
   warps of one block sized to one resident wave (``_mma4_split``); an fp8 gate|up with a static down-projection
   input scale interleaved for gemv_mma4ps (silu * mul + the down projection's quantization in its epilogue,
-  ``silu_fusable``); weight-only and fp4-activation recipes on gemv_h; the rest on gemv (f32);
+  ``silu_fusable``); 4-bit weights (nvfp4, mxfp4, int4 weight-only) on gemv_q4 over a q4-tiled copy of their codes
+  (``adopt_layout``, gemv_4bit.py; the K split planned as gemv_mma4p's); other weight-only and fp4-activation
+  recipes on gemv_h; the rest on gemv (f32);
 - prefill and batched-decode linears (M > 8; bf16 from 2 rows): cuBLAS through torch where ``gemm.applies``
   (gemm.py), else gemm_tc where ``_tc_ok``, else the f32 gemm;
 - decode: rmsnorm, silu * mul and the attention merge write the next linear's quantized input (``*_quant``);
@@ -30,7 +32,7 @@ from dataclasses import replace
 import torch
 
 from qtool.formats import registry
-from qtool.kernels import gemm, loader, pdl  # noqa: F401 - pdl: ops.pdl for callers
+from qtool.kernels import gemm, gemv_4bit, loader, pdl  # noqa: F401 - pdl: ops.pdl for callers
 from qtool.kernels.launch import f32, i32, launch, ptr
 from qtool.kernels.weights import KLinear, mma_tile_fp8, mma_untile_fp8, to_tiled
 
@@ -109,9 +111,10 @@ def act_quant(x: torch.Tensor, kl: KLinear, half: bool = False, codes: bool = Fa
     return res
 
 
-# decode paths: "mma4" (gemv_mma4p, fp8 x fp8 on mma-tiled weights), "half" (gemv_h), "f32" (gemv); prefill:
-# "tc" (gemm_tc), "gemm" (f32 tiled gemm)
-PATHS = ("mma4", "half", "f32", "tc", "gemm")
+# decode paths: "mma4" (gemv_mma4p, fp8 x fp8 on mma-tiled weights), "q4" (gemv_q4, 4-bit weights with a q4-tiled
+# copy), "half" (gemv_h), "f32" (gemv); prefill: "tc" (gemm_tc), "gemm" (f32 tiled gemm)
+PATHS = ("mma4", "q4", "half", "f32", "tc", "gemm")
+HALF_INPUT = ("half", "q4")     # paths reading act_quant's f16 copy of x̂ (xh, hs; xsc for fp4 activations)
 MMA4_MAX_SLICES = 16        # K slices of one gemv_mma4p block: its launch bound (512 threads) / 32
 
 
@@ -153,7 +156,10 @@ def _half_ok(kl: KLinear, M: int) -> bool:
 
 def adopt_layout(kl: KLinear) -> KLinear:
     """``kl`` with its fp8 weights in the mma-tiled order when its decode GEMV is gemv_mma4p (fp8 activations
-    given as e4m3 codes, K % 64 == 0, per-tensor / per-row / 128-block scales); else ``kl`` unchanged."""
+    given as e4m3 codes, K % 64 == 0, per-tensor / per-row / 128-block scales); 4-bit weights that gemv_q4
+    supports with a q4-tiled copy of their codes (gemv_4bit.adopt); else ``kl`` unchanged."""
+    if gemv_4bit.supported(kl):
+        return gemv_4bit.adopt(kl)
     if kl.fmt != 1 or kl.tiled or not _mma_ok(kl, 1):
         return kl
     return to_tiled(kl)
@@ -166,6 +172,8 @@ def decode_path(kl: KLinear, M: int) -> str:
         return "blas"
     if kl.tiled and _mma_ok(kl, M):
         return "mma4"
+    if gemv_4bit.applies(kl, M):
+        return "q4"
     if not kl.tiled and _half_ok(kl, M):
         return "half"
     if M <= 8 and kl.gemv_ok:
@@ -179,7 +187,7 @@ def _quant_outputs(kl: KLinear, M: int, K: int, path: str, dev) -> dict:
     if path == "mma4":
         res["xq"] = torch.empty(M, K, dtype=torch.uint8, device=dev)
         res["xs"] = torch.empty(M, (K + 127) // 128 if kl.act == 3 else 1, dtype=torch.float32, device=dev)
-    elif path == "half":
+    elif path in HALF_INPUT:
         res["xh"] = torch.empty(M, K, dtype=torch.float16, device=dev)
         res["hs"] = torch.empty(M, dtype=torch.float32, device=dev)
         if kl.act in (4, 5):
@@ -192,7 +200,7 @@ def _quant_args(kl: KLinear | None, pre: dict, path: str) -> tuple:
     in_scale, pqs, outh, hscale, hperm, outq, qscale; kl None: scheme 0 and no outputs."""
     if kl is None:
         return (i32(0),) + (ptr(None),) * 4 + (i32(0),) + (ptr(None),) * 2
-    hperm = 0 if path != "half" else (1 if kl.fmt == 1 else 2)
+    hperm = 0 if path not in HALF_INPUT else (1 if kl.fmt == 1 else 2)
     return (i32(kl.act), ptr(kl.in_scale), ptr(kl.pqs), ptr(pre.get("xh")), ptr(pre.get("hs")), i32(hperm),
             ptr(pre.get("xq")), ptr(pre.get("xs", pre.get("xsc"))))
 
@@ -206,7 +214,7 @@ def rmsnorm_quant(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.
     x = x.contiguous()
     M, H = x.shape
     path = decode_path(kl, M)
-    if path not in ("mma4", "half") or H % 16 or H > 16 * 1024 or kl.perm is not None:
+    if path not in ("mma4", *HALF_INPUT) or H % 16 or H > 16 * 1024 or kl.perm is not None:
         y, r = rmsnorm(x, w, eps, residual)
         return y, r, None
     y = torch.empty_like(x)
@@ -301,10 +309,10 @@ def gate_up_silu(x: torch.Tensor, kl: KLinear, down: KLinear | None, pre: dict |
 
 def linear(x: torch.Tensor, kl: KLinear, force_gemm: bool = False, force_f32: bool = False,
            path: str | None = None, pre: dict | None = None) -> torch.Tensor:
-    """y = x̂ W^T + b. M <= 8: gemv_mma4p (fp8 x fp8 tensor cores on mma-tiled weights), gemv_h (f16 pair math)
-    or gemv (f32); else gemm_tc (tensor cores, "tc") or the f32 tiled gemm. ``path`` forces 'mma4' / 'half' /
-    'f32' / 'tc' / 'gemm' (tests; 'f32' on mma-tiled weights is the gemm, mma4 needs mma-tiled weights, half
-    row-major ones)."""
+    """y = x̂ W^T + b. M <= 8: gemv_mma4p (fp8 x fp8 tensor cores on mma-tiled weights), gemv_q4 (4-bit weights
+    with a q4-tiled copy, tensor cores), gemv_h (f16 pair math) or gemv (f32); else gemm_tc (tensor cores, "tc") or
+    the f32 tiled gemm. ``path`` forces 'mma4' / 'q4' / 'half' / 'f32' / 'tc' / 'gemm' (tests; 'f32' on mma-tiled
+    weights is the gemm, mma4 needs mma-tiled weights, q4 the q4 copy, half row-major ones)."""
     x = x.to(torch.float32).contiguous()
     if kl.perm is not None:
         x = x.index_select(1, kl.perm)
@@ -330,6 +338,10 @@ def linear(x: torch.Tensor, kl: KLinear, force_gemm: bool = False, force_f32: bo
     if path == "mma4":
         q = pre if pre is not None else act_quant(x, kl, codes=True)
         _launch_mma4(q, kl, y, M)
+        return y
+    if path == "q4":
+        q = pre if pre is not None else act_quant(x, kl, half=True, fp4codes=kl.act in (4, 5))
+        gemv_4bit.launch(q, kl, y, M)
         return y
     if path == "half":
         fp4c = kl.act in (4, 5)
@@ -394,28 +406,29 @@ def _kslices(K: int, S: int, gran: int) -> tuple[int, int]:
     return math.ceil(K / kslice), kslice
 
 
-def _mma4_split(O: int, K: int, name: str = "gemv_mma4p") -> tuple[int, int]:
+def _mma4_split(O: int, K: int, name: str = "gemv_mma4p", file: str = "linear") -> tuple[int, int]:
     """(S, kslice) for gemv_mma4p: about 2560 warps of 16 rows (~20 resident per SM at 90 registers on 132 SMs,
     4 KB of weight loads in flight each), then lowered until S fits a block (MMA4_MAX_SLICES) and every block is
     resident at once (one wave: run 4 measured a second, partial wave costing more than the extra warps gain,
-    28672x4096: 3124 GB/s with 1.36 waves, 3545 GB/s with 0.68). Slices are multiples of 256 (one k step)."""
+    28672x4096: 3124 GB/s with 1.36 waves, 3545 GB/s with 0.68). Slices are multiples of 256 (one k step). Also
+    gemv_q4's plan (file "gemv_4bit": same block structure and k step)."""
     tiles = max(1, math.ceil(O / 16))
     S = max(1, min(math.ceil(2560 / tiles), math.ceil(K / 256)))
-    S, _ = _kslices(K, max(1, min(S, _resident_warps(name) // tiles)), 256)
+    S, _ = _kslices(K, max(1, min(S, _resident_warps(name, file) // tiles)), 256)
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    per_sm = _resident_warps(name) // sms
+    per_sm = _resident_warps(name, file) // sms
     while S > 1 and (S > MMA4_MAX_SLICES or tiles > sms * (per_sm // S)):
         S -= 1
     return _kslices(K, S, 256)
 
 
 @functools.lru_cache(maxsize=None)
-def _resident_warps(name: str) -> int:
+def _resident_warps(name: str, file: str = "linear") -> int:
     """Warps of the kernel ``name`` resident at once on the current GPU: registers per SM / registers per warp
     (the compiled kernel's count, ~96 for gemv_mma4p, rounded to the 256-register allocation unit), at most 32
     per SM, x SMs."""
     try:
-        regs = int(loader.function("linear", name).num_regs)
+        regs = int(loader.function(file, name).num_regs)
     except Exception:  # noqa: BLE001 - an attribute CuPy lacks: the nvcc -Xptxas -v counts
         regs = 100
     per_warp = math.ceil(regs * 32 / 256) * 256
@@ -593,7 +606,7 @@ def attention_quant(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, la
     N, Hq, D = q.shape
     HD = Hq * D
     path = decode_path(kl, N)
-    if path not in ("mma4", "half") or HD % 16 or D % 16 or HD > 16 * 1024 or kl.perm is not None:
+    if path not in ("mma4", *HALF_INPUT) or HD % 16 or D % 16 or HD > 16 * 1024 or kl.perm is not None:
         return attention(q, positions, cache, layer, T, rope), None
     part, ml = _attn_partial(q, positions, cache, layer, T, rope)
     out = torch.empty(N, HD, dtype=torch.float32, device=q.device)

@@ -3,7 +3,8 @@
 Contract: ``random_linear(fmt, O, K, g=None, device="cuda", bias=False)`` for fmt in RECIPES: codes drawn
 uniformly (fp8 without NaN codes, all 16 fp4 / int4 nibbles), scales of a plausible size, the activation
 scheme of the recipe (per-tensor static, per-token or per-128-group fp8, nvfp4 with a static global scale, or
-none). ``g`` is a torch.Generator on ``device`` (None: the global one). Shapes as linear.cu's header.
+none); w4a16-gptq: int4 with a zero point per group. ``g`` is a torch.Generator on ``device`` (None: the global
+one). Shapes as linear.cu's header.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import torch
 
 from qtool.kernels.weights import KLinear
 
-RECIPES = ("bf16", "fp8", "fp8-rowwise", "fp8-block", "fp8-weight-only", "nvfp4", "mxfp4", "w4a16-awq", "w4a8-awq")
+RECIPES = ("bf16", "fp8", "fp8-rowwise", "fp8-block", "fp8-weight-only", "nvfp4", "mxfp4", "w4a16-awq", "w4a8-awq",
+           "w4a16-gptq")
 
 
 def _u8(shape, hi, g, dev):
@@ -55,4 +57,8 @@ def random_linear(fmt: str, O: int, K: int, g=None, device="cuda", bias: bool = 
         if fmt == "w4a8-awq":
             kl.s2, kl.act, kl.in_scale = 1e-3 / 448 * 8, 1, torch.full((1,), 0.02, device=dev)
         return kl
+    if fmt == "w4a16-gptq":      # GPTQ as prepared: zero points 1..16 per group, f16-exact scales, no pre-quant scale
+        s = (rand(O, K // 128) * 1e-3 + 1e-4).half().float()
+        zp = torch.randint(1, 17, (O, K // 128), generator=g, device=dev).float()
+        return KLinear(4, O, K, _u8((O, K // 2), 256, g, dev), sc=s, zp=zp, sld=K // 128, sbi=128, bias=b)
     raise ValueError(f"unknown recipe {fmt!r} (known: {', '.join(RECIPES)})")

@@ -6,7 +6,9 @@ all as a scale grid), nvfp4, mxfp4, int4 (ModelOpt AWQ, GPTQ and AutoAWQ all as 
 with per-group f32 scale and zero; GPTQ act-order ``g_idx`` becomes an input permutation). Codes are moved
 bit-exactly, so the decoded weight equals ``lw.dequantize()`` (up to the bf16 cast of non-bf16 dense weights).
 ``gemv_ok`` says whether the 16-byte-vector decode path applies (else the general tiled kernel runs); fp8
-weights on the fp8 x fp8 decode path are put in the mma-tiled order (``to_tiled``; ``ops.adopt_layout`` decides).
+weights on the fp8 x fp8 decode path are put in the mma-tiled order (``to_tiled``; ``ops.adopt_layout`` decides),
+4-bit codes given a second, q4-tiled copy (``q4``, qtool/kernels/gemv_4bit.py; ``nbytes`` counts one copy of the
+codes: a decode step reads one).
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ class KLinear:
     tiled: bool = False          # fp8 codes in mma_tile_fp8's order instead of row-major [O, K]
     il: int = 0                  # > 0: gate|up rows interleaved in groups of 8, il = I (ops.interleave_gate_up)
     rm: torch.Tensor | None = None   # tiled fp8: a row-major copy of the codes for the cuBLAS GEMMs (gemm.py)
+    q4: torch.Tensor | None = None   # 4-bit codes also in gemv_4bit.tile_codes' order (the decode GEMV gemv_q4)
 
     @property
     def gemv_ok(self) -> bool:

@@ -219,7 +219,8 @@ def _paths(kl, m):
 
 
 def _layouts(kl):
-    """[kl in CudaBackend's layout]: mma-tiled where its decode GEMV is gemv_mma4p (ops.adopt_layout)."""
+    """[kl in CudaBackend's layout]: mma-tiled where its decode GEMV is gemv_mma4p, with a q4-tiled copy where it
+    is gemv_q4 (ops.adopt_layout)."""
     from qtool.kernels import ops
     return [ops.adopt_layout(kl)]
 
@@ -286,13 +287,13 @@ def test_rmsnorm_fused_quant(fmt, act, m, h):
     for kl in _layouts(prepare_linear(lw, DEV)):
         poison()
         y, res, pre = ops.rmsnorm_quant(x.to(DEV), w.to(DEV), 1e-6, r.to(DEV), kl)
-        assert pre is not None and pre["path"] in ("mma4", "half")
+        assert pre is not None and pre["path"] in ("mma4", "q4", "half")
         hd = x.double() + r.double()
         yref = hd * torch.rsqrt(hd.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
         assert rel(y, yref) < 1e-5 and rel(res, hd) < 1e-6
         out = ops.linear(y, kl, pre=pre)
         ref = _ref(lw, y)
-        assert rel(out, ref) < (5e-3 if pre["path"] == "half" and act == "none" else 1e-4), pre["path"]
+        assert rel(out, ref) < (5e-3 if pre["path"] in ("half", "q4") and act == "none" else 1e-4), pre["path"]
 
 
 @pytest.mark.parametrize("fmt,act", [("fp8", "fp8"), ("fp8-rowwise", "fp8-token"), ("fp8-block", "fp8-block"),
@@ -318,12 +319,12 @@ def test_attention_fused_quant(fmt, act, kv, d, hq, hkv):
     for kl in _layouts(prepare_linear(lw, DEV)):
         poison()
         out, pre = ops.attention_quant(q, pos, cache, 0, 1, kl)
-        assert pre is not None and pre["path"] in ("mma4", "half")
+        assert pre is not None and pre["path"] in ("mma4", "q4", "half")
         plain = ops.attention(q, pos, cache, 0, 1)       # attn_combine_heads; quantized: heads where local
         assert torch.equal(out, plain) if ops._head_local(kl, pre["path"], d) else rel(out, plain) < 1e-5
         y = ops.linear(out, kl, pre=pre)
         ref = _ref(lw, out)
-        assert rel(y, ref) < (5e-3 if pre["path"] == "half" and act == "none" else 1e-4), pre["path"]
+        assert rel(y, ref) < (5e-3 if pre["path"] in ("half", "q4") and act == "none" else 1e-4), pre["path"]
 
 
 @pytest.mark.parametrize("hq,hkv,d,n", [(32, 8, 128, 1), (9, 3, 64, 3), (8, 8, 256, 2), (16, 2, 128, 4)])

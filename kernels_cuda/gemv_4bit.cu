@@ -1,0 +1,215 @@
+// gemv_4bit.cu — decode GEMV (M <= 8 rows) for 4-bit weights on the tensor cores: nvfp4, mxfp4 and int4 (ModelOpt
+// AWQ, GPTQ, AutoAWQ as prepared by qtool/kernels/weights.py), mma.sync m16n8k16 f16 with f32 accumulation. The codes
+// are repacked once at load time (qtool/kernels/gemv_4bit.py, tile_codes) so that one 16-byte load per lane holds
+// the A-fragment codes of 4 mma steps for two rows; the scales stay in weights.py's row-major arrays.
+//
+// Layout (q4 tiles): O padded to 16 rows (zero codes); the 16-row tile T is K/64 rounds of 512 B, round r covering
+// k = 64 r .. 64 r + 63 as 4 mma steps s (k 64 r + 16 s .. + 15: one 16-element block, so any scale group that is a
+// multiple of 16 long holds whole steps). Lane l = 4 g + t holds 16 B = words j = 0..3: row 16 T + g + 8 (j & 1),
+// steps 2 (j >> 1) and 2 (j >> 1) + 1. Nibble n of word j is the code of step 2 (j >> 1) + ((n & 3) >> 1) at x slot
+// i = 2 ((n & 3) & 1) + (n >> 2), and slot i of lane t in step s is the element k = 64 r + 16 s + 8 (t >> 1) +
+// P[4 (t & 1) + i], P = [0, 4, 1, 5, 2, 6, 3, 7]: act_quant's f16 pair order for 4-bit weights, so the 8 bytes of xh
+// at 64 r + 16 s + 4 t are the lane's B fragment (b0 = slots 0, 1; b1 = slots 2, 3) as they lie. fp4x8_to_h2 /
+// u4x8_to_h2 of word j give the pairs (nibble n, nibble n + 4): a0, a2 of the first step, then of the second.
+//
+// Values: e2m1 codes decode exactly to E2M1 * 2^-14 in f16, int4 codes to the integer u - z (u4x8_to_h2 minus the
+// f16 1024 + z); x is act_quant's f16 copy (x̂ * 2^k per row, hs = 2^-k; for nvfp4 / mxfp4 activations, XS = 1,
+// the exact E2M1 values, with the f32 block scales xsc [M, K / 16 | K / 32]). Every product is exact and the tensor
+// cores sum a scale period of PA steps (PA * 16 k: nvfp4 1, mxfp4 2, int4 min(group / 16, 8)) in f32; each period's
+// sums are then scaled in f32 by the weight scale of its rows (nvfp4 e4m3 block scale, mxfp4 2^(e - 127), int4 the
+// group scale) times, with XS, the x block scale of its columns, and added up. At the end: times gs * 2^14 (fp4),
+// times hs of the column, plus the bias. Error: x rounded to f16 (W4A16 recipes, 2^-12 relative) and f32 sums.
+//
+// gemv_q4<F, PA, XS>: F = 2 nvfp4 (sc e4m3 u8 [O, K/16], global scale gs), 3 mxfp4 (sc E8M0 u8 [O, K/32]), 4 int4
+// (sc f32 [O, sld], zp f32 [O, sld], group 2^glog2 along K, glog2 >= 5; a per-row scale: sld = 1 and glog2 = 30).
+// In-block K split as linear.cu's gemv_mma4 (inb): grid ceil(O / 16), block S warps, warp w computing k in
+// [w kslice, (w + 1) kslice) (kslice a multiple of 256) of the block's 16-row tile; the warps' fragments meet in
+// shared memory (S * 512 B) and warp 0 sums them in warp order (deterministic) and writes y [M, ldy]. Each lane keeps
+// U = 4 rounds of loads in flight (weights streamed past L1, x through L1). Needs K % 64 == 0, M <= 8.
+#include "common.cuh"
+#include "mma_frag.cuh"
+
+#define Q4_NVFP4 2
+#define Q4_MXFP4 3
+#define Q4_INT4 4
+
+__device__ __forceinline__ void e4m3x4_to_f32(unsigned w, float f[4]) {   // 4 e4m3 bytes -> their values (exact)
+  h2x2f(e4m3x2_to_h2(w), f[0], f[1]);
+  h2x2f(e4m3x2_to_h2(w >> 16), f[2], f[3]);
+}
+__device__ __forceinline__ unsigned zero_h2(float z) {   // f16x2 (1024 + z, 1024 + z): u4x8_to_h2 minus it = u - z
+  unsigned short h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(1024.0f + z));
+  return ((unsigned)h << 16) | h;
+}
+__device__ __forceinline__ float f4c(float4 v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
+
+template <int F, int PA, int XS>
+__global__ void __launch_bounds__(512) gemv_q4(const unsigned short* __restrict__ xh, const float* __restrict__ hs,
+    const float* __restrict__ xsc, const u8* __restrict__ wt, const void* __restrict__ sc,
+    const float* __restrict__ zp, float gs, int sld, int glog2, const float* __restrict__ bias,
+    float* __restrict__ y, int ldy, int M, int O, int K, int kslice) {
+  constexpr int U = 4, NP = 4 * U / PA;                 // rounds per iteration, scale periods per iteration
+  int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, S = blockDim.x >> 5;
+  int ra = blockIdx.x * 16 + g, rb = ra + 8;
+  bool va = ra < O, vb = rb < O, vx = g < M;
+  int m0 = 2 * t, m1 = m0 + 1;
+  bool v0 = m0 < M, v1 = m1 < M;
+  int k0 = warp * kslice, k1 = min(K, k0 + kslice);
+  const u8* tile = wt + (long long)blockIdx.x * (K >> 6) * 512;
+  // the weights are constant: this warp's first iteration (up to 2 KB, contiguous) goes to L2 before the wait
+  if (k0 < k1 && lane < 4 * min(U, (k1 - k0) >> 6)) prefetch_l2(tile + (long long)(k0 >> 6) * 512 + lane * 128);
+  QT_PDL_ENTRY
+  const u8* tw = tile + lane * 16;
+  const unsigned short* xr = xh + (long long)(vx ? g : 0) * K + 4 * t;
+  const u8* scb = (const u8*)sc;
+  const float* scf = (const float*)sc;
+  int sra = va ? ra : O - 1, srb = vb ? rb : O - 1;    // scale rows (clamped: rows past O hold zero codes)
+  const int nb = F == Q4_NVFP4 ? K >> 4 : K >> 5;     // fp4 scale blocks per row (weights and x)
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};                 // rows (ra, m0), (ra, m1), (rb, m0), (rb, m1)
+  const unsigned short* x0r = xh + 4 * t;             // row 0: a valid address for columns past M (zeroed)
+  for (int kb = k0; kb < k1; kb += 64 * U) {
+    // every load of the iteration first, without branches: addresses past the slice are clamped to its last round
+    // (their values zeroed below); columns past M read row 0 (zeroed here)
+    uint4 W[U];
+    uint2 X[U][4];
+    unsigned SA[U], SB[U];                             // fp4: the round's block scales of rows ra, rb
+    float ZS[2][NP], ZZ[2][NP];                        // int4: scale and zero of each period, rows ra, rb
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      int k = kb + 64 * u;
+      bool in = k < k1;
+      int kc = in ? k : k1 - 64;
+      W[u] = ld_stream((const uint4*)(tw + (long long)(kc >> 6) * 512));
+      const unsigned short* xp = (vx ? xr : x0r) + kc;
+#pragma unroll
+      for (int s = 0; s < 4; ++s) X[u][s] = *(const uint2*)(xp + 16 * s);
+#pragma unroll
+      for (int s = 0; s < 4; ++s)
+        if (!vx) X[u][s] = make_uint2(0u, 0u);
+      if (F == Q4_NVFP4) {
+        SA[u] = *(const unsigned*)(scb + (long long)sra * nb + (kc >> 4));
+        SB[u] = *(const unsigned*)(scb + (long long)srb * nb + (kc >> 4));
+      } else if (F == Q4_MXFP4) {
+        SA[u] = *(const unsigned short*)(scb + (long long)sra * nb + (kc >> 5));
+        SB[u] = *(const unsigned short*)(scb + (long long)srb * nb + (kc >> 5));
+      }
+    }
+    if (F == Q4_INT4) {
+#pragma unroll
+      for (int p = 0; p < NP; ++p) {
+        int k = min(kb + 16 * PA * p, k1 - 16);        // periods past the slice: zero codes, any valid scale
+        long long ia = (long long)sra * sld + (k >> glog2), ib = (long long)srb * sld + (k >> glog2);
+        ZS[0][p] = scf[ia]; ZS[1][p] = scf[ib];
+        ZZ[0][p] = zp[ia]; ZZ[1][p] = zp[ib];
+      }
+    }
+    // the iteration's compute; the branch below also keeps ptxas from sinking the loads above into it (in one
+    // basic block it issued each round's weight load just before its mma: one round in flight)
+    auto iter = [&]() {
+      float e[4] = {0.f, 0.f, 0.f, 0.f};                 // the current period's sums
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        int k = kb + 64 * u;
+        float fa[4], fb[4];                              // fp4: this round's weight block scales (per step / per 2)
+        float4 xa = make_float4(1.f, 1.f, 1.f, 1.f), xb = xa;   // XS: x block scales of columns m0, m1
+        if (F == Q4_NVFP4) {
+          e4m3x4_to_f32(SA[u], fa);
+          e4m3x4_to_f32(SB[u], fb);
+          if (XS) {                                      // (rounds past the slice: zero codes, any scale)
+            int kc = min(k, k1 - 64);
+            xa = *(const float4*)(xsc + (long long)(v0 ? m0 : 0) * nb + (kc >> 4));
+            xb = *(const float4*)(xsc + (long long)(v1 ? m1 : 0) * nb + (kc >> 4));
+          }
+        } else if (F == Q4_MXFP4) {
+          fa[0] = e8m0_to_f32(SA[u] & 255u); fa[1] = e8m0_to_f32((SA[u] >> 8) & 255u);
+          fb[0] = e8m0_to_f32(SB[u] & 255u); fb[1] = e8m0_to_f32((SB[u] >> 8) & 255u);
+          if (XS) {
+            int kc = min(k, k1 - 64);
+            float2 a = *(const float2*)(xsc + (long long)(v0 ? m0 : 0) * nb + (kc >> 5));
+            float2 b = *(const float2*)(xsc + (long long)(v1 ? m1 : 0) * nb + (kc >> 5));
+            xa = make_float4(a.x, a.y, 0.f, 0.f); xb = make_float4(b.x, b.y, 0.f, 0.f);
+          }
+        }
+#pragma unroll
+        for (int jp = 0; jp < 2; ++jp) {
+          int q0 = 4 * u + 2 * jp;                       // the iteration's step index of this word pair's first step
+          unsigned ha[4], hb[4];
+          if (F == Q4_INT4) {
+            u4x8_to_h2(jp ? W[u].z : W[u].x, ha);
+            u4x8_to_h2(jp ? W[u].w : W[u].y, hb);
+            unsigned za = zero_h2(ZZ[0][q0 / PA]), zb = zero_h2(ZZ[1][q0 / PA]);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) { ha[i] = hsub2(ha[i], za); hb[i] = hsub2(hb[i], zb); }
+          } else {
+            fp4x8_to_h2(jp ? W[u].z : W[u].x, ha);
+            fp4x8_to_h2(jp ? W[u].w : W[u].y, hb);
+          }
+#pragma unroll
+          for (int sub = 0; sub < 2; ++sub) {
+            int s = 2 * jp + sub, q = q0 + sub;
+            mma_f16(e, ha[2 * sub], hb[2 * sub], ha[2 * sub + 1], hb[2 * sub + 1], X[u][s].x, X[u][s].y);
+            if ((q + 1) % PA == 0) {                     // the end of a scale period
+              float wa, wb, x0 = 1.f, x1 = 1.f;
+              if (F == Q4_NVFP4) {
+                wa = fa[s]; wb = fb[s];
+                if (XS) { x0 = f4c(xa, s); x1 = f4c(xb, s); }
+              } else if (F == Q4_MXFP4) {
+                wa = fa[jp]; wb = fb[jp];
+                if (XS) { x0 = f4c(xa, jp); x1 = f4c(xb, jp); }
+              } else {
+                wa = ZS[0][q / PA]; wb = ZS[1][q / PA];
+              }
+              if (XS) {
+                acc[0] += e[0] * (wa * x0); acc[1] += e[1] * (wa * x1);
+                acc[2] += e[2] * (wb * x0); acc[3] += e[3] * (wb * x1);
+              } else {
+                acc[0] += e[0] * wa; acc[1] += e[1] * wa; acc[2] += e[2] * wb; acc[3] += e[3] * wb;
+              }
+              e[0] = e[1] = e[2] = e[3] = 0.f;
+            }
+          }
+        }
+      }
+    };
+    if (kb + 64 * U <= k1) {
+      iter();
+    } else {                                           // the slice's partial last iteration: rounds past it add 0
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (kb + 64 * u >= k1) {
+          W[u] = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+          for (int s = 0; s < 4; ++s) X[u][s] = make_uint2(0u, 0u);
+        }
+      iter();
+    }
+  }
+  if (S > 1) {                                         // the warps' K slices, summed in warp order
+    extern __shared__ float red[];                     // [S][4][32]
+#pragma unroll
+    for (int i = 0; i < 4; ++i) red[(warp * 4 + i) * 32 + lane] = acc[i];
+    __syncthreads();
+    if (warp != 0) return;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float a = 0.f;
+      for (int w = 0; w < S; ++w) a += red[(w * 4 + i) * 32 + lane];
+      acc[i] = a;
+    }
+  }
+  float post = F == Q4_INT4 ? 1.0f : gs * 16384.0f;
+  float h0 = v0 ? hs[m0] * post : 0.f, h1 = v1 ? hs[m1] * post : 0.f;
+  float out[4] = {acc[0] * h0, acc[1] * h1, acc[2] * h0, acc[3] * h1};
+  store_frag(y, ldy, ra, rb, va, vb, m0, m1, M, out, (bias && va) ? bias[ra] : 0.f, (bias && vb) ? bias[rb] : 0.f);
+}
+
+#define QT_Q4_ARGS const unsigned short*, const float*, const float*, const u8*, const void*, const float*, float, int, \
+  int, const float*, float*, int, int, int, int, int
+template __global__ void gemv_q4<Q4_NVFP4, 1, 0>(QT_Q4_ARGS);
+template __global__ void gemv_q4<Q4_NVFP4, 1, 1>(QT_Q4_ARGS);
+template __global__ void gemv_q4<Q4_MXFP4, 2, 0>(QT_Q4_ARGS);
+template __global__ void gemv_q4<Q4_MXFP4, 2, 1>(QT_Q4_ARGS);
+template __global__ void gemv_q4<Q4_INT4, 2, 0>(QT_Q4_ARGS);
+template __global__ void gemv_q4<Q4_INT4, 4, 0>(QT_Q4_ARGS);
+template __global__ void gemv_q4<Q4_INT4, 8, 0>(QT_Q4_ARGS);
