@@ -1,7 +1,8 @@
 """Option types shared by commands, built from the recipe data (so --help lists the real choices).
 
 Contract: `WeightRecipe` / `KvRecipe` are Enums whose values are the CLI names in
-recipes/recipes.toml (`KvRecipe` adds 'none', which `kv_value` turns into None); `target_arch` (qtool.support.gpus) resolves --gpu.
+recipes/recipes.toml (`KvRecipe` adds 'none', which `kv_value` turns into None); `KvDtype` the KV-cache storage
+formats of recipes/formats.toml plus 'auto'; `target_arch` (qtool.support.gpus) resolves --gpu.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from qtool.support.gpus import target_arch  # noqa: F401 - re-exported for comma
 
 WeightRecipe = Enum("WeightRecipe", {n.replace("-", "_"): n for n in registry.recipe_names("weights")}, type=str)
 KvRecipe = Enum("KvRecipe", {"none": "none", **{n: n for n in registry.recipe_names("kv")}}, type=str)
+KvDtype = Enum("KvDtype", {"auto": "auto", **{n: n for n in registry.kv_format_codes()}}, type=str)   # --kv-cache-dtype
 
 EXIT_CODES_HELP = "Exit codes: 0 done, 1 failed, 2 usage error, 3 refused by a support matrix."
 

@@ -24,7 +24,7 @@ from typing import List, Optional
 import typer
 
 from qtool.commands._common import guarded, info, print_json, stdout, warn
-from qtool.commands._options import EXIT_CODES_HELP
+from qtool.commands._options import EXIT_CODES_HELP, KvDtype
 from qtool.errors import Unsupported, UsageError
 
 EPILOG = ('Examples:  qtool run ./SmolLM2-fp8-nvfp4kv "What is the capital of France?"  |  '
@@ -38,13 +38,6 @@ class BackendChoice(str, Enum):
     auto = "auto"
     cuda = "cuda"
     torch = "torch"
-
-
-class KvDtype(str, Enum):
-    auto = "auto"
-    bf16 = "bf16"
-    fp8 = "fp8"
-    nvfp4 = "nvfp4"
 
 
 def _kv_choice(asked: str, ckpt_kv: str | None, source: str) -> str:
