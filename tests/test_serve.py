@@ -336,3 +336,17 @@ def test_loading_state_in_process():
         r = c.post("/v1/chat/completions", json={}, headers={"authorization": "Bearer k"})
         assert r.status_code == 503 and set(r.json()["error"]) == {"message", "type", "param", "code"}
         assert c.get("/version").status_code == 200 and c.get("/metrics").status_code == 200
+
+
+def test_sampling_defaults_follow_generation_config():
+    """Fields a request leaves out take generation_config.json's values (as vLLM), else OpenAI's defaults."""
+    from qtool.serve.app import ServerState, _params
+    from qtool.serve.schemas import CompletionRequest
+    body = CompletionRequest(model="m", prompt="x")
+    plain = _params(ServerState("m", "/", None, max_model_len=64), body, [1, 2], 4, False)
+    assert (plain.temperature, plain.top_p, plain.top_k) == (1.0, 1.0, 0)
+    st = ServerState("m", "/", None, max_model_len=64, sampling_defaults={"temperature": 0.6, "top_p": 0.9, "top_k": 20})
+    got = _params(st, body, [1, 2], 4, False)
+    assert (got.temperature, got.top_p, got.top_k) == (0.6, 0.9, 20)
+    own = _params(st, CompletionRequest(model="m", prompt="x", temperature=0, top_p=1.0, top_k=0), [1, 2], 4, False)
+    assert (own.temperature, own.top_p, own.top_k) == (0, 1.0, 0)

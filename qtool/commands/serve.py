@@ -95,7 +95,13 @@ def serve(
     import uvicorn
     from qtool.serve.app import ServerState, create_app
     name = served_model_name or Path(str(folder)).name
-    state = ServerState(model_name=name, root=str(folder), tok=tok, api_key=api_key or None, max_waiting=max_waiting)
+    from qtool.commands.run import sampling_params
+    values, sources = sampling_params(folder, {})
+    defaults = {k: v for k, v in values.items() if sources[k] != "default"}
+    state = ServerState(model_name=name, root=str(folder), tok=tok, api_key=api_key or None, max_waiting=max_waiting,
+                        sampling_defaults=defaults)
+    if defaults:
+        info(f"sampling defaults from generation_config.json: {defaults} (a request's own values win)")
     holder: dict = {}
 
     def load() -> None:

@@ -8,7 +8,8 @@ context, 401 missing or wrong API key (`state.api_key`; /health, /version, /metr
 unknown model or route, 429 more than `state.max_waiting` queued (`x-should-retry: false`), 503 not
 ready. A handler submits an `engine.Request` whose `on_output` hops to the event loop with
 `loop.call_soon_threadsafe` onto the request's own asyncio queue; when the client disconnects (stream
-or not) or the handler ends early, the request is aborted and its blocks freed.
+or not) or the handler ends early, the request is aborted and its blocks freed. Sampling fields a request leaves
+out take `state.sampling_defaults` (the checkpoint's generation_config.json, as vLLM), else OpenAI's.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ class ServerState:
     max_model_len: int = 0
     ready: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
+    sampling_defaults: dict = field(default_factory=dict)   # generation_config.json's temperature/top_p/top_k
     metrics: Metrics = None
 
     def __post_init__(self):
@@ -263,9 +265,12 @@ def _params(state: ServerState, body, ids: list[int], max_tokens: int | None, lo
         stop = [_utf8(x, "stop") for x in body.stop_list()]
     except ValueError as exc:
         raise APIError(400, str(exc), param="stop")
-    temperature = 1.0 if body.temperature is None else body.temperature
-    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=max(0, body.top_k or 0),
-                          top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, stop=stop,
+    d = state.sampling_defaults           # a field the request leaves out: the checkpoint's, else OpenAI's default
+    temperature = d.get("temperature", 1.0) if body.temperature is None else body.temperature
+    top_p = d.get("top_p", 1.0) if body.top_p is None else body.top_p
+    top_k = d.get("top_k", 0) if body.top_k is None else body.top_k
+    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=max(0, top_k),
+                          top_p=top_p, seed=body.seed, stop=stop,
                           ignore_eos=body.ignore_eos, logprobs=logprobs)
 
 
