@@ -20,7 +20,7 @@ def test_smollm2_chat_matches_run_reference(smollm2):
     from qtool.runtime.generate import GenerateOptions, generate
     from qtool.runtime.loader import load_model_weights
     from qtool.runtime.model import Model
-    server = Server(smollm2, "--max-model-len", "256", "--num-kv-blocks", "64")
+    server = Server("smollm2-135m", "--max-model-len", "256", "--num-kv-blocks", "64")   # the built-in name
     try:
         tok = load_tokenizer(smollm2)
         weights = load_model_weights(str(smollm2), progress=False)
@@ -29,6 +29,7 @@ def test_smollm2_chat_matches_run_reference(smollm2):
         assert "Paris" in want.text
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
         name = client.models.list().data[0].id
+        assert name == "smollm2-135m"                      # a built-in name is served as typed
         r = client.chat.completions.create(model=name, messages=MSGS, max_tokens=12, temperature=0)
         assert r.choices[0].message.content == want.text
         assert r.usage.completion_tokens == len(want.token_ids) + (want.finish_reason == "eos")

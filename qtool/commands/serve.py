@@ -71,7 +71,7 @@ def serve(
     num_kv_blocks: Optional[int] = typer.Option(None, "--num-kv-blocks", min=2, help="Override the KV-cache size in blocks."),
     block_size: int = typer.Option(16, "--block-size", min=1, max=256, help="Positions per KV-cache block."),
     served_model_name: Optional[str] = typer.Option(None, "--served-model-name",
-                                                    help="The model id clients send (default: the folder name)."),
+                                                    help="The model id clients send (default: a folder's name; a hub id or built-in name as typed)."),
     chat_template: Optional[str] = typer.Option(None, "--chat-template", help="A Jinja chat template, or a file holding one."),
     max_waiting: int = typer.Option(256, "--max-waiting", min=0, help="Queued requests beyond this get 429."),
     prefix_caching: bool = typer.Option(True, "--prefix-caching/--no-prefix-caching",
@@ -94,7 +94,7 @@ def serve(
 
     import uvicorn
     from qtool.serve.app import ServerState, create_app
-    name = served_model_name or Path(str(folder)).name
+    name = served_model_name or (Path(str(folder)).name if Path(model).exists() else model)   # hub id / built-in as typed
     from qtool.commands.run import sampling_params
     values, sources = sampling_params(folder, {})
     defaults = {k: v for k, v in values.items() if sources[k] != "default"}
