@@ -257,6 +257,7 @@ BAD = [  # (body or raw bytes, status, param)
     ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
     ({"messages": [{"role": "user", "content": "hi"}]}, 400, "model"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stop": "x" * 5000}, 400, "stop"),
 ]
 
 

@@ -8,7 +8,8 @@ context, 401 missing or wrong API key (`state.api_key`; /health, /version, /metr
 unknown model or route, 429 more than `state.max_waiting` queued (`x-should-retry: false`), 503 not
 ready. A handler submits an `engine.Request` whose `on_output` hops to the event loop with
 `loop.call_soon_threadsafe` onto the request's own asyncio queue; when the client disconnects (stream
-or not) or the handler ends early, the request is aborted and its blocks freed. Sampling fields a request leaves
+or not) or the handler ends early, the request is aborted and its blocks freed. Tokenization and chat templates
+run on worker threads (a huge prompt does not stall the event loop); a stop string has at most 1024 chars. Sampling fields a request leaves
 out take `state.sampling_defaults` (the checkpoint's generation_config.json, as vLLM), else OpenAI's.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ from qtool.serve.metrics import Metrics
 from qtool.serve.schemas import ChatRequest, CompletionRequest, TokenizeRequest
 
 PUBLIC = {"/health", "/version", "/metrics"}
+MAX_STOP_CHARS = 1024      # the stop-string hold-back scans each stop's prefixes after every token
 
 
 @dataclass
@@ -162,8 +164,8 @@ def create_app(state: ServerState, lifespan=None) -> FastAPI:
             _check_model(state, body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of 'prompt' or 'messages'")
-        ids = _chat_ids(state, body.messages) if body.messages is not None else \
-            _text_ids(state, body.prompt, body.add_special_tokens)
+        ids = await asyncio.to_thread(_chat_ids, state, body.messages) if body.messages is not None else \
+            await asyncio.to_thread(_text_ids, state, body.prompt, body.add_special_tokens)
         return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids}
 
     @app.post("/v1/chat/completions")
@@ -174,7 +176,7 @@ def create_app(state: ServerState, lifespan=None) -> FastAPI:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         if (body.top_logprobs or 0) > 1:
             raise APIError(400, "this server returns at most top_logprobs = 1", param="top_logprobs")
-        ids = _chat_ids(state, body.messages, body.add_generation_prompt)
+        ids = await asyncio.to_thread(_chat_ids, state, body.messages, body.add_generation_prompt)   # off the loop
         max_tokens = body.max_completion_tokens or body.max_tokens
         params = _params(state, body, ids, max_tokens, bool(body.logprobs))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -197,7 +199,7 @@ def create_app(state: ServerState, lifespan=None) -> FastAPI:
                 raise APIError(400, "one prompt per request (n = 1)", param="prompt")
             p = p[0]
         if isinstance(p, str):
-            ids = _text_ids(state, p, True)
+            ids = await asyncio.to_thread(_text_ids, state, p, True)
         else:
             vocab = state.engine.model.config.vocab_size
             if any(t < 0 or t >= vocab for t in p):
@@ -263,6 +265,8 @@ def _params(state: ServerState, body, ids: list[int], max_tokens: int | None, lo
         raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
     try:
         stop = [_utf8(x, "stop") for x in body.stop_list()]
+        if any(len(x) > MAX_STOP_CHARS for x in stop):
+            raise ValueError(f"stop: at most {MAX_STOP_CHARS} characters per sequence")
     except ValueError as exc:
         raise APIError(400, str(exc), param="stop")
     d = state.sampling_defaults           # a field the request leaves out: the checkpoint's, else OpenAI's default
