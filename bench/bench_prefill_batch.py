@@ -10,9 +10,11 @@ row-major copy CudaBackend keeps, as ``prepare`` does). Parts:
   bf16, nvfp4, w4a16-awq, against the same-run cuBLASLt rate on bf16 / fp8 operands (torch.matmul,
   torch._scaled_mm with bf16 output; 4-bit formats against bf16), TFLOP/s = 2 M O K / time, each timed as a
   CUDA graph of several calls (median of 5 blocks).
-- ttft: a 2,048-token prefill of the 32-layer fp8 model (qtool's ops, eager, median of 3) against the sum of the
-  same-run cuBLASLt GEMM times of its linears (fp8 _scaled_mm, bf16 lm_head on the last row) plus qtool's
-  attention (RoPE + KV write + attention) time.
+- ttft: a 2,048-token and a 512-token prefill of the 32-layer fp8 model, bf16 KV (qtool's ops as CudaBackend runs
+  them: attention through prefill_attention, eager, median of 3) against the sum of the same-run cuBLASLt GEMM
+  times of its linears (fp8 _scaled_mm, bf16 lm_head on the last row) plus torch SDPA's causal GQA attention on
+  the same shapes (bf16, [1, 32, T, 128] over [1, 8, T, 128]); qtool's own attention time (RoPE + KV write +
+  gather/decode + SDPA) is printed beside it.
 - batch: decode tok/s at batch 1, 8, 32, 64, context 1024, bf16 KV, one CUDA graph per batch size (step +
   sampling), for fp8, bf16, nvfp4, w4a16-awq, and the ratio to batch 1.
 - cli: ``qtool run`` of a SmolLM2-shaped random fp8 checkpoint (30 layers, d 576; ModelOpt FP8 layout written
@@ -38,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts"), str(ROOT / "tests")]
 import bench_decode as bd  # noqa: E402
 
-from qtool.kernels import gemm, ops  # noqa: E402
+from qtool.kernels import gemm, ops, prefill_attention  # noqa: E402
 from qtool.kernels.random_weights import random_linear  # noqa: E402
 
 DEV = "cuda"
@@ -119,14 +121,17 @@ class Prefill:
         f = torch.randn(T + 64, D // 2, device=DEV)
         self.cos, self.sin = f.cos(), f.sin()
         self.ids = torch.randint(0, V, (T,), device=DEV)
-        self.pos = torch.arange(T, device=DEV)
+        self.pos = torch.arange(T, device=DEV)[None]
 
     def attn(self, qkv, i):
+        """RoPE + KV write, then the prefill attention CudaBackend.attention picks for T > 1."""
         H, I, NL, HQ, HKV, D, V = self.dims
         q = qkv[:, :HQ * D].view(-1, HQ, D)
         k = qkv[:, HQ * D:(HQ + HKV) * D].view(-1, HKV, D)
         v = qkv[:, (HQ + HKV) * D:].view(-1, HKV, D)
         qr = ops.rope_and_store(q, k, v, self.pos, self.cache, i, self.cos, self.sin, self.T)
+        if prefill_attention.applies(qr, self.pos, self.cache):
+            return prefill_attention.attention(qr, self.pos, self.cache, i)
         return ops.attention(qr, self.pos, self.cache, i, self.T)
 
     def forward(self):
@@ -142,31 +147,52 @@ class Prefill:
         return ops.linear(h, self.head).argmax(-1)
 
 
-def part_ttft(T: int = 2048):
-    p = Prefill(T)
-    times = []
-    for _ in range(5):
+def sdpa_ref(T: int, HQ: int, HKV: int, D: int) -> float:
+    """Seconds per call of torch SDPA (causal, GQA, bf16) for one layer's prefill of T tokens."""
+    import torch.nn.functional as F
+    q = torch.randn(1, HQ, T, D, device=DEV).to(torch.bfloat16)
+    k = torch.randn(1, HKV, T, D, device=DEV).to(torch.bfloat16)
+    v = torch.randn(1, HKV, T, D, device=DEV).to(torch.bfloat16)
+    return gtime(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=HQ != HKV))
+
+
+def part_ttft(lengths=(2048, 512)):
+    RESULTS["ttft"] = []
+    print("\n| prompt | qtool TTFT | cuBLASLt GEMMs | torch SDPA attention | reference sum | ratio | target | "
+          "qtool attention (RoPE + KV write + SDPA) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for T in lengths:
+        p = Prefill(T)
+        times = []
+        for _ in range(5):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            p.forward()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        ttft = statistics.median(times[2:])
+        H, I, NL, HQ, HKV, D, V = p.dims
+        qkv = torch.randn(T, (HQ + 2 * HKV) * D, device=DEV)
+        p.attn(qkv, 0)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        p.forward()
+        for _ in range(10):
+            p.attn(qkv, 0)       # eager (the host reads the positions once per positions tensor: not graphable)
         torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    ttft = statistics.median(times[2:])
-    H, I, NL, HQ, HKV, D, V = p.dims
-    qkv = torch.randn(T, (HQ + 2 * HKV) * D, device=DEV)
-    attn = gtime(lambda: p.attn(qkv, 0), reps=2) * NL
-    gemms = {n: cublas_refs(T, O, K)["fp8"] for n, (O, K) in LLAMA_LINEARS.items()}
-    hb = (torch.randn(V, H, device=DEV) * 0.02).to(torch.bfloat16)
-    hx = torch.randn(1, H, device=DEV).to(torch.bfloat16)
-    head = gtime(lambda: torch.matmul(hx, hb.t()))
-    ref = sum(gemms.values()) * NL + head + attn
-    RESULTS["ttft"] = dict(T=T, ttft_s=ttft, ref_s=ref, gemm_ref_s=sum(gemms.values()) * NL + head, attn_s=attn,
-                           ratio=ttft / ref)
-    print(f"\n| TTFT {T} tok, 8B fp8 | qtool {ttft * 1e3:.1f} ms | cuBLASLt GEMMs {(ref - attn) * 1e3:.1f} ms + "
-          f"qtool attention {attn * 1e3:.1f} ms = {ref * 1e3:.1f} ms | ratio {ttft / ref:.2f} (target <= 1.3) |",
-          flush=True)
-    del p, hb
-    torch.cuda.empty_cache()
+        qattn = (time.perf_counter() - t0) / 10 * NL
+        sdpa = sdpa_ref(T, HQ, HKV, D) * NL
+        gemms = {n: cublas_refs(T, O, K)["fp8"] for n, (O, K) in LLAMA_LINEARS.items()}
+        hb = (torch.randn(V, H, device=DEV) * 0.02).to(torch.bfloat16)
+        hx = torch.randn(1, H, device=DEV).to(torch.bfloat16)
+        head = gtime(lambda: torch.matmul(hx, hb.t()))
+        gemm_ref = sum(gemms.values()) * NL + head
+        ref = gemm_ref + sdpa
+        RESULTS["ttft"].append(dict(T=T, ttft_s=ttft, ref_s=ref, gemm_ref_s=gemm_ref, sdpa_ref_s=sdpa,
+                                    qtool_attn_s=qattn, ratio=ttft / ref))
+        print(f"| {T} tok, 8B fp8 | {ttft * 1e3:.1f} ms | {gemm_ref * 1e3:.1f} ms | {sdpa * 1e3:.1f} ms | "
+              f"{ref * 1e3:.1f} ms | {ttft / ref:.2f} | <= 1.3 | {qattn * 1e3:.1f} ms |", flush=True)
+        del p, hb
+        torch.cuda.empty_cache()
 
 
 def part_batch(batches=(1, 8, 32, 64), ctx: int = 1024, kv: str = "bf16"):
@@ -299,9 +325,9 @@ def summary():
         if rs:
             print(f"gemm {fmt}: ratio to {'bf16' if fmt not in ('fp8', 'fp8-rowwise', 'bf16') else fmt} cuBLASLt "
                   f"min {min(rs):.2f} median {statistics.median(rs):.2f} max {max(rs):.2f}")
-    if "ttft" in RESULTS:
-        t = RESULTS["ttft"]
-        print(f"ttft {t['ttft_s'] * 1e3:.1f} ms vs ref {t['ref_s'] * 1e3:.1f} ms: {t['ratio']:.2f}")
+    for t in RESULTS.get("ttft", []):
+        print(f"ttft {t['T']} tok: {t['ttft_s'] * 1e3:.1f} ms vs ref {t['ref_s'] * 1e3:.1f} ms (GEMMs "
+              f"{t['gemm_ref_s'] * 1e3:.1f} + SDPA {t['sdpa_ref_s'] * 1e3:.1f}): {t['ratio']:.2f}")
     for r in RESULTS.get("batch", []):
         if r["batch"] > 1:
             print(f"batch {r['format']} B={r['batch']}: {r['tok_s']:.0f} tok/s, x{r['x_batch1']:.1f}")

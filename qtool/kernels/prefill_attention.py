@@ -1,0 +1,119 @@
+"""Prefill attention (T > 1 queries per batch row) on the tensor cores through torch's scaled_dot_product_attention.
+
+Contract: ``attention(q, positions, cache, layer)`` with q [N, Hq, d] float32 (rotated; row n = b*T + t),
+positions int64 [B, T], cache an ops.KVCache or ops.PagedKVCache after this step's K/V were written, returns
+[N, Hq*d] float32: the attention of torch_ref's ``attention`` (query at position p sees slots 0..p of its row,
+scale 1/sqrt(d), GQA head h on KV head h // (Hq/Hkv)). How: the stored K/V of positions 0..p_last of each row are
+gathered (through the block table when paged), decoded with the reference's ``kv_decode`` (the stored values x
+the layer's scales, float32) and rounded to bf16; q is rounded to bf16; SDPA (flash / cuDNN / efficient) runs
+with a causal mask aligned bottom-right when a row's queries are at consecutive positions p0..p0+T-1 (one call
+for all rows sharing p0), else with an explicit boolean mask (slot j visible to the query at p iff j <= p) per
+row. Tolerance against the reference: docs/numerics.md, "Prefill attention". Reads the positions on the host
+(one small sync per positions tensor, remembered across the layers of a forward), so it is for eager prefill,
+never for a captured decode step. ``applies`` says where it runs; elsewhere the backend keeps attn_partial.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+MAX_HEAD_DIM = 256          # flash / efficient SDPA on Hopper take head_dim <= 256, a multiple of 8
+_memo: list = []             # [(positions tensor, its _version, summary)]: one entry, the last forward's positions
+
+
+def applies(q: torch.Tensor, positions: torch.Tensor, cache) -> bool:
+    """Prefill rows (T > 1), head_dim SDPA's fused kernels take, a KV format kv_decode reads, whole GQA groups."""
+    D, Hq = q.shape[-1], q.shape[-2]
+    return (positions.dim() == 2 and positions.shape[1] > 1 and D % 8 == 0 and D <= MAX_HEAD_DIM
+            and cache.fmt in ("bf16", "fp8", "nvfp4") and Hq % cache.hkv == 0)
+
+
+def _summary(positions: torch.Tensor) -> list[tuple[int, int, bool]]:
+    """Per row (first position, last position, consecutive p0..p0+T-1?), with one host read per positions tensor."""
+    if _memo and _memo[0][0] is positions and _memo[0][1] == positions._version:
+        return _memo[0][2]
+    B, T = positions.shape
+    first = positions[:, 0]
+    step = torch.arange(T, device=positions.device)
+    consec = (positions == first[:, None] + step).all(dim=1).to(positions.dtype)
+    rows = torch.stack([first, positions.max(dim=1).values, consec], dim=1).tolist()
+    out = [(int(a), int(b), bool(c)) for a, b, c in rows]
+    _memo[:] = [(positions, positions._version, out)]
+    return out
+
+
+def _stored(cache, store: tuple, b0: int, b1: int, length: int) -> tuple:
+    """The stored tensors of rows b0..b1-1, positions 0..length-1, as [rows, Hkv, length, ...] (views when
+    contiguous; gathered through the block table when paged)."""
+    bs = cache.block_size
+    out = []
+    for t in store:
+        if t is None:
+            continue
+        if bs:
+            nb = -(-length // bs)
+            if nb > cache.block_tables.shape[1]:
+                raise ValueError(f"{length} positions exceed the block table ({cache.block_tables.shape[1]} blocks)")
+            ids = cache.block_tables[b0:b1, :nb].long()                  # [rows, nb]
+            g = t[ids]                                                   # [rows, nb, Hkv, bs, ...]
+            g = g.transpose(1, 2).reshape(b1 - b0, t.shape[1], nb * bs, *t.shape[3:])
+            out.append(g[:, :, :length])
+        else:
+            out.append(t[b0:b1, :, :length])
+    return tuple(out)
+
+
+def _decoded(cache, which: str, layer: int, b0: int, b1: int, length: int) -> torch.Tensor:
+    """K or V of rows b0..b1-1, positions 0..length-1: [rows, Hkv, length, d] bf16 (kv_decode, then bf16)."""
+    from qtool.formats.kv import kv_decode
+    store = cache.k[layer] if which == "k" else cache.v[layer]
+    scale = (cache.k_scales if which == "k" else cache.v_scales)[layer]
+    st = _stored(cache, store, b0, b1, length)
+    if cache.fmt == "bf16":
+        return st[0]                                                     # stored bf16: exact, no copy
+    if cache.fmt == "fp8":
+        return kv_decode("fp8", st[0].view(torch.float8_e4m3fn), scale=float(scale)).to(torch.bfloat16)
+    return kv_decode("nvfp4", st[0], st[1].view(torch.float8_e4m3fn), scale=float(scale)).to(torch.bfloat16)
+
+
+def _sdpa(qb: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """qb [R, Hq, T, d] bf16 over k / v [R, Hkv, L, d] bf16; causal bottom-right (queries at L-T..L-1) when mask
+    is None, else mask [R, 1, T, L] bool (K/V repeated per query head: the masked kernels take no GQA)."""
+    import torch.nn.functional as F
+    T, L = qb.shape[2], k.shape[2]
+    G = qb.shape[1] // k.shape[1]
+    scale = 1.0 / math.sqrt(qb.shape[-1])
+    if mask is not None:
+        if G > 1:
+            k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+        return F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale)
+    if L == T:
+        return F.scaled_dot_product_attention(qb, k, v, is_causal=True, scale=scale, enable_gqa=G > 1)
+    from torch.nn.attention.bias import causal_lower_right
+    return F.scaled_dot_product_attention(qb, k, v, attn_mask=causal_lower_right(T, L), scale=scale,
+                                          enable_gqa=G > 1)
+
+
+def attention(q: torch.Tensor, positions: torch.Tensor, cache, layer: int) -> torch.Tensor:
+    """[N, Hq*d] float32 attention of the prefill queries q [N, Hq, d] (see the module contract)."""
+    B, T = positions.shape
+    N, Hq, D = q.shape
+    rows = _summary(positions)
+    qb = q.reshape(B, T, Hq, D).to(torch.bfloat16).transpose(1, 2)          # [B, Hq, T, d]
+    out = torch.empty(B, T, Hq, D, dtype=torch.float32, device=q.device)
+    starts = {r[0] for r in rows}
+    if all(r[2] for r in rows) and len(starts) == 1:
+        groups = [(0, B, None)]                                              # one call: every row at p0..p0+T-1
+    else:
+        groups = [(b, b + 1, None if rows[b][2] else positions[b]) for b in range(B)]
+    for b0, b1, pos in groups:
+        length = rows[b0][1] + 1 if pos is None else max(r[1] for r in rows[b0:b1]) + 1
+        k = _decoded(cache, "k", layer, b0, b1, length)
+        v = _decoded(cache, "v", layer, b0, b1, length)
+        mask = None
+        if pos is not None:
+            mask = (torch.arange(length, device=q.device)[None, :] <= pos[:, None])[None, None]   # [1, 1, T, L]
+        o = _sdpa(qb[b0:b1], k, v, mask)                      # [R, Hq, T, d]
+        out[b0:b1] = o.transpose(1, 2)
+    return out.reshape(N, Hq * D)

@@ -1,0 +1,57 @@
+"""qtool/kernels/prefill_attention.py on CPU tensors (its gather, paging, masks and GQA grouping are device-free):
+against the reference backend's attention over the same stored codes, for every KV format, contiguous and
+paged, bottom-right causal rows (with and without a prefix), rows with different starts, and padded rows at
+position 0 (the explicit-mask path). Bound: relative error <= 1e-2 over the output, <= 2e-2 per query row (bf16
+q, K/V and output; docs/numerics.md, "Prefill attention"). The GPU test (tests/gpu/test_prefill_attention.py) runs the same cases through
+CudaBackend on the device's SDPA kernels."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prefill_cases import PrefillCase, rel_err
+
+
+def _positions(kind: str) -> torch.Tensor:
+    if kind == "fresh":                                   # a prompt batch: every row at 0..T-1
+        return torch.arange(9).repeat(2, 1)
+    if kind == "chunk":                                   # chunked prefill: 21 positions after a 37-token prefix
+        return torch.arange(37, 58)[None]
+    if kind == "starts":                                  # rows at different starts
+        return torch.stack([torch.arange(5, 12), torch.arange(0, 7)])
+    # padded: row 1 ends at 4 and its padding sits at position 0 (the engine's dummy slot)
+    return torch.tensor([[3, 4, 5, 6, 7, 8], [2, 3, 4, 0, 0, 0]])
+
+
+@pytest.mark.parametrize("kv", ["bf16", "fp8", "nvfp4"])
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("kind", ["fresh", "chunk", "starts", "padded"])
+@pytest.mark.parametrize("shape", [(4, 4, 64), (8, 2, 128)], ids=lambda s: f"{s[0]}x{s[1]}x{s[2]}")
+def test_prefill_attention_cpu(kv, paged, kind, shape):
+    from qtool.kernels import prefill_attention
+    pos = _positions(kind)
+    case = PrefillCase(kv, *shape, paged, pos, "cpu", seed=len(kv) + 7 * paged + len(kind))
+    assert prefill_attention.applies(case.q, pos, case.cache)
+    got = prefill_attention.attention(case.q, pos, case.cache, 0)
+    want = case.reference()
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    err = rel_err(got, want)
+    rows = ((got - want).norm(dim=1) / want.norm(dim=1)).max().item()
+    assert err < 1e-2 and rows < 2e-2, f"relative error {err:.2e}, worst row {rows:.2e}"
+
+
+def test_decode_rows_not_taken():
+    """One query per row (decode) stays on attn_partial: applies() is False."""
+    from qtool.kernels import prefill_attention
+    case = PrefillCase("bf16", 4, 4, 64, False, torch.tensor([[5], [3]]), "cpu")
+    assert not prefill_attention.applies(case.q, case.positions, case.cache)
+
+
+def test_cuda_backend_routes_prefill():
+    """CudaBackend.attention hands T > 1 rows to prefill_attention (run here on CPU tensors: the route needs no
+    kernel launch), with the reference's result."""
+    from qtool.runtime.backends.cuda import CudaBackend
+    pos = torch.arange(37, 58)[None]
+    case = PrefillCase("fp8", 8, 2, 128, True, pos, "cpu", seed=3)
+    got = CudaBackend("cpu").attention(case.q, case.cache, 0, pos)
+    assert rel_err(got, case.reference()) < 1e-2
