@@ -46,8 +46,9 @@ def pack_awq_columns(u):
 
 def pack_autoawq(u, zeros, scales) -> dict:
     """u (out, in) unsigned 0..15, zeros/scales (out, in/g) → AutoAWQ gemm tensors."""
+    import torch
     return {"qweight": pack_awq_columns(u.t().contiguous()), "qzeros": pack_awq_columns(zeros.t().contiguous()),
-            "scales": scales.t().contiguous().to(__import__("torch").float16)}
+            "scales": scales.t().contiguous().to(torch.float16)}
 
 
 def requantize_asym(w, group_size: int):
@@ -62,7 +63,7 @@ def requantize_asym(w, group_size: int):
     return u.to(torch.int64), zeros.to(torch.int64), scales
 
 
-def _fold_map(config: dict) -> dict[str, str]:
+def _fold_map() -> dict[str, str]:
     from qtool.support.consumers import contracts
     return dict(contracts()["layouts"]["autoawq-gemm"]["fold_into"])
 
@@ -108,7 +109,7 @@ def convert_to_autoawq(out_dir: Path, group_size: int, modelopt_version: str = "
         raise Failure("the export holds no INT4-AWQ linear layer to write in AutoAWQ's layout")
     row_scales: dict[str, torch.Tensor] = {}
     folded, requantized = [], []
-    fold = _fold_map(config)
+    fold = _fold_map()
     for mod in mods:
         pqs = tensors.pop(mod + ".pre_quant_scale", None)
         if pqs is None:

@@ -53,6 +53,12 @@ def summary(record: dict) -> str:
     loads = record.get("loads_in") or []
     lines = [f"loads in: {consumers.names(loads) or 'none of ' + consumers.names(consumers.TARGETS)} "
              f"({record['layout']} layout; serving commands: docs/quantize.md \"Use the checkpoint elsewhere\")"]
+    req = (record.get("autoawq") or {}).get("requantized") or []
+    if req:
+        worst = max(r["relative_change"] for r in req)
+        lines.append(f"note: AutoAWQ layout: {len(req)} layer(s) re-quantized with their AWQ scale folded into the "
+                     f"weight ({req[0]['reason']}; largest relative change {worst:.3f}); the rest folded exactly; "
+                     "qtool.json consumers.autoawq lists them")
     seen = set()
     for t in loads:
         for n in record["consumers"][t]["notes"]:
