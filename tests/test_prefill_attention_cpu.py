@@ -32,7 +32,8 @@ def test_prefill_attention_cpu(kv, paged, kind, shape):
     pos = _positions(kind)
     case = PrefillCase(kv, *shape, paged, pos, "cpu", seed=len(kv) + 7 * paged + len(kind))
     assert prefill_attention.applies(case.q, pos, case.cache)
-    got = prefill_attention.attention(case.q, pos, case.cache, 0)
+    with torch.inference_mode():                          # as the engine runs it (no version counters)
+        got = prefill_attention.attention(case.q, pos, case.cache, 0)
     want = case.reference()
     assert got.dtype == torch.float32 and got.shape == want.shape
     err = rel_err(got, want)
@@ -55,3 +56,17 @@ def test_cuda_backend_routes_prefill():
     case = PrefillCase("fp8", 8, 2, 128, True, pos, "cpu", seed=3)
     got = CudaBackend("cpu").attention(case.q, case.cache, 0, pos)
     assert rel_err(got, case.reference()) < 1e-2
+
+
+def test_positions_read_per_forward():
+    """Layer 0 reads the positions again even for the same tensor object changed in place (a new forward); later
+    layers reuse that read."""
+    from qtool.kernels import prefill_attention
+    pos = torch.arange(20, 29)[None].clone()
+    case = PrefillCase("bf16", 4, 4, 64, False, torch.arange(20, 29)[None], "cpu", seed=4)
+    with torch.inference_mode():
+        first = prefill_attention.attention(case.q, pos, case.cache, 0)
+        pos.sub_(20)                                      # queries now at 0..8: another result
+        again = prefill_attention.attention(case.q, pos, case.cache, 0)
+    case.positions = pos
+    assert rel_err(again, case.reference()) < 1e-2 and rel_err(first, again) > 0.05

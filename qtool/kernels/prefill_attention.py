@@ -9,8 +9,8 @@ the layer's scales, float32) and rounded to bf16; q is rounded to bf16; SDPA (fl
 with a causal mask aligned bottom-right when a row's queries are at consecutive positions p0..p0+T-1 (one call
 for all rows sharing p0), else with an explicit boolean mask (slot j visible to the query at p iff j <= p) per
 row. Tolerance against the reference: docs/numerics.md, "Prefill attention". Reads the positions on the host
-(one small sync per positions tensor, remembered across the layers of a forward), so it is for eager prefill,
-never for a captured decode step. ``applies`` says where it runs; elsewhere the backend keeps attn_partial.
+(one small sync at layer 0, remembered for the same positions tensor in the later layers of that forward), so it
+is for eager prefill, never for a captured decode step. ``applies`` says where it runs; elsewhere the backend keeps attn_partial.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import math
 import torch
 
 MAX_HEAD_DIM = 256          # flash / efficient SDPA on Hopper take head_dim <= 256, a multiple of 8
-_memo: list = []             # [(positions tensor, its _version, summary)]: one entry, the last forward's positions
+_memo: list = []             # [(positions tensor, summary)]: the current forward's positions (read at layer 0)
 
 
 def applies(q: torch.Tensor, positions: torch.Tensor, cache) -> bool:
@@ -29,17 +29,19 @@ def applies(q: torch.Tensor, positions: torch.Tensor, cache) -> bool:
             and cache.fmt in ("bf16", "fp8", "nvfp4") and Hq % cache.hkv == 0)
 
 
-def _summary(positions: torch.Tensor) -> list[tuple[int, int, bool]]:
-    """Per row (first position, last position, consecutive p0..p0+T-1?), with one host read per positions tensor."""
-    if _memo and _memo[0][0] is positions and _memo[0][1] == positions._version:
-        return _memo[0][2]
+def _summary(positions: torch.Tensor, fresh: bool) -> list[tuple[int, int, bool]]:
+    """Per row (first position, last position, consecutive p0..p0+T-1?): read on the host when ``fresh`` (layer 0,
+    the start of a forward) or for another positions tensor, else the same tensor's summary from an earlier layer
+    of this forward (positions do not change between layers; inference tensors carry no version counter)."""
+    if not fresh and _memo and _memo[0][0] is positions:
+        return _memo[0][1]
     B, T = positions.shape
     first = positions[:, 0]
     step = torch.arange(T, device=positions.device)
     consec = (positions == first[:, None] + step).all(dim=1).to(positions.dtype)
     rows = torch.stack([first, positions.max(dim=1).values, consec], dim=1).tolist()
     out = [(int(a), int(b), bool(c)) for a, b, c in rows]
-    _memo[:] = [(positions, positions._version, out)]
+    _memo[:] = [(positions, out)]
     return out
 
 
@@ -99,7 +101,7 @@ def attention(q: torch.Tensor, positions: torch.Tensor, cache, layer: int) -> to
     """[N, Hq*d] float32 attention of the prefill queries q [N, Hq, d] (see the module contract)."""
     B, T = positions.shape
     N, Hq, D = q.shape
-    rows = _summary(positions)
+    rows = _summary(positions, layer == 0)
     qb = q.reshape(B, T, Hq, D).to(torch.bfloat16).transpose(1, 2)          # [B, Hq, T, d]
     out = torch.empty(B, T, Hq, D, dtype=torch.float32, device=q.device)
     starts = {r[0] for r in rows}
