@@ -149,6 +149,9 @@ def test_completions_match_reference_stream_and_not(client, reference, server):
     lp = r.choices[0].logprobs
     assert len(lp.token_logprobs) == 10 and all(v <= 0 for v in lp.token_logprobs)
     assert [list(d.values())[0] for d in lp.top_logprobs] == lp.token_logprobs      # greedy: chosen = top-1
+    lp0 = client.completions.create(model="tiny", prompt=prompt, max_tokens=3, temperature=0, logprobs=0,
+                                    extra_body={"ignore_eos": True}).choices[0].logprobs
+    assert lp0.token_logprobs == lp.token_logprobs[:3] and lp0.top_logprobs == [{}, {}, {}]   # 0: no alternatives
     ids_doc = server.http.post("/v1/completions", headers={"authorization": f"Bearer {KEY}"},
                                json={"model": "tiny", "prompt": prompt, "max_tokens": 10, "temperature": 0,
                                      "ignore_eos": True, "return_token_ids": True}).json()

@@ -207,7 +207,8 @@ def create_app(state: ServerState, lifespan=None) -> FastAPI:
             ids = list(p)
         params = _params(state, body, ids, body.max_tokens, body.logprobs is not None)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        return await _respond(state, request, rid, ids, params, body, arrival, chat=False)
+        return await _respond(state, request, rid, ids, params, body, arrival, chat=False,
+                              top_logprobs=body.logprobs or 0)
 
     return app
 
@@ -362,7 +363,7 @@ def _chat_logprobs(tok, lps, ids, top: int):
     return {"content": content}
 
 
-def _completion_logprobs(tok, lps, ids, offset: int):
+def _completion_logprobs(tok, lps, ids, offset: int, top: int):
     if lps is None:
         return None
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
@@ -370,7 +371,7 @@ def _completion_logprobs(tok, lps, ids, offset: int):
         s = _token_str(tok, t)
         out["tokens"].append(s)
         out["token_logprobs"].append(lp)
-        out["top_logprobs"].append({_token_str(tok, top_id): top_lp})
+        out["top_logprobs"].append({_token_str(tok, top_id): top_lp} if top else {})
         out["text_offset"].append(offset)
         offset += len(s)
     return out
@@ -387,7 +388,7 @@ async def _respond(state, request: Request, rid: str, ids, params, body, arrival
     def lp_of(out, offset):
         if chat:
             return _chat_logprobs(tok, out.logprobs, out.token_ids, top_logprobs)
-        return _completion_logprobs(tok, out.logprobs, out.token_ids, offset)
+        return _completion_logprobs(tok, out.logprobs, out.token_ids, offset, top_logprobs)
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
