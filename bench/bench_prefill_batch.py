@@ -173,13 +173,15 @@ def part_ttft(lengths=(2048, 512)):
         ttft = statistics.median(times[2:])
         H, I, NL, HQ, HKV, D, V = p.dims
         qkv = torch.randn(T, (HQ + 2 * HKV) * D, device=DEV)
-        p.attn(qkv, 0)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(10):
-            p.attn(qkv, 0)       # eager (the host reads the positions once per positions tensor: not graphable)
-        torch.cuda.synchronize()
-        qattn = (time.perf_counter() - t0) / 10 * NL
+        qattn = []
+        for _ in range(5):       # eager, all layers as in a forward (positions read on the host at layer 0)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for i in range(NL):
+                p.attn(qkv, i)
+            torch.cuda.synchronize()
+            qattn.append(time.perf_counter() - t0)
+        qattn = statistics.median(qattn[1:])
         sdpa = sdpa_ref(T, HQ, HKV, D) * NL
         gemms = {n: cublas_refs(T, O, K)["fp8"] for n, (O, K) in LLAMA_LINEARS.items()}
         hb = (torch.randn(V, H, device=DEV) * 0.02).to(torch.bfloat16)
