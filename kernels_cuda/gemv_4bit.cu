@@ -10,15 +10,17 @@
 // i = 2 ((n & 3) & 1) + (n >> 2), and slot i of lane t in step s is the element k = 64 r + 16 s + 8 (t >> 1) +
 // P[4 (t & 1) + i], P = [0, 4, 1, 5, 2, 6, 3, 7]: act_quant's f16 pair order for 4-bit weights, so the 8 bytes of xh
 // at 64 r + 16 s + 4 t are the lane's B fragment (b0 = slots 0, 1; b1 = slots 2, 3) as they lie. fp4x8_to_h2 /
-// u4x8_to_h2 of word j give the pairs (nibble n, nibble n + 4): a0, a2 of the first step, then of the second.
+// int4x8_to_h2 of word j give the pairs (nibble n, nibble n + 4): a0, a2 of the first step, then of the second.
 //
-// Values: e2m1 codes decode exactly to E2M1 * 2^-14 in f16, int4 codes to the integer u - z (u4x8_to_h2 minus the
-// f16 1024 + z); x is act_quant's f16 copy (x̂ * 2^k per row, hs = 2^-k; for nvfp4 / mxfp4 activations, XS = 1,
+// Values: e2m1 codes decode exactly to E2M1 * 2^-14 in f16, int4 codes to the integer u - z (int4x8_to_h2, Marlin's
+// magic-number decode); x is act_quant's f16 copy (x̂ * 2^k per row, hs = 2^-k; for nvfp4 / mxfp4 activations, XS = 1,
 // the exact E2M1 values, with the f32 block scales xsc [M, K / 16 | K / 32]). Every product is exact and the tensor
-// cores sum a scale period of PA steps (PA * 16 k: nvfp4 1, mxfp4 2, int4 min(group / 16, 8)) in f32; each period's
-// sums are then scaled in f32 by the weight scale of its rows (nvfp4 e4m3 block scale, mxfp4 2^(e - 127), int4 the
-// group scale) times, with XS, the x block scale of its columns, and added up. At the end: times gs * 2^14 (fp4),
-// times hs of the column, plus the bias. Error: x rounded to f16 (W4A16 recipes, 2^-12 relative) and f32 sums.
+// cores sum a scale period of PA steps (PA * 16 k: mxfp4 2, int4 min(group / 16, 8); nvfp4 1 with XS, else the
+// iteration's 16) in f32; each period's sums are then scaled in f32 by the weight scale of its rows (mxfp4
+// 2^(e - 127), int4 the group scale) times, with XS, the x block scale of its columns, and added up. nvfp4 weights
+// carry their e4m3 block scale already: E2M1 * 2^-14 * scale is exact in f16 (a multiple of 2^-24 with at most 6
+// significant bits), so the decoded pairs are multiplied by it (hmul2) before the mma. At the end: times
+// gs * 2^14 (fp4), times hs of the column, plus the bias. Error: x rounded to f16 (W4A16 recipes, 2^-12 relative) and f32 sums.
 //
 // gemv_q4<F, PA, XS>: F = 2 nvfp4 (sc e4m3 u8 [O, K/16], global scale gs), 3 mxfp4 (sc E8M0 u8 [O, K/32]), 4 int4
 // (sc f32 [O, sld], zp f32 [O, sld], group 2^glog2 along K, glog2 >= 5; a per-row scale: sld = 1 and glog2 = 30).
@@ -33,14 +35,32 @@
 #define Q4_MXFP4 3
 #define Q4_INT4 4
 
-__device__ __forceinline__ void e4m3x4_to_f32(unsigned w, float f[4]) {   // 4 e4m3 bytes -> their values (exact)
-  h2x2f(e4m3x2_to_h2(w), f[0], f[1]);
-  h2x2f(e4m3x2_to_h2(w >> 16), f[2], f[3]);
+__device__ __forceinline__ unsigned hmul2(unsigned a, unsigned b) {
+  unsigned r; asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r;
 }
-__device__ __forceinline__ unsigned zero_h2(float z) {   // f16x2 (1024 + z, 1024 + z): u4x8_to_h2 minus it = u - z
+// f16x2 (v, v) of byte i of w read as e4m3 (exact): an nvfp4 block scale for both rows of a pair register
+__device__ __forceinline__ unsigned e4m3_dup_h2(unsigned w, int i) { return e4m3x2_to_h2(__byte_perm(w, 0, i * 0x11)); }
+__device__ __forceinline__ unsigned h2_of(float v) {    // f16x2 (v, v)
   unsigned short h;
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(1024.0f + z));
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
   return ((unsigned)h << 16) | h;
+}
+template <unsigned B, unsigned C>
+__device__ __forceinline__ unsigned and_or(unsigned a) {   // (a & B) | C in one lop3
+  unsigned r;
+  asm("lop3.b32 %0, %1, %2, %3, %4;" : "=r"(r) : "r"(a), "n"(B), "n"(C), "n"((0xf0 & 0xcc) | 0xaa));
+  return r;
+}
+// 8 unsigned int4 codes -> the f16 pairs (n, n + 4), n = 0..3, of u - z (exact): 1024 + u from the low nibble of each
+// byte, 1024 + 16 u from the high one (Marlin's magic number: one lop3 per pair, one shift per word), then minus
+// 1024 + z (zlo = f16x2 (1024 + z)) or times 1/16 minus 64 + z (zhi = f16x2 (-64 - z))
+__device__ __forceinline__ void int4x8_to_h2(unsigned w, unsigned zlo, unsigned zhi, unsigned h[4]) {
+  constexpr unsigned LO = 0x000f000fu, HI = 0x00f000f0u, MAGIC = 0x64006400u, SIXTEENTH = 0x2c002c00u;
+  unsigned w8 = w >> 8;
+  h[0] = hsub2(and_or<LO, MAGIC>(w), zlo);
+  h[1] = hfma2(and_or<HI, MAGIC>(w), SIXTEENTH, zhi);
+  h[2] = hsub2(and_or<LO, MAGIC>(w8), zlo);
+  h[3] = hfma2(and_or<HI, MAGIC>(w8), SIXTEENTH, zhi);
 }
 __device__ __forceinline__ float f4c(float4 v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
 
@@ -60,48 +80,48 @@ __global__ void __launch_bounds__(512) gemv_q4(const unsigned short* __restrict_
   // the weights are constant: this warp's first iteration (up to 2 KB, contiguous) goes to L2 before the wait
   if (k0 < k1 && lane < 4 * min(U, (k1 - k0) >> 6)) prefetch_l2(tile + (long long)(k0 >> 6) * 512 + lane * 128);
   QT_PDL_ENTRY
-  const u8* tw = tile + lane * 16;
-  const unsigned short* xr = xh + (long long)(vx ? g : 0) * K + 4 * t;
-  const u8* scb = (const u8*)sc;
-  const float* scf = (const float*)sc;
+  // per-lane pointers at k0: weights (this lane's 16 B of each round), x (row g; columns past M read row 0, their
+  // outputs are dropped), fp4 block scales of rows ra, rb, x block scales of columns m0, m1 (XS), int4 scale rows
+  const u8* wp = tile + (long long)(k0 >> 6) * 512 + lane * 16;
+  const unsigned short* xp = xh + (long long)(vx ? g : 0) * K + k0 + 4 * t;
   int sra = va ? ra : O - 1, srb = vb ? rb : O - 1;    // scale rows (clamped: rows past O hold zero codes)
-  const int nb = F == Q4_NVFP4 ? K >> 4 : K >> 5;     // fp4 scale blocks per row (weights and x)
+  constexpr int BL = F == Q4_NVFP4 ? 4 : 5;           // log2 of the fp4 scale block
+  const int nb = K >> BL;                              // fp4 scale blocks per row (weights and x)
+  const u8* sap = (const u8*)sc + (long long)sra * nb + (k0 >> BL);
+  const u8* sbp = (const u8*)sc + (long long)srb * nb + (k0 >> BL);
+  const float* xsa = XS ? xsc + (long long)(v0 ? m0 : 0) * nb + (k0 >> BL) : nullptr;
+  const float* xsb = XS ? xsc + (long long)(v1 ? m1 : 0) * nb + (k0 >> BL) : nullptr;
+  const float* sca = (const float*)sc + (long long)sra * sld, *scb = (const float*)sc + (long long)srb * sld;
+  const float* zpa = zp + (long long)sra * sld, *zpb = zp + (long long)srb * sld;
   float acc[4] = {0.f, 0.f, 0.f, 0.f};                 // rows (ra, m0), (ra, m1), (rb, m0), (rb, m1)
-  const unsigned short* x0r = xh + 4 * t;             // row 0: a valid address for columns past M (zeroed)
   for (int kb = k0; kb < k1; kb += 64 * U) {
-    // every load of the iteration first, without branches: addresses past the slice are clamped to its last round
-    // (their values zeroed below); columns past M read row 0 (zeroed here)
+    // every load of the iteration first, without branches: rounds past the slice are clamped to its last round
+    // (their x zeroed below, so they add nothing)
+    int last = min(U, (k1 - kb) >> 6) - 1;
     uint4 W[U];
     uint2 X[U][4];
     unsigned SA[U], SB[U];                             // fp4: the round's block scales of rows ra, rb
     float ZS[2][NP], ZZ[2][NP];                        // int4: scale and zero of each period, rows ra, rb
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      int k = kb + 64 * u;
-      bool in = k < k1;
-      int kc = in ? k : k1 - 64;
-      W[u] = ld_stream((const uint4*)(tw + (long long)(kc >> 6) * 512));
-      const unsigned short* xp = (vx ? xr : x0r) + kc;
+      int uc = min(u, last);
+      W[u] = ld_stream((const uint4*)(wp + uc * 512));
 #pragma unroll
-      for (int s = 0; s < 4; ++s) X[u][s] = *(const uint2*)(xp + 16 * s);
-#pragma unroll
-      for (int s = 0; s < 4; ++s)
-        if (!vx) X[u][s] = make_uint2(0u, 0u);
+      for (int s = 0; s < 4; ++s) X[u][s] = *(const uint2*)(xp + uc * 64 + 16 * s);
       if (F == Q4_NVFP4) {
-        SA[u] = *(const unsigned*)(scb + (long long)sra * nb + (kc >> 4));
-        SB[u] = *(const unsigned*)(scb + (long long)srb * nb + (kc >> 4));
+        SA[u] = *(const unsigned*)(sap + 4 * uc);
+        SB[u] = *(const unsigned*)(sbp + 4 * uc);
       } else if (F == Q4_MXFP4) {
-        SA[u] = *(const unsigned short*)(scb + (long long)sra * nb + (kc >> 5));
-        SB[u] = *(const unsigned short*)(scb + (long long)srb * nb + (kc >> 5));
+        SA[u] = *(const unsigned short*)(sap + 2 * uc);
+        SB[u] = *(const unsigned short*)(sbp + 2 * uc);
       }
     }
     if (F == Q4_INT4) {
 #pragma unroll
       for (int p = 0; p < NP; ++p) {
-        int k = min(kb + 16 * PA * p, k1 - 16);        // periods past the slice: zero codes, any valid scale
-        long long ia = (long long)sra * sld + (k >> glog2), ib = (long long)srb * sld + (k >> glog2);
-        ZS[0][p] = scf[ia]; ZS[1][p] = scf[ib];
-        ZZ[0][p] = zp[ia]; ZZ[1][p] = zp[ib];
+        int gi = min(kb + 16 * PA * p, k1 - 16) >> glog2;   // periods past the slice: any valid scale
+        ZS[0][p] = sca[gi]; ZS[1][p] = scb[gi];
+        ZZ[0][p] = zpa[gi]; ZZ[1][p] = zpb[gi];
       }
     }
     // the iteration's compute; the branch below also keeps ptxas from sinking the loads above into it (in one
@@ -110,24 +130,21 @@ __global__ void __launch_bounds__(512) gemv_q4(const unsigned short* __restrict_
       float e[4] = {0.f, 0.f, 0.f, 0.f};                 // the current period's sums
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        int k = kb + 64 * u;
-        float fa[4], fb[4];                              // fp4: this round's weight block scales (per step / per 2)
+        float fa[2], fb[2];                              // mxfp4: this round's weight block scales (per 2 steps)
         float4 xa = make_float4(1.f, 1.f, 1.f, 1.f), xb = xa;   // XS: x block scales of columns m0, m1
         if (F == Q4_NVFP4) {
-          e4m3x4_to_f32(SA[u], fa);
-          e4m3x4_to_f32(SB[u], fb);
-          if (XS) {                                      // (rounds past the slice: zero codes, any scale)
-            int kc = min(k, k1 - 64);
-            xa = *(const float4*)(xsc + (long long)(v0 ? m0 : 0) * nb + (kc >> 4));
-            xb = *(const float4*)(xsc + (long long)(v1 ? m1 : 0) * nb + (kc >> 4));
+          if (XS) {                                      // (rounds past the slice: zero x, any scale)
+            int uc = min(u, last);
+            xa = *(const float4*)(xsa + 4 * uc);
+            xb = *(const float4*)(xsb + 4 * uc);
           }
         } else if (F == Q4_MXFP4) {
           fa[0] = e8m0_to_f32(SA[u] & 255u); fa[1] = e8m0_to_f32((SA[u] >> 8) & 255u);
           fb[0] = e8m0_to_f32(SB[u] & 255u); fb[1] = e8m0_to_f32((SB[u] >> 8) & 255u);
           if (XS) {
-            int kc = min(k, k1 - 64);
-            float2 a = *(const float2*)(xsc + (long long)(v0 ? m0 : 0) * nb + (kc >> 5));
-            float2 b = *(const float2*)(xsc + (long long)(v1 ? m1 : 0) * nb + (kc >> 5));
+            int uc = min(u, last);
+            float2 a = *(const float2*)(xsa + 2 * uc);
+            float2 b = *(const float2*)(xsb + 2 * uc);
             xa = make_float4(a.x, a.y, 0.f, 0.f); xb = make_float4(b.x, b.y, 0.f, 0.f);
           }
         }
@@ -136,14 +153,20 @@ __global__ void __launch_bounds__(512) gemv_q4(const unsigned short* __restrict_
           int q0 = 4 * u + 2 * jp;                       // the iteration's step index of this word pair's first step
           unsigned ha[4], hb[4];
           if (F == Q4_INT4) {
-            u4x8_to_h2(jp ? W[u].z : W[u].x, ha);
-            u4x8_to_h2(jp ? W[u].w : W[u].y, hb);
-            unsigned za = zero_h2(ZZ[0][q0 / PA]), zb = zero_h2(ZZ[1][q0 / PA]);
-#pragma unroll
-            for (int i = 0; i < 4; ++i) { ha[i] = hsub2(ha[i], za); hb[i] = hsub2(hb[i], zb); }
+            float za = ZZ[0][q0 / PA], zb = ZZ[1][q0 / PA];
+            int4x8_to_h2(jp ? W[u].z : W[u].x, h2_of(1024.f + za), h2_of(-64.f - za), ha);
+            int4x8_to_h2(jp ? W[u].w : W[u].y, h2_of(1024.f + zb), h2_of(-64.f - zb), hb);
           } else {
             fp4x8_to_h2(jp ? W[u].z : W[u].x, ha);
             fp4x8_to_h2(jp ? W[u].w : W[u].y, hb);
+          }
+          if (F == Q4_NVFP4) {                           // the block scale of each step, exactly, in f16
+#pragma unroll
+            for (int sub = 0; sub < 2; ++sub) {
+              unsigned sa = e4m3_dup_h2(SA[u], 2 * jp + sub), sb = e4m3_dup_h2(SB[u], 2 * jp + sub);
+              ha[2 * sub] = hmul2(ha[2 * sub], sa); ha[2 * sub + 1] = hmul2(ha[2 * sub + 1], sa);
+              hb[2 * sub] = hmul2(hb[2 * sub], sb); hb[2 * sub + 1] = hmul2(hb[2 * sub + 1], sb);
+            }
           }
 #pragma unroll
           for (int sub = 0; sub < 2; ++sub) {
@@ -151,8 +174,8 @@ __global__ void __launch_bounds__(512) gemv_q4(const unsigned short* __restrict_
             mma_f16(e, ha[2 * sub], hb[2 * sub], ha[2 * sub + 1], hb[2 * sub + 1], X[u][s].x, X[u][s].y);
             if ((q + 1) % PA == 0) {                     // the end of a scale period
               float wa, wb, x0 = 1.f, x1 = 1.f;
-              if (F == Q4_NVFP4) {
-                wa = fa[s]; wb = fb[s];
+              if (F == Q4_NVFP4) {                       // (weights already scaled)
+                wa = wb = 1.f;
                 if (XS) { x0 = f4c(xa, s); x1 = f4c(xb, s); }
               } else if (F == Q4_MXFP4) {
                 wa = fa[jp]; wb = fb[jp];
@@ -172,18 +195,20 @@ __global__ void __launch_bounds__(512) gemv_q4(const unsigned short* __restrict_
         }
       }
     };
-    if (kb + 64 * U <= k1) {
+    if (last == U - 1) {
       iter();
     } else {                                           // the slice's partial last iteration: rounds past it add 0
 #pragma unroll
       for (int u = 0; u < U; ++u)
-        if (kb + 64 * u >= k1) {
-          W[u] = make_uint4(0u, 0u, 0u, 0u);
+        if (u > last) {
 #pragma unroll
           for (int s = 0; s < 4; ++s) X[u][s] = make_uint2(0u, 0u);
         }
       iter();
     }
+    wp += U * 512; xp += U * 64;
+    sap += U << (6 - BL); sbp += U << (6 - BL);
+    if (XS) { xsa += U << (6 - BL); xsb += U << (6 - BL); }
   }
   if (S > 1) {                                         // the warps' K slices, summed in warp order
     extern __shared__ float red[];                     // [S][4][32]
@@ -206,7 +231,7 @@ __global__ void __launch_bounds__(512) gemv_q4(const unsigned short* __restrict_
 
 #define QT_Q4_ARGS const unsigned short*, const float*, const float*, const u8*, const void*, const float*, float, int, \
   int, const float*, float*, int, int, int, int, int
-template __global__ void gemv_q4<Q4_NVFP4, 1, 0>(QT_Q4_ARGS);
+template __global__ void gemv_q4<Q4_NVFP4, 16, 0>(QT_Q4_ARGS);
 template __global__ void gemv_q4<Q4_NVFP4, 1, 1>(QT_Q4_ARGS);
 template __global__ void gemv_q4<Q4_MXFP4, 2, 0>(QT_Q4_ARGS);
 template __global__ void gemv_q4<Q4_MXFP4, 2, 1>(QT_Q4_ARGS);

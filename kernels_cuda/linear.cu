@@ -167,9 +167,6 @@ __global__ void __launch_bounds__(256) gemv(const float* __restrict__ x, int ldx
 }
 
 
-__device__ __forceinline__ unsigned hfma2(unsigned a, unsigned b, unsigned c) {
-  unsigned r; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c)); return r;
-}
 __device__ __forceinline__ unsigned hmul2(unsigned a, unsigned b) {
   unsigned r; asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r;
 }

@@ -1,5 +1,5 @@
 // mma_frag.cuh — the pieces the decode GEMVs on the tensor cores share (linear.cu's gemv_mma* / gemv_h and
-// gemv_4bit.cu): streaming 16-byte weight loads, L2 prefetch, f16x2 subtract, the mma.sync m16n8 wrappers and the
+// gemv_4bit.cu): streaming 16-byte weight loads, L2 prefetch, f16x2 subtract / fma, the mma.sync m16n8 wrappers and the
 // store of one accumulator fragment.
 // Contract: header-only, no CUDA headers; the loader inlines it. Fragment layout of mma.sync m16n8k16 (lane = 4 g + t):
 // A a0 = (row g, k 2t, 2t+1), a1 = (row g+8, same k), a2 = (row g, k 2t+8, 2t+9), a3 = (row g+8, same k);
@@ -15,6 +15,9 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
 }
 __device__ __forceinline__ unsigned hsub2(unsigned a, unsigned b) {
   unsigned r; asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r;
+}
+__device__ __forceinline__ unsigned hfma2(unsigned a, unsigned b, unsigned c) {
+  unsigned r; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c)); return r;
 }
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" :: "l"(p)); }
 

@@ -64,10 +64,11 @@ def untile_codes(t: torch.Tensor, O: int, K: int) -> torch.Tensor:
 
 
 def _group(kl: KLinear) -> tuple[int, int] | None:
-    """(PA, glog2) of gemv_q4 for the layer: PA the mma steps of 16 k summed before a scale is applied, glog2 the
-    log2 of the int4 scale group along K (30: one group per row); None if the scale grid does not fit."""
-    if kl.fmt == F_NVFP4:
-        return 1, 4
+    """(PA, glog2) of gemv_q4 for the layer: PA the mma steps of 16 k summed before a scale is applied (16: once per
+    iteration), glog2 the log2 of the int4 scale group along K (30: one group per row); None if the scale grid does
+    not fit."""
+    if kl.fmt == F_NVFP4:                            # block scales folded into the weights; x block scales per step
+        return (1 if kl.act == 4 else 16), 4
     if kl.fmt == F_MXFP4:
         return 2, 5
     if kl.sld == 1:                                  # one scale per row (GPTQ without groups)
