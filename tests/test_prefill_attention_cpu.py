@@ -2,8 +2,8 @@
 against the reference backend's attention over the same stored codes, for every KV format, contiguous and
 paged, bottom-right causal rows (with and without a prefix), rows with different starts, and padded rows at
 position 0 (the explicit-mask path). Bound: relative error <= 1e-2 over the output, <= 2e-2 per query row (bf16
-q, K/V and output; docs/numerics.md, "Prefill attention"). The GPU test (tests/gpu/test_prefill_attention.py) runs the same cases through
-CudaBackend on the device's SDPA kernels."""
+q, K/V and output; docs/numerics.md, "Prefill attention"). The GPU test (tests/gpu/test_prefill_attention.py)
+runs such cases through CudaBackend on the device's SDPA kernels."""
 from __future__ import annotations
 
 import pytest

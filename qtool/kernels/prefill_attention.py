@@ -10,7 +10,8 @@ with a causal mask aligned bottom-right when a row's queries are at consecutive 
 for all rows sharing p0), else with an explicit boolean mask (slot j visible to the query at p iff j <= p) per
 row. Tolerance against the reference: docs/numerics.md, "Prefill attention". Reads the positions on the host
 (one small sync at layer 0, remembered for the same positions tensor in the later layers of that forward), so it
-is for eager prefill, never for a captured decode step. ``applies`` says where it runs; elsewhere the backend keeps attn_partial.
+is for eager prefill, never for a captured decode step. ``applies`` says where it runs; elsewhere the backend
+keeps attn_partial.
 """
 from __future__ import annotations
 

@@ -6,8 +6,9 @@ prefill reaches.
 Cases: every KV format (bf16, fp8, nvfp4), contiguous and paged (scrambled block table), GQA ratio 1 (4 heads,
 d 64) and 4 (8 query / 2 KV heads, d 128); T = 1, 3, .., 17 for two rows at the same start (after a prefix of
 0..22 positions); a 600-token chunk after a 300-token prefix (chunked prefill); rows at different starts and a
-row padded at position 0 (the explicit-mask path). Bound (docs/numerics.md, "Prefill attention"): relative error
-<= 1e-2 over the output and <= 2e-2 per query row (q, K/V and the output rounded to bf16; measured ~3e-3 on CPU).
+row padded at position 0 (the explicit-mask path); and the paged cache as rope_kv_write fills it.
+Bound (docs/numerics.md, "Prefill attention"): relative error <= 1e-2 over the output and <= 2e-2 per query row
+(q, K/V and the output rounded to bf16; measured ~3e-3 on CPU).
 """
 from __future__ import annotations
 
@@ -66,3 +67,23 @@ def test_mixed_rows(kv, paged, rows):
     else:
         pos = torch.tensor([[3, 4, 5, 6, 7, 8, 9], [2, 3, 4, 5, 0, 0, 0]])
     _check(PrefillCase(kv, *SHAPES[1], paged, pos, DEV, seed=5 + len(kv)))
+
+
+@pytest.mark.parametrize("kv", ["bf16", "fp8", "nvfp4"])
+@pytest.mark.parametrize("B", [1, 3])
+def test_cache_written_by_rope_kv_write(kv, B):
+    """The paged cache as rope_kv_write fills it (tests/gpu/test_paged.py's Case: scrambled block table, every row
+    prefilled over T0 positions) read by CudaBackend's prefill attention, against the reference backend's
+    rope_and_store + attention on the same inputs (the two caches differ only at rounding boundaries)."""
+    from test_paged import SHAPES as PAGED_SHAPES, Case
+    from qtool.kernels import ops
+    from qtool.runtime.backends.cuda import CudaBackend
+    case = Case(kv, B, *PAGED_SHAPES[0], seed=41 + B + len(kv))
+    (q, k, v), (qd, kd, vd) = case.qkv(B * case.T0)
+    pos = torch.arange(case.T0).repeat(B, 1)
+    ref_out = case.ref.attention(case.ref.rope_and_store(q, k, v, pos, case.rcache, 0), case.rcache, 0, pos)
+    cache = case.caches[0]
+    with torch.inference_mode():
+        qr = ops.rope_and_store(qd, kd, vd, pos.to(DEV), cache, 0, case.cos, case.sin, case.T0)
+        out = CudaBackend(DEV).attention(qr, cache, 0, pos.to(DEV))
+    assert rel_err(out, ref_out) < 1e-2, f"relative error {rel_err(out, ref_out):.2e}"
