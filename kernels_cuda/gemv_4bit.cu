@@ -9,8 +9,9 @@
 // steps 2 (j >> 1) and 2 (j >> 1) + 1. Nibble n of word j is the code of step 2 (j >> 1) + ((n & 3) >> 1) at x slot
 // i = 2 ((n & 3) & 1) + (n >> 2), and slot i of lane t in step s is the element k = 64 r + 16 s + 8 (t >> 1) +
 // P[4 (t & 1) + i], P = [0, 4, 1, 5, 2, 6, 3, 7]: act_quant's f16 pair order for 4-bit weights, so the 8 bytes of xh
-// at 64 r + 16 s + 4 t are the lane's B fragment (b0 = slots 0, 1; b1 = slots 2, 3) as they lie. fp4x8_to_h2 /
-// int4x8_to_h2 of word j give the pairs (nibble n, nibble n + 4): a0, a2 of the first step, then of the second.
+// at 64 r + 16 s + 4 t are the lane's B fragment (b0 = slots 0, 1; b1 = slots 2, 3) as they lie. e2m1x8_to_h2 /
+// int4x8_to_h2 of word j give the pairs (nibble n, nibble n + 4): a0, a2 of the first step, then of the second
+// (int4 words hold nibble n at bits 4n..4n+3; e2m1 words permute each code's bits, see e2m1x8_to_h2).
 //
 // Values: e2m1 codes decode exactly to E2M1 * 2^-14 in f16, int4 codes to the integer u - z (int4x8_to_h2, Marlin's
 // magic-number decode); x is act_quant's f16 copy (x̂ * 2^k per row, hs = 2^-k; for nvfp4 / mxfp4 activations, XS = 1,
@@ -35,15 +36,33 @@
 #define Q4_MXFP4 3
 #define Q4_INT4 4
 
-__device__ __forceinline__ unsigned hmul2(unsigned a, unsigned b) {
-  unsigned r; asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r;
+// a * (b.lo, b.lo) / a * (b.hi, b.hi) in f16x2 (ptxas folds the half broadcast into the multiply's operand)
+__device__ __forceinline__ unsigned hmul2_lo(unsigned a, unsigned b) {
+  unsigned r;
+  asm("{ .reg .f16 l, h; .reg .b32 d; mov.b32 {l, h}, %2; mov.b32 d, {l, l}; mul.rn.f16x2 %0, %1, d; }"
+      : "=r"(r) : "r"(a), "r"(b));
+  return r;
 }
-// f16x2 (v, v) of byte i of w read as e4m3 (exact): an nvfp4 block scale for both rows of a pair register
-__device__ __forceinline__ unsigned e4m3_dup_h2(unsigned w, int i) { return e4m3x2_to_h2(__byte_perm(w, 0, i * 0x11)); }
+__device__ __forceinline__ unsigned hmul2_hi(unsigned a, unsigned b) {
+  unsigned r;
+  asm("{ .reg .f16 l, h; .reg .b32 d; mov.b32 {l, h}, %2; mov.b32 d, {h, h}; mul.rn.f16x2 %0, %1, d; }"
+      : "=r"(r) : "r"(a), "r"(b));
+  return r;
+}
 __device__ __forceinline__ unsigned h2_of(float v) {    // f16x2 (v, v)
   unsigned short h;
   asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
   return ((unsigned)h << 16) | h;
+}
+// 8 e2m1 codes in tile_codes' fp4 bit layout -> the f16 pairs h[j] = E2M1 * 2^-14 (exact) of pair j: magnitude bits
+// at 0-2 / sign at 6 of each 16-bit half (pair 0), 3-5 / 9 (pair 1), 10-12 / 7 (pair 2), 13-15 / 8 (pair 3), moved
+// to the f16 mantissa top / low exponent bits 9-11 and the sign bit 15: 12 operations for 8 codes
+__device__ __forceinline__ void e2m1x8_to_h2(unsigned w, unsigned h[4]) {
+  constexpr unsigned EM = 0x0e000e00u, SG = 0x80008000u;
+  h[0] = (w << 9) & (EM | SG);
+  h[1] = (w << 6) & (EM | SG);
+  h[2] = ((w >> 1) & EM) | ((w << 8) & SG);
+  h[3] = ((w >> 4) & EM) | ((w << 7) & SG);
 }
 template <unsigned B, unsigned C>
 __device__ __forceinline__ unsigned and_or(unsigned a) {   // (a & B) | C in one lop3
@@ -157,16 +176,15 @@ __global__ void __launch_bounds__(512) gemv_q4(const unsigned short* __restrict_
             int4x8_to_h2(jp ? W[u].z : W[u].x, h2_of(1024.f + za), h2_of(-64.f - za), ha);
             int4x8_to_h2(jp ? W[u].w : W[u].y, h2_of(1024.f + zb), h2_of(-64.f - zb), hb);
           } else {
-            fp4x8_to_h2(jp ? W[u].z : W[u].x, ha);
-            fp4x8_to_h2(jp ? W[u].w : W[u].y, hb);
+            e2m1x8_to_h2(jp ? W[u].z : W[u].x, ha);
+            e2m1x8_to_h2(jp ? W[u].w : W[u].y, hb);
           }
           if (F == Q4_NVFP4) {                           // the block scale of each step, exactly, in f16
-#pragma unroll
-            for (int sub = 0; sub < 2; ++sub) {
-              unsigned sa = e4m3_dup_h2(SA[u], 2 * jp + sub), sb = e4m3_dup_h2(SB[u], 2 * jp + sub);
-              ha[2 * sub] = hmul2(ha[2 * sub], sa); ha[2 * sub + 1] = hmul2(ha[2 * sub + 1], sa);
-              hb[2 * sub] = hmul2(hb[2 * sub], sb); hb[2 * sub + 1] = hmul2(hb[2 * sub + 1], sb);
-            }
+            unsigned sa = e4m3x2_to_h2(SA[u] >> (16 * jp)), sb = e4m3x2_to_h2(SB[u] >> (16 * jp));  // 2 steps
+            ha[0] = hmul2_lo(ha[0], sa); ha[1] = hmul2_lo(ha[1], sa); ha[2] = hmul2_hi(ha[2], sa);
+            ha[3] = hmul2_hi(ha[3], sa);
+            hb[0] = hmul2_lo(hb[0], sb); hb[1] = hmul2_lo(hb[1], sb); hb[2] = hmul2_hi(hb[2], sb);
+            hb[3] = hmul2_hi(hb[3], sb);
           }
 #pragma unroll
           for (int sub = 0; sub < 2; ++sub) {

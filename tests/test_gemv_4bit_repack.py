@@ -29,51 +29,73 @@ def _unpack(w):
     return u
 
 
+E2M1 = [0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6]
+
+
+@pytest.mark.parametrize("fp4", [False, True])
 @pytest.mark.parametrize("O,K", [(16, 64), (40, 192), (100, 576), (33, 1536)])
-def test_tile_round_trip(O, K):
+def test_tile_round_trip(O, K, fp4):
     w = _codes(O, K, O + K)
-    t = gemv_4bit.tile_codes(w, O, K)
+    t = gemv_4bit.tile_codes(w, O, K, fp4)
     assert t.dtype == torch.uint8 and t.numel() == math.ceil(O / 16) * 16 * K // 2
-    assert torch.equal(gemv_4bit.untile_codes(t, O, K), w)
-    # every code appears once: the padded rows hold zeros, so the tiled nibble histogram is the codes' plus zeros
-    hist = torch.bincount(torch.cat([t & 15, t >> 4]).long(), minlength=16)
-    want = torch.bincount(_unpack(w).reshape(-1).long(), minlength=16)
-    want[0] += (math.ceil(O / 16) * 16 - O) * K
-    assert torch.equal(hist, want)
+    assert torch.equal(gemv_4bit.untile_codes(t, O, K, fp4), w)
+    if not fp4:   # nibble words: every code appears once, the padded rows hold zeros
+        hist = torch.bincount(torch.cat([t & 15, t >> 4]).long(), minlength=16)
+        want = torch.bincount(_unpack(w).reshape(-1).long(), minlength=16)
+        want[0] += (math.ceil(O / 16) * 16 - O) * K
+        assert torch.equal(hist, want)
 
 
-def _mma_emulated(t, O, K, x):
+def _pairs(word, fp4):
+    """The 4 register pairs gemv_4bit.cu decodes from int64 words [...]: [..., 4, 2] values. int4: the codes of
+    nibbles (j, j + 4) (int4x8_to_h2 gives them minus the zero point); fp4: e2m1x8_to_h2's bit expressions, read as
+    f16 and times 2^14 (so the E2M1 values)."""
+    if not fp4:
+        return torch.stack([torch.stack([(word >> (4 * j)) & 15, (word >> (4 * j + 16)) & 15], -1).double()
+                            for j in range(4)], -2)
+    EM, SG, M32 = 0x0E000E00, 0x80008000, 0xFFFFFFFF
+    h = [(word << 9) & (EM | SG), (word << 6) & (EM | SG), ((word >> 1) & EM) | ((word << 8) & SG),
+         ((word >> 4) & EM) | ((word << 7) & SG)]
+    out = []
+    for v in h:
+        v = v & M32
+        halves = torch.stack([v & 0xFFFF, (v >> 16) & 0xFFFF], -1).numpy().astype("uint16")
+        out.append(torch.from_numpy(halves.view("float16").astype("float64")) * 2.0 ** 14)
+    return torch.stack(out, -2)
+
+
+def _mma_emulated(t, O, K, x, fp4):
     """y [O] = W x computed from the tiled bytes t as gemv_q4 does: per 16-row tile, round, step and lane, the A
-    fragment registers from the lane's words (pairs (nibble i, nibble i + 4) of a word), the B fragment from xh's
-    8 bytes at 64 r + 16 s + 4 t, multiplied slot by slot as mma.sync defines (W's code values as integers)."""
+    fragment registers decoded from the lane's words (the kernel's pair expressions), the B fragment from xh's
+    8 bytes at 64 r + 16 s + 4 t, multiplied slot by slot as mma.sync defines."""
     T, R = math.ceil(O / 16), K // 64
     xh = x.view(-1, 8)[:, P8].reshape(-1)          # act_quant's pair order: xh[8c + p] = x[8c + P8[p]]
     y = torch.zeros(T * 16, dtype=torch.float64)
-    tb = t.view(T, R, 32, 4, 4)                    # tile, round, lane, word, byte
+    b = t.view(T, R, 32, 4, 4).long()              # tile, round, lane, word, byte
+    words = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
     for lane in range(32):
         g, tt = lane >> 2, lane & 3
-        words = tb[:, :, lane].long()
-        nib = torch.stack([(words[..., n // 2] >> (4 * (n % 2))) & 15 for n in range(8)], dim=-1)  # [T, R, 4, 8]
         for s in range(4):
             jp, sub = s >> 1, s & 1
             for row_half in (0, 1):                 # a0 / a2 (row g) from word 2 jp, a1 / a3 (row g + 8) from 2 jp + 1
-                wn = nib[:, :, 2 * jp + row_half]
-                pairs = [(wn[..., i], wn[..., i + 4]) for i in range(4)]
-                lo_pair, hi_pair = pairs[2 * sub], pairs[2 * sub + 1]      # slots (2t, 2t+1), (2t+8, 2t+9)
-                slots = [lo_pair[0], lo_pair[1], hi_pair[0], hi_pair[1]]
-                for i, code in enumerate(slots):   # x slot i of this lane: xh position 64 r + 16 s + 4 t + i
+                p = _pairs(words[:, :, lane, 2 * jp + row_half], fp4)       # [T, R, 4, 2]
+                lo_pair, hi_pair = p[:, :, 2 * sub], p[:, :, 2 * sub + 1]   # slots (2t, 2t+1), (2t+8, 2t+9)
+                slots = [lo_pair[..., 0], lo_pair[..., 1], hi_pair[..., 0], hi_pair[..., 1]]
+                for i, val in enumerate(slots):    # x slot i of this lane: xh position 64 r + 16 s + 4 t + i
                     pos = torch.arange(R) * 64 + 16 * s + 4 * tt + i
-                    y[torch.arange(T) * 16 + g + 8 * row_half] += (code.double() * xh[pos].double()).sum(1)
+                    y[torch.arange(T) * 16 + g + 8 * row_half] += (val * xh[pos].double()).sum(1)
     return y[:O]
 
 
+@pytest.mark.parametrize("fp4", [False, True])
 @pytest.mark.parametrize("O,K", [(16, 64), (40, 192), (24, 576)])
-def test_fragment_emulation_matches_codes(O, K):
+def test_fragment_emulation_matches_codes(O, K, fp4):
     w = _codes(O, K, 3 * O + K)
     x = torch.randn(K, generator=torch.Generator().manual_seed(K), dtype=torch.float64)
-    y = _mma_emulated(gemv_4bit.tile_codes(w, O, K), O, K, x)
-    want = _unpack(w).double() @ x
-    assert torch.allclose(y, want, rtol=1e-12, atol=1e-9)
+    y = _mma_emulated(gemv_4bit.tile_codes(w, O, K, fp4), O, K, x, fp4)
+    u = _unpack(w).long()
+    W = torch.tensor(E2M1, dtype=torch.float64)[u] if fp4 else u.double()
+    assert torch.allclose(y, W @ x, rtol=1e-12, atol=1e-9)
 
 
 def test_supported_and_paths():
@@ -81,7 +103,7 @@ def test_supported_and_paths():
     for recipe in ("nvfp4", "mxfp4", "w4a16-awq", "w4a16-gptq"):
         kl = ops.adopt_layout(random_linear(recipe, 40, 256, g, "cpu"))
         assert kl.q4 is not None and not kl.tiled, recipe
-        assert torch.equal(gemv_4bit.untile_codes(kl.q4, 40, 256), kl.w), recipe
+        assert torch.equal(gemv_4bit.untile_codes(kl.q4, 40, 256, fp4=recipe in ("nvfp4", "mxfp4")), kl.w), recipe
         assert ops.decode_path(kl, 1) == "q4" and ops.decode_path(kl, 8) == "q4", recipe
         assert ops.decode_path(kl, 9) == "blas", recipe                # prefill: row-major codes, gemm.py
         assert ops.decode_path(replace(kl, q4=None), 1) == "half", recipe

@@ -1,9 +1,10 @@
 """The 4-bit decode GEMV on the tensor cores (kernels_cuda/gemv_4bit.cu, gemv_q4): its weight layout, plan and
 launch.
 
-Contract: ``tile_codes(w, O, K)`` repacks row-major 4-bit codes (u8 [O, K/2], element 2k in the low nibble: nvfp4,
-mxfp4 and weights.py's int4) into the q4-tile order gemv_q4 reads (u8 [ceil(O/16) * 8 * K], gemv_4bit.cu's header);
-``untile_codes(t, O, K)`` inverts it (both plain torch, any device). ``supported(kl)``: the layer's format, scale
+Contract: ``tile_codes(w, O, K, fp4)`` repacks row-major 4-bit codes (u8 [O, K/2], element 2k in the low nibble:
+nvfp4, mxfp4 and weights.py's int4) into the q4-tile order gemv_q4 reads (u8 [ceil(O/16) * 8 * K], gemv_4bit.cu's
+header; fp4: e2m1 codes bit-permuted inside each word for a cheaper decode); ``untile_codes(t, O, K, fp4)`` inverts
+it (both plain torch, any device). ``supported(kl)``: the layer's format, scale
 groups and activation scheme fit gemv_q4; ``adopt(kl)``: kl with ``q4`` (the tiled codes, beside the row-major ones
 the prefill paths read) set; ``applies(kl, M)``: its decode GEMV for M rows is gemv_q4; ``launch(q, kl, y, M)`` runs
 it on act_quant's half outputs ``q`` (xh, hs, and xsc for nvfp4 / mxfp4 activations) into y [M, O];
@@ -38,8 +39,41 @@ def _nibble_source() -> torch.Tensor:
     return torch.tensor(idx, dtype=torch.int64)
 
 
-def tile_codes(w: torch.Tensor, O: int, K: int) -> torch.Tensor:
-    """Row-major codes u8 [O, K/2] -> the q4-tile bytes, u8 [ceil(O/16) * 16 * K/2] (rows past O: zero codes)."""
+# e2m1 codes (nvfp4, mxfp4) are stored bit-permuted inside each 32-bit word so that gemv_4bit.cu's e2m1x8_to_h2
+# needs 12 operations per 8 codes: nibble n (pair j = n & 3, half n >> 2) keeps its 3 magnitude bits at
+# FP4_EM[j].. and its sign at FP4_SIGN[j] of that 16-bit half; int4 words keep the nibble order (bits 4n..4n+3)
+FP4_EM = (0, 3, 10, 13)
+FP4_SIGN = (6, 9, 7, 8)
+
+
+def _words(nib: torch.Tensor, fp4: bool) -> torch.Tensor:
+    """Codes [..., 8] (nibble order) -> their 32-bit words as int64 [...]."""
+    c = nib.long()
+    word = torch.zeros(c.shape[:-1], dtype=torch.int64, device=c.device)
+    for n in range(8):
+        if fp4:
+            base = 16 * (n >> 2)
+            word |= ((c[..., n] & 7) << (base + FP4_EM[n & 3])) | ((c[..., n] >> 3) << (base + FP4_SIGN[n & 3]))
+        else:
+            word |= c[..., n] << (4 * n)
+    return word
+
+
+def _codes(word: torch.Tensor, fp4: bool) -> torch.Tensor:
+    """The inverse of _words: int64 words [...] -> codes u8 [..., 8]."""
+    out = []
+    for n in range(8):
+        if fp4:
+            base = 16 * (n >> 2)
+            out.append(((word >> (base + FP4_EM[n & 3])) & 7) | (((word >> (base + FP4_SIGN[n & 3])) & 1) << 3))
+        else:
+            out.append((word >> (4 * n)) & 15)
+    return torch.stack(out, dim=-1).to(torch.uint8)
+
+
+def tile_codes(w: torch.Tensor, O: int, K: int, fp4: bool = False) -> torch.Tensor:
+    """Row-major codes u8 [O, K/2] -> the q4-tile bytes, u8 [ceil(O/16) * 16 * K/2] (rows past O: zero codes);
+    fp4: e2m1 codes, bit-permuted in each word (FP4_EM, FP4_SIGN)."""
     if K % 64:
         raise ValueError(f"q4 tiles need K % 64 == 0 (K = {K})")
     T, R = math.ceil(O / 16), K // 64
@@ -48,15 +82,16 @@ def tile_codes(w: torch.Tensor, O: int, K: int) -> torch.Tensor:
     u[:O, 0::2] = w & 15
     u[:O, 1::2] = w >> 4
     blocks = u.view(T, 16, R, 64).permute(0, 2, 1, 3).reshape(T, R, 1024)
-    nib = blocks[:, :, _nibble_source().to(w.device)].view(T, R, 512, 2)
-    return (nib[..., 0] | (nib[..., 1] << 4)).reshape(-1).contiguous()
+    word = _words(blocks[:, :, _nibble_source().to(w.device)].view(T, R, 128, 8), fp4)
+    return torch.stack([(word >> (8 * b)) & 255 for b in range(4)], dim=-1).to(torch.uint8).reshape(-1).contiguous()
 
 
-def untile_codes(t: torch.Tensor, O: int, K: int) -> torch.Tensor:
+def untile_codes(t: torch.Tensor, O: int, K: int, fp4: bool = False) -> torch.Tensor:
     """The inverse of tile_codes: q4-tile bytes -> row-major codes u8 [O, K/2]."""
     T, R = math.ceil(O / 16), K // 64
-    b = t.view(T, R, 512, 1)
-    nib = torch.cat([b & 15, b >> 4], dim=-1).view(T, R, 1024)
+    b = t.view(T, R, 128, 4).long()
+    word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
+    nib = _codes(word, fp4).view(T, R, 1024)
     blocks = torch.empty_like(nib)
     blocks[:, :, _nibble_source().to(t.device)] = nib
     u = blocks.view(T, R, 16, 64).permute(0, 2, 1, 3).reshape(T * 16, K)[:O]
@@ -100,7 +135,7 @@ def adopt(kl: KLinear) -> KLinear:
     if kl.q4 is not None or not supported(kl):
         return kl
     from dataclasses import replace
-    return replace(kl, q4=tile_codes(kl.w, kl.out_features, kl.in_features))
+    return replace(kl, q4=tile_codes(kl.w, kl.out_features, kl.in_features, fp4=kl.fmt != F_INT4))
 
 
 def applies(kl: KLinear, M: int) -> bool:
