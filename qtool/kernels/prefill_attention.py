@@ -5,8 +5,8 @@ positions int64 [B, T], cache an ops.KVCache or ops.PagedKVCache after this step
 [N, Hq*d] float32: the attention of torch_ref's ``attention`` (query at position p sees slots 0..p of its row,
 scale 1/sqrt(d), GQA head h on KV head h // (Hq/Hkv)). How: the stored K/V of positions 0..p_last of each row are
 gathered (through the block table when paged), decoded with the reference's ``kv_decode`` (the stored values x
-the layer's scales, float32) and rounded to bf16; q is rounded to bf16; SDPA (flash / cuDNN / efficient) runs
-with a causal mask aligned bottom-right when a row's queries are at consecutive positions p0..p0+T-1 (one call
+the layer's scales, float32); q stays float32; SDPA (the memory-efficient fused kernel in float32, else the
+math path) runs, K/V repeated per query head for GQA, with a causal mask aligned bottom-right when a row's queries are at consecutive positions p0..p0+T-1 (one call
 for all rows sharing p0), else with an explicit boolean mask (slot j visible to the query at p iff j <= p) per
 row. Tolerance against the reference: docs/numerics.md, "Prefill attention". Reads the positions on the host
 (one small sync at layer 0, remembered for the same positions tensor in the later layers of that forward), so it
@@ -68,34 +68,34 @@ def _stored(cache, store: tuple, b0: int, b1: int, length: int) -> tuple:
 
 
 def _decoded(cache, which: str, layer: int, b0: int, b1: int, length: int) -> torch.Tensor:
-    """K or V of rows b0..b1-1, positions 0..length-1: [rows, Hkv, length, d] bf16 (kv_decode, then bf16)."""
+    """K or V of rows b0..b1-1, positions 0..length-1: [rows, Hkv, length, d] float32 (kv_decode)."""
     from qtool.formats.kv import kv_decode
     store = cache.k[layer] if which == "k" else cache.v[layer]
     scale = (cache.k_scales if which == "k" else cache.v_scales)[layer]
     st = _stored(cache, store, b0, b1, length)
     if cache.fmt == "bf16":
-        return st[0]                                                     # stored bf16: exact, no copy
+        return st[0].float()                                             # stored bf16: exact in float32
     if cache.fmt == "fp8":
-        return kv_decode("fp8", st[0].view(torch.float8_e4m3fn), scale=float(scale)).to(torch.bfloat16)
-    return kv_decode("nvfp4", st[0], st[1].view(torch.float8_e4m3fn), scale=float(scale)).to(torch.bfloat16)
+        return kv_decode("fp8", st[0].view(torch.float8_e4m3fn), scale=float(scale)).float()
+    return kv_decode("nvfp4", st[0], st[1].view(torch.float8_e4m3fn), scale=float(scale)).float()
 
 
 def _sdpa(qb: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """qb [R, Hq, T, d] bf16 over k / v [R, Hkv, L, d] bf16; causal bottom-right (queries at L-T..L-1) when mask
-    is None, else mask [R, 1, T, L] bool (K/V repeated per query head: the masked kernels take no GQA)."""
+    """qb [R, Hq, T, d] float32 over k / v [R, Hkv, L, d] float32; causal bottom-right (queries at L-T..L-1) when
+    mask is None, else mask [R, 1, T, L] bool. K/V are repeated per query head (the float32 fused kernels take no
+    GQA argument)."""
     import torch.nn.functional as F
     T, L = qb.shape[2], k.shape[2]
     G = qb.shape[1] // k.shape[1]
     scale = 1.0 / math.sqrt(qb.shape[-1])
+    if G > 1:
+        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
     if mask is not None:
-        if G > 1:
-            k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
         return F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale)
     if L == T:
-        return F.scaled_dot_product_attention(qb, k, v, is_causal=True, scale=scale, enable_gqa=G > 1)
+        return F.scaled_dot_product_attention(qb, k, v, is_causal=True, scale=scale)
     from torch.nn.attention.bias import causal_lower_right
-    return F.scaled_dot_product_attention(qb, k, v, attn_mask=causal_lower_right(T, L), scale=scale,
-                                          enable_gqa=G > 1)
+    return F.scaled_dot_product_attention(qb, k, v, attn_mask=causal_lower_right(T, L), scale=scale)
 
 
 def attention(q: torch.Tensor, positions: torch.Tensor, cache, layer: int) -> torch.Tensor:
@@ -103,7 +103,7 @@ def attention(q: torch.Tensor, positions: torch.Tensor, cache, layer: int) -> to
     B, T = positions.shape
     N, Hq, D = q.shape
     rows = _summary(positions, layer == 0)
-    qb = q.reshape(B, T, Hq, D).to(torch.bfloat16).transpose(1, 2)          # [B, Hq, T, d]
+    qb = q.reshape(B, T, Hq, D).to(torch.float32).transpose(1, 2)          # [B, Hq, T, d]
     out = torch.empty(B, T, Hq, D, dtype=torch.float32, device=q.device)
     starts = {r[0] for r in rows}
     if all(r[2] for r in rows) and len(starts) == 1:
