@@ -105,6 +105,8 @@ extern "C" __global__ void act_quant(const float* __restrict__ x, int ldx, float
 // [M, K] with qscale (scheme 1, 2: [M] = s; scheme 3: [M, ceil(K/128)] = s per group), for linear.cu's gemv_mma.
 // Schemes 4/5 with outh and qscale: outh holds the exact E2M1 values (no 2^k factor, hscale = 1) and qscale the
 // block scales S [M, K/16] (nvfp4) or [M, K/32] (mxfp4), so gemv_h's f16 products and 8-term sums are exact.
+// Scheme 4 with hperm 3 (gemv_4bit.cu's gemv_q4): outh = E2M1 * the e4m3 block scale value (exact in f16; 1 / g,
+// capped at 8192, where S falls back to 1), hscale = g (the global scale), pair order as hperm 2; qscale unused.
 extern "C" __global__ void act_quant_fast(const float* __restrict__ x, int ldx, float* __restrict__ out, int M,
                                           int K, int scheme, const float* __restrict__ in_scale,
                                           const float* __restrict__ pqs, unsigned short* __restrict__ outh,

@@ -28,6 +28,7 @@ __device__ __forceinline__ void quant_row(float v[16], int r, int t, bool live, 
 #pragma unroll
   for (int j = 0; j < 16; ++j) a16 = fmaxf(a16, fabsf(v[j]));
   float S = 1.0f;  // the scale of this thread's elements (fp8 schemes: s; fp4: block scale)
+  float sbv = 1.0f;  // nvfp4: S / g, the e4m3 block scale's value (1 / g where S falls back to 1)
   if (scheme == 1) S = ts;
   else if (scheme == 2) S = fmaxf(block_max(a16, red), 1e-12f) / 448.0f;
   else if (scheme == 3) {
@@ -37,8 +38,9 @@ __device__ __forceinline__ void quant_row(float v[16], int r, int t, bool live, 
     S = fmaxf(a, 1e-4f) / 448.0f;  // groups past K only reach threads that are not live
   } else if (scheme == 4) {
     float g = ts;
-    S = e4m3_round(a16 / (6.0f * g)) * g;
-    if (!(S >= 1e-5f)) S = 1.0f;
+    sbv = e4m3_round(a16 / (6.0f * g));
+    S = sbv * g;
+    if (!(S >= 1e-5f)) { S = 1.0f; sbv = fminf(1.0f / g, 8192.0f); }
   } else if (scheme == 5) {
     S = mx_exp(fmaxf(a16, __shfl_xor_sync(0xffffffffu, a16, 1)));
   }
@@ -67,14 +69,20 @@ __device__ __forceinline__ void quant_row(float v[16], int r, int t, bool live, 
     if (scheme == 3) { if (live && (t & 7) == 0) qscale[(long long)r * ((K + 127) / 128) + t / 8] = S; }
     else if (t == 0) qscale[r] = S;
   }
-  bool fp4codes = outh && qscale && scheme >= 4;
+  // hperm 3 (nvfp4, gemv_4bit.cu): outh = E2M1 * the e4m3 block scale (exact in f16), hscale = g, no qscale
+  bool fold = outh && scheme == 4 && hperm == 3;
+  bool fp4codes = outh && qscale && scheme >= 4 && !fold;
   if (fp4codes && live) {
     if (scheme == 4) qscale[(long long)r * (K / 16) + t] = S;
     else if ((t & 1) == 0) qscale[(long long)r * (K / 32) + t / 2] = S;
   }
   if (outh) {
     float up = 1.0f;
-    if (fp4codes) {
+    if (fold) {
+      if (t == 0) hscale[r] = ts;
+#pragma unroll
+      for (int j = 0; j < 16; ++j) v[j] = v[j] / S * sbv;  // exact: v = e2m1 * S
+    } else if (fp4codes) {
       if (t == 0) hscale[r] = 1.0f;
 #pragma unroll
       for (int j = 0; j < 16; ++j) v[j] = v[j] / S;  // exact: v = e2m1 * S

@@ -14,14 +14,15 @@
 // (int4 words hold nibble n at bits 4n..4n+3; e2m1 words permute each code's bits, see e2m1x8_to_h2).
 //
 // Values: e2m1 codes decode exactly to E2M1 * 2^-14 in f16, int4 codes to the integer u - z (int4x8_to_h2, Marlin's
-// magic-number decode); x is act_quant's f16 copy (x̂ * 2^k per row, hs = 2^-k; for nvfp4 / mxfp4 activations, XS = 1,
-// the exact E2M1 values, with the f32 block scales xsc [M, K / 16 | K / 32]). Every product is exact and the tensor
-// cores sum a scale period of PA steps (PA * 16 k: mxfp4 2, int4 min(group / 16, 8); nvfp4 1 with XS, else the
-// iteration's 16) in f32; each period's sums are then scaled in f32 by the weight scale of its rows (mxfp4
-// 2^(e - 127), int4 the group scale) times, with XS, the x block scale of its columns, and added up. nvfp4 weights
-// carry their e4m3 block scale already: E2M1 * 2^-14 * scale is exact in f16 (a multiple of 2^-24 with at most 6
-// significant bits), so the decoded pairs are multiplied by it (hmul2) before the mma. At the end: times
-// gs * 2^14 (fp4), times hs of the column, plus the bias. Error: x rounded to f16 (W4A16 recipes, 2^-12 relative) and f32 sums.
+// magic-number decode). x is act_quant's f16 copy in that pair order: x̂ * 2^k per row (hs = 2^-k) for weight-only
+// recipes; for nvfp4 activations (hperm 3) E2M1 times its e4m3 block scale (exact, hs = g); for mxfp4 ones (XS = 1)
+// the exact E2M1 values with the f32 block scales xsc [M, K / 32]. The tensor cores sum a scale period of PA steps
+// (PA * 16 k: mxfp4 2, int4 min(group / 16, 8), nvfp4 the iteration's 16) in f32; each period's sums are scaled in
+// f32 by the weight scale of its rows (mxfp4 2^(e - 127), int4 the group scale) times, with XS, the x block scale
+// of its columns, and added up. nvfp4 weights carry their e4m3 block scale already: E2M1 * 2^-14 * scale is exact in
+// f16 (a multiple of 2^-24 with at most 6 significant bits), so the decoded pairs are multiplied by it (hmul2)
+// before the mma. At the end: times gs * 2^14 (fp4), times hs of the column, plus the bias. Every product is exact;
+// error: x rounded to f16 (weight-only recipes, 2^-12 relative) and the f32 sums.
 //
 // gemv_q4<F, PA, XS>: F = 2 nvfp4 (sc e4m3 u8 [O, K/16], global scale gs), 3 mxfp4 (sc E8M0 u8 [O, K/32]), 4 int4
 // (sc f32 [O, sld], zp f32 [O, sld], group 2^glog2 along K, glog2 >= 5; a per-row scale: sld = 1 and glog2 = 30).
@@ -250,7 +251,6 @@ __global__ void __launch_bounds__(512) gemv_q4(const unsigned short* __restrict_
 #define QT_Q4_ARGS const unsigned short*, const float*, const float*, const u8*, const void*, const float*, float, int, \
   int, const float*, float*, int, int, int, int, int
 template __global__ void gemv_q4<Q4_NVFP4, 16, 0>(QT_Q4_ARGS);
-template __global__ void gemv_q4<Q4_NVFP4, 1, 1>(QT_Q4_ARGS);
 template __global__ void gemv_q4<Q4_MXFP4, 2, 0>(QT_Q4_ARGS);
 template __global__ void gemv_q4<Q4_MXFP4, 2, 1>(QT_Q4_ARGS);
 template __global__ void gemv_q4<Q4_INT4, 2, 0>(QT_Q4_ARGS);

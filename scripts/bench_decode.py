@@ -429,11 +429,12 @@ def gemv4_table():
             nbytes = first.nbytes()
             kls = [first] + [ops.adopt_layout(_rand_linear(fmt, O, K))
                              for _ in range(max(1, math.ceil(COLD_BYTES / nbytes)) - 1)]
-            q = ops.act_quant(x[K], first, half=True, fp4codes=first.act in (4, 5))
+            qs = {"half": ops.act_quant(x[K], first, half=True, fp4codes=first.act in (4, 5)),
+                  "q4": ops.q4_input(x[K], first)}
             t = {}
             for path in ("half", "q4"):
                 it = itertools.cycle(kls)
-                pre = dict(q, path=path)
+                pre = dict(qs[path], path=path)
                 t[path] = graph_time(lambda: ops.linear(x[K], next(it), pre=pre))
             del kls, first
             f8 = [rand_linear("fp8", O, K) for _ in range(max(1, math.ceil(COLD_BYTES / (O * K))))]

@@ -115,7 +115,7 @@ def test_supported_and_paths():
     assert not gemv_4bit.supported(random_linear("w4a16-awq", 40, 160, g, "cpu"))     # K % 64
     assert not gemv_4bit.supported(random_linear("fp8", 40, 256, g, "cpu"))
     assert gemv_4bit.kernel_name(awq) == "gemv_q4<4, 8, 0>"
-    assert gemv_4bit.kernel_name(random_linear("nvfp4", 40, 256, g, "cpu")) == "gemv_q4<2, 1, 1>"
+    assert gemv_4bit.kernel_name(random_linear("nvfp4", 40, 256, g, "cpu")) == "gemv_q4<2, 16, 0>"
 
 
 def test_plan(monkeypatch):

@@ -7,7 +7,7 @@ header; fp4: e2m1 codes bit-permuted inside each word for a cheaper decode); ``u
 it (both plain torch, any device). ``supported(kl)``: the layer's format, scale
 groups and activation scheme fit gemv_q4; ``adopt(kl)``: kl with ``q4`` (the tiled codes, beside the row-major ones
 the prefill paths read) set; ``applies(kl, M)``: its decode GEMV for M rows is gemv_q4; ``launch(q, kl, y, M)`` runs
-it on act_quant's half outputs ``q`` (xh, hs, and xsc for nvfp4 / mxfp4 activations) into y [M, O];
+it on ``ops.q4_input``'s outputs ``q`` (xh, hs; xsc for mxfp4 activations) into y [M, O];
 tests/gpu/test_gemv_4bit.py checks it against float64.
 """
 from __future__ import annotations
@@ -102,8 +102,8 @@ def _group(kl: KLinear) -> tuple[int, int] | None:
     """(PA, glog2) of gemv_q4 for the layer: PA the mma steps of 16 k summed before a scale is applied (16: once per
     iteration), glog2 the log2 of the int4 scale group along K (30: one group per row); None if the scale grid does
     not fit."""
-    if kl.fmt == F_NVFP4:                            # block scales folded into the weights; x block scales per step
-        return (1 if kl.act == 4 else 16), 4
+    if kl.fmt == F_NVFP4:                            # block scales folded into the weights (and x: act_quant fold)
+        return 16, 4
     if kl.fmt == F_MXFP4:
         return 2, 5
     if kl.sld == 1:                                  # one scale per row (GPTQ without groups)
@@ -144,7 +144,7 @@ def applies(kl: KLinear, M: int) -> bool:
 
 def kernel_name(kl: KLinear) -> str:
     pa, _ = _group(kl)
-    return f"gemv_q4<{kl.fmt}, {pa}, {int(kl.act in (4, 5))}>"
+    return f"gemv_q4<{kl.fmt}, {pa}, {int(kl.act == 5)}>"
 
 
 def plan(O: int, K: int, name: str) -> tuple[int, int]:
@@ -155,7 +155,7 @@ def plan(O: int, K: int, name: str) -> tuple[int, int]:
 
 
 def launch(q: dict, kl: KLinear, y: torch.Tensor, M: int, S: int | None = None) -> None:
-    """gemv_q4 on act_quant's half outputs q into y [M, O] (S: K slices, default from plan)."""
+    """gemv_q4 on ops.q4_input's outputs q into y [M, O] (S: K slices, default from plan)."""
     from qtool.kernels.launch import f32, i32, ptr
     from qtool.kernels.launch import launch as run
     O, K = kl.out_features, kl.in_features

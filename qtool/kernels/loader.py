@@ -33,8 +33,8 @@ TEMPLATES = {
                                                                                  (128, 8, 8), (256, 4, 8))
                   for kf in range(3) for pg in (0, 1)],
     "dequant": [f"dequant_bf16<{f}>" for f in range(1, 6)],
-    "gemv_4bit": [f"gemv_q4<{f}, {pa}, {xs}>" for f, pa, xs in ((2, 16, 0), (2, 1, 1), (3, 2, 0), (3, 2, 1), (4, 2, 0),
-                                                                 (4, 4, 0), (4, 8, 0))],
+    "gemv_4bit": [f"gemv_q4<{f}, {pa}, {xs}>" for f, pa, xs in ((2, 16, 0), (3, 2, 0), (3, 2, 1), (4, 2, 0), (4, 4, 0),
+                                                                 (4, 8, 0))],
 }
 
 

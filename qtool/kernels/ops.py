@@ -80,21 +80,23 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- linear
-def act_quant(x: torch.Tensor, kl: KLinear, half: bool = False, codes: bool = False, fp4codes: bool = False):
+def act_quant(x: torch.Tensor, kl: KLinear, half: bool = False, codes: bool = False, fp4codes: bool = False,
+              fold: bool = False):
     """x̂ f32 [M, K] (act_quant.cu). half=True: also (xh f16 [M, K] in the weight format's pair order, hs f32 [M]);
     fp4codes=True (with half, schemes nvfp4/mxfp4): xh holds exact E2M1 values and xsc the block scales;
+    fold=True (with half, scheme nvfp4; gemv_q4): xh holds E2M1 times the e4m3 block scale (exact), hs = g;
     codes=True (fp8 schemes): e4m3 codes xq u8 [M, K] and their scales. Returns a dict."""
     M, K = x.shape
     dev = x.device
     res = {"x": torch.empty_like(x)}
     dyn = kl.act in (1, 4) and kl.in_scale is None
-    hperm = 0 if not half else (1 if kl.fmt == 1 else 2)
+    hperm = 0 if not half else (1 if kl.fmt == 1 else 3 if fold else 2)
     if half:
         res["xh"] = torch.empty(M, K, dtype=torch.float16, device=dev)
         res["hs"] = torch.empty(M, dtype=torch.float32, device=dev)
     fast = K % 16 == 0 and K <= 16 * 1024 and not dyn
     if not fast:
-        if codes or fp4codes:
+        if codes or fp4codes or fold:
             raise ValueError("quantized activation codes need the fast act_quant kernel")
         launch("act_quant", "act_quant", (1 if dyn else M,), (1024,),
                (ptr(x), i32(x.stride(0)), ptr(res["x"]), i32(K), i32(M), i32(K), i32(kl.act), ptr(kl.in_scale),
@@ -192,7 +194,7 @@ def _quant_outputs(kl: KLinear, M: int, K: int, path: str, dev) -> dict:
     elif path in HALF_INPUT:
         res["xh"] = torch.empty(M, K, dtype=torch.float16, device=dev)
         res["hs"] = torch.empty(M, dtype=torch.float32, device=dev)
-        if kl.act in (4, 5):
+        if kl.act == 5 or (kl.act == 4 and path == "half"):    # q4 folds nvfp4 block scales into xh
             res["xsc"] = torch.empty(M, K // (16 if kl.act == 4 else 32), dtype=torch.float32, device=dev)
     return res
 
@@ -202,7 +204,7 @@ def _quant_args(kl: KLinear | None, pre: dict, path: str) -> tuple:
     in_scale, pqs, outh, hscale, hperm, outq, qscale; kl None: scheme 0 and no outputs."""
     if kl is None:
         return (i32(0),) + (ptr(None),) * 4 + (i32(0),) + (ptr(None),) * 2
-    hperm = 0 if path not in HALF_INPUT else (1 if kl.fmt == 1 else 2)
+    hperm = 0 if path not in HALF_INPUT else (1 if kl.fmt == 1 else 3 if path == "q4" and kl.act == 4 else 2)
     return (i32(kl.act), ptr(kl.in_scale), ptr(kl.pqs), ptr(pre.get("xh")), ptr(pre.get("hs")), i32(hperm),
             ptr(pre.get("xq")), ptr(pre.get("xs", pre.get("xsc"))))
 
@@ -342,7 +344,7 @@ def linear(x: torch.Tensor, kl: KLinear, force_gemm: bool = False, force_f32: bo
         _launch_mma4(q, kl, y, M)
         return y
     if path == "q4":
-        q = pre if pre is not None else act_quant(x, kl, half=True, fp4codes=kl.act in (4, 5))
+        q = pre if pre is not None else q4_input(x, kl)
         gemv_4bit.launch(q, kl, y, M)
         return y
     if path == "half":
@@ -363,6 +365,12 @@ def linear(x: torch.Tensor, kl: KLinear, force_gemm: bool = False, force_f32: bo
     else:
         launch("linear", f"gemm<{5 if kl.tiled else kl.fmt}>", (math.ceil(O / 64), math.ceil(M / 64)), (256,), args)
     return y
+
+
+def q4_input(x: torch.Tensor, kl: KLinear) -> dict:
+    """act_quant's outputs gemv_q4 reads: xh / hs (nvfp4 activations with their block scales folded in, mxfp4 ones
+    as E2M1 values with xsc)."""
+    return act_quant(x, kl, half=True, fp4codes=kl.act == 5, fold=kl.act == 4)
 
 
 def _launch_tc(x: torch.Tensor, kl: KLinear, y: torch.Tensor, M: int) -> None:

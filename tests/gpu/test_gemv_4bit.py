@@ -87,9 +87,27 @@ def test_gemv_q4_vs_float64(fmt, act, gs, m, o, k):
         poison()
         y2 = torch.empty(m, o, device=DEV)
         xx = x.to(DEV).index_select(1, kl.perm) if kl.perm is not None else x.to(DEV)
-        q = ops.act_quant(xx, kl, half=True, fp4codes=act in ("nvfp4", "mxfp4"))
+        q = ops.q4_input(xx, kl)
         gemv_4bit.launch(q, kl, y2, m, S=S)
         assert rel(y2, ref) < tol, f"{fmt}/{act}/{gs} S={S}: rel {rel(y2, ref):.2e}"
+
+
+@pytest.mark.parametrize("m,k", [(1, 4096), (3, 576), (2, 14336)])
+def test_q4_input_nvfp4_fold(m, k):
+    """act_quant's hperm-3 output for gemv_q4 (nvfp4 activations): xh = E2M1 * the e4m3 block scale, hs = g, so
+    xh * hs equals x̂ (act_quant's own f32 x̂ = E2M1 * (scale * g), itself tested against qtool.formats) up to
+    the order of the two f32 roundings (one ulp)."""
+    from qtool.kernels import ops
+    from qtool.kernels.weights import ACT_CODES, KLinear
+    g = torch.Generator().manual_seed(m + k)
+    x = (torch.randn(m, k, generator=g) * 3).to(DEV)
+    kl = KLinear(2, 1, k, torch.empty(0), act=ACT_CODES["nvfp4"], in_scale=torch.full((1,), 6 / 2688, device=DEV))
+    q = ops.q4_input(x, kl)
+    assert "xsc" not in q and torch.equal(q["hs"], torch.full((m,), 6 / 2688, device=DEV))
+    perm = [0, 4, 1, 5, 2, 6, 3, 7]
+    want = q["x"].view(m, k // 8, 8)[:, :, perm].reshape(m, k)
+    got = q["xh"].double() * q["hs"].double()[:, None]
+    assert torch.all((got - want.double()).abs() <= want.double().abs() * 2.0 ** -23)
 
 
 @pytest.mark.parametrize("fmt,act", [("nvfp4", "nvfp4"), ("int4-awq", "none")])
