@@ -48,14 +48,14 @@ FP4_SIGN = (6, 9, 7, 8)
 
 def _words(nib: torch.Tensor, fp4: bool) -> torch.Tensor:
     """Codes [..., 8] (nibble order) -> their 32-bit words as int64 [...]."""
-    c = nib.long()
-    word = torch.zeros(c.shape[:-1], dtype=torch.int64, device=c.device)
+    word = torch.zeros(nib.shape[:-1], dtype=torch.int64, device=nib.device)
     for n in range(8):
+        c = nib[..., n].long()                       # one code position at a time (load-time memory)
         if fp4:
             base = 16 * (n >> 2)
-            word |= ((c[..., n] & 7) << (base + FP4_EM[n & 3])) | ((c[..., n] >> 3) << (base + FP4_SIGN[n & 3]))
+            word |= ((c & 7) << (base + FP4_EM[n & 3])) | ((c >> 3) << (base + FP4_SIGN[n & 3]))
         else:
-            word |= c[..., n] << (4 * n)
+            word |= c << (4 * n)
     return word
 
 
