@@ -69,6 +69,10 @@ class TorchRefBackend:
         self.config = c
         self.inv_freq = rope.inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
         self.embed_table = _f32(weights.embed)
+        lm = weights.lm_head
+        if lm.parts is None and lm.format == "bf16" and lm.tensors.get("weight") is weights.embed:
+            self._w[id(lm)] = self.embed_table        # tied: the same float32 table, converted once
+            self._bias[id(lm)] = _f32(lm.bias)
         self.final_norm = _f32(weights.final_norm)
         linears = [weights.lm_head]
         for L in weights.layers:
