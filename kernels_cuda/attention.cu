@@ -2,11 +2,9 @@
 // One kernel serves decode and prefill: query row n = b*T + t attends to cache positions [0, pos[n]] of batch
 // row b = n / T (the causal mask).
 //
-// attn_partial<D, PU, GM, KF, PG>(q f32 rows [N, ldq] holding Hq*D, ldq, pos int64 [N], T, K/V cache (kv_cache.cuh
+// attn_partial<D, PU, GM, KF>(q f32 rows [N, ldq] holding Hq*D, ldq, pos int64 [N], T, K/V cache (kv_cache.cuh
 //     layout, L = max_len), kv_fmt (== KF, the cache format the instantiation is compiled for), k_scale, v_scale, part f32 [N, Hq, S, D], ml f32 [N, Hq, S, 2], Hq, Hkv, L,
-//     chunk, sm_scale, rope: kr [N, ldk] / vr [N, ldv] / cos / sin or null, early, paging: bt / bt_ld / bs)
-//     PG = 1: a paged cache (kv_cache.cuh): batch row b's position p at block bt[b * bt_ld + p / bs], slot p % bs;
-//     PG = 0: contiguous rows of L positions (bt unused).
+//     chunk, sm_scale, rope: kr [N, ldk] / vr [N, ldv] / cos / sin or null)
 //     With cos non-null (decode, T = 1; v10): q is the unrotated query; every block applies RoPE to its G query
 //     heads in registers (rope_kv_write's expression), and the block whose split holds position p = pos[n] first
 //     writes rope(k) and v of its KV head at p into the cache (rope_kv_write's quantization, kv_store_vec) and
@@ -39,8 +37,17 @@
 #define CMAX 128
 
 // rows j0 + u*4 (u < PU, those < np) of one KV head's cache (K or V), DPL elements per lane, into r[u]
-template <int D, int PU, class R>
-__device__ __forceinline__ void load_rows(int kv_fmt, const void* codes, const u8* scales, const R& rows,
+template <int D, int PU>
+__device__ __forceinline__ void load_rows(int kv_fmt, const void* codes, const u8* scales, long long rowbase,
+                                          int j0, int np, int lane, float scale, float r[PU][D / 32]) {
+#pragma unroll
+  for (int u = 0; u < PU; ++u) {
+    int j = j0 + u * 4;
+    if (j < np) kv_load_vec<D / 32>(kv_fmt, codes, scales, rowbase + j, D, lane * (D / 32), scale, r[u]);
+  }
+}
+template <int D, int PU>
+__device__ __forceinline__ void load_rows(int kv_fmt, const void* codes, const u8* scales, const PagedRows& rows,
                                           int j0, int np, int lane, float scale, float r[PU][D / 32]) {
 #pragma unroll
   for (int u = 0; u < PU; ++u) {
@@ -50,9 +57,9 @@ __device__ __forceinline__ void load_rows(int kv_fmt, const void* codes, const u
 }
 
 // load_rows, or (pre: the rows this warp loaded before the PDL wait, attn_partial's early) a copy of pre
-template <int D, int PU, class R>
+template <int D, int PU>
 __device__ __forceinline__ void rows_or_pre(bool use_pre, const float pre[PU][D / 32], int kv_fmt, const void* codes,
-                                            const u8* scales, const R& rows, int j0, int np, int lane,
+                                            const u8* scales, long long rowbase, int j0, int np, int lane,
                                             float scale, float r[PU][D / 32]) {
   if (use_pre) {
 #pragma unroll
@@ -60,7 +67,7 @@ __device__ __forceinline__ void rows_or_pre(bool use_pre, const float pre[PU][D 
 #pragma unroll
       for (int i = 0; i < D / 32; ++i) r[u][i] = pre[u][i];
   } else {
-    load_rows<D, PU>(kv_fmt, codes, scales, rows, j0, np, lane, scale, r);
+    load_rows<D, PU>(kv_fmt, codes, scales, rowbase, j0, np, lane, scale, r);
   }
 }
 
@@ -102,13 +109,12 @@ __device__ __forceinline__ void rope_lanes(float x[D / 32], int lane, const floa
   }
 }
 
-template <int D, int PU, int GMAX, int KF, int PG>
+template <int D, int PU, int GMAX, int KF>
 __global__ void __launch_bounds__(128, 1) attn_partial(const float* __restrict__ q, int ldq,
     const long long* __restrict__ pos, int T, void* kc, u8* ks, void* vc, u8* vs, int kv_fmt, float k_scale,
     float v_scale, float* __restrict__ part, float* __restrict__ ml, int Hq, int Hkv, int L, int chunk,
     float sm_scale, const float* __restrict__ kr, int ldk, const float* __restrict__ vr, int ldv,
-    const float* __restrict__ cosT, const float* __restrict__ sinT, int early, const int* __restrict__ bt,
-    int bt_ld, int bs) {
+    const float* __restrict__ cosT, const float* __restrict__ sinT, int early) {
   kv_fmt = KF;   // v15: one instantiation per cache format (the argument must equal KF; ops passes both)
   constexpr int DPL = D / 32;
   constexpr int NW = 4;
@@ -124,7 +130,7 @@ __global__ void __launch_bounds__(128, 1) attn_partial(const float* __restrict__
   int len = early ? (int)pos[n] + 1 : 0;
   if (early) {
     int e0 = split * chunk, enp = min(e0 + chunk, len) - e0;
-    KVRows<PG> rb = kv_rows<PG>(n, kh, Hkv, L, e0, bt, bt_ld, bs);
+    long long rb = ((long long)n * Hkv + kh) * L + e0;
     load_rows<D, PU>(kv_fmt, kc, ks, rb, warp, enp, lane, k_scale, k0);
     load_rows<D, PU>(kv_fmt, vc, vs, rb, warp, enp, lane, v_scale, v0);
     rope_factors<D>(cs, sn, lane, cosT, sinT, len - 1);
@@ -140,7 +146,7 @@ __global__ void __launch_bounds__(128, 1) attn_partial(const float* __restrict__
     return;
   }
   int np = c1 - c0;
-  KVRows<PG> rows = kv_rows<PG>(n / T, kh, Hkv, L, c0, bt, bt_ld, bs);
+  long long rowbase = ((long long)(n / T) * Hkv + kh) * L + c0;
   long long p = len - 1;
   if (cosT && !early) rope_factors<D>(cs, sn, lane, cosT, sinT, p);
   if (cosT && p < c1 && warp < 2) {   // this block's split holds p: K (warp 0) and V (warp 1) of the new token
@@ -149,7 +155,7 @@ __global__ void __launch_bounds__(128, 1) attn_partial(const float* __restrict__
 #pragma unroll
     for (int i = 0; i < DPL; ++i) x[i] = src[i];
     if (warp == 0) rope_lanes<D>(x, lane, cs, sn);
-    kv_store_vec<DPL>(kv_fmt, warp == 0 ? kc : vc, warp == 0 ? ks : vs, rows.at(p - c0), D, lane * DPL, x,
+    kv_store_vec<DPL>(kv_fmt, warp == 0 ? kc : vc, warp == 0 ? ks : vs, rowbase + (p - c0), D, lane * DPL, x,
                       warp == 0 ? k_scale : v_scale);
   }
   if (cosT) __syncthreads();          // the new row is read back below (block-visible after the barrier)
@@ -157,8 +163,8 @@ __global__ void __launch_bounds__(128, 1) attn_partial(const float* __restrict__
 #pragma unroll
     for (int u = 0; u < PU; ++u) {
       if (warp + u * NW == p - c0) {
-        kv_load_vec<DPL>(kv_fmt, kc, ks, rows.at(p - c0), D, lane * DPL, k_scale, k0[u]);
-        kv_load_vec<DPL>(kv_fmt, vc, vs, rows.at(p - c0), D, lane * DPL, v_scale, v0[u]);
+        kv_load_vec<DPL>(kv_fmt, kc, ks, rowbase + (p - c0), D, lane * DPL, k_scale, k0[u]);
+        kv_load_vec<DPL>(kv_fmt, vc, vs, rowbase + (p - c0), D, lane * DPL, v_scale, v0[u]);
       }
     }
   }
@@ -177,7 +183,7 @@ __global__ void __launch_bounds__(128, 1) attn_partial(const float* __restrict__
     constexpr int V = PU * GMAX;   // partial dot products per lane: (position slot u, head g) -> u * GMAX + g
     for (int j0 = warp; j0 < np; j0 += NW * PU) {
       float kv[PU][DPL];
-      rows_or_pre<D, PU>(early && j0 == warp, k0, kv_fmt, kc, ks, rows, j0, np, lane, k_scale, kv);
+      rows_or_pre<D, PU>(early && j0 == warp, k0, kv_fmt, kc, ks, rowbase, j0, np, lane, k_scale, kv);
       float val[V];
 #pragma unroll
       for (int u = 0; u < PU; ++u)
@@ -227,7 +233,7 @@ __global__ void __launch_bounds__(128, 1) attn_partial(const float* __restrict__
     for (int i = 0; i < DPL; ++i) acc[g][i] = 0.0f;
   for (int j0 = warp; j0 < np; j0 += NW * PU) {
     float vv[PU][DPL];
-    rows_or_pre<D, PU>(early && j0 == warp, v0, kv_fmt, vc, vs, rows, j0, np, lane, v_scale, vv);
+    rows_or_pre<D, PU>(early && j0 == warp, v0, kv_fmt, vc, vs, rowbase, j0, np, lane, v_scale, vv);
 #pragma unroll
     for (int u = 0; u < PU; ++u) {
       int j = j0 + u * NW;
@@ -251,6 +257,169 @@ __global__ void __launch_bounds__(128, 1) attn_partial(const float* __restrict__
     }
   }
   __syncthreads();
+  for (int t = threadIdx.x; t < G * D; t += blockDim.x) {
+    int g = t / D, d = t % D;
+    float a = 0.0f;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) a += sm_acc[w][g][d];
+    long long o = ((long long)n * Hq + kh * G + g) * S + split;
+    part[o * D + d] = a;
+    if (d == 0) { ml[o * 2] = sm_m[g]; ml[o * 2 + 1] = sm_l[g]; }
+  }
+}
+
+// attn_partial_paged<D, PU, GM, KF>: attn_partial over a paged cache (kv_cache.cuh's PagedRows: batch row b's
+//     position p at block bt[b * bt_ld + p / bs], slot p % bs), for decode (T = 1, any rows, different lengths;
+//     with cos: RoPE + the KV write of the new token fused as in attn_partial) and prefill (T > 1). The split
+//     length follows each row's length (the grid's S splits are static for CUDA graphs, the rows are not): split s
+//     of a row of len positions covers [s * span, (s + 1) * span) with span = max(min_span, ceil(len / S) rounded
+//     up to 32); a split longer than CMAX positions is walked in sub-chunks of CMAX with a running softmax (the
+//     head's max m, sum l and each warp's e * V sums, kept in shared memory between sub-chunks, rescaled by
+//     exp(m_old - m_new) when the max grows). Writes
+//     part / ml as attn_partial (m = -inf for an empty split), so attn_combine / attn_combine_heads merge them.
+//     No loads before the PDL wait. grid (N * Hkv, S), block 128. Its phases repeat attn_partial's code on
+//     purpose: sharing them as device functions changed attn_partial's machine code (nvcc 13, sm_90a), and the
+//     contiguous decode path is the measured one (docs/performance.md); this way its cubin is byte-identical.
+template <int D, int PU, int GMAX, int KF>
+__global__ void __launch_bounds__(128, 1) attn_partial_paged(const float* __restrict__ q, int ldq,
+    const long long* __restrict__ pos, int T, void* kc, u8* ks, void* vc, u8* vs, int kv_fmt, float k_scale,
+    float v_scale, float* __restrict__ part, float* __restrict__ ml, int Hq, int Hkv, int min_span,
+    float sm_scale, const float* __restrict__ kr, int ldk, const float* __restrict__ vr, int ldv,
+    const float* __restrict__ cosT, const float* __restrict__ sinT, const int* __restrict__ bt, int bt_ld,
+    int bs) {
+  kv_fmt = KF;
+  constexpr int DPL = D / 32;
+  constexpr int NW = 4;
+  __shared__ float sm_s[GMAX][CMAX];      // scores, then exp(s - m)
+  __shared__ float sm_acc[NW][GMAX][D];
+  __shared__ float sm_m[GMAX], sm_l[GMAX], sm_c[GMAX];
+  int n = blockIdx.x / Hkv, kh = blockIdx.x % Hkv, split = blockIdx.y, S = gridDim.y;
+  int G = Hq / Hkv;
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  QT_PDL_ENTRY
+  int len = (int)pos[n] + 1;
+  int span = max(min_span, ((len + S - 1) / S + 31) / 32 * 32);
+  int c0 = split * span, c1 = min(c0 + span, len);
+  if (c0 >= len) {
+    if (threadIdx.x < G) {
+      long long o = ((long long)n * Hq + kh * G + threadIdx.x) * S + split;
+      ml[o * 2] = -QT_INF; ml[o * 2 + 1] = 0.0f;
+    }
+    return;
+  }
+  long long b = n / T;
+  long long p = len - 1;
+  float cs[DPL], sn[DPL];
+  if (cosT) rope_factors<D>(cs, sn, lane, cosT, sinT, p);
+  if (cosT && p < c1 && warp < 2) {   // this block's split holds p: K (warp 0) and V (warp 1) of the new token
+    float x[DPL];
+    const float* src = (warp == 0 ? kr + (long long)n * ldk : vr + (long long)n * ldv) + kh * D + lane * DPL;
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) x[i] = src[i];
+    if (warp == 0) rope_lanes<D>(x, lane, cs, sn);
+    PagedRows rp = paged_rows(bt, bt_ld, bs, b, kh, Hkv, c0);
+    kv_store_vec<DPL>(kv_fmt, warp == 0 ? kc : vc, warp == 0 ? ks : vs, rp.at(p - c0), D, lane * DPL, x,
+                      warp == 0 ? k_scale : v_scale);
+  }
+  if (threadIdx.x < GMAX) { sm_m[threadIdx.x] = -QT_INF; sm_l[threadIdx.x] = 0.0f; }
+  __syncthreads();                    // the new row and the running statistics are block-visible
+  for (int s0 = c0; s0 < c1; s0 += CMAX) {
+    int np = min(CMAX, c1 - s0);
+    PagedRows rows = paged_rows(bt, bt_ld, bs, b, kh, Hkv, s0);
+    // phase 1: scores (attn_partial's)
+    {
+      float qv[GMAX][DPL];
+#pragma unroll
+      for (int g = 0; g < GMAX; ++g) {
+#pragma unroll
+        for (int i = 0; i < DPL; ++i)
+          qv[g][i] = g < G ? q[(long long)n * ldq + (kh * G + g) * D + lane * DPL + i] : 0.0f;
+        if (cosT) rope_lanes<D>(qv[g], lane, cs, sn);
+#pragma unroll
+        for (int i = 0; i < DPL; ++i) qv[g][i] *= sm_scale;
+      }
+      constexpr int V = PU * GMAX;
+      for (int j0 = warp; j0 < np; j0 += NW * PU) {
+        float kv[PU][DPL];
+        load_rows<D, PU>(kv_fmt, kc, ks, rows, j0, np, lane, k_scale, kv);
+        float val[V];
+#pragma unroll
+        for (int u = 0; u < PU; ++u)
+#pragma unroll
+          for (int g = 0; g < GMAX; ++g) {
+            float a = 0.0f;
+#pragma unroll
+            for (int i = 0; i < DPL; ++i) a += qv[g][i] * kv[u][i];
+            val[u * GMAX + g] = a;
+          }
+        bfly_step<V, 16>(val, lane);
+        bfly_step<V / 2, 8>(val, lane);
+        bfly_step<V / 4, 4>(val, lane);
+        bfly_step<V / 8, 2>(val, lane);
+        bfly_step<V / 16, 1>(val, lane);
+#pragma unroll
+        for (int i = 0; i < V / 32; ++i) {
+          int idx = (V / 32) * lane + i, g = idx % GMAX, j = j0 + (idx / GMAX) * NW;
+          if (g < G && j < np) sm_s[g][j] = val[i];
+        }
+      }
+    }
+    __syncthreads();
+    // phase 2: the running softmax statistics per head
+    for (int g = warp; g < G; g += NW) {
+      float mx = -QT_INF;
+      for (int j = lane; j < np; j += 32) mx = fmaxf(mx, sm_s[g][j]);
+      mx = fmaxf(warp_max(mx), sm_m[g]);
+      float l = 0.0f;
+      for (int j = lane; j < np; j += 32) {
+        float e = expf(sm_s[g][j] - mx);
+        sm_s[g][j] = e;
+        l += e;
+      }
+      l = warp_sum(l);
+      if (lane == 0) {
+        float c = expf(sm_m[g] - mx);   // 0 on the first sub-chunk (m = -inf)
+        sm_l[g] = sm_l[g] * c + l;
+        sm_m[g] = mx;
+        sm_c[g] = c;
+      }
+    }
+    __syncthreads();
+    // phase 3: this sub-chunk's e * V per warp, then the warp's running sums sm_acc[warp] = sm_acc * c + acc
+    float acc[GMAX][DPL];
+#pragma unroll
+    for (int g = 0; g < GMAX; ++g)
+#pragma unroll
+      for (int i = 0; i < DPL; ++i) acc[g][i] = 0.0f;
+    for (int j0 = warp; j0 < np; j0 += NW * PU) {
+      float vv[PU][DPL];
+      load_rows<D, PU>(kv_fmt, vc, vs, rows, j0, np, lane, v_scale, vv);
+#pragma unroll
+      for (int u = 0; u < PU; ++u) {
+        int j = j0 + u * NW;
+        if (j < np) {
+#pragma unroll
+          for (int g = 0; g < GMAX; ++g) {
+            if (g < G) {
+              float e = sm_s[g][j];
+#pragma unroll
+              for (int i = 0; i < DPL; ++i) acc[g][i] += e * vv[u][i];
+            }
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < GMAX; ++g) {
+      if (g < G) {
+        float c = sm_c[g];
+        float* a = &sm_acc[warp][g][lane * DPL];   // this lane's own slots: no other thread touches them
+#pragma unroll
+        for (int i = 0; i < DPL; ++i) a[i] = s0 == c0 ? acc[g][i] : a[i] * c + acc[g][i];
+      }
+    }
+    __syncthreads();                  // sm_s is rewritten by the next sub-chunk; sm_acc is read below
+  }
   for (int t = threadIdx.x; t < G * D; t += blockDim.x) {
     int g = t / D, d = t % D;
     float a = 0.0f;
@@ -400,12 +569,21 @@ extern "C" __global__ void __launch_bounds__(128) attn_combine_heads(const float
 }
 
 #define QT_ATTN_ARGS const float*, int, const long long*, int, void*, u8*, void*, u8*, int, float, float, float*, \
-  float*, int, int, int, int, float, const float*, int, const float*, int, const float*, const float*, int, \
+  float*, int, int, int, int, float, const float*, int, const float*, int, const float*, const float*, int
+#define QT_ATTN_KF(D, PU, GM) template __global__ void attn_partial<D, PU, GM, KV_BF16>(QT_ATTN_ARGS); \
+  template __global__ void attn_partial<D, PU, GM, KV_FP8>(QT_ATTN_ARGS); \
+  template __global__ void attn_partial<D, PU, GM, KV_NVFP4>(QT_ATTN_ARGS);
+#define QT_ATTN_PAGED_ARGS const float*, int, const long long*, int, void*, u8*, void*, u8*, int, float, float, \
+  float*, float*, int, int, int, float, const float*, int, const float*, int, const float*, const float*, \
   const int*, int, int
-#define QT_ATTN_PG(D, PU, GM, KF) template __global__ void attn_partial<D, PU, GM, KF, 0>(QT_ATTN_ARGS); \
-  template __global__ void attn_partial<D, PU, GM, KF, 1>(QT_ATTN_ARGS);
-#define QT_ATTN_KF(D, PU, GM) QT_ATTN_PG(D, PU, GM, KV_BF16) QT_ATTN_PG(D, PU, GM, KV_FP8) \
-  QT_ATTN_PG(D, PU, GM, KV_NVFP4)
+#define QT_ATTN_PAGED(D, PU, GM) template __global__ void attn_partial_paged<D, PU, GM, KV_BF16>(QT_ATTN_PAGED_ARGS); \
+  template __global__ void attn_partial_paged<D, PU, GM, KV_FP8>(QT_ATTN_PAGED_ARGS); \
+  template __global__ void attn_partial_paged<D, PU, GM, KV_NVFP4>(QT_ATTN_PAGED_ARGS);
+QT_ATTN_PAGED(64, 8, 4)
+QT_ATTN_PAGED(64, 8, 8)
+QT_ATTN_PAGED(128, 8, 4)
+QT_ATTN_PAGED(128, 8, 8)
+QT_ATTN_PAGED(256, 4, 8)
 QT_ATTN_KF(64, 8, 4)
 QT_ATTN_KF(64, 8, 8)
 QT_ATTN_KF(128, 8, 4)

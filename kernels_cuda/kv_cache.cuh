@@ -3,7 +3,7 @@
 // Cache per layer, per K and V: codes [B, Hkv, L, D] (bf16 bits | e4m3 bytes) or, for nvfp4,
 // codes u8 [B, Hkv, L, D/2] (element 2k = low nibble) + block scales e4m3 u8 [B, Hkv, L, D/16].
 // Paged (serving): the same per-row layout over a pool of blocks, [num_blocks, Hkv, bs, ...]; position p of batch
-// row b lives in block bt[b * bt_ld + p / bs] (an int32 block table), slot p % bs (KVRows below).
+// row b lives in block bt[b * bt_ld + p / bs] (an int32 block table), slot p % bs (PagedRows below).
 // kv_fmt: 0 = bf16, 1 = fp8 (value = code * scale), 2 = nvfp4 (value = E2M1[c] * (sb * g), g = scale / 6).
 #pragma once
 #include "common.cuh"
@@ -12,14 +12,8 @@
 #define KV_FP8 1
 #define KV_NVFP4 2
 
-// the cache rows of positions c0 + j of one (batch row, KV head) pair: contiguous (PG = 0: row base + j, base =
-// (b * Hkv + h) * L + c0) or paged (PG = 1: bt = that batch row's block table)
-template <int PG> struct KVRows;
-template <> struct KVRows<0> {
-  long long base;
-  __device__ __forceinline__ long long at(int j) const { return base + j; }
-};
-template <> struct KVRows<1> {
+// the cache rows of positions c0 + j of one (batch row, KV head) pair of a paged cache (bt: that row's table)
+struct PagedRows {
   const int* bt;
   int c0, bs, Hkv, h;
   __device__ __forceinline__ long long at(int j) const {
@@ -27,17 +21,11 @@ template <> struct KVRows<1> {
     return ((long long)bt[p / bs] * Hkv + h) * bs + p % bs;
   }
 };
-template <int PG>
-__device__ __forceinline__ KVRows<PG> kv_rows(long long b, int h, int Hkv, int L, int c0, const int* bt, int bt_ld,
-                                              int bs);
-template <>
-__device__ __forceinline__ KVRows<0> kv_rows<0>(long long b, int h, int Hkv, int L, int c0, const int*, int, int) {
-  KVRows<0> r; r.base = (b * Hkv + h) * L + c0; return r;
-}
-template <>
-__device__ __forceinline__ KVRows<1> kv_rows<1>(long long b, int h, int Hkv, int, int c0, const int* bt, int bt_ld,
-                                                int bs) {
-  KVRows<1> r; r.bt = bt + b * bt_ld; r.c0 = c0; r.bs = bs; r.Hkv = Hkv; r.h = h; return r;
+__device__ __forceinline__ PagedRows paged_rows(const int* bt, int bt_ld, int bs, long long b, int h, int Hkv,
+                                                int c0) {
+  PagedRows r;
+  r.bt = bt + b * bt_ld; r.c0 = c0; r.bs = bs; r.Hkv = Hkv; r.h = h;
+  return r;
 }
 
 // value of element d of the cache row starting at `row` (row index = (b*Hkv + h)*L + p)

@@ -111,15 +111,17 @@ def test_no_environment_switch_chooses_a_kernel():
 def test_paged_cache_layout(fmt):
     """ops.PagedKVCache: per layer a block pool [num_blocks, Hkv, block_size, ...] in the contiguous cache's
     per-row layout (the kernels' row = (block * Hkv + h) * block_size + slot), an all-zero int32 block table
-    [max_batch, max_blocks_per_seq] the kernels read through paging(), and the attention split length of a
-    contiguous cache of max_blocks_per_seq * block_size positions."""
+    [max_batch, max_blocks_per_seq] the kernels read through paging(), and attn_partial_paged's split count."""
     c = ops.PagedKVCache(fmt, 40, 16, 9, 5, 2, 3, 64, "cpu", [1.0, 1.0], [1.0, 1.0])
     plain = ops.KVCache(fmt, 9, 80, 2, 3, 64, "cpu", [1.0, 1.0], [1.0, 1.0])
     k, ks = c.k[1]
     assert k.shape[:3] == (40, 3, 16) and k.shape[3:] == plain.k[1][0].shape[3:]
     assert (ks is None) == (fmt != "nvfp4") and (ks is None or ks.shape == (40, 3, 16, 4))
     assert c.block_tables.shape == (9, 5) and c.block_tables.dtype == torch.int32 and not c.block_tables.any()
-    assert c.row_len() == 16 and plain.row_len() == 80 and (c.chunk, c.splits) == (plain.chunk, plain.splits)
+    assert c.row_len() == 16 and plain.row_len() == 80
+    # attn_partial_paged's splits: ~1024 blocks per launch, at most 64, at most one per 32 positions
+    assert ops._paged_splits(1, 8, 4096) == 64 and ops._paged_splits(64, 8, 4096) == 2
+    assert ops._paged_splits(33, 8, 2000) == 4 and ops._paged_splits(1, 8, 80) == 3 and ops._paged_splits(512, 8, 9) == 1
     bt, ld, bs = c.paging()
     assert int(bt) == c.block_tables.data_ptr() and int(ld) == 5 and int(bs) == 16
     assert [int(a) for a in plain.paging()] == [0, 0, 0]

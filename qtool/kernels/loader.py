@@ -29,9 +29,9 @@ TEMPLATES = {
     "linear": [f"gemv<{f}, {m}>" for f in range(5) for m in (1, 2, 4, 8)] + [f"gemm<{f}>" for f in range(6)]
               + [f"gemv_h<{f}, {m}>" for f in range(1, 5) for m in (1, 2, 4, 8)]
               + [f"gemm_tc<{f}, 0>" for f in range(6)] + [f"gemm_tc<{f}, 1>" for f in (1, 5)],
-    "attention": [f"attn_partial<{d}, {pu}, {gm}, {kf}, {pg}>" for d, pu, gm in ((64, 8, 4), (64, 8, 8), (128, 8, 4),
-                                                                                 (128, 8, 8), (256, 4, 8))
-                  for kf in range(3) for pg in (0, 1)],
+    "attention": [f"{k}<{d}, {pu}, {gm}, {kf}>" for d, pu, gm in ((64, 8, 4), (64, 8, 8), (128, 8, 4), (128, 8, 8),
+                                                                 (256, 4, 8))
+                  for kf in range(3) for k in ("attn_partial", "attn_partial_paged")],
     "dequant": [f"dequant_bf16<{f}>" for f in range(1, 6)],
     "gemv_4bit": [f"gemv_q4<{f}, {pa}, {xs}>" for f, pa, xs in ((2, 16, 0), (3, 2, 0), (3, 2, 1), (4, 2, 0), (4, 4, 0),
                                                                  (4, 8, 0))],

@@ -496,8 +496,8 @@ class PagedKVCache(KVCache):
     ``block_size`` positions, [num_blocks, Hkv, block_size, ...] in kv_cache.cuh's per-row layout, and
     ``block_tables`` int32 [max_batch, max_blocks_per_seq] on the device (all zero: every row on the dummy block
     0), which the engine fills in place before each step: position p of batch row b lives in block
-    ``block_tables[b, p // block_size]``, slot ``p % block_size``. The split length of the attention kernel
-    follows max_blocks_per_seq * block_size as for a contiguous cache of that length."""
+    ``block_tables[b, p // block_size]``, slot ``p % block_size``. Attention runs attn_partial_paged, whose
+    split length follows each row's length (_paged_splits)."""
 
     def __init__(self, fmt: str, num_blocks: int, block_size: int, max_batch: int, max_blocks_per_seq: int,
                  layers: int, hkv: int, d: int, device, k_scales: list[float], v_scales: list[float],
@@ -551,13 +551,15 @@ def _attn_partial(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, laye
     """attn_partial over every split: (part f32 [N, Hq, S, D], ml f32 [N, Hq, S, 2]). q [N, Hq, D] rotated, or with
     rope = (k, v, cos, sin) (decode, T = 1: rope_fusable) the unrotated q, k, v (row views with unit element
     stride), rotated and written into the cache by the kernel itself; then pos, the first K / V rows and the RoPE
-    factors are read before the PDL wait (attention.cu's ``early``; early=False: after it, for tests)."""
+    factors are read before the PDL wait (attention.cu's ``early``; early=False: after it, for tests). A paged
+    cache runs attn_partial_paged with _paged_splits(N) splits whose length follows each row's length."""
     N, Hq, D = q.shape
     Hkv = cache.hkv
     if Hq % Hkv or Hq // Hkv > 8 or D not in ATTN_PU:
         raise ValueError(f"attention kernel supports head_dim 64/128/256 and <= 8 query heads per KV head "
                          f"(got d={D}, {Hq}/{Hkv})")
-    S = cache.splits
+    paged = cache.block_tables is not None
+    S = _paged_splits(N, Hkv, cache.max_len) if paged else cache.splits
     part = torch.empty(N, Hq, S, D, dtype=torch.float32, device=q.device)
     ml = torch.empty(N, Hq, S, 2, dtype=torch.float32, device=q.device)
     kc, ks = cache.k[layer]
@@ -574,12 +576,25 @@ def _attn_partial(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, laye
         # early loads before the PDL wait: only if no copy kernel (the predecessor) produced pos
         early = early and pos.data_ptr() == positions.data_ptr()
         tail = (ptr(k2), i32(k2.stride(0)), ptr(v2), i32(v2.stride(0)), ptr(cos), ptr(sin), i32(int(early)))
-    name = f"attn_partial<{D}, {ATTN_PU[D]}, {_attn_gm(D, Hq // Hkv)}, {cache.code}, {int(cache.block_size > 0)}>"
-    launch("attention", name, (N * Hkv, S), (128,),
-           (ptr(q2), i32(q2.stride(0)), ptr(pos), i32(T), ptr(kc), ptr(ks), ptr(vc), ptr(vs), i32(cache.code),
-            f32(cache.k_scales[layer]), f32(cache.v_scales[layer]), ptr(part), ptr(ml), i32(Hq), i32(Hkv),
-            i32(cache.row_len()), i32(cache.chunk), f32(1.0 / math.sqrt(D))) + tail + cache.paging())
+    kernel = f"{D}, {ATTN_PU[D]}, {_attn_gm(D, Hq // Hkv)}, {cache.code}>"
+    head = (ptr(q2), i32(q2.stride(0)), ptr(pos), i32(T), ptr(kc), ptr(ks), ptr(vc), ptr(vs), i32(cache.code),
+            f32(cache.k_scales[layer]), f32(cache.v_scales[layer]), ptr(part), ptr(ml), i32(Hq), i32(Hkv))
+    if paged:
+        launch("attention", "attn_partial_paged<" + kernel, (N * Hkv, S), (128,),
+               head + (i32(PAGED_MIN_SPAN), f32(1.0 / math.sqrt(D))) + tail[:-1] + cache.paging())
+    else:
+        launch("attention", "attn_partial<" + kernel, (N * Hkv, S), (128,),
+               head + (i32(cache.max_len), i32(cache.chunk), f32(1.0 / math.sqrt(D))) + tail)
     return part, ml
+
+
+PAGED_MIN_SPAN = 32     # positions of the shortest split of attn_partial_paged (one round of 4 warps x 8 rows)
+
+
+def _paged_splits(N: int, hkv: int, max_len: int) -> int:
+    """Splits per row of attn_partial_paged for N query rows (static per launch shape, so per captured graph):
+    about 1024 blocks in all, at most 64 (the merge reads every split), at most one per PAGED_MIN_SPAN positions."""
+    return max(1, min(64, math.ceil(1024 / (N * hkv)), math.ceil(max_len / PAGED_MIN_SPAN)))
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -603,7 +618,7 @@ def attention(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, layer: i
     N, Hq, D = q.shape
     part, ml = _attn_partial(q, positions, cache, layer, T, rope)
     out = torch.empty(N, Hq * D, dtype=torch.float32, device=q.device)
-    _launch_combine(part, ml, out, cache.splits, D, None, {}, "f32", N, Hq * D)
+    _launch_combine(part, ml, out, part.shape[2], D, None, {}, "f32", N, Hq * D)
     return out
 
 
@@ -622,7 +637,7 @@ def attention_quant(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, la
     out = torch.empty(N, HD, dtype=torch.float32, device=q.device)
     pre = _quant_outputs(kl, N, HD, path, q.device)
     pre["path"] = path
-    _launch_combine(part, ml, out if keep_out else None, cache.splits, D, kl, pre, path, N, HD)
+    _launch_combine(part, ml, out if keep_out else None, part.shape[2], D, kl, pre, path, N, HD)
     return out, pre
 
 

@@ -12,7 +12,8 @@ write fused into attn_partial and unfused (rope_kv_write + attn_partial), and on
   the block table: relative error <= 1e-5 (float32 sums);
 - each CUDA output against the reference backend's output: relative error <= 1e-2 (docs/numerics.md's
   per-kernel bound; the two caches differ only at those rounding boundaries).
-A batch-8 decode step captured in a CUDA graph replays to the eager bits, also after every block has moved to
+Long rows (up to 1200 positions at batch 33: 4 splits of up to 300 positions each, walked in sub-chunks of 128
+with the running softmax) are checked the same way. A batch-8 decode step captured in a CUDA graph replays to the eager bits, also after every block has moved to
 another block id and the table was rewritten in place (the graph reads the live table).
 """
 from __future__ import annotations
@@ -42,13 +43,13 @@ def _u8(t):
 class Case:
     """B rows of random lengths over a scrambled block table, the reference backend and two CUDA caches."""
 
-    def __init__(self, kv: str, B: int, hq: int, hkv: int, d: int, seed: int):
+    def __init__(self, kv: str, B: int, hq: int, hkv: int, d: int, seed: int, longest: int = 150):
         from qtool.kernels import ops
         from qtool.runtime import rope
         from qtool.runtime.backends.torch_ref import TorchRefBackend
         g = torch.Generator().manual_seed(seed)
         self.kv, self.B, self.hq, self.hkv, self.d = kv, B, hq, hkv, d
-        lens = torch.randint(1, 151, (B,), generator=g)
+        lens = torch.randint(1, longest + 1, (B,), generator=g)
         lens[0] = 1 if B > 1 else lens[0]                      # a row whose decode sees 2 positions
         if B > 2:
             lens[1], lens[2] = BS, BS - 1                      # the decode position on a block's first / last slot
@@ -136,9 +137,7 @@ def _float64_attention(case: Case, cache, q_rot: torch.Tensor, pos: torch.Tensor
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}x{s[2]}")
 def test_paged_prefill_and_decode(kv, B, shape):
     from qtool.kernels import ops
-    from qtool.runtime import rope
     case = Case(kv, B, *shape, seed=B * 31 + shape[2] + len(kv))
-    hq, d = case.hq, case.d
     # prefill: every real row over T0 positions (the engine's padded prefill writes them all)
     (q, k, v), (qd, kd, vd) = case.qkv(B * case.T0)
     pos = torch.arange(case.T0).repeat(B, 1)
@@ -149,6 +148,13 @@ def test_paged_prefill_and_decode(kv, B, shape):
         out = ops.attention(qr, pos.to(DEV), cache, 0, case.T0)
         assert _rel(out, ref_out) < 1e-2, f"prefill vs reference: {_rel(out, ref_out):.2e}"
     _check_codes(case, case.caches[0], [case.T0] * B)
+    _decode_and_check(case)
+
+
+def _decode_and_check(case: Case):
+    from qtool.kernels import ops
+    from qtool.runtime import rope
+    B = case.B
     # decode: row b at position lens[b] (mixed lengths) plus a padded row on block 0 at position 0
     (q, k, v), (qd, kd, vd) = case.qkv(B + 1)
     dpos = torch.cat([case.lens, torch.tensor([0])])[:, None]
@@ -167,6 +173,21 @@ def test_paged_prefill_and_decode(kv, B, shape):
         assert _rel(out, want) < 1e-5, f"fused={fused}: vs float64 over the cache {_rel(out, want):.2e}"
         assert _rel(out, ref_out) < 1e-2, f"fused={fused}: vs reference {_rel(out, ref_out):.2e}"
         _check_codes(case, cache, [max(int(n) + 1, case.T0) for n in case.lens])
+
+
+@pytest.mark.parametrize("kv", ["bf16", "fp8", "nvfp4"])
+def test_paged_long_rows(kv):
+    """Decode at batch 33 over rows of up to 1200 positions (the prefill only writes: its float64 check would be
+    large), so each split spans several 128-position sub-chunks."""
+    from qtool.kernels import ops
+    case = Case(kv, 33, 32, 8, 128, seed=3 + len(kv), longest=1200)
+    assert ops._paged_splits(34, 8, case.per_row * BS) == 4 and int(case.lens.max()) > 4 * 128
+    (q, k, v), (qd, kd, vd) = case.qkv(case.B * case.T0)
+    pos = torch.arange(case.T0).repeat(case.B, 1)
+    case.ref.rope_and_store(q, k, v, pos, case.rcache, 0)
+    for cache in case.caches:
+        ops.rope_and_store(qd, kd, vd, pos.to(DEV), cache, 0, case.cos, case.sin, case.T0)
+    _decode_and_check(case)
 
 
 @pytest.mark.parametrize("kv", ["bf16", "fp8", "nvfp4"])
