@@ -56,3 +56,12 @@ def test_tied_lm_head_shares_the_embedding_table(tmp_path):
     be.prepare(w)
     assert be._w[id(w.lm_head)] is be.embed_table
     assert _bits_equal(be.embed_table, w.embed.float())
+
+
+def test_e2m1_decode_equals_table_indexing():
+    from qtool.formats.fp4 import E2M1_VALUES, e2m1_decode
+    g = torch.Generator().manual_seed(5)
+    codes = torch.cat([torch.arange(16, dtype=torch.uint8),
+                       torch.randint(0, 16, (70000,), generator=g, dtype=torch.uint8)]).reshape(-1, 8)
+    ref = torch.tensor(E2M1_VALUES, dtype=torch.float32)[codes.long()]
+    assert _bits_equal(e2m1_decode(codes), ref)

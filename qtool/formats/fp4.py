@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from qtool.formats.fp8 import E4M3_MAX, fp8_to_float
+from qtool.formats.fp8 import E4M3_MAX, fp8_to_float, gather_table
 
 E2M1_MAX = 6.0
 NVFP4_BLOCK = 16
@@ -31,6 +31,7 @@ def _table(values, device) -> torch.Tensor:
 
 
 _NP_VALUES = np.array(E2M1_VALUES, dtype=np.float32)
+_T_VALUES = torch.from_numpy(_NP_VALUES)
 _NP_BOUNDS = np.array(E2M1_BOUNDS, dtype=np.float32)
 
 
@@ -58,6 +59,8 @@ def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
 
 def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
     """float32 values of codes 0..15."""
+    if codes.device.type == "cpu" and codes.dtype == torch.uint8:
+        return gather_table(_T_VALUES, codes)
     if codes.device.type == "cpu":
         return torch.from_numpy(np.take(_NP_VALUES, codes.contiguous().numpy().astype(np.intp)))
     return _table(E2M1_VALUES, codes.device)[codes.long()]

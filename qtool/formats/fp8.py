@@ -34,8 +34,8 @@ def _table(dtype) -> torch.Tensor:
 _CHUNK = 1 << 16
 
 
-def _gather(table: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """table[code] for every byte of w: numpy's take on the uint8 view, in chunks so that its index
+def gather_table(table: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """table[code] for every byte of w (CPU; uint8 codes below len(table)): numpy's take on the uint8 view, in chunks so that its index
     temporary (intp, 8 bytes a code) stays small and cache-resident instead of 8x the weight's size;
     mode 'clip' (codes are 0..255) lets take write straight into the output."""
     codes = w.contiguous().view(torch.uint8).numpy().reshape(-1)
@@ -50,7 +50,7 @@ def fp8_to_float(w: torch.Tensor) -> torch.Tensor:
     """``w.float()``; on the CPU through a 256-entry table (torch's scalar fp8 cast is ~3x slower there)."""
     if not _cpu_fp8(w):
         return w.float()
-    return _gather(_table(w.dtype), w)
+    return gather_table(_table(w.dtype), w)
 
 
 def fake_e4m3(x: torch.Tensor, scale) -> torch.Tensor:
@@ -70,8 +70,8 @@ def decode_fp8(weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor
     s = weight_scale.float().to(weight.device)
     if _cpu_fp8(weight):
         if s.numel() == 1:
-            return _gather(_table(weight.dtype) * s.reshape(()), weight)
-        return _gather(_table(weight.dtype), weight).mul_(s.reshape(-1, 1))
+            return gather_table(_table(weight.dtype) * s.reshape(()), weight)
+        return gather_table(_table(weight.dtype), weight).mul_(s.reshape(-1, 1))
     w = weight.float()
     if s.numel() == 1:
         return w * s.reshape(())
