@@ -143,3 +143,50 @@ def test_bootstrap_interval_independent():
     vals.sort()
     assert est["ci95"][0] == pytest.approx(vals[int(0.025 * (len(vals) - 1))])
     assert est["ci95"][1] == pytest.approx(vals[math.ceil(0.975 * (len(vals) - 1))])
+
+
+def test_quantize_eval_recorded_and_inspected(setup, tmp_path):
+    """quantize --eval: qtool.json's record, its source perplexity against transformers, inspect shows it;
+    the exported tokenizer.json keeps no calibration truncation (a prompt longer than --calib-seq-len stays whole)."""
+    from qtool.eval import DEFAULT_TEXT
+    model, _, _ = setup
+    out = tmp_path / "q"
+    p = run_qtool("quantize", "--model", str(model), "--quant", "fp8", "-o", str(out), "--calib-size", "4",
+                  "--calib-seq-len", "16", "--eval", "--eval-tokens", "96", "--json")
+    assert p.returncode == 0, p.stderr
+    rec = json.loads((out / "qtool.json").read_text())["eval"]
+    assert json.loads(p.stdout)["eval"] == rec
+    assert rec["tokens"] == 96 - 1 and rec["window"] == 256 and rec["backend"] == "torch"
+    tj = json.loads((out / "tokenizer.json").read_text())
+    assert tj["truncation"] is None and tj["padding"] is None
+    from transformers import AutoTokenizer
+    ids = AutoTokenizer.from_pretrained(str(model))(DEFAULT_TEXT.read_text(encoding="utf-8"),
+                                                      add_special_tokens=False)["input_ids"][:96]
+    (lp, t), = _hf_windows(model, ids, 256)
+    assert rec["source_perplexity"]["value"] == pytest.approx(math.exp(-lp.gather(1, t[:, None]).sum().item() / 95),
+                                                              rel=2e-3)
+    assert 0.9 < rec["gap"]["ppl_ratio"]["value"] < 1.1 and rec["gap"]["top1_agreement"]["value"] > 0.5
+    p = run_qtool("inspect", str(out), "--json")
+    assert json.loads(p.stdout)["eval"] == rec
+    p = run_qtool("inspect", str(out))
+    assert "Eval " in p.stdout and "vs source" in p.stdout
+
+
+def test_quantize_algorithm_choices(setup, tmp_path):
+    """--algorithm: recipes/algorithms.toml into ModelOpt's config; refusals before loading (exit 2)."""
+    import modelopt.torch.quantization as mtq
+    from qtool.formats.registry import recipe
+    from qtool.quantize.configs import algorithms, build_config
+    w = lambda name: recipe("weights", name)   # noqa: E731
+    assert build_config(w("w4a16-awq"), None, 64, "awq_clip")["algorithm"] == {"method": "awq_clip"}
+    assert build_config(w("fp8"), None, None, "mse")["algorithm"] == {"method": "mse"}
+    nv = build_config(w("nvfp4"), None, None, "awq_full")
+    assert nv["algorithm"] == mtq.NVFP4_AWQ_FULL_CFG["algorithm"] and nv["quant_cfg"] == mtq.NVFP4_AWQ_FULL_CFG["quant_cfg"]
+    assert build_config(w("fp8"), None)["algorithm"] == mtq.FP8_DEFAULT_CFG["algorithm"]
+    assert set(algorithms()) >= {"max", "mse", "awq_lite", "awq_full", "awq_clip"}
+    model, _, _ = setup
+    p = run_qtool("quantize", "--model", str(model), "--quant", "fp8", "--algorithm", "awq_full", "-o",
+                  str(tmp_path / "x"))
+    assert p.returncode == 2 and "does not apply to --quant fp8" in p.stderr and not (tmp_path / "x").exists()
+    p = run_qtool("quantize", "--model", str(model), "--quant", "fp8", "--algorithm", "nope", "-o", str(tmp_path / "x"))
+    assert p.returncode == 2 and "unknown --algorithm" in p.stderr

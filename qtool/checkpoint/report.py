@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 from collections import OrderedDict
+from pathlib import Path
 
 from qtool.checkpoint.files import CheckpointFiles
 from qtool.checkpoint.scheme import LAYER_RE, CheckpointScheme, num_layers
@@ -208,7 +209,21 @@ def build(files: CheckpointFiles, scheme: CheckpointScheme, sizes: Sizes, proble
         "problems": problems,
         "notes": notes,
         "deep": deep,
+        "eval": _eval_record(files),
     }
+
+
+def _eval_record(files: CheckpointFiles) -> dict | None:
+    """qtool.json's "eval" (written by `qtool quantize --eval`) of a local checkpoint, else None."""
+    if files.remote:
+        return None
+    from qtool.checkpoint.files import read_json
+    try:
+        manifest = read_json(Path(files.root) / "qtool.json") or {}
+    except QtoolError:          # a broken qtool.json is not a problem of the weights
+        return None
+    rec = manifest.get("eval")
+    return rec if isinstance(rec, dict) and "gap" in rec else None
 
 
 # ------------------------------------------------------------------------------------------ rendering
@@ -281,6 +296,9 @@ def render(rep: dict, console) -> None:
         for c in rep["loads_in"].values():
             for n in c["notes"]:
                 console.print(f"          [yellow]{c['title']}: {escape(n)}[/yellow]")
+    if rep.get("eval"):
+        from qtool.eval import eval_line
+        console.print(f"Eval      {escape(eval_line(rep['eval']))}")
     if rep["deep"] is not None:
         d = rep["deep"]
         console.print(f"Deep      {d['tensors_read']} tensors read · {len(d['problems'])} value problem(s)")

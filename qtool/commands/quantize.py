@@ -16,9 +16,11 @@ from typing import Optional
 
 import typer
 
+from qtool.formats.registry import load_toml
 from qtool.commands._common import debug_enabled, guarded, print_json, stdout, warn
 from qtool.commands._options import EXIT_CODES_HELP, GPU_HELP, KvRecipe, WeightRecipe, kv_value, value
 
+ALGORITHMS = ", ".join(load_toml("algorithms.toml"))
 EPILOG = ("Examples:  qtool quantize --quant fp8 --kv-cache-quant nvfp4 -o smollm2-fp8  |  "
           "qtool quantize --model ./Llama-3.1-8B --quant nvfp4 --gpu b200 -o llama-nvfp4  |  "
           "qtool quantize --model ./Qwen3-8B --quant w4a16-awq --calib-data my.jsonl -o qwen3-awq  |  "
@@ -44,6 +46,9 @@ def quantize(
     device_map: Optional[str] = typer.Option(None, "--device-map", help="Passed to from_pretrained, e.g. 'auto' to offload layers that do not fit on the GPU to CPU RAM."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="With --device-map: memory per device, e.g. '0=70GiB,cpu=32GiB'; what does not fit is offloaded (to disk last)."),
     for_target: Optional[str] = typer.Option(None, "--for", help="Where the checkpoint must load: trtllm, vllm, qtool, all, or a comma list (e.g. vllm,qtool). Picks the export layout (w4a16-awq: ModelOpt's for TensorRT-LLM, AutoAWQ's for vLLM) and refuses (exit 3) a recipe a target cannot load. Default: a layout that loads in all three where one exists, else the one that loads in most, said in the summary."),
+    algorithm: Optional[str] = typer.Option(None, "--algorithm", help="Calibration algorithm (recipes/algorithms.toml): " + ALGORITHMS + ". Default: the recipe's own (max for FP8/NVFP4/MXFP4, awq_lite for AWQ, gptq for GPTQ)."),
+    eval_: bool = typer.Option(False, "--eval", help="Evaluate the result against its source with `qtool eval` (held-out text, --eval-tokens tokens) and record it in qtool.json."),
+    eval_tokens: int = typer.Option(2048, "--eval-tokens", min=16, help="Held-out tokens scored by --eval (windows of 256)."),
     force: bool = typer.Option(False, "--force", help="Run a request the support matrices refuse (recorded in qtool.json), and replace a non-empty --output."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON result on stdout; no progress display."),
 ):
@@ -57,6 +62,7 @@ def quantize(
                            family=family, calib_data=calib_data, calib_size=calib_size,
                            calib_seq_len=calib_seq_len, batch_size=batch_size, block_size=awq_block_size,
                            device_map=device_map, max_memory=max_memory, force=force, targets=for_target,
+                           algorithm=algorithm, eval_tokens=eval_tokens if eval_ else 0,
                            progress=not json_output, debug=debug_enabled())
     plan = pipeline.prepare(req)               # every refusal happens here, before loading
     if plan.force_warning:
@@ -80,6 +86,9 @@ def _print_summary(r: dict) -> None:
                  f"in {r['wall_time_s']:.1f} s; {mem_s}.")
     stdout.print(f"calibration: {r['calibration']['source']}; {r['calibration']['samples']} samples × ≤"
                  f"{r['calibration']['seq_len']} tokens; algorithm {r['calibration']['algorithm']}.")
+    if r.get("eval"):
+        from qtool.eval import eval_line
+        stdout.print("eval: " + eval_line(r["eval"]))
     if r.get("consumers"):
         from qtool.quantize.targets import summary
         from rich.markup import escape

@@ -124,3 +124,20 @@ def _within(gap: dict, worst: dict) -> dict:
     return {"top1_agreement": gap["top1_agreement"]["value"] >= worst["top1_agreement"],
             "mean_kl": gap["mean_kl"]["value"] <= worst["mean_kl"],
             "ppl_ratio": abs(math.log(gap["ppl_ratio"]["value"])) <= abs(math.log(worst["ppl_ratio"]))}
+
+
+def evaluate_checkpoint(path, source, max_tokens: int, window: int = 256, backend: str = "auto") -> dict:
+    """`qtool quantize --eval`: the new checkpoint against its source on the default text (no noise floor).
+
+    Returns the compact record stored as qtool.json's "eval": text, tokens, window, backend, both perplexities
+    and the gap (ratio, agreement, KL), each with its 95 % interval.
+    """
+    from qtool.runtime.backends import resolve_backend_name
+    backend = resolve_backend_name(backend)
+    r = evaluate(EvalRequest(models=[str(path)], window=window, max_tokens=max_tokens, backend=backend,
+                             baseline=str(source), show_progress=False))
+    m = r["results"][0]
+    return {"text": r["text"]["source"], "tokens": r["text"]["tokens_scored"], "window": window,
+            "windows": r["text"]["windows"], "backend": backend, "interval": r["interval"],
+            "perplexity": m["perplexity"], "source_perplexity": r["baseline"]["perplexity"], "gap": m["gap"],
+            "seconds": r["seconds"]}

@@ -1,8 +1,9 @@
 """Recipe data (recipes/recipes.toml) → a ModelOpt 0.47 `mtq.quantize` config.
 
-Contract: `build_config(recipe, kv_recipe, block_size)` (registry Recipes; kv_recipe None = no KV-cache
-quantization) deep-copies the recipe's `modelopt_config`
-constant, applies its `algorithm` (GPTQ), the INT4 block size (`--awq-block-size`), the FP8
+Contract: `build_config(recipe, kv_recipe, block_size, algorithm)` (registry Recipes; kv_recipe None = no
+KV-cache quantization) deep-copies the recipe's `modelopt_config` constant (or the one recipes/algorithms.toml
+names for that algorithm and recipe), sets the `--algorithm` entry from recipes/algorithms.toml
+(`check_algorithm` refuses one that does not apply, exit 2), applies the recipe's own `algorithm` (GPTQ), the INT4 block size (`--awq-block-size`), the FP8
 activation quantizer of w4a8-gptq, and merges the KV recipe with
 `mtq.update_quant_cfg_with_kv_cache_quant` (0.47: appends to the ordered list). Imports modelopt
 only inside the function.
@@ -11,7 +12,8 @@ from __future__ import annotations
 
 import copy
 
-from qtool.formats.registry import Recipe
+from qtool.errors import UsageError
+from qtool.formats.registry import Recipe, load_toml
 
 # ModelOpt's GPTQ (`GPTQCalibConfig`, 0.44+): Hessian-based, layer by layer.
 GPTQ_ALGORITHM = {"method": "gptq", "perc_damp": 0.01, "block_size": 128}
@@ -29,11 +31,40 @@ def _set_int4_block(cfg: dict, block: int) -> None:
                 st["block_sizes"] = {**st["block_sizes"], -1: block}
 
 
-def build_config(recipe: Recipe, kv_recipe: Recipe | None, block_size: int | None = None) -> dict:
+def algorithms() -> dict:
+    """recipes/algorithms.toml: {name: {title, modelopt, recipes, config?}} in file order."""
+    return load_toml("algorithms.toml")
+
+
+def check_algorithm(quant: str, algorithm: str | None) -> None:
+    """UsageError (exit 2) unless --algorithm applies to the recipe; Failure (exit 1) when it needs CUDA here."""
+    if algorithm is None:
+        return
+    table = algorithms()
+    if algorithm not in table:
+        raise UsageError(f"unknown --algorithm {algorithm!r}", hint="choose one of: " + ", ".join(table))
+    if quant not in table[algorithm]["recipes"]:
+        fits = [a for a, t in table.items() if quant in t["recipes"]]
+        raise UsageError(f"--algorithm {algorithm} does not apply to --quant {quant}",
+                         hint=f"for {quant}: " + (", ".join(fits) if fits else "no --algorithm choice (its own default)"))
+    if quant in table[algorithm].get("cuda", []):
+        from qtool.quantize.plan import cuda_available
+        if not cuda_available():
+            from qtool.errors import Failure
+            raise Failure(f"--algorithm {algorithm} with {quant} needs CUDA: ModelOpt 0.47 calibrates it on a GPU only "
+                          "(no CUDA device here)", hint="run it on a machine with an NVIDIA GPU")
+
+
+def build_config(recipe: Recipe, kv_recipe: Recipe | None, block_size: int | None = None,
+                 algorithm: str | None = None) -> dict:
     import modelopt.torch.quantization as mtq
 
     spec = recipe.spec
-    cfg = copy.deepcopy(getattr(mtq, spec["modelopt_config"]))
+    algo = algorithms()[algorithm] if algorithm else None
+    base = (algo or {}).get("config", {}).get(recipe.name, spec["modelopt_config"])
+    cfg = copy.deepcopy(getattr(mtq, base))
+    if algo is not None:
+        cfg["algorithm"] = copy.deepcopy(algo["modelopt"])
     if spec.get("block_size_option") and block_size:
         _set_int4_block(cfg, block_size)
     if spec.get("algorithm") == "gptq":

@@ -39,6 +39,8 @@ class Request:
     max_memory: str | None = None
     force: bool = False
     targets: str | None = None      # --for: trtllm, vllm, qtool, all (None: every consumer where possible)
+    algorithm: str | None = None    # --algorithm: recipes/algorithms.toml (None: the recipe's own)
+    eval_tokens: int = 0            # --eval: score this many held-out tokens against the source (0: off)
     progress: bool = True
     debug: bool = False
 
@@ -90,6 +92,7 @@ def prepare(req: Request) -> Plan:
     check_target(req.output, req.force, req.model)
     rec, kv_rec = recipe("weights", req.quant), (recipe("kv", req.kv) if req.kv else None)
     block = req.block_size if rec.get("block_size_option") else None
+    configs.check_algorithm(req.quant, req.algorithm)
     from qtool.quantize import targets
     choice = targets.resolve(req.quant, req.kv, req.targets, block, cfg)
     cuda = planmod.cuda_problem(rec, kv_rec)
@@ -171,7 +174,7 @@ def run(plan: Plan) -> dict:
         offload = tmp / ".offload"
         with ptq.quiet(req.debug):
             model, tok = ptq.load_model(source.path, req.device_map, plan.max_memory, offload)
-            cfg = configs.build_config(plan.recipe, plan.kv_recipe, plan.block_size)
+            cfg = configs.build_config(plan.recipe, plan.kv_recipe, plan.block_size, req.algorithm)
         from qtool.calibration import calibration_batches
         batch = _auto_batch(req)
         batches = calibration_batches(tok, plan.texts, req.calib_seq_len, batch)
@@ -196,9 +199,16 @@ def run(plan: Plan) -> dict:
         if offload.exists():
             import shutil
             shutil.rmtree(offload, ignore_errors=True)
+        evaluation = None
+        if req.eval_tokens:
+            stages.stage(f"evaluating against {source.path.name} ({req.eval_tokens} held-out tokens)")
+            del model
+            from qtool.eval.evaluate import evaluate_checkpoint
+            evaluation = evaluate_checkpoint(tmp, source.path, req.eval_tokens)
         stages.stage("writing qtool.json")
         result = _result(plan, source, tmp, cfg, versions, modelopt_hf, batch, n_samples, n_tokens, passes,
                          calib_s, export_s, t0)
+        result["eval"] = result["manifest"]["eval"] = evaluation
         result["consumers"] = result["manifest"]["consumers"] = consumers_rec
         write_manifest(tmp, build_manifest(**result["manifest"]))
         result["files"] = sorted(p.name for p in tmp.iterdir())

@@ -169,6 +169,8 @@ class Tokenizer:
                 msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 raise CheckpointError(f"{tj}: not a valid tokenizers file ({msg[:160]})",
                                       hint="the tokenizer files of the checkpoint are damaged; copy them again") from None
+            backend.no_truncation()   # as AutoTokenizer does per call: a saved max_length must not cut prompts
+            backend.no_padding()
             return cls(backend, cfg, template, str(folder))
         return cls._from_transformers(folder, cfg, template)
 
