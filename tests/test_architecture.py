@@ -12,8 +12,6 @@ import ast
 import re
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parent.parent
 QTOOL = REPO / "qtool"
 # the edges (layer -> layer) that the rules must forbid; "*" = any layer below commands
@@ -144,13 +142,6 @@ def test_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": set()}) == []
 
 
-# qtool/kernels/ is outside this part 1 (its owners remove its cycles): today gemm.py imports ops.py inside
-# functions and ops.py imports gemm.py. A cycle anywhere else fails; one inside kernels/ is an expected failure.
-KERNELS = "qtool.kernels."
-
-
 def test_no_import_cycles():
     cycles = _cycles(_graph())
-    if cycles and all(m.startswith(KERNELS) for c in cycles for m in c):
-        pytest.xfail("import cycle inside qtool/kernels/: " + "; ".join(" <-> ".join(c) for c in cycles))
     assert not cycles, "import cycles in qtool/: " + "; ".join(" <-> ".join(c) for c in cycles)

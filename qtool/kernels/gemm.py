@@ -28,6 +28,7 @@ import math
 import torch
 
 from qtool.kernels.launch import f32, i32, launch, ptr
+from qtool.kernels.quant_input import act_quant, fp8_codes_ok
 from qtool.kernels.weights import F_BF16, F_FP8, F_INT4, KLinear
 
 DECODE_MAX_M = 8          # rows the GEMV decode paths take; above it this module's GEMMs run
@@ -46,8 +47,7 @@ def applies(kl: KLinear, M: int) -> bool:
 def _scaled_ok(kl: KLinear) -> bool:
     """fp8 x fp8 through _scaled_mm: codes from act_quant (static per-tensor or per-token activation scales, no
     pre-quant scale) and a per-tensor or per-row weight scale; K, O multiples of 16 (cuBLASLt's fp8 rule)."""
-    from qtool.kernels import ops
-    return (kl.fmt == F_FP8 and kl.act in (1, 2) and ops._fp8_codes_ok(kl) and kl.sbi >= kl.in_features
+    return (kl.fmt == F_FP8 and kl.act in (1, 2) and fp8_codes_ok(kl) and kl.sbi >= kl.in_features
             and kl.in_features % 16 == 0 and kl.out_features % 16 == 0)
 
 
@@ -65,8 +65,7 @@ def linear(x: torch.Tensor, kl: KLinear) -> torch.Tensor:
 
 
 def _act(x: torch.Tensor, kl: KLinear) -> torch.Tensor:
-    from qtool.kernels import ops
-    return ops.act_quant(x, kl)["x"]
+    return act_quant(x, kl)["x"]
 
 
 def _mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -77,8 +76,7 @@ def _mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def _fp8_scaled(x: torch.Tensor, kl: KLinear) -> torch.Tensor:
-    from qtool.kernels import ops
-    q = ops.act_quant(x, kl, codes=True)
+    q = act_quant(x, kl, codes=True)
     M, O = x.shape[0], kl.out_features
     a = q["xq"].view(torch.float8_e4m3fn)
     b = row_major(kl).view(torch.float8_e4m3fn).t()

@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from qtool.kernels.split import MMA4_MAX_SLICES, kslices, mma4_split
 from qtool.kernels.weights import F_INT4, F_MXFP4, F_NVFP4, KLinear
 
 P8 = (0, 4, 1, 5, 2, 6, 3, 7)      # act_quant's f16 pair order for 4-bit weights (hperm 2)
@@ -148,10 +149,9 @@ def kernel_name(kl: KLinear) -> str:
 
 
 def plan(O: int, K: int, name: str) -> tuple[int, int]:
-    """(S, kslice): K slices of a 16-row tile, the warps of its block, planned as gemv_mma4p's (ops._mma4_split:
+    """(S, kslice): K slices of a 16-row tile, the warps of its block, planned as gemv_mma4p's (split.mma4_split:
     enough warps, at most MMA4_MAX_SLICES, every block resident at once) with gemv_q4's register count."""
-    from qtool.kernels import ops
-    return ops._mma4_split(O, K, name, file="gemv_4bit")
+    return mma4_split(O, K, name, file="gemv_4bit")
 
 
 def launch(q: dict, kl: KLinear, y: torch.Tensor, M: int, S: int | None = None) -> None:
@@ -163,8 +163,7 @@ def launch(q: dict, kl: KLinear, y: torch.Tensor, M: int, S: int | None = None) 
     if S is None:
         S, kslice = plan(O, K, name)
     else:
-        from qtool.kernels import ops
-        S, kslice = ops._kslices(K, min(S, ops.MMA4_MAX_SLICES), STEP_K)
+        S, kslice = kslices(K, min(S, MMA4_MAX_SLICES), STEP_K)
     _, glog2 = _group(kl)
     run("gemv_4bit", name, (math.ceil(O / 16),), (32 * S,),
         (ptr(q["xh"]), ptr(q["hs"]), ptr(q.get("xsc")), ptr(kl.q4), ptr(kl.sc), ptr(kl.zp), f32(kl.gs), i32(kl.sld),

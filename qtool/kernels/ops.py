@@ -9,7 +9,7 @@ The kernel plan: what runs is chosen by format, shape and GPU properties only (n
 measurements behind each choice are in docs/dev/gpu-results.md and docs/dev/cuda-notes.md, the variants that lost
 are in git history):
 - decode linears (M <= 8): fp8 x fp8 on gemv_mma4p over mma-tiled weights (``adopt_layout``), the K split over the
-  warps of one block sized to one resident wave (``_mma4_split``); an fp8 gate|up with a static down-projection
+  warps of one block sized to one resident wave (``split.mma4_split``); an fp8 gate|up with a static down-projection
   input scale interleaved for gemv_mma4ps (silu * mul + the down projection's quantization in its epilogue,
   ``silu_fusable``); 4-bit weights (nvfp4, mxfp4, int4 weight-only) on gemv_q4 over a q4-tiled copy of their codes
   (``adopt_layout``, gemv_4bit.py; the K split planned as gemv_mma4p's); other weight-only and fp4-activation
@@ -27,15 +27,16 @@ The fused sequences the backend runs are ``norm_linear``, ``attention_o`` and ``
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import replace
 
 import torch
 
 from qtool.formats import registry
-from qtool.kernels import gemm, gemv_4bit, loader, pdl  # noqa: F401 - pdl: ops.pdl for callers
+from qtool.kernels import gemm, gemv_4bit, pdl  # noqa: F401 - pdl: ops.pdl for callers
 from qtool.kernels.launch import f32, i32, launch, ptr
+from qtool.kernels.quant_input import act_quant, fp8_codes_ok, threads
+from qtool.kernels.split import MMA4_MAX_SLICES, kslices, mma4_split
 from qtool.kernels.weights import KLinear, mma_tile_fp8, mma_untile_fp8, to_tiled
 
 KV_CODES = registry.kv_format_codes()
@@ -59,15 +60,10 @@ def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tensor
         raise ValueError(f"rmsnorm kernel supports rows of at most 16384 elements, got {H}")
     y = torch.empty_like(x)
     res_out = torch.empty_like(x) if residual is not None else x
-    launch("elementwise", "rmsnorm_residual", (rows,), (_threads(H),),
+    launch("elementwise", "rmsnorm_residual", (rows,), (threads(H),),
            (ptr(x), ptr(residual), ptr(w), ptr(y), ptr(res_out if residual is not None else None), i32(H),
             f32(eps)))
     return y, res_out
-
-
-def _threads(n: int) -> int:
-    """Block size for kernels holding 16 elements per thread: ceil(n/16) rounded up to a warp, at least 64."""
-    return max(64, min(1024, ((n + 15) // 16 + 31) // 32 * 32))
 
 
 def silu_mul(gu: torch.Tensor) -> torch.Tensor:
@@ -80,57 +76,14 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- linear
-def act_quant(x: torch.Tensor, kl: KLinear, half: bool = False, codes: bool = False, fp4codes: bool = False,
-              fold: bool = False):
-    """x̂ f32 [M, K] (act_quant.cu). half=True: also (xh f16 [M, K] in the weight format's pair order, hs f32 [M]);
-    fp4codes=True (with half, schemes nvfp4/mxfp4): xh holds exact E2M1 values and xsc the block scales;
-    fold=True (with half, scheme nvfp4; gemv_q4): xh holds E2M1 times the e4m3 block scale (exact), hs = g;
-    codes=True (fp8 schemes): e4m3 codes xq u8 [M, K] and their scales. Returns a dict."""
-    M, K = x.shape
-    dev = x.device
-    res = {"x": torch.empty_like(x)}
-    dyn = kl.act in (1, 4) and kl.in_scale is None
-    hperm = 0 if not half else (1 if kl.fmt == 1 else 3 if fold else 2)
-    if half:
-        res["xh"] = torch.empty(M, K, dtype=torch.float16, device=dev)
-        res["hs"] = torch.empty(M, dtype=torch.float32, device=dev)
-    fast = K % 16 == 0 and K <= 16 * 1024 and not dyn
-    if not fast:
-        if codes or fp4codes or fold:
-            raise ValueError("quantized activation codes need the fast act_quant kernel")
-        launch("act_quant", "act_quant", (1 if dyn else M,), (1024,),
-               (ptr(x), i32(x.stride(0)), ptr(res["x"]), i32(K), i32(M), i32(K), i32(kl.act), ptr(kl.in_scale),
-                ptr(kl.pqs), ptr(res.get("xh")), ptr(res.get("hs")), i32(hperm)))
-        return res
-    qs = None
-    if codes:
-        res["xq"] = torch.empty(M, K, dtype=torch.uint8, device=dev)
-        ng = (K + 127) // 128 if kl.act == 3 else 1
-        qs = res["xs"] = torch.empty(M, ng, dtype=torch.float32, device=dev)
-    elif fp4codes:
-        qs = res["xsc"] = torch.empty(M, K // (16 if kl.act == 4 else 32), dtype=torch.float32, device=dev)
-    launch("act_quant", "act_quant_fast", (M,), (_threads(K),),
-           (ptr(x), i32(x.stride(0)), ptr(res["x"]), i32(M), i32(K), i32(kl.act), ptr(kl.in_scale), ptr(kl.pqs),
-            ptr(res.get("xh")), ptr(res.get("hs")), i32(hperm), ptr(res.get("xq")), ptr(qs)))
-    return res
-
-
 # decode paths: "mma4" (gemv_mma4p, fp8 x fp8 on mma-tiled weights), "q4" (gemv_q4, 4-bit weights with a q4-tiled
 # copy), "half" (gemv_h), "f32" (gemv); prefill: "tc" (gemm_tc), "gemm" (f32 tiled gemm)
 PATHS = ("mma4", "q4", "half", "f32", "tc", "gemm")
 HALF_INPUT = ("half", "q4")     # paths reading act_quant's f16 copy of x̂ (xh, hs; xsc for fp4 activations)
-MMA4_MAX_SLICES = 16        # K slices of one gemv_mma4p block: its launch bound (512 threads) / 32
-
-
-def _fp8_codes_ok(kl: KLinear) -> bool:
-    """fp8 weights whose input act_quant_fast can give as e4m3 codes + scales (fp8 activations, no pre-quant
-    scale, a static input scale where the scheme needs one)."""
-    return (kl.fmt == 1 and kl.act in (1, 2, 3) and kl.in_features <= 16 * 1024 and kl.in_features % 16 == 0
-            and kl.pqs is None and not (kl.act == 1 and kl.in_scale is None))
 
 
 def _mma_ok(kl: KLinear, M: int) -> bool:
-    return (_fp8_codes_ok(kl) and M <= 8 and kl.in_features % 64 == 0 and (kl.sbi_log2 < 0 or kl.sbi == 128))
+    return (fp8_codes_ok(kl) and M <= 8 and kl.in_features % 64 == 0 and (kl.sbi_log2 < 0 or kl.sbi == 128))
 
 
 def _tc_ok(kl: KLinear) -> bool:
@@ -140,7 +93,7 @@ def _tc_ok(kl: KLinear) -> bool:
     activations (nvfp4, mxfp4, W4A8's fp8 on int4) keep the f32 GEMM: their x̂ is not exact in two bf16 terms, and
     a small error in x̂ moves the next layers' activation codes (cuda-notes.md, run 2)."""
     K = kl.in_features
-    if K % 16 or kl.w.data_ptr() % 16 or not (kl.act == 0 or _fp8_codes_ok(kl)) or kl.fmt in (2, 4):
+    if K % 16 or kl.w.data_ptr() % 16 or not (kl.act == 0 or fp8_codes_ok(kl)) or kl.fmt in (2, 4):
         return False      # nvfp4 / int4 weights (split in two bf16 terms): run 10 measured 15 vs 18 TFLOP/s f32
     return not (kl.fmt == 1 and kl.sbi < K and kl.sbi % 32)
 
@@ -225,7 +178,7 @@ def rmsnorm_quant(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.
     res_out = torch.empty_like(x) if residual is not None else None
     pre = _quant_outputs(kl, M, H, path, x.device)
     pre["path"] = path
-    launch("act_quant", "rmsnorm_quant", (M,), (_threads(H),),
+    launch("act_quant", "rmsnorm_quant", (M,), (threads(H),),
            (ptr(x), ptr(residual), ptr(w), f32(eps), ptr(y if keep_out else None), ptr(res_out), i32(H))
            + _quant_args(kl, pre, path))
     return y, (res_out if residual is not None else x), pre
@@ -379,7 +332,7 @@ def _launch_tc(x: torch.Tensor, kl: KLinear, y: torch.Tensor, M: int) -> None:
     O, K = kl.out_features, kl.in_features
     if x.data_ptr() % 16:
         x = x.clone()                    # the kernel reads 16-byte vectors
-    codes = _fp8_codes_ok(kl)
+    codes = fp8_codes_ok(kl)
     q = act_quant(x, kl, codes=True) if codes else {}
     xf = x if codes or not (kl.act or kl.pqs is not None) else act_quant(x, kl)["x"]
     launch("linear", f"gemm_tc<{5 if kl.tiled else kl.fmt}, {int(codes)}>", (math.ceil(O / 64), math.ceil(M / 64)),
@@ -390,7 +343,7 @@ def _launch_tc(x: torch.Tensor, kl: KLinear, y: torch.Tensor, M: int) -> None:
 
 def _launch_mma4(q: dict, kl: KLinear, y: torch.Tensor, M: int, S: int | None = None,
                  silu: tuple | None = None) -> None:
-    """gemv_mma4p on the mma-tiled kl into y [M, O]: one block of S warps (K slices; default _mma4_split, at most
+    """gemv_mma4p on the mma-tiled kl into y [M, O]: one block of S warps (K slices; default split.mma4_split, at most
     MMA4_MAX_SLICES) per 16-row tile, the slices summed through shared memory in a fixed order. ``silu`` =
     (down, pre): kl's rows are gate|up interleaved (kl.il), and gemv_mma4ps writes silu(gate) * up quantized for
     the down projection into pre's xq / xs instead of y."""
@@ -398,7 +351,7 @@ def _launch_mma4(q: dict, kl: KLinear, y: torch.Tensor, M: int, S: int | None = 
         raise ValueError("gemv_mma4p reads mma-tiled weights (adopt_layout)")
     O, K = kl.out_features, kl.in_features
     name = "gemv_mma4ps" if silu is not None else "gemv_mma4p"
-    S, kslice = _mma4_split(O, K, name) if S is None else _kslices(K, min(S, MMA4_MAX_SLICES), 256)
+    S, kslice = mma4_split(O, K, name) if S is None else kslices(K, min(S, MMA4_MAX_SLICES), 256)
     if silu is None:
         tail = (i32(0), ptr(None), ptr(None), ptr(None), ptr(None))
     else:
@@ -408,42 +361,6 @@ def _launch_mma4(q: dict, kl: KLinear, y: torch.Tensor, M: int, S: int | None = 
            (ptr(q["xq"]), ptr(q["xs"]), i32(1 if kl.act == 3 else 0), ptr(kl.w), ptr(kl.sc), ptr(kl.bias), ptr(y),
             i32(O), i32(M), i32(O), i32(K), i32(kl.sld), i32(kl.sbo), i32(kl.sbi_log2), i32(kslice)) + tail,
            smem=512 * S if S > 1 else 0)
-
-
-def _kslices(K: int, S: int, gran: int) -> tuple[int, int]:
-    """(number of slices, slice length): about S slices of K, each a multiple of gran."""
-    kslice = math.ceil(math.ceil(K / S) / gran) * gran
-    return math.ceil(K / kslice), kslice
-
-
-def _mma4_split(O: int, K: int, name: str = "gemv_mma4p", file: str = "linear") -> tuple[int, int]:
-    """(S, kslice) for gemv_mma4p: about 2560 warps of 16 rows (~20 resident per SM at 90 registers on 132 SMs,
-    4 KB of weight loads in flight each), then lowered until S fits a block (MMA4_MAX_SLICES) and every block is
-    resident at once (one wave: run 4 measured a second, partial wave costing more than the extra warps gain,
-    28672x4096: 3124 GB/s with 1.36 waves, 3545 GB/s with 0.68). Slices are multiples of 256 (one k step). Also
-    gemv_q4's plan (file "gemv_4bit": same block structure and k step)."""
-    tiles = max(1, math.ceil(O / 16))
-    S = max(1, min(math.ceil(2560 / tiles), math.ceil(K / 256)))
-    S, _ = _kslices(K, max(1, min(S, _resident_warps(name, file) // tiles)), 256)
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    per_sm = _resident_warps(name, file) // sms
-    while S > 1 and (S > MMA4_MAX_SLICES or tiles > sms * (per_sm // S)):
-        S -= 1
-    return _kslices(K, S, 256)
-
-
-@functools.lru_cache(maxsize=None)
-def _resident_warps(name: str, file: str = "linear") -> int:
-    """Warps of the kernel ``name`` resident at once on the current GPU: registers per SM / registers per warp
-    (the compiled kernel's count, ~96 for gemv_mma4p, rounded to the 256-register allocation unit), at most 32
-    per SM, x SMs."""
-    try:
-        regs = int(loader.function(file, name).num_regs)
-    except Exception:  # noqa: BLE001 - an attribute CuPy lacks: the nvcc -Xptxas -v counts
-        regs = 100
-    per_warp = math.ceil(regs * 32 / 256) * 256
-    per_sm = min(65536 // per_warp, 32)
-    return per_sm * torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
 
 # ---------------------------------------------------------------- rope + KV cache + attention
@@ -655,7 +572,7 @@ def _launch_combine(part, ml, out, S, D, kl, pre, path, N, HD, split: bool = Tru
         launch("attention", "attn_combine_heads", (N, HD // D), (128,),
                (ptr(part), ptr(ml), ptr(out), i32(S), i32(D), i32(HD)) + _quant_args(kl, pre, path))
         return
-    launch("attention", "attn_combine", *(_row_grid(N, HD, kl, path) if split else ((N,), (_threads(HD),))),
+    launch("attention", "attn_combine", *(_row_grid(N, HD, kl, path) if split else ((N,), (threads(HD),))),
            (ptr(part), ptr(ml), ptr(out), i32(S), i32(D), i32(HD)) + _quant_args(kl, pre, path))
 
 
@@ -675,7 +592,7 @@ def _row_grid(M: int, n: int, kl: KLinear | None, path: str, per_block: int = 51
     local = kl is None or (path == "mma4" and kl.act in (1, 3))
     if local:
         return (M, math.ceil(n / per_block)), (per_block // 16,)
-    return (M,), (_threads(n),)
+    return (M,), (threads(n),)
 
 
 # ---------------------------------------------------------------- the fused sequences of a decoder layer
