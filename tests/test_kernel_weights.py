@@ -104,3 +104,13 @@ def test_mma_untile_and_tiled_interleave():
     assert torch.equal(tiled.w, weights.mma_tile_fp8(plain.w))
     assert torch.equal(tiled.sc, plain.sc) and torch.equal(tiled.bias, plain.bias)
     assert not torch.equal(plain.w, kl.w)     # the interleave moved rows
+
+
+def test_kernel_only_format_code_is_linear_cu_define():
+    """weights.F_FP8T (mma-tiled fp8, a layout no checkpoint has, so not in recipes/formats.toml) is linear.cu's
+    #define FMT_FP8T."""
+    import re
+    from pathlib import Path
+    from qtool.kernels import weights
+    text = (Path(__file__).resolve().parent.parent / "kernels_cuda" / "linear.cu").read_text(encoding="utf-8")
+    assert weights.F_FP8T == int(re.search(r"^#define FMT_FP8T (\d+)\s*$", text, re.M).group(1))

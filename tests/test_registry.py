@@ -1,10 +1,10 @@
 """The format registry (qtool/formats/registry.py) against references outside its own data files.
 
 References: the kernels' own format constants (`#define FMT_*` in kernels_cuda/linear.cu, `#define KV_*` in
-kernels_cuda/kv_cache.cuh); the quant_algo strings ModelOpt 0.47 writes and TensorRT-LLM's aliases for them
-(shared/reference/checkpoint-formats.md: `fp8_pb_wo` -> `FP8_BLOCK_SCALES`, `NVFP4_AWQ` from the NVFP4 AWQ
-presets, `W4A16_NVFP4` weight-only with no qtool recipe); the functions of qtool/formats/ the data names; DeepSeek
-block-scale shapes worked by hand. Also: every name the data uses in one table exists in the table it refers to.
+kernels_cuda/kv_cache.cuh, the scheme list in kernels_cuda/act_quant.cu's header); the quant_algo strings ModelOpt
+0.47 writes and TensorRT-LLM's aliases for them (shared/reference/checkpoint-formats.md: `fp8_pb_wo` ->
+`FP8_BLOCK_SCALES`, `NVFP4_AWQ` from the NVFP4 AWQ presets, `W4A16_NVFP4` weight-only with no qtool recipe); the
+functions of qtool/formats/ the data names; DeepSeek block-scale shapes worked by hand. Also: every name the data uses in one table exists in the table it refers to.
 """
 from __future__ import annotations
 
@@ -32,6 +32,18 @@ def test_kernel_codes_are_the_kernels_defines():
     assert {f: w.kernel for f, w in registry.weight_formats().items()} == {f: fmt[k] for f, k in kernel_name.items()}
     kv = _defines(REPO / "kernels_cuda" / "kv_cache.cuh", "KV_")
     assert registry.kv_format_codes() == {"bf16": kv["BF16"], "fp8": kv["FP8"], "nvfp4": kv["NVFP4"]}
+
+
+def test_activation_codes_are_act_quant_schemes():
+    """act_quant.cu has no defines for its schemes: its header lists them ("scheme: 0 none (pqs only), 1 fp8
+    per-tensor static, ..."); each registry activation's code is the number that header gives its scheme."""
+    text = (REPO / "kernels_cuda" / "act_quant.cu").read_text(encoding="utf-8")
+    header = " ".join(line.lstrip("/ ") for line in text.split("// scheme:", 1)[1].split("\n")[:2])
+    described = {"none": "none", "fp8": "fp8 per-tensor static", "fp8-token": "fp8 per token",
+                 "fp8-block": "fp8 per token x 128-channel group", "nvfp4": "nvfp4", "mxfp4": "mxfp4"}
+    assert set(registry.activation_codes()) == set(described)
+    for name, code in registry.activation_codes().items():
+        assert re.search(rf"(^|, ){code} {re.escape(described[name])}(,| \(|$)", header), (name, code, header)
 
 
 @pytest.mark.parametrize("algo,recipe", [

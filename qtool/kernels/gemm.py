@@ -29,7 +29,7 @@ import torch
 
 from qtool.kernels.launch import f32, i32, launch, ptr
 from qtool.kernels.quant_input import act_quant, fp8_codes_ok
-from qtool.kernels.weights import F_BF16, F_FP8, F_INT4, KLinear
+from qtool.kernels.weights import A_FP8, A_FP8_TOKEN, A_NONE, F_BF16, F_FP8, F_FP8T, F_INT4, KLinear
 
 DECODE_MAX_M = 8          # rows the GEMV decode paths take; above it this module's GEMMs run
 
@@ -47,7 +47,7 @@ def applies(kl: KLinear, M: int) -> bool:
 def _scaled_ok(kl: KLinear) -> bool:
     """fp8 x fp8 through _scaled_mm: codes from act_quant (static per-tensor or per-token activation scales, no
     pre-quant scale) and a per-tensor or per-row weight scale; K, O multiples of 16 (cuBLASLt's fp8 rule)."""
-    return (kl.fmt == F_FP8 and kl.act in (1, 2) and fp8_codes_ok(kl) and kl.sbi >= kl.in_features
+    return (kl.fmt == F_FP8 and kl.act in (A_FP8, A_FP8_TOKEN) and fp8_codes_ok(kl) and kl.sbi >= kl.in_features
             and kl.in_features % 16 == 0 and kl.out_features % 16 == 0)
 
 
@@ -56,7 +56,7 @@ def linear(x: torch.Tensor, kl: KLinear) -> torch.Tensor:
     if _scaled_ok(kl):
         y = _fp8_scaled(x, kl)
     else:
-        xh = x if (kl.act == 0 and kl.pqs is None) else _act(x, kl)
+        xh = x if (kl.act == A_NONE and kl.pqs is None) else _act(x, kl)
         w = kl.w if kl.fmt == F_BF16 else dequant(kl)
         y = _mm(xh.to(torch.bfloat16), w)
     if kl.bias is not None:
@@ -80,7 +80,7 @@ def _fp8_scaled(x: torch.Tensor, kl: KLinear) -> torch.Tensor:
     M, O = x.shape[0], kl.out_features
     a = q["xq"].view(torch.float8_e4m3fn)
     b = row_major(kl).view(torch.float8_e4m3fn).t()
-    if kl.act == 1 and kl.sc.numel() == 1:            # per tensor x per tensor
+    if kl.act == A_FP8 and kl.sc.numel() == 1:            # per tensor x per tensor
         kind, sa, sb = "tensor", kl.in_scale.reshape(()), kl.sc.reshape(())
     else:                                             # per row of x (xs) x per output feature
         kind, sa = "row", q["xs"][:, :1].contiguous()
@@ -110,7 +110,7 @@ def dequant(kl: KLinear) -> torch.Tensor:
     """kl's weights decoded to bf16 [O, K] (a fresh scratch tensor from torch's caching allocator)."""
     O, K = kl.out_features, kl.in_features
     out = torch.empty(O, K, dtype=torch.bfloat16, device=kl.w.device)
-    f = 5 if kl.tiled else kl.fmt
+    f = F_FP8T if kl.tiled else kl.fmt
     launch("dequant", f"dequant_bf16<{f}>", (math.ceil(O * (K // 8) / 256),), (256,),
            (ptr(kl.w), ptr(kl.sc), ptr(kl.zp), f32(kl.gs), f32(kl.s2), ptr(out), i32(O), i32(K), i32(kl.sld),
             i32(kl.sbo), i32(kl.sbi)))

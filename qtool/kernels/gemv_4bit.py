@@ -18,7 +18,7 @@ import math
 import torch
 
 from qtool.kernels.split import MMA4_MAX_SLICES, kslices, mma4_split
-from qtool.kernels.weights import F_INT4, F_MXFP4, F_NVFP4, KLinear
+from qtool.kernels.weights import A_MXFP4, A_NONE, A_NVFP4, F_INT4, F_MXFP4, F_NVFP4, KLinear
 
 P8 = (0, 4, 1, 5, 2, 6, 3, 7)      # act_quant's f16 pair order for 4-bit weights (hperm 2)
 STEP_K = 256                       # k per iteration of a warp (4 rounds of 64): K slices are multiples of it
@@ -125,10 +125,10 @@ def supported(kl: KLinear) -> bool:
     if kl.sc is None or kl.sc.data_ptr() % 4:          # the kernel reads fp4 block scales 2 or 4 at a time
         return False
     if kl.fmt == F_INT4:
-        return kl.act == 0 and kl.s2 == 0.0 and kl.zp is not None
+        return kl.act == A_NONE and kl.s2 == 0.0 and kl.zp is not None
     if kl.fmt == F_NVFP4:
-        return kl.act == 0 or (kl.act == 4 and kl.in_scale is not None)
-    return kl.act in (0, 5)
+        return kl.act == A_NONE or (kl.act == A_NVFP4 and kl.in_scale is not None)
+    return kl.act in (A_NONE, A_MXFP4)
 
 
 def adopt(kl: KLinear) -> KLinear:
@@ -145,7 +145,7 @@ def applies(kl: KLinear, M: int) -> bool:
 
 def kernel_name(kl: KLinear) -> str:
     pa, _ = _group(kl)
-    return f"gemv_q4<{kl.fmt}, {pa}, {int(kl.act == 5)}>"
+    return f"gemv_q4<{kl.fmt}, {pa}, {int(kl.act == A_MXFP4)}>"
 
 
 def plan(O: int, K: int, name: str) -> tuple[int, int]:

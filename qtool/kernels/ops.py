@@ -37,7 +37,8 @@ from qtool.kernels import gemm, gemv_4bit, pdl  # noqa: F401 - pdl: ops.pdl for 
 from qtool.kernels.launch import f32, i32, launch, ptr
 from qtool.kernels.quant_input import act_quant, fp8_codes_ok, threads
 from qtool.kernels.split import MMA4_MAX_SLICES, kslices, mma4_split
-from qtool.kernels.weights import KLinear, mma_tile_fp8, mma_untile_fp8, to_tiled
+from qtool.kernels.weights import (A_FP8, A_FP8_BLOCK, A_MXFP4, A_NONE, A_NVFP4, F_FP8, F_FP8T, F_INT4, F_MXFP4,
+                                   F_NVFP4, KLinear, mma_tile_fp8, mma_untile_fp8, to_tiled)
 
 KV_CODES = registry.kv_format_codes()
 
@@ -93,9 +94,9 @@ def _tc_ok(kl: KLinear) -> bool:
     activations (nvfp4, mxfp4, W4A8's fp8 on int4) keep the f32 GEMM: their x̂ is not exact in two bf16 terms, and
     a small error in x̂ moves the next layers' activation codes (cuda-notes.md, run 2)."""
     K = kl.in_features
-    if K % 16 or kl.w.data_ptr() % 16 or not (kl.act == 0 or fp8_codes_ok(kl)) or kl.fmt in (2, 4):
+    if K % 16 or kl.w.data_ptr() % 16 or not (kl.act == A_NONE or fp8_codes_ok(kl)) or kl.fmt in (F_NVFP4, F_INT4):
         return False      # nvfp4 / int4 weights (split in two bf16 terms): run 10 measured 15 vs 18 TFLOP/s f32
-    return not (kl.fmt == 1 and kl.sbi < K and kl.sbi % 32)
+    return not (kl.fmt == F_FP8 and kl.sbi < K and kl.sbi % 32)
 
 
 def _half_ok(kl: KLinear, M: int) -> bool:
@@ -103,11 +104,11 @@ def _half_ok(kl: KLinear, M: int) -> bool:
     activations (exact E2M1 codes + block scales); fp8 activations on non-fp8 weights stay on the f32 path."""
     if not (M <= 8 and kl.half_ok):
         return False
-    if kl.act == 0:
+    if kl.act == A_NONE:
         return True
-    if kl.act in (4, 5):
-        return (kl.fmt in (2, 3) and kl.in_features % 32 == 0 and kl.in_features <= 16 * 1024
-                and (kl.act == 5 or kl.in_scale is not None))
+    if kl.act in (A_NVFP4, A_MXFP4):
+        return (kl.fmt in (F_NVFP4, F_MXFP4) and kl.in_features % 32 == 0 and kl.in_features <= 16 * 1024
+                and (kl.act == A_MXFP4 or kl.in_scale is not None))
     return False
 
 
@@ -117,7 +118,7 @@ def adopt_layout(kl: KLinear) -> KLinear:
     supports with a q4-tiled copy of their codes (gemv_4bit.adopt); else ``kl`` unchanged."""
     if gemv_4bit.supported(kl):
         return gemv_4bit.adopt(kl)
-    if kl.fmt != 1 or kl.tiled or not _mma_ok(kl, 1):
+    if kl.fmt != F_FP8 or kl.tiled or not _mma_ok(kl, 1):
         return kl
     return to_tiled(kl)
 
@@ -143,12 +144,12 @@ def _quant_outputs(kl: KLinear, M: int, K: int, path: str, dev) -> dict:
     res = {}
     if path == "mma4":
         res["xq"] = torch.empty(M, K, dtype=torch.uint8, device=dev)
-        res["xs"] = torch.empty(M, (K + 127) // 128 if kl.act == 3 else 1, dtype=torch.float32, device=dev)
+        res["xs"] = torch.empty(M, (K + 127) // 128 if kl.act == A_FP8_BLOCK else 1, dtype=torch.float32, device=dev)
     elif path in HALF_INPUT:
         res["xh"] = torch.empty(M, K, dtype=torch.float16, device=dev)
         res["hs"] = torch.empty(M, dtype=torch.float32, device=dev)
-        if kl.act == 5 or (kl.act == 4 and path == "half"):    # q4 folds nvfp4 block scales into xh
-            res["xsc"] = torch.empty(M, K // (16 if kl.act == 4 else 32), dtype=torch.float32, device=dev)
+        if kl.act == A_MXFP4 or (kl.act == A_NVFP4 and path == "half"):    # q4 folds nvfp4 block scales into xh
+            res["xsc"] = torch.empty(M, K // (16 if kl.act == A_NVFP4 else 32), dtype=torch.float32, device=dev)
     return res
 
 
@@ -157,7 +158,7 @@ def _quant_args(kl: KLinear | None, pre: dict, path: str) -> tuple:
     in_scale, pqs, outh, hscale, hperm, outq, qscale; kl None: scheme 0 and no outputs."""
     if kl is None:
         return (i32(0),) + (ptr(None),) * 4 + (i32(0),) + (ptr(None),) * 2
-    hperm = 0 if path not in HALF_INPUT else (1 if kl.fmt == 1 else 3 if path == "q4" and kl.act == 4 else 2)
+    hperm = 0 if path not in HALF_INPUT else (1 if kl.fmt == F_FP8 else 3 if path == "q4" and kl.act == A_NVFP4 else 2)
     return (i32(kl.act), ptr(kl.in_scale), ptr(kl.pqs), ptr(pre.get("xh")), ptr(pre.get("hs")), i32(hperm),
             ptr(pre.get("xq")), ptr(pre.get("xs", pre.get("xsc"))))
 
@@ -217,9 +218,9 @@ def silu_fusable(kl, down) -> bool:
     if not (isinstance(kl, KLinear) and isinstance(down, KLinear)):
         return False
     O = kl.out_features
-    return (kl.fmt == 1 and kl.perm is None and kl.il == 0 and down.perm is None
+    return (kl.fmt == F_FP8 and kl.perm is None and kl.il == 0 and down.perm is None
             and O % 16 == 0 and down.in_features * 2 == O and (kl.sbo == 1 or kl.sbo >= O)
-            and down.act == 1 and down.in_scale is not None and decode_path(kl, 1) == "mma4"
+            and down.act == A_FP8 and down.in_scale is not None and decode_path(kl, 1) == "mma4"
             and decode_path(down, 1) == "mma4")
 
 
@@ -301,29 +302,30 @@ def linear(x: torch.Tensor, kl: KLinear, force_gemm: bool = False, force_f32: bo
         gemv_4bit.launch(q, kl, y, M)
         return y
     if path == "half":
-        fp4c = kl.act in (4, 5)
+        fp4c = kl.act in (A_NVFP4, A_MXFP4)
         q = pre if pre is not None else act_quant(x, kl, half=True, fp4codes=fp4c)
         xsc = q.get("xsc")
         launch("linear", f"gemv_h<{kl.fmt}, {mr}>", (math.ceil(O / 8),), (256,),
                (ptr(q["xh"]), ptr(q["hs"]), ptr(kl.w), ptr(kl.sc), ptr(kl.zp), f32(kl.gs), ptr(kl.bias), ptr(y),
                 i32(O), i32(M), i32(O), i32(K), i32(kl.sld), i32(kl.sbo), i32(kl.sbi_log2), ptr(xsc),
-                i32(4 if kl.act == 4 else 5)))
+                i32(A_NVFP4 if kl.act == A_NVFP4 else A_MXFP4)))
         return y
-    if kl.act or kl.pqs is not None:
+    if kl.act != A_NONE or kl.pqs is not None:
         x = act_quant(x, kl)["x"]
     args = (ptr(x), i32(K), ptr(kl.w), ptr(kl.sc), ptr(kl.zp), f32(kl.gs), f32(kl.s2), ptr(kl.bias), ptr(y),
             i32(O), i32(M), i32(O), i32(K), i32(kl.sld), i32(kl.sbo), i32(kl.sbi))
     if path == "f32":
         launch("linear", f"gemv<{kl.fmt}, {mr}>", (math.ceil(O / 8),), (256,), args)
     else:
-        launch("linear", f"gemm<{5 if kl.tiled else kl.fmt}>", (math.ceil(O / 64), math.ceil(M / 64)), (256,), args)
+        launch("linear", f"gemm<{F_FP8T if kl.tiled else kl.fmt}>", (math.ceil(O / 64), math.ceil(M / 64)), (256,),
+               args)
     return y
 
 
 def q4_input(x: torch.Tensor, kl: KLinear) -> dict:
     """act_quant's outputs gemv_q4 reads: xh / hs (nvfp4 activations with their block scales folded in, mxfp4 ones
     as E2M1 values with xsc)."""
-    return act_quant(x, kl, half=True, fp4codes=kl.act == 5, fold=kl.act == 4)
+    return act_quant(x, kl, half=True, fp4codes=kl.act == A_MXFP4, fold=kl.act == A_NVFP4)
 
 
 def _launch_tc(x: torch.Tensor, kl: KLinear, y: torch.Tensor, M: int) -> None:
@@ -334,11 +336,12 @@ def _launch_tc(x: torch.Tensor, kl: KLinear, y: torch.Tensor, M: int) -> None:
         x = x.clone()                    # the kernel reads 16-byte vectors
     codes = fp8_codes_ok(kl)
     q = act_quant(x, kl, codes=True) if codes else {}
-    xf = x if codes or not (kl.act or kl.pqs is not None) else act_quant(x, kl)["x"]
-    launch("linear", f"gemm_tc<{5 if kl.tiled else kl.fmt}, {int(codes)}>", (math.ceil(O / 64), math.ceil(M / 64)),
-           (128,), (ptr(xf), i32(K), ptr(q.get("xq")), ptr(q.get("xs")), i32(1 if codes and kl.act == 3 else 0),
-                    ptr(kl.w), ptr(kl.sc), ptr(kl.zp), f32(kl.gs), f32(kl.s2), ptr(kl.bias), ptr(y), i32(O), i32(M),
-                    i32(O), i32(K), i32(kl.sld), i32(kl.sbo), i32(kl.sbi)))
+    xf = x if codes or not (kl.act != A_NONE or kl.pqs is not None) else act_quant(x, kl)["x"]
+    launch("linear", f"gemm_tc<{F_FP8T if kl.tiled else kl.fmt}, {int(codes)}>",
+           (math.ceil(O / 64), math.ceil(M / 64)), (128,),
+           (ptr(xf), i32(K), ptr(q.get("xq")), ptr(q.get("xs")), i32(1 if codes and kl.act == A_FP8_BLOCK else 0),
+            ptr(kl.w), ptr(kl.sc), ptr(kl.zp), f32(kl.gs), f32(kl.s2), ptr(kl.bias), ptr(y), i32(O), i32(M),
+            i32(O), i32(K), i32(kl.sld), i32(kl.sbo), i32(kl.sbi)))
 
 
 def _launch_mma4(q: dict, kl: KLinear, y: torch.Tensor, M: int, S: int | None = None,
@@ -358,8 +361,8 @@ def _launch_mma4(q: dict, kl: KLinear, y: torch.Tensor, M: int, S: int | None = 
         down, pre = silu
         tail = (i32(kl.il), ptr(down.in_scale), ptr(down.pqs), ptr(pre["xq"]), ptr(pre["xs"]))
     launch("linear", name, (math.ceil(O / 16),), (32 * S,),
-           (ptr(q["xq"]), ptr(q["xs"]), i32(1 if kl.act == 3 else 0), ptr(kl.w), ptr(kl.sc), ptr(kl.bias), ptr(y),
-            i32(O), i32(M), i32(O), i32(K), i32(kl.sld), i32(kl.sbo), i32(kl.sbi_log2), i32(kslice)) + tail,
+           (ptr(q["xq"]), ptr(q["xs"]), i32(1 if kl.act == A_FP8_BLOCK else 0), ptr(kl.w), ptr(kl.sc), ptr(kl.bias),
+            ptr(y), i32(O), i32(M), i32(O), i32(K), i32(kl.sld), i32(kl.sbo), i32(kl.sbi_log2), i32(kslice)) + tail,
            smem=512 * S if S > 1 else 0)
 
 
@@ -581,7 +584,7 @@ def _head_local(kl: KLinear | None, path: str, D: int) -> bool:
     (attn_combine_heads): none, per-tensor static, or per-128-group fp8 with D % 128 == 0, on the mma4 path."""
     if D not in ATTN_PU:
         return False
-    return kl is None or (path == "mma4" and (kl.act == 1 or (kl.act == 3 and D % 128 == 0)))
+    return kl is None or (path == "mma4" and (kl.act == A_FP8 or (kl.act == A_FP8_BLOCK and D % 128 == 0)))
 
 
 def _row_grid(M: int, n: int, kl: KLinear | None, path: str, per_block: int = 512) -> tuple[tuple, tuple]:
@@ -589,7 +592,7 @@ def _row_grid(M: int, n: int, kl: KLinear | None, path: str, per_block: int = 51
     scales are local to 16..128 elements (no quantization, per-tensor static or per-128-group fp8) spread over
     blocks of per_block elements, so a row is not pulled through one SM (attn_combine: S splits x n x 4 B; run 6
     measured 9.3 us for one block); other schemes need the whole row in one block (row-wide amax)."""
-    local = kl is None or (path == "mma4" and kl.act in (1, 3))
+    local = kl is None or (path == "mma4" and kl.act in (A_FP8, A_FP8_BLOCK))
     if local:
         return (M, math.ceil(n / per_block)), (per_block // 16,)
     return (M,), (threads(n),)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from qtool.kernels.launch import i32, launch, ptr
-from qtool.kernels.weights import KLinear
+from qtool.kernels.weights import A_FP8, A_FP8_BLOCK, A_FP8_TOKEN, A_NVFP4, F_FP8, KLinear
 
 
 def threads(n: int) -> int:
@@ -28,8 +28,8 @@ def act_quant(x: torch.Tensor, kl: KLinear, half: bool = False, codes: bool = Fa
     M, K = x.shape
     dev = x.device
     res = {"x": torch.empty_like(x)}
-    dyn = kl.act in (1, 4) and kl.in_scale is None
-    hperm = 0 if not half else (1 if kl.fmt == 1 else 3 if fold else 2)
+    dyn = kl.act in (A_FP8, A_NVFP4) and kl.in_scale is None
+    hperm = 0 if not half else (1 if kl.fmt == F_FP8 else 3 if fold else 2)
     if half:
         res["xh"] = torch.empty(M, K, dtype=torch.float16, device=dev)
         res["hs"] = torch.empty(M, dtype=torch.float32, device=dev)
@@ -44,10 +44,10 @@ def act_quant(x: torch.Tensor, kl: KLinear, half: bool = False, codes: bool = Fa
     qs = None
     if codes:
         res["xq"] = torch.empty(M, K, dtype=torch.uint8, device=dev)
-        ng = (K + 127) // 128 if kl.act == 3 else 1
+        ng = (K + 127) // 128 if kl.act == A_FP8_BLOCK else 1
         qs = res["xs"] = torch.empty(M, ng, dtype=torch.float32, device=dev)
     elif fp4codes:
-        qs = res["xsc"] = torch.empty(M, K // (16 if kl.act == 4 else 32), dtype=torch.float32, device=dev)
+        qs = res["xsc"] = torch.empty(M, K // (16 if kl.act == A_NVFP4 else 32), dtype=torch.float32, device=dev)
     launch("act_quant", "act_quant_fast", (M,), (threads(K),),
            (ptr(x), i32(x.stride(0)), ptr(res["x"]), i32(M), i32(K), i32(kl.act), ptr(kl.in_scale), ptr(kl.pqs),
             ptr(res.get("xh")), ptr(res.get("hs")), i32(hperm), ptr(res.get("xq")), ptr(qs)))
@@ -57,5 +57,5 @@ def act_quant(x: torch.Tensor, kl: KLinear, half: bool = False, codes: bool = Fa
 def fp8_codes_ok(kl: KLinear) -> bool:
     """fp8 weights whose input act_quant_fast can give as e4m3 codes + scales (fp8 activations, no pre-quant
     scale, a static input scale where the scheme needs one)."""
-    return (kl.fmt == 1 and kl.act in (1, 2, 3) and kl.in_features <= 16 * 1024 and kl.in_features % 16 == 0
-            and kl.pqs is None and not (kl.act == 1 and kl.in_scale is None))
+    return (kl.fmt == F_FP8 and kl.act in (A_FP8, A_FP8_TOKEN, A_FP8_BLOCK) and kl.in_features <= 16 * 1024
+            and kl.in_features % 16 == 0 and kl.pqs is None and not (kl.act == A_FP8 and kl.in_scale is None))

@@ -22,6 +22,10 @@ _FMT = registry.weight_formats()           # kernel codes: recipes/formats.toml
 F_BF16, F_FP8, F_NVFP4, F_MXFP4, F_INT4 = (_FMT[f].kernel for f in ("bf16", "fp8", "nvfp4", "mxfp4", "int4-awq"))
 ACT_CODES = registry.activation_codes()
 EPV = {f.kernel: f.kernel_epv for f in _FMT.values()}
+F_FP8T = 5      # linear.cu's FMT_FP8T: fp8 codes in mma_tile_fp8's order (a kernel layout, not a checkpoint format)
+# act_quant.cu's scheme codes (KLinear.act), by recipes/formats.toml's activation names
+A_NONE, A_FP8, A_FP8_TOKEN, A_FP8_BLOCK, A_NVFP4, A_MXFP4 = (
+    ACT_CODES[a] for a in ("none", "fp8", "fp8-token", "fp8-block", "nvfp4", "mxfp4"))
 
 
 @dataclass
@@ -169,7 +173,7 @@ def prepare_linear(lw, device) -> KLinear:
     kl.bias = _f32(lw.bias, device)
     kl.act = ACT_CODES[lw.activation]
     ins = t.get("input_scale")
-    if ins is not None and kl.act in (1, 4):
+    if ins is not None and kl.act in (A_FP8, A_NVFP4):
         kl.in_scale = ins.float().reshape(-1).amax().reshape(1).contiguous()
     pqs = _f32(t.get("pre_quant_scale"), device)
     if pqs is not None:
