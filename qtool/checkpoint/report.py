@@ -297,7 +297,6 @@ def render(rep: dict, console) -> None:
             for n in c["notes"]:
                 console.print(f"          [yellow]{c['title']}: {escape(n)}[/yellow]")
     if rep.get("eval"):
-        from qtool.eval import eval_line
         console.print(f"Eval      {escape(eval_line(rep['eval']))}")
     if rep["deep"] is not None:
         d = rep["deep"]
@@ -313,3 +312,12 @@ def render(rep: dict, console) -> None:
                                                                      " (headers and scales; --deep checks every value)"))
 
 
+def eval_line(rec: dict) -> str:
+    """One line for a qtool.json "eval" record (written by qtool.eval.evaluate; quantize's summary, inspect)."""
+    def ci(d, fmt):
+        return f"{d['value']:{fmt}} [{d['ci95'][0]:{fmt}}, {d['ci95'][1]:{fmt}}]"
+    g = rec["gap"]
+    return (f"perplexity {ci(rec['perplexity'], '.3f')} vs source {ci(rec['source_perplexity'], '.3f')}: "
+            f"ratio {ci(g['ppl_ratio'], '.4f')}, top-1 agreement {g['top1_agreement']['value']:.3f}, "
+            f"mean KL {g['mean_kl']['value']:.4f} ({rec['tokens']} held-out tokens, {rec['backend']} backend, "
+            "95 % intervals)")

@@ -62,7 +62,7 @@ def quantize(
                            family=family, calib_data=calib_data, calib_size=calib_size,
                            calib_seq_len=calib_seq_len, batch_size=batch_size, block_size=awq_block_size,
                            device_map=device_map, max_memory=max_memory, force=force, targets=for_target,
-                           algorithm=algorithm, eval_tokens=eval_tokens if eval_ else 0,
+                           algorithm=algorithm, eval_tokens=eval_tokens if eval_ else 0, evaluator=_evaluate,
                            progress=not json_output, debug=debug_enabled())
     plan = pipeline.prepare(req)               # every refusal happens here, before loading
     if plan.force_warning:
@@ -77,6 +77,12 @@ def quantize(
     _print_summary(result)
 
 
+def _evaluate(checkpoint, source, tokens: int) -> dict:
+    """quantize --eval's scoring (qtool.eval: the quantize layer may not import it, so the command hands it over)."""
+    from qtool.eval.evaluate import evaluate_checkpoint
+    return evaluate_checkpoint(checkpoint, source, tokens)
+
+
 def _print_summary(r: dict) -> None:
     what = r["recipe"] + (f" + kv {r['kv_cache']}" if r["kv_cache"] != "none" else "")
     mem = r["peak_memory"]
@@ -87,7 +93,7 @@ def _print_summary(r: dict) -> None:
     stdout.print(f"calibration: {r['calibration']['source']}; {r['calibration']['samples']} samples × ≤"
                  f"{r['calibration']['seq_len']} tokens; algorithm {r['calibration']['algorithm']}.")
     if r.get("eval"):
-        from qtool.eval import eval_line
+        from qtool.checkpoint.report import eval_line
         stdout.print("eval: " + eval_line(r["eval"]))
     if r.get("consumers"):
         from qtool.quantize.targets import summary

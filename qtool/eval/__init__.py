@@ -11,13 +11,3 @@ from __future__ import annotations
 from pathlib import Path
 
 DEFAULT_TEXT = Path(__file__).resolve().parent.parent / "data" / "eval_stdlib_docs.txt"
-
-
-def eval_line(rec: dict) -> str:
-    """One line for a qtool.json "eval" record (quantize's summary, inspect)."""
-    def ci(d, fmt):
-        return f"{d['value']:{fmt}} [{d['ci95'][0]:{fmt}}, {d['ci95'][1]:{fmt}}]"
-    g = rec["gap"]
-    return (f"perplexity {ci(rec['perplexity'], '.3f')} vs source {ci(rec['source_perplexity'], '.3f')}: "
-            f"ratio {ci(g['ppl_ratio'], '.4f')}, top-1 agreement {g['top1_agreement']['value']:.3f}, "
-            f"mean KL {g['mean_kl']['value']:.4f} ({rec['tokens']} held-out tokens, {rec['backend']} backend, 95 % intervals)")

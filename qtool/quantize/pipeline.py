@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,9 @@ class Request:
     targets: str | None = None      # --for: trtllm, vllm, qtool, all (None: every consumer where possible)
     algorithm: str | None = None    # --algorithm: recipes/algorithms.toml (None: the recipe's own)
     eval_tokens: int = 0            # --eval: score this many held-out tokens against the source (0: off)
+    # --eval's scorer, (checkpoint, source, tokens) -> qtool.json's "eval" record: given by the command layer
+    # (qtool.eval sits above quantize, which may not import it); needed when eval_tokens > 0
+    evaluator: Callable[[Path, Path, int], dict] | None = None
     progress: bool = True
     debug: bool = False
 
@@ -77,6 +81,8 @@ def prepare(req: Request) -> Plan:
     from qtool.support.check import check_request, enforce
     from qtool.support.gpus import target_arch
 
+    if req.eval_tokens and req.evaluator is None:
+        raise ValueError("Request.eval_tokens needs Request.evaluator (the command layer's qtool.eval scorer)")
     src = None
     cfg, how = planmod.peek_config(req.model)
     if cfg is None:
@@ -203,8 +209,7 @@ def run(plan: Plan) -> dict:
         if req.eval_tokens:
             stages.stage(f"evaluating against {source.path.name} ({req.eval_tokens} held-out tokens)")
             del model
-            from qtool.eval.evaluate import evaluate_checkpoint
-            evaluation = evaluate_checkpoint(tmp, source.path, req.eval_tokens)
+            evaluation = req.evaluator(tmp, source.path, req.eval_tokens)
         stages.stage("writing qtool.json")
         result = _result(plan, source, tmp, cfg, versions, modelopt_hf, batch, n_samples, n_tokens, passes,
                          calib_s, export_s, t0)
