@@ -223,6 +223,34 @@ def test_unfusable_parts_are_kept_exact():
     assert fused.nbytes() == sum(p.nbytes() for p in parts)
 
 
+
+def test_fusion_follows_the_formats_out_layout():
+    """Which tensors fuse along out, on which axis, and the alignment that needs come from recipes/formats.toml's
+    shapes: fp8-block scale blocks cover 128 rows (a 64-row part before another cannot share a block: kept as
+    parts), int4-awq packs 2 rows per byte along out (6 + 10 rows fuse); fused results decode exactly to the
+    parts' decodes stacked."""
+    from qtool.formats import encode_int4_awq
+    g = torch.Generator().manual_seed(5)
+
+    def block(o):
+        w = (torch.rand(o, 256, generator=g) * 8 - 4).to(torch.float8_e4m3fn)
+        s = torch.rand(-(-o // 128), 2, generator=g) + 0.5
+        return LinearWeights("fp8-block", "fp8-block", o, 256, {"weight": w, "weight_scale_inv": s}, 128)
+
+    ok = [block(128), block(64)]
+    fused = fuse(ok, "gate/up")
+    assert fused.parts is None and fused.tensors["weight_scale_inv"].shape == (2, 2)
+    assert torch.equal(fused.dequantize(), torch.cat([p.dequantize() for p in ok]))
+    kept = fuse([block(64), block(128)], "gate/up")
+    assert kept.format == "parts" and "multiple of 128" in kept.note
+    parts = []
+    for o in (6, 10):
+        q, s = encode_int4_awq(torch.randn(o, 128, generator=g), 64)
+        parts.append(LinearWeights("int4-awq", "none", o, 128, {"weight": q, "weight_scale": s}, 64))
+    fused = fuse(parts, "q/k/v")
+    assert fused.parts is None and fused.tensors["weight"].shape == (8, 128)
+    assert torch.equal(fused.dequantize(), torch.cat([p.dequantize() for p in parts]))
+
 # ------------------------------------------------------------------ errors and warnings
 def test_missing_kv_scales_default_to_one(exported, tmp_path):
     from safetensors.torch import load_file, save_file

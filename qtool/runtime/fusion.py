@@ -13,13 +13,22 @@ mxfp4, int4-awq, gptq with equal g_idx, autoawq, fp8, nvfp4 with equal weight_sc
 Where fusing would change the numerics in any other way (different formats, activations, group sizes,
 pre_quant_scale, W4A8 weight_scale_2, GPTQ g_idx, or a block grid that does not line up), the parts are kept
 as they are: the result has ``parts`` set and the backend applies each part to the same input.
+Which tensors are concatenated, along which axis, and the out alignment that needs (every part but the last a
+multiple of the rows one element covers: 2 for int4-awq's packed rows, 8 for GPTQ / AutoAWQ qzeros, the 128-row
+fp8 block) come from each role's shape in recipes/formats.toml (``_out_axis``); roles without an out dimension
+must be equal, except the per-tensor scales merged above.
 """
 from __future__ import annotations
+
+import ast
 
 import numpy as np
 import torch
 
+from qtool.formats import registry
 from qtool.runtime.weights import LinearWeights
+
+MERGED_SCALARS = ("weight_scale", "weight_scale_2", "input_scale")   # per-tensor roles fuse merges when they differ
 
 
 def _same(tensors: list) -> bool:
@@ -64,6 +73,24 @@ def _scalar_max(values: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([v.float().reshape(()) for v in values]).max()
 
 
+def _out_axis(shape: str, group_size: int | None) -> tuple[int, int] | None:
+    """(axis, out rows per element along it) of a tensor role whose recipes/formats.toml shape has a dimension in
+    o (its first alternative): "o, i // 2" -> (0, 1), "i, o // 8" -> (1, 8), "cdiv(o, 128), ..." -> (0, 128),
+    "cdiv(o, bo), ..." -> (0, the block: group size, else 128); None for "scalar" and shapes in i only."""
+    if shape == "scalar":
+        return None
+    names = {"g": group_size, "bo": group_size or 128}
+    dims = ast.parse(f"({shape.split('|')[0]},)", mode="eval").body.elts
+    for axis, d in enumerate(dims):
+        if isinstance(d, ast.Name) and d.id == "o":
+            return axis, 1
+        pair = ((d.left, d.right) if isinstance(d, ast.BinOp) and isinstance(d.op, ast.FloorDiv) else
+                tuple(d.args) if isinstance(d, ast.Call) and getattr(d.func, "id", "") == "cdiv" else ())
+        if pair and isinstance(pair[0], ast.Name) and pair[0].id == "o":
+            return axis, pair[1].value if isinstance(pair[1], ast.Constant) else names[pair[1].id]
+    return None
+
+
 def _unfusable_reason(parts: list[LinearWeights]) -> str | None:
     p0 = parts[0]
     for attr in ("format", "activation", "group_size", "fp8_weight_stage"):
@@ -73,18 +100,15 @@ def _unfusable_reason(parts: list[LinearWeights]) -> str | None:
         return "different in_features"
     if not _same(_role(parts, "pre_quant_scale")):
         return "different pre_quant_scale"
-    fmt = p0.format
-    if fmt == "int4-awq" and p0.fp8_weight_stage and not _same(_role(parts, "weight_scale_2")):
+    if p0.fp8_weight_stage and not _same(_role(parts, "weight_scale_2")):
         return "different W4A8 weight_scale_2"
-    if fmt == "fp8-block" and any(p.out_features % (p.group_size or 128) for p in parts[:-1]):
-        return "out_features not a multiple of the 128-row block"
-    if fmt == "int4-awq" and any(p.out_features % 2 for p in parts[:-1]):
-        return "odd out_features"
-    if fmt in ("gptq", "autoawq"):
-        if any(p.out_features % 8 for p in parts[:-1]):
-            return "out_features not a multiple of 8"
-        if fmt == "gptq" and not _same(_role(parts, "g_idx")):
-            return "different g_idx"
+    for role, rule in registry.weight_format(p0.format).tensors.items():
+        axis = _out_axis(rule.shape, p0.group_size)
+        if axis is not None:         # concatenated along out: every part but the last fills whole elements
+            if p0.tensors.get(role) is not None and any(p.out_features % axis[1] for p in parts[:-1]):
+                return f"out_features not a multiple of {axis[1]} ({role})"
+        elif role not in MERGED_SCALARS and not _same(_role(parts, role)):
+            return f"different {role}"
     return None
 
 
@@ -105,44 +129,28 @@ def fuse(parts: list[LinearWeights], label: str) -> LinearWeights:
         return LinearWeights("parts", "parts", out_f, p0.in_features, {}, None, False, None,
                              f"{label} kept as separate parts ({reason})", parts=list(parts))
     fmt, notes, t = p0.format, [f"fused {label}"], {}
-    if fmt in ("bf16", "fp8-rowwise", "mxfp4", "int4-awq"):
-        t["weight"] = _cat(parts, "weight")
-        if fmt != "bf16":
-            t["weight_scale"] = _cat(parts, "weight_scale")
-    elif fmt == "fp8-block":
-        role = "weight_scale_inv" if "weight_scale_inv" in p0.tensors else "weight_scale"
-        t["weight"], t[role] = _cat(parts, "weight"), _cat(parts, role)
-    elif fmt == "fp8":
-        scales = _role(parts, "weight_scale")
-        t["weight"] = _cat(parts, "weight")
-        if _same(scales):
-            t["weight_scale"] = scales[0]
-        else:   # exact: each part's per-tensor scale becomes the scale of its rows
-            t["weight_scale"] = torch.cat([s.float().reshape(-1).expand(p.out_features) if s.numel() == 1
-                                           else s.float().reshape(-1) for p, s in zip(parts, scales)])
+    src = parts
+    s2 = _role(parts, "weight_scale_2")
+    if s2[0] is not None and not _same(s2):   # nvfp4: the codes stay; the e4m3 block scales are re-rounded to the
+        g = _scalar_max(s2)                   # shared (max) global scale (W4A8's FP8 stage was refused above)
+        src = [LinearWeights(fmt, p0.activation, p.out_features, p.in_features,
+                             {**p.tensors, "weight_scale": requantize_e4m3(p.tensors["weight_scale"], float(s / g))})
+               for p, s in zip(parts, (v.float() for v in s2))]
+        t["weight_scale_2"] = g
+        notes.append("requantized weight_scale to the shared (max) weight_scale_2")
+    for role, rule in registry.weight_format(fmt).tensors.items():
+        if role in t or role == "input_scale" or p0.tensors.get(role) is None:
+            continue
+        axis = _out_axis(rule.shape, p0.group_size)
+        values = _role(parts, role)
+        if axis is not None:
+            t[role] = _cat(src, role, dim=axis[0])
+        elif _same(values):
+            t[role] = values[0]
+        else:   # a per-tensor weight_scale (fp8): exact as the scale of each part's rows
+            t[role] = torch.cat([v.float().reshape(-1).expand(p.out_features) if v.numel() == 1
+                                 else v.float().reshape(-1) for p, v in zip(parts, values)])
             notes.append("per-module weight_scale kept as a per-row scale (exact, no requantization)")
-    elif fmt == "nvfp4":
-        s2 = _role(parts, "weight_scale_2")
-        t["weight"] = _cat(parts, "weight")
-        if _same(s2):
-            t["weight_scale"], t["weight_scale_2"] = _cat(parts, "weight_scale"), s2[0]
-        else:   # the codes stay; the e4m3 block scales are re-rounded to the shared (max) global scale
-            g = _scalar_max(s2)
-            requant = [LinearWeights(fmt, p0.activation, p.out_features, p.in_features,
-                                     {"weight_scale": requantize_e4m3(p.tensors["weight_scale"], float(s.float() / g))})
-                       for p, s in zip(parts, s2)]
-            t["weight_scale"], t["weight_scale_2"] = _cat(requant, "weight_scale"), g
-            notes.append("requantized weight_scale to the shared (max) weight_scale_2")
-    elif fmt in ("gptq", "autoawq"):
-        for role in ("qweight", "qzeros", "scales"):
-            t[role] = _cat(parts, role, dim=1)
-        if fmt == "gptq" and p0.tensors.get("g_idx") is not None:
-            t["g_idx"] = p0.tensors["g_idx"]
-    else:
-        raise ValueError(f"cannot fuse format {fmt!r}")
-    for role in ("weight_scale_2",):
-        if role not in t and p0.tensors.get(role) is not None:
-            t[role] = p0.tensors[role]
     if p0.tensors.get("pre_quant_scale") is not None:
         t["pre_quant_scale"] = p0.tensors["pre_quant_scale"]
     ins = _role(parts, "input_scale")
