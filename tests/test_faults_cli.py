@@ -152,9 +152,13 @@ def test_non_utf8_system_argument():
 
 def test_ctrl_c_under_json_prints_interrupted(tiny_models):
     env = {**os.environ}
-    p = subprocess.Popen([sys.executable, "-m", "qtool", "run", str(tiny_models("llama")), "hi", "--json",
+    # prompts from a stdin that stays open: the run is still waiting when Ctrl-C comes, however fast the machine
+    # (a fixed prompt let the tiny model finish its answer before the signal on an idle CI machine)
+    p = subprocess.Popen([sys.executable, "-m", "qtool", "run", str(tiny_models("llama")), "--prompts", "-", "--json",
                           "--max-new-tokens", "400", "--backend", "torch"], cwd=REPO, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.stdin.write('{"prompt": "hi"}\n')
+    p.stdin.flush()
     time.sleep(6)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=120)
