@@ -156,7 +156,10 @@ def test_ctrl_c_under_json_prints_interrupted(tiny_models):
     # (a fixed prompt let the tiny model finish its answer before the signal on an idle CI machine)
     p = subprocess.Popen([sys.executable, "-m", "qtool", "run", str(tiny_models("llama")), "--prompts", "-", "--json",
                           "--max-new-tokens", "400", "--backend", "torch"], cwd=REPO, env=env,
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         # a runner started in the background (bash without job control) ignores SIGINT, and a
+                         # child whose SIGINT is ignored at start keeps it ignored: restore Ctrl-C as a terminal has it
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     p.stdin.write('{"prompt": "hi"}\n')
     p.stdin.flush()
     time.sleep(6)
