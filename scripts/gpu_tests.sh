@@ -15,19 +15,23 @@ if [ -d .whl ]; then $PY -m pip install -q --no-index --no-deps --no-compile --n
 t0=$(date +%s)
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
 timeout "${TEST_BUDGET_S:-330}" $PY -m pytest -m gpu tests/gpu -q -rfE -p no:cacheprovider --timeout 240 --durations=12 ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log"
-# CLI smoke: qtool run on a tiny random checkpoint, CUDA vs torch backend (greedy text must match)
+# CLI smoke: qtool run on a tiny random checkpoint, CUDA and torch backends (both must answer, exit 0). The texts
+# are printed with their common prefix: a random tiny model has near-tied logits, so greedy text may part after a
+# few tokens within floating-point noise; the margin-aware greedy check is tests/gpu/test_e2e.py.
 $PY - <<'PYEOF' 2>&1 | tee "$OUT/cli.log"
 import subprocess, sys
 sys.path.insert(0, "tests")
 from tiny_models import make_tiny_model
 p = make_tiny_model("llama3", "/tmp/qtool_tiny_llama3", seed=1)
-outs = {}
+outs, rcs = {}, {}
 for be in ("cuda", "torch"):
     r = subprocess.run([sys.executable, "-m", "qtool", "run", str(p), "hello world", "--backend", be,
                         "--max-new-tokens", "24"], capture_output=True, text=True)
-    outs[be] = r.stdout
+    outs[be], rcs[be] = r.stdout, r.returncode
     print(f"[{be}] rc={r.returncode} stdout={r.stdout.strip()[:200]!r} stderr_tail={r.stderr.strip()[-300:]!r}")
-print("CLI cuda == torch:", outs["cuda"] == outs["torch"])
+a, b = outs["cuda"], outs["torch"]
+same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+print(f"CLI smoke: cuda rc={rcs['cuda']} torch rc={rcs['torch']}; texts equal: {a == b} (common prefix {same} of {len(b)} chars)")
 PYEOF
 fi
 t1=$(date +%s)
@@ -38,8 +42,8 @@ t2=$(date +%s)
 echo "=== summary: tests $((t1 - t0)) s, bench $((t2 - t1)) s"
 if [ -f "$OUT/pytest.log" ]; then
   grep -E "passed|failed" "$OUT/pytest.log" | tail -1
-  grep -E "CLI cuda" "$OUT/cli.log"
-  grep -E "^FAILED" "$OUT/pytest.log" | cut -c1-200 | head -40
+  grep -E "CLI smoke" "$OUT/cli.log"
+  grep -E "^FAILED| FAILED | ERROR " "$OUT/pytest.log" | cut -c1-200 | sort -u | head -40
 fi
 [ -f "$OUT/gemv.log" ] && grep -E "^\| " "$OUT/gemv.log"
 [ -f "$OUT/profile.log" ] && grep -E "^profile|FAILED" "$OUT/profile.log"
