@@ -4,14 +4,21 @@ Contract: resolves MODEL (local folder, built-in name, or hub id via qtool.sourc
 checkpoint once from its JSON and tensor headers (qtool.checkpoint.scheme.describe, what `inspect`
 reports) to find the family rows and the recipes, picks the KV-cache dtype, and runs the support check (model matrix + recipe rules: refused → exit 3 unless
 --force; hardware matrix for the local GPU: a warning, refused with --strict) BEFORE any weight is
-loaded. Then hands the files and that description to the loader (weights kept in their quantized form), builds the backend (auto = cuda when a GPU
-and CuPy are usable, else the float32 CPU reference), and generates: streamed text on stdout, one
-stats line on stderr, or one JSON document with --json. Prompts: the PROMPT argument, --prompts FILE
-('-' = stdin), else stdin when it is not a terminal, else an interactive chat (qtool.commands.chat);
-all text input must be UTF-8 (else exit 2 naming the argument or file and the byte offset).
-temperature / top_p / top_k: the flag, else generation_config.json, else greedy defaults (the JSON
-says which and from where). `open_session` is the setup `chat` shares. torch/transformers/cupy are imported
-inside the command only.
+loaded; prompts are encoded and checked against the model's context (exit 2) before it too. Then hands the
+files and that description to the loader (weights kept in their quantized form), builds the backend (auto =
+cuda when a GPU and CuPy are usable, else the float32 CPU reference), and generates. Prompts: the PROMPT
+argument, --prompts FILE ('-' = stdin), else stdin when it is not a terminal, else an interactive chat
+(qtool.commands.chat); all text input must be UTF-8 (else exit 2 naming the argument or file and the byte offset).
+--prompts (any number of prompts) runs on qtool.engine (`engine.offline.run_batch`: the continuous-batching
+scheduler, paged KV cache and kernels of `qtool serve`), streams nothing and prints the answers in prompt
+order. One prompt (the argument or stdin text) runs on `runtime.generate.generate`, streamed: its decode
+is the backend's `decode_loop` (one captured graph of step + sampling, queued one step ahead of the host),
+which `qtool run`'s decode tok/s is held to (>= 90 % of scripts/bench_decode.py, issue #16); an engine step
+reads every sampled id back and rebuilds the block tables on the host before the next step is queued.
+Either way: one stats line on stderr, or one JSON document with --json. temperature / top_p / top_k: the
+flag, else generation_config.json, else greedy defaults (the JSON says which and from where); with --seed
+each prompt samples with its own generator, so a prompt's answer does not depend on the others.
+`open_session` is the setup `chat` shares. torch/transformers/cupy are imported inside the command only.
 """
 from __future__ import annotations
 
@@ -165,7 +172,8 @@ class Session:
 def open_session(model: str, backend: BackendChoice, kv_cache_dtype: KvDtype, strict: bool, force: bool,
                  quiet: bool, warnings: list | None = None, before_load=None) -> Session:
     """Resolve, describe and check MODEL (exit 3 refusals before any weight is read), load the tokenizer
-    (`before_load(tok)` may encode prompts then), then the weights and the backend."""
+    (`before_load(tok, context)` may encode and check prompts then; context = the model's positions), then the
+    weights and the backend."""
     warnings = [] if warnings is None else warnings
 
     def note(msg: str) -> None:
@@ -178,7 +186,8 @@ def open_session(model: str, backend: BackendChoice, kv_cache_dtype: KvDtype, st
     from qtool.runtime.chat import eos_ids, load_tokenizer
     tok = load_tokenizer(folder)
     if before_load is not None:
-        before_load(tok)
+        from qtool.runtime.loader import model_config
+        before_load(tok, model_config(files.config, files.generation_config, files.tensors).max_position_embeddings)
 
     # 2. load and build
     from qtool.runtime.loader import load_weights
@@ -329,31 +338,37 @@ def run(
                          seed, stop, system)
     ids: list = []
 
-    def encode(tok) -> None:
+    def encode(tok, context: int) -> None:
         from qtool.runtime.chat import has_chat_template, prompt_ids
+        from qtool.runtime.generate import check_prompt_lengths
         if not raw and not has_chat_template(tok):
             session_warnings.append("the tokenizer has no chat template: the prompt is sent as is (as with --raw)")
             warn(session_warnings[-1])
         ids.extend(prompt_ids(tok, t, system, raw) for t in texts)
+        check_prompt_lengths([len(i) for i in ids], context)
 
     session_warnings: list[str] = []
     s = open_session(model, backend, kv_cache_dtype, strict, force, json_output, session_warnings, encode)
     sampling, sources = sampling_params(s.folder, {"temperature": temperature, "top_p": top_p, "top_k": top_k})
-    from qtool.runtime.generate import GenerateOptions, generate, stats_line
+    from qtool.runtime.generate import GenerateOptions, stats_line
     opts = GenerateOptions(max_new_tokens=max_new_tokens, seed=seed, stop=list(stop or []), **sampling)
-    stream = not json_output and len(texts) == 1
+    if prompts is not None:            # a batch: the engine's scheduler and kernels, as `qtool serve`
+        from qtool.engine.offline import run_batch
+        results, stats = run_batch(s.net, s.tok, ids, opts, s.kv, s.eos)
+        if not json_output:
+            for i, (t, r) in enumerate(zip(texts, results)):
+                stdout.print(f"[bold]--- [{i}] {t}[/bold]", markup=True)
+                sys.stdout.write(r.text + "\n")
+    else:                              # one prompt, streamed on the pipelined decode loop (see the docstring)
+        from qtool.runtime.generate import generate
 
-    def on_text(row: int, text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        def on_text(row: int, text: str) -> None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
 
-    results, stats = generate(s.net, s.tok, ids, opts, s.kv, s.eos, on_text if stream else None)
-    if stream:
-        sys.stdout.write("\n")
-    elif not json_output:
-        for i, (t, r) in enumerate(zip(texts, results)):
-            stdout.print(f"[bold]--- [{i}] {t}[/bold]", markup=True)
-            sys.stdout.write(r.text + "\n")
+        results, stats = generate(s.net, s.tok, ids, opts, s.kv, s.eos, None if json_output else on_text)
+        if not json_output:
+            sys.stdout.write("\n")
     info(stats_line(stats, _backend_label(s.backend.name)))
     if json_output:
         print_json({"ok": True, "model": str(s.folder), "checkpoint": s.scheme.summary(),

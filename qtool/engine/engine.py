@@ -85,7 +85,8 @@ class Engine:
         self._aborts: list[str] = []
         self._cv = threading.Condition()
         self._requeued = 0             # preempted requests in `waiting` (already accepted once)
-        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "preemptions": 0, "steps": 0}
+        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "preemptions": 0, "steps": 0,
+                         "prefill_tokens": 0, "decode_rows": 0}     # positions computed by prefill chunks / decode
 
     # -- thread-safe entry points -----------------------------------------------------------------
     @property
@@ -226,6 +227,7 @@ class Engine:
         self._fill_tables([r], 1)
         logits = self.model.forward(ids, pos, self.cache)
         r.num_computed += n
+        self.counters["prefill_tokens"] += n
         self.blocks.register(r.id, r.all_ids, r.num_computed)
         if r.num_computed == len(r.all_ids):
             self._sample([r], logits)
@@ -238,6 +240,7 @@ class Engine:
         pos = torch.tensor([r.num_computed for r in rows] + pad, dtype=torch.long).view(P, 1)
         self._fill_tables(rows, P)
         logits = self._decode(ids.to(self.be.device), pos.to(self.be.device))[:B]
+        self.counters["decode_rows"] += B
         for r in rows:
             r.num_computed += 1
             if r.num_computed % self.block_size == 0:

@@ -46,7 +46,8 @@ class Stats:
     generated_tokens: int
     prefill_s: float
     decode_s: float
-    decode_steps: int           # forward passes with T = 1 (each computes `batch` tokens)
+    decode_steps: int           # forward passes with T = 1
+    decode_tokens: int          # tokens those passes computed (decode_steps × batch here; the engine's rows)
     batch: int
     peak_memory_bytes: int | None
     weight_bytes: int
@@ -59,7 +60,7 @@ class Stats:
 
     @property
     def decode_tok_s(self) -> float:
-        return self.decode_steps * self.batch / self.decode_s if self.decode_s > 0 else 0.0
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -79,7 +80,7 @@ def _fmt_bytes(n: int | None) -> str:
 
 def stats_line(s: Stats, backend_label: str) -> str:
     return (f"prompt {s.prompt_tokens} tok | prefill {s.prefill_tok_s:.1f} tok/s | "
-            f"decode {s.decode_tok_s:.1f} tok/s ({s.generated_tokens} tok) | peak mem {_fmt_bytes(s.peak_memory_bytes)} | "
+            f"decode {s.decode_tok_s:.1f} tok/s ({s.generated_tokens} tok{f', {s.batch} prompts' if s.batch > 1 else ''}) | peak mem {_fmt_bytes(s.peak_memory_bytes)} | "
             f"backend {backend_label} | kv {s.kv_cache_dtype} | weights {_fmt_bytes(s.weight_bytes)}")
 
 
@@ -153,19 +154,32 @@ class TextStream:
         return out
 
 
+def context_limit(config) -> int:
+    """Positions the model allows (prompt + output); 0 = no limit given."""
+    return int(getattr(config, "max_position_embeddings", 0) or 0)
+
+
+def check_prompt_lengths(lens: list[int], limit: int) -> None:
+    """UsageError (exit 2) for a prompt of zero tokens or one that leaves no position to generate into."""
+    for i, n in enumerate(lens):
+        which = "the prompt" if len(lens) == 1 else f"prompt {i + 1} of {len(lens)}"
+        if n == 0:
+            raise UsageError(f"{which} encodes to zero tokens")
+        if limit and n >= limit:
+            raise UsageError(f"{which} has {n} tokens; the model allows {limit} positions (prompt + answer)",
+                             hint="shorten the prompt")
+
+
 def generate(model, tok, prompts_ids: list[list[int]], opts: GenerateOptions, kv_format: str, eos: set[int],
              on_text=None) -> tuple[list[Completion], Stats]:
     be = model.backend
     dev = be.device
     B = len(prompts_ids)
     lens = [len(p) for p in prompts_ids]
-    if min(lens) == 0:
-        raise UsageError("a prompt encodes to zero tokens")
+    limit = context_limit(model.config)
+    check_prompt_lengths(lens, limit)
     T = max(lens)
-    limit = int(getattr(model.config, "max_position_embeddings", 0) or 0)
     max_new = opts.max_new_tokens
-    if limit and T >= limit:
-        raise UsageError(f"the prompt has {T} tokens; the model allows {limit} positions")
     if limit:
         max_new = min(max_new, limit - T)
     cache = model.new_cache(B, T + max_new, kv_format)
@@ -235,7 +249,7 @@ def generate(model, tok, prompts_ids: list[list[int]], opts: GenerateOptions, kv
             on_text(b, rest)
         results.append(Completion(streams[b].text, streams[b].ids, lens[b], finish[b] or "length"))
     stats = Stats(backend=be.name, kv_cache_dtype=kv_format, prompt_tokens=sum(lens), generated_tokens=generated,
-                  prefill_s=t1 - t0, decode_s=t2 - t1 - graph_s, decode_steps=steps, batch=B, peak_memory_bytes=be.peak_memory_bytes(),
+                  prefill_s=t1 - t0, decode_s=t2 - t1 - graph_s, decode_steps=steps, decode_tokens=steps * B, batch=B, peak_memory_bytes=be.peak_memory_bytes(),
                   weight_bytes=model.weights.nbytes(), kv_cache_bytes=be.cache_nbytes(cache), graph_s=graph_s)
     return results, stats
 
