@@ -117,6 +117,29 @@ def test_eos_ends_a_prompt_as_alone(tiny_models):
     assert stats.generated_tokens == sum(len(o.token_ids) for o in out)
 
 
+def test_more_prompts_than_running_slots(tiny_models):
+    """With 2 running slots, the cache is sized for the 2 longest sequences and the other prompts wait for
+    their blocks: the answers are those of the unconstrained batch."""
+    from qtool.engine.offline import run_batch
+    from qtool.runtime.backends.torch_ref import TorchRefBackend
+    from qtool.runtime.chat import load_tokenizer, prompt_ids
+    from qtool.runtime.generate import GenerateOptions
+    from qtool.runtime.loader import load_model_weights
+    from qtool.runtime.model import Model
+    path = tiny_models("llama")
+    tok = load_tokenizer(path)
+    ids = [prompt_ids(tok, p) for p in PROMPTS]
+    model = Model(load_model_weights(str(path), progress=False), TorchRefBackend())
+    opts = GenerateOptions(max_new_tokens=9)
+    free, st = run_batch(model, tok, ids, opts, "bf16", set())
+    two, st2 = run_batch(model, tok, ids, opts, "bf16", set(), max_num_seqs=2, block_size=4)
+    assert [o.token_ids for o in two] == [o.token_ids for o in free]
+    from qtool.engine.engine import block_bytes
+    need = sorted((-(-(len(p) + 9) // 4) for p in ids), reverse=True)[:2]       # blocks of the 2 longest
+    assert st2.kv_cache_bytes == block_bytes(model.backend, 4, "bf16") * (sum(need) + 1)
+    assert st.kv_cache_bytes == block_bytes(model.backend, 16, "bf16") * (sum(-(-(len(p) + 9) // 16) for p in ids) + 1)
+
+
 def test_seeded_sampling_and_stop_equal_alone(tiny_models, tmp_path):
     path = tiny_models("qwen2")
     flags = ("--max-new-tokens", 10, "--temperature", 0.9, "--top-k", 40, "--top-p", 0.9, "--seed", 5)

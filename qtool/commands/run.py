@@ -14,7 +14,8 @@ scheduler, paged KV cache and kernels of `qtool serve`), streams nothing and pri
 order. One prompt (the argument or stdin text) runs on `runtime.generate.generate`, streamed: its decode
 is the backend's `decode_loop` (one captured graph of step + sampling, queued one step ahead of the host),
 which `qtool run`'s decode tok/s is held to (>= 90 % of scripts/bench_decode.py, issue #16); an engine step
-reads every sampled id back and rebuilds the block tables on the host before the next step is queued.
+does its host work (~40 us at batch 1, bench/engine_step_overhead.py) and a blocking read-back between two
+decode graphs, so the GPU idles for it at every token.
 Either way: one stats line on stderr, or one JSON document with --json. temperature / top_p / top_k: the
 flag, else generation_config.json, else greedy defaults (the JSON says which and from where); with --seed
 each prompt samples with its own generator, so a prompt's answer does not depend on the others.

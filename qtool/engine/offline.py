@@ -6,10 +6,10 @@ until every request has finished, streams nothing, and returns (list of runtime.
 prompt order, runtime.generate.Stats), the same types as `runtime.generate.generate`: finish_reason
 'eos' | 'stop' | 'length', token_ids without the EOS token. Each request samples with its own
 `GenerateOptions` copy and, with a seed, its own generator seeded with it, so every prompt's output is what
-it gives alone. The KV cache holds every sequence at once: sum over prompts of ceil((prompt + max new) /
-block_size) blocks + the dummy block, on CUDA capped by what `gpu_memory_utilization` of the card leaves
-(then the engine preempts). Stats: a step that ran any prefill chunk counts as prefill time, a step of
-decode rows only as decode time; decode_tokens = the rows of those decode steps; graph_s = the CUDA warm-up
+it gives alone. The KV cache holds every sequence that can run at once: the sum of ceil((prompt + max new) /
+block_size) blocks over the `max_num_seqs` longest + the dummy block, on CUDA capped by what
+`gpu_memory_utilization` of the card leaves (then the engine preempts; later prompts wait for free blocks).
+Stats: a step that ran any prefill chunk counts as prefill time, a step of decode rows only as decode time; decode_tokens = the rows of those decode steps; graph_s = the CUDA warm-up
 (kernels compiled, one decode graph per padded batch size) outside both.
 """
 from __future__ import annotations
@@ -33,14 +33,15 @@ def run_batch(model, tok, prompts_ids: list[list[int]], opts: GenerateOptions, k
     check_prompt_lengths(lens, limit)
     max_new = [min(opts.max_new_tokens, limit - n) if limit else opts.max_new_tokens for n in lens]
     seq_blocks = [-(-(n + m) // block_size) for n, m in zip(lens, max_new)]
-    blocks = kv_cache_blocks(be, block_size, kv_format, gpu_memory_utilization,
-                             cpu_tokens=sum(seq_blocks) * block_size)
-    blocks = min(blocks, sum(seq_blocks) + 1)
+    max_num_seqs = min(len(prompts_ids), max_num_seqs)
+    need = sum(sorted(seq_blocks, reverse=True)[:max_num_seqs])      # the longest sequences that can run at once
+    blocks = min(kv_cache_blocks(be, block_size, kv_format, gpu_memory_utilization, cpu_tokens=need * block_size),
+                 need + 1)
     if blocks <= max(seq_blocks):
         raise Failure(f"the KV cache has room for {max(0, blocks - 1) * block_size} tokens; the longest prompt "
                       f"+ answer needs {max(seq_blocks) * block_size}", hint="lower --max-new-tokens")
     engine = Engine(model, tok, kv_format, eos, num_blocks=blocks, block_size=block_size,
-                    max_num_seqs=min(len(prompts_ids), max_num_seqs), max_num_batched_tokens=max_num_batched_tokens,
+                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                     max_model_len=max(n + m for n, m in zip(lens, max_new)))
     graph_s = 0.0
     if be.device.type == "cuda":
