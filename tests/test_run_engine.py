@@ -15,6 +15,9 @@ import torch
 from typer.testing import CliRunner
 
 from qtool.cli import app
+from qtool.engine.engine import block_bytes
+from qtool.engine.offline import run_batch
+from qtool.runtime.generate import GenerateOptions, generate
 from test_runtime_vs_hf import hf_reference
 
 runner = CliRunner()
@@ -50,6 +53,19 @@ def _same_as_alone(path, doc, *flags):
             (a["text"], a["prompt_tokens"], a["generated_tokens"], a["finish_reason"]), p
 
 
+@pytest.fixture(scope="module")
+def llama(tiny_models):
+    """(path, tokenizer, reference-backend Model, templated prompt ids of PROMPTS) of the tiny llama."""
+    from qtool.runtime.backends.torch_ref import TorchRefBackend
+    from qtool.runtime.chat import load_tokenizer, prompt_ids
+    from qtool.runtime.loader import load_model_weights
+    from qtool.runtime.model import Model
+    path = tiny_models("llama")
+    tok = load_tokenizer(path)
+    return path, tok, Model(load_model_weights(str(path), progress=False), TorchRefBackend()), \
+        [prompt_ids(tok, p) for p in PROMPTS]
+
+
 def test_greedy_batch_equals_each_prompt_alone_and_stats_add_up(tiny_models, tmp_path):
     path = tiny_models("llama")
     doc = _batch(path, tmp_path, "--max-new-tokens", 12, "--system", "Be brief.")
@@ -71,18 +87,9 @@ def test_greedy_batch_equals_each_prompt_alone_and_stats_add_up(tiny_models, tmp
     assert s["prefill_tok_s"] == pytest.approx(s["prompt_tokens"] / s["prefill_s"], rel=1e-3)
 
 
-def test_batch_token_ids_equal_hf_greedy_generate(tiny_models):
+def test_batch_token_ids_equal_hf_greedy_generate(llama):
     """Independent of the single-prompt path: the engine's greedy tokens are HF's."""
-    from qtool.engine.offline import run_batch
-    from qtool.runtime.backends.torch_ref import TorchRefBackend
-    from qtool.runtime.chat import load_tokenizer, prompt_ids
-    from qtool.runtime.generate import GenerateOptions
-    from qtool.runtime.loader import load_model_weights
-    from qtool.runtime.model import Model
-    path = tiny_models("llama")
-    tok = load_tokenizer(path)
-    ids = [prompt_ids(tok, p) for p in PROMPTS]
-    model = Model(load_model_weights(str(path), progress=False), TorchRefBackend())
+    path, tok, model, ids = llama
     out, stats = run_batch(model, tok, ids, GenerateOptions(max_new_tokens=12), "bf16", set())
     hf = hf_reference(path, path, "bf16")
     for i in (0, 3):
@@ -93,19 +100,10 @@ def test_batch_token_ids_equal_hf_greedy_generate(tiny_models):
         assert out[i].text == tok.decode(ref, skip_special_tokens=True)
 
 
-def test_eos_ends_a_prompt_as_alone(tiny_models):
+def test_eos_ends_a_prompt_as_alone(llama):
     """A token the model does generate is declared EOS: that prompt ends with 'eos' and without the token,
     exactly as runtime.generate ends it alone; the other prompts run on."""
-    from qtool.engine.offline import run_batch
-    from qtool.runtime.backends.torch_ref import TorchRefBackend
-    from qtool.runtime.chat import load_tokenizer, prompt_ids
-    from qtool.runtime.generate import GenerateOptions, generate
-    from qtool.runtime.loader import load_model_weights
-    from qtool.runtime.model import Model
-    path = tiny_models("llama")
-    tok = load_tokenizer(path)
-    ids = [prompt_ids(tok, p) for p in PROMPTS]
-    model = Model(load_model_weights(str(path), progress=False), TorchRefBackend())
+    path, tok, model, ids = llama
     opts = GenerateOptions(max_new_tokens=10)
     free, _ = run_batch(model, tok, ids, opts, "bf16", set())
     eos = {free[1].token_ids[4]}
@@ -117,24 +115,14 @@ def test_eos_ends_a_prompt_as_alone(tiny_models):
     assert stats.generated_tokens == sum(len(o.token_ids) for o in out)
 
 
-def test_more_prompts_than_running_slots(tiny_models):
+def test_more_prompts_than_running_slots(llama):
     """With 2 running slots, the cache is sized for the 2 longest sequences and the other prompts wait for
     their blocks: the answers are those of the unconstrained batch."""
-    from qtool.engine.offline import run_batch
-    from qtool.runtime.backends.torch_ref import TorchRefBackend
-    from qtool.runtime.chat import load_tokenizer, prompt_ids
-    from qtool.runtime.generate import GenerateOptions
-    from qtool.runtime.loader import load_model_weights
-    from qtool.runtime.model import Model
-    path = tiny_models("llama")
-    tok = load_tokenizer(path)
-    ids = [prompt_ids(tok, p) for p in PROMPTS]
-    model = Model(load_model_weights(str(path), progress=False), TorchRefBackend())
+    path, tok, model, ids = llama
     opts = GenerateOptions(max_new_tokens=9)
     free, st = run_batch(model, tok, ids, opts, "bf16", set())
     two, st2 = run_batch(model, tok, ids, opts, "bf16", set(), max_num_seqs=2, block_size=4)
     assert [o.token_ids for o in two] == [o.token_ids for o in free]
-    from qtool.engine.engine import block_bytes
     need = sorted((-(-(len(p) + 9) // 4) for p in ids), reverse=True)[:2]       # blocks of the 2 longest
     assert st2.kv_cache_bytes == block_bytes(model.backend, 4, "bf16") * (sum(need) + 1)
     assert st.kv_cache_bytes == block_bytes(model.backend, 16, "bf16") * (sum(-(-(len(p) + 9) // 16) for p in ids) + 1)
