@@ -9,8 +9,9 @@ prompt order, runtime.generate.Stats), the same types as `runtime.generate.gener
 it gives alone. The KV cache holds every sequence that can run at once: the sum of ceil((prompt + max new) /
 block_size) blocks over the `max_num_seqs` longest + the dummy block, on CUDA capped by what
 `gpu_memory_utilization` of the card leaves (then the engine preempts; later prompts wait for free blocks).
-Stats: a step that ran any prefill chunk counts as prefill time, a step of decode rows only as decode time; decode_tokens = the rows of those decode steps; graph_s = the CUDA warm-up
-(kernels compiled, one decode graph per padded batch size) outside both.
+Stats: a step that ran any prefill chunk counts as prefill time, a step of decode rows only as decode time;
+decode_tokens = the rows of those decode steps; graph_s = the CUDA warm-up (kernels compiled, one decode graph
+per padded batch size) outside both.
 """
 from __future__ import annotations
 

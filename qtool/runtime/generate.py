@@ -79,8 +79,10 @@ def _fmt_bytes(n: int | None) -> str:
 
 
 def stats_line(s: Stats, backend_label: str) -> str:
+    batch = f", {s.batch} prompts" if s.batch > 1 else ""
     return (f"prompt {s.prompt_tokens} tok | prefill {s.prefill_tok_s:.1f} tok/s | "
-            f"decode {s.decode_tok_s:.1f} tok/s ({s.generated_tokens} tok{f', {s.batch} prompts' if s.batch > 1 else ''}) | peak mem {_fmt_bytes(s.peak_memory_bytes)} | "
+            f"decode {s.decode_tok_s:.1f} tok/s ({s.generated_tokens} tok{batch}) | "
+            f"peak mem {_fmt_bytes(s.peak_memory_bytes)} | "
             f"backend {backend_label} | kv {s.kv_cache_dtype} | weights {_fmt_bytes(s.weight_bytes)}")
 
 
@@ -249,7 +251,8 @@ def generate(model, tok, prompts_ids: list[list[int]], opts: GenerateOptions, kv
             on_text(b, rest)
         results.append(Completion(streams[b].text, streams[b].ids, lens[b], finish[b] or "length"))
     stats = Stats(backend=be.name, kv_cache_dtype=kv_format, prompt_tokens=sum(lens), generated_tokens=generated,
-                  prefill_s=t1 - t0, decode_s=t2 - t1 - graph_s, decode_steps=steps, decode_tokens=steps * B, batch=B, peak_memory_bytes=be.peak_memory_bytes(),
+                  prefill_s=t1 - t0, decode_s=t2 - t1 - graph_s, decode_steps=steps, decode_tokens=steps * B, batch=B,
+                  peak_memory_bytes=be.peak_memory_bytes(),
                   weight_bytes=model.weights.nbytes(), kv_cache_bytes=be.cache_nbytes(cache), graph_s=graph_s)
     return results, stats
 
