@@ -17,6 +17,8 @@ row-major copy CudaBackend keeps, as ``prepare`` does). Parts:
   gather/decode + SDPA) is printed beside it.
 - batch: decode tok/s at batch 1, 8, 32, 64, context 1024, bf16 KV, one CUDA graph per batch size (step +
   sampling), for fp8, bf16, nvfp4, w4a16-awq, and the ratio to batch 1.
+- profile: torch.profiler over one 512-token prefill of the 8B fp8 model and one eager batch-32 fp8 decode step
+  (context 1024): the 15 kernels with the most GPU time and the wall time of each, to show what limits them.
 - cli: ``qtool run`` of a SmolLM2-shaped random fp8 checkpoint (30 layers, d 576; ModelOpt FP8 layout written
   here), twice (the second with warm caches): wall time, and its decode tok/s for a 400-token answer against
   scripts/bench_decode.py's tok/s for the same shape at context 512.
@@ -234,6 +236,43 @@ def part_batch(batches=(1, 8, 32, 64), ctx: int = 1024, kv: str = "bf16"):
         del dec
         torch.cuda.empty_cache()
     RESULTS["batch"] = rows
+
+
+def _profiled(label: str, fn) -> None:
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    ev = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA or e.self_device_time_total > 0]
+    gpu = sum(e.self_device_time_total for e in ev) / 1e3
+    print(f"\nprofile {label}: wall {wall * 1e3:.1f} ms, GPU kernel time {gpu:.1f} ms")
+    print("| kernel | calls | GPU ms | share |")
+    print("|---|---|---|---|")
+    for e in sorted(ev, key=lambda e: -e.self_device_time_total)[:15]:
+        print(f"| {e.key[:90]} | {e.count} | {e.self_device_time_total / 1e3:.2f} | "
+              f"{e.self_device_time_total / 1e3 / max(gpu, 1e-9):.2f} |")
+    RESULTS.setdefault("profile", []).append(dict(label=label, wall_s=wall, gpu_ms=gpu))
+
+
+def part_profile():
+    p = Prefill(512)
+    _profiled("prefill 512 tok, 8B fp8", p.forward)
+    del p
+    torch.cuda.empty_cache()
+    dec = bd.Decoder("llama3.1-8b", "fp8", "bf16", 8)
+    f = torch.randn(1024 + 64, dec.D // 2, device=DEV)
+    dec.cos, dec.sin = f.cos(), f.sin()
+    gemm.keep_row_major([kl for Ly in dec.layers for kl in (Ly["qkv"], Ly["o"], Ly["gu"], Ly["down"])])
+    dec.cache = ops.KVCache("bf16", 32, 1024 + 64, dec.NL, dec.HKV, dec.D, DEV, [0.05] * dec.NL, [0.05] * dec.NL,
+                            o_proj=dec.layers[0]["o"])
+    bd.fill_cache(dec.cache)
+    ids = torch.ones(32, 1, dtype=torch.long, device=DEV)
+    pos = torch.full((32, 1), 1024, device=DEV)
+    _profiled("decode step batch 32, ctx 1024, 8B fp8 (eager)", lambda: dec.step(ids, pos))
 
 
 def make_fp8_checkpoint(path: Path) -> Path:
