@@ -34,23 +34,27 @@ def _table(dtype) -> torch.Tensor:
 _CHUNK = 1 << 16
 
 
-def gather_table(table: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def gather_table(table: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """table[code] for every byte of w (CPU; uint8 codes below len(table)): numpy's take on the uint8 view, in chunks so that its index
     temporary (intp, 8 bytes a code) stays small and cache-resident instead of 8x the weight's size;
-    mode 'clip' (codes are 0..255) lets take write straight into the output."""
+    mode 'clip' (codes are 0..255) lets take write straight into the output: ``out`` (a contiguous CPU tensor of
+    the table's dtype and w's shape) when given, else a new tensor."""
     codes = w.contiguous().view(torch.uint8).numpy().reshape(-1)
-    out = np.empty(codes.size, np.float32)
+    if out is not None and (out.shape != w.shape or not out.is_contiguous() or out.dtype != table.dtype):
+        raise ValueError(f"gather_table: out must be a contiguous {table.dtype} tensor of shape {tuple(w.shape)}")
+    dst = np.empty(codes.size, np.float32) if out is None else out.numpy().reshape(-1)
     t = table.numpy()
     for i in range(0, codes.size, _CHUNK):
-        np.take(t, codes[i:i + _CHUNK], out=out[i:i + _CHUNK], mode="clip")
-    return torch.from_numpy(out).reshape(w.shape)
+        np.take(t, codes[i:i + _CHUNK], out=dst[i:i + _CHUNK], mode="clip")
+    return torch.from_numpy(dst).reshape(w.shape) if out is None else out
 
 
-def fp8_to_float(w: torch.Tensor) -> torch.Tensor:
-    """``w.float()``; on the CPU through a 256-entry table (torch's scalar fp8 cast is ~3x slower there)."""
+def fp8_to_float(w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``w.float()``; on the CPU through a 256-entry table (torch's scalar fp8 cast is ~3x slower there); into
+    ``out`` (float32, w's shape) when given."""
     if not _cpu_fp8(w):
-        return w.float()
-    return gather_table(_table(w.dtype), w)
+        return w.float() if out is None else out.copy_(w)
+    return gather_table(_table(w.dtype), w, out)
 
 
 def fake_e4m3(x: torch.Tensor, scale) -> torch.Tensor:
@@ -60,22 +64,37 @@ def fake_e4m3(x: torch.Tensor, scale) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- decode
-def decode_fp8(weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
-    """Per-tensor (0-dim scale) or per-row ([out] scale) FP8: ``weight.float() * scale`` in float32.
+_MAX_RUNS = 64      # per-row scales with at most this many runs of equal values: one scaled table per run
 
-    On the CPU a per-tensor scale is folded into the 256-entry table (each entry is the same float32
-    product ``value * scale``), so decoding is one gather; a per-row scale multiplies in place. Both give
-    the bytes of ``weight.float() * scale`` (tests/test_decode_fast.py checks it against torch's cast).
+
+def decode_fp8(weight: torch.Tensor, weight_scale: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-tensor (0-dim scale) or per-row ([out] scale) FP8: ``weight.float() * scale`` in float32, into ``out``
+    (float32 ``[out, in]``, contiguous) when given.
+
+    On the CPU the scale is folded into the 256-entry table (each entry is the same float32 product
+    ``value * scale``), so decoding is one gather: per tensor, and per run of rows with equal scale (a fused
+    q|k|v of per-tensor parts has one run per part); a per-row scale with more runs multiplies in place after
+    the gather. All give the bytes of ``weight.float() * scale`` (tests/test_decode_fast.py checks it against
+    torch's cast).
     """
     s = weight_scale.float().to(weight.device)
     if _cpu_fp8(weight):
+        table = _table(weight.dtype)
         if s.numel() == 1:
-            return gather_table(_table(weight.dtype) * s.reshape(()), weight)
-        return gather_table(_table(weight.dtype), weight).mul_(s.reshape(-1, 1))
+            return gather_table(table * s.reshape(()), weight, out)
+        rows = s.reshape(-1).contiguous()
+        bits, counts = torch.unique_consecutive(rows.view(torch.int32), return_counts=True)   # runs of equal bits
+        if len(bits) > _MAX_RUNS:
+            return gather_table(table, weight, out).mul_(rows.reshape(-1, 1))
+        dst = torch.from_numpy(np.empty(tuple(weight.shape), np.float32)) if out is None else out
+        tables, start = table[None, :] * bits.view(torch.float32)[:, None], 0
+        for t, n in zip(tables, counts.tolist()):
+            gather_table(t, weight[start:start + n], dst[start:start + n])
+            start += n
+        return dst
     w = weight.float()
-    if s.numel() == 1:
-        return w * s.reshape(())
-    return w * s.reshape(-1, 1)
+    w = w * s.reshape(()) if s.numel() == 1 else w * s.reshape(-1, 1)
+    return w if out is None else out.copy_(w)
 
 
 def block_scale_2d(scale: torch.Tensor) -> torch.Tensor:

@@ -34,12 +34,21 @@ class LinearWeights:
     note: str = ""                    # e.g. 'fused q/k/v; requantized to shared scale'
     parts: list[LinearWeights] | None = None   # set (format 'parts') when a q/k/v or gate/up group stays unfused
 
-    def dequantize(self) -> torch.Tensor:
-        """float32 ``[out, in]`` via qtool.formats.decode_weight."""
+    def dequantize(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 ``[out, in]`` via qtool.formats.decode_weight; written into ``out`` (contiguous float32
+        ``[out, in]``) when given."""
         from qtool.formats import decode_weight
+        if out is not None and tuple(out.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"out {tuple(out.shape)} != ({self.out_features}, {self.in_features})")
         if self.parts is not None:
-            return torch.cat([p.dequantize() for p in self.parts])
-        w = decode_weight(self.format, self.tensors, self.group_size, self.fp8_weight_stage)
+            if out is None:
+                return torch.cat([p.dequantize() for p in self.parts])
+            start = 0
+            for p in self.parts:
+                p.dequantize(out[start:start + p.out_features])
+                start += p.out_features
+            return out
+        w = decode_weight(self.format, self.tensors, self.group_size, self.fp8_weight_stage, out)
         if tuple(w.shape) != (self.out_features, self.in_features):
             raise ValueError(f"decoded weight {tuple(w.shape)} != ({self.out_features}, {self.in_features})")
         return w

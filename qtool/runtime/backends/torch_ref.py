@@ -2,7 +2,8 @@
 
 Contract: implements qtool.runtime.backend.Backend. `prepare` decodes every linear layer once to
 a float32 `[out, in]` matrix (cached per LinearWeights; the quantized tensors stay referenced by
-the ModelWeights, the float32 copies are this backend's working form). `linear` applies the
+the ModelWeights, the float32 copies are this backend's working form), all of them and the float32 embedding
+table as views of one buffer (`_Arena`), each decoded in place (`LinearWeights.dequantize(out=)`). `linear` applies the
 layer's `pre_quant_scale`, then the activation quantization of its scheme
 (`qtool.formats.quantize_activation`), then `x @ W^T + bias` in float32. The KV cache holds K/V
 in their stored (quantized) form, written with `qtool.formats.kv_encode` and read back with
@@ -53,6 +54,23 @@ def _f32(t):
     return None if t is None else t.to(torch.float32)
 
 
+class _Arena:
+    """One float32 buffer for every decoded weight, handed out in order as ``[rows, cols]`` views (decoders
+    write into them: no temporaries, no second pass). torch's allocator, not NumPy's: NumPy advises huge pages
+    for large arrays, and first-touching huge pages cost 3-5x more kernel time than 4 KiB pages on the shared
+    CPU machine (a VM) where start-up is measured (bench/bench_startup.py)."""
+
+    def __init__(self, shapes: list[tuple[int, int]]):
+        self.shapes, self.offset = list(shapes), 0
+        self.buf = torch.empty(sum(r * c for r, c in self.shapes))
+
+    def take(self) -> torch.Tensor:
+        r, c = self.shapes.pop(0)
+        view = self.buf[self.offset:self.offset + r * c].view(r, c)
+        self.offset += r * c
+        return view
+
+
 class TorchRefBackend:
     name = "torch"
 
@@ -68,30 +86,25 @@ class TorchRefBackend:
         c = weights.config
         self.config = c
         self.inv_freq = rope.inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
-        self.embed_table = _f32(weights.embed)
         lm = weights.lm_head
-        if lm.parts is None and lm.format == "bf16" and lm.tensors.get("weight") is weights.embed:
+        groups = [lm] + [lw for L in weights.layers for lw in (L.qkv, L.o, L.gate_up, L.down)]
+        for lw in groups:
+            if lw.parts is not None:          # an unfused q/k/v or gate/up group: each part on the same input
+                self._w[id(lw)] = None
+        tied = lm.parts is None and lm.format == "bf16" and lm.tensors.get("weight") is weights.embed
+        decoded = [lw for g in groups for lw in (g.parts or [g]) if not (tied and lw is lm)]
+        decoded = list({id(lw): lw for lw in decoded}.values())
+        arena = _Arena([tuple(weights.embed.shape)] + [(lw.out_features, lw.in_features) for lw in decoded])
+        self.embed_table = arena.take().copy_(weights.embed)
+        if tied:
             self._w[id(lm)] = self.embed_table        # tied: the same float32 table, converted once
             self._bias[id(lm)] = _f32(lm.bias)
         self.final_norm = _f32(weights.final_norm)
-        linears = [weights.lm_head]
-        for L in weights.layers:
-            linears += [L.qkv, L.o, L.gate_up, L.down]
-        for lw in linears:
-            self._register(lw)
+        for lw in decoded:
+            self._w[id(lw)] = lw.dequantize(arena.take())
+            self._bias[id(lw)] = _f32(lw.bias)
         self.k_scales = [self._scale(L.k_scale) for L in weights.layers]
         self.v_scales = [self._scale(L.v_scale) for L in weights.layers]
-
-    def _register(self, lw) -> None:
-        if id(lw) in self._w:
-            return
-        if lw.parts is not None:          # an unfused q/k/v or gate/up group: each part on the same input
-            self._w[id(lw)] = None
-            for part in lw.parts:
-                self._register(part)
-            return
-        self._w[id(lw)] = lw.dequantize().to(torch.float32)
-        self._bias[id(lw)] = _f32(lw.bias)
 
     @staticmethod
     def _scale(s) -> torch.Tensor:
