@@ -137,3 +137,22 @@ def test_stop_string_cuts_output(tiny_models):
     stop = full["text"][2:4]
     cut = _json(_run(path, "Water boils at", "--max-new-tokens", 12, "--stop", stop, "--json"))["completions"][0]
     assert cut["finish_reason"] == "stop" and cut["text"] == full["text"][:full["text"].find(stop)]
+
+
+def test_process_exit_after_torch_keeps_output_atexit_and_codes(tiny_models):
+    """`python -m qtool` ends a torch-loaded process with os._exit (cli._exit): the output of a real run is
+    complete and equal to the in-process run's, atexit handlers still run, and SystemExit's code convention
+    (None -> 0, int -> itself, text -> printed, 1) holds."""
+    import subprocess
+    import sys
+    from cli_helpers import REPO, run_qtool
+    path = tiny_models("llama")
+    sub = run_qtool("run", str(path), "Hello", "--max-new-tokens", "4", "--json", "--backend", "torch")
+    assert sub.returncode == 0, sub.stderr
+    assert json.loads(sub.stdout)["completions"] == _json(_run(path, "Hello", "--max-new-tokens", 4, "--json",
+                                                               "--backend", "torch"))["completions"]
+    for code, rc, err in (("None", 0, ""), ("3", 3, ""), ("'bad thing'", 1, "bad thing")):
+        p = subprocess.run([sys.executable, "-c", "import atexit, sys, torch; from qtool.cli import _exit; "
+                            "atexit.register(lambda: print('atexit ran')); print('out', end=' '); "
+                            f"_exit({code})"], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert (p.returncode, p.stdout, p.stderr.strip()) == (rc, "out atexit ran\n", err)
