@@ -9,7 +9,24 @@ max_num_batched_tokens=2048, max_model_len=...)`. Each `step()`:
 3. gives every running sequence with more than one uncomputed token (a new prompt, or a preempted
    request's prompt + output, recomputed) one prefill chunk: at most `max_num_batched_tokens` per
    step in all (the decode rows count one each; the oldest prefill always gets a chunk), so a long
-   prompt delays running streams by one chunk at most;
+   prompt delays running streams by one chunk at most. The chunks of a step run together, packed
+   by `pack_chunks` into as few forwards as the padding bound allows (one when the chunks have
+   similar lengths): a forward of shape [B, Tmax] whose row b holds its chunk's n_b tokens at
+   positions s_b..s_b+n_b-1 followed by Tmax-n_b padded tokens (id 0) at the NEXT positions
+   s_b+n_b..s_b+Tmax-1, and `Model.forward(..., last_index=n_b-1)` gives each row's last real
+   logits (sampled only for rows whose prompt is then fully computed). Padding bound: B x Tmax <=
+   PAD_RATIO (1.5) x the group's real tokens (chunks taken longest first into the first group that
+   keeps the bound): on the H100 a forward's fixed cost (weights read, launches, GEMMs at small M:
+   8B fp8, 54 ms for 512 positions against 80 ms for 2,048) is worth ~2,600 positions at the marginal
+   rate, so merging wins even at that bound; once the GEMMs run at cuBLAS rates the cost is
+   proportional and the bound keeps the waste to at most a third of the computed positions; a
+   forward computes at most 1.5 x max_num_batched_tokens positions. Where padded KV goes: positions
+   past a row's real length map through its block table to the unfilled slots of its own last
+   reserved block (overwritten later by its real tokens; that block is not full, so not in the
+   prefix cache) or, beyond its reserved blocks, to table entries that are zero (the dummy block 0);
+   a row joins a group only while s_b + Tmax fits the table's width (never past it, nor past the
+   RoPE table). Padded positions stay consecutive, so prefill attention (SDPA) takes a causal call
+   per run of rows that share a start position;
 4. runs one batched decode step (T = 1) for every sequence with exactly one uncomputed token, the
    batch padded to the next size of `DECODE_SIZES` (padded rows: token 0, position 0, dummy block 0)
    through `backend.wrap_decode` (CUDA graphs per padded size);
@@ -36,6 +53,7 @@ from qtool.engine.request import Output, Request
 from qtool.runtime.generate import TextStream
 
 DECODE_SIZES = (1, 2, 4, 8, 16, 32, 64)
+PAD_RATIO = 1.5        # a batched prefill forward computes at most 1.5x its real positions (module contract)
 
 
 def decode_sizes(max_num_seqs: int) -> list[int]:
@@ -62,6 +80,28 @@ def kv_cache_blocks(backend, block_size: int, kv_format: str, gpu_memory_utiliza
     return -(-cpu_tokens // block_size) + 1
 
 
+def pack_chunks(chunks: list[tuple[int, int]], max_positions: int) -> list[list[int]]:
+    """Groups of the prefill chunks (start position, length) that run as one padded forward each, as lists of
+    indices into `chunks`. Chunks are taken longest first (the oldest first among equal lengths), each into the
+    first group it fits: B x Tmax <= PAD_RATIO x the group's real tokens, and start + Tmax <= `max_positions`
+    (the block table's width in positions) so the padded positions stay inside the table. Within a group, rows
+    are ordered by start position (rows sharing one start take one prefill attention call)."""
+    groups: list[list[int]] = []                 # first member: the longest chunk, which sets Tmax
+    real: list[int] = []
+    for i in sorted(range(len(chunks)), key=lambda j: -chunks[j][1]):
+        start, n = chunks[i]
+        for g, members in enumerate(groups):
+            T = chunks[members[0]][1]
+            if (len(members) + 1) * T <= PAD_RATIO * (real[g] + n) and start + T <= max_positions:
+                members.append(i)
+                real[g] += n
+                break
+        else:
+            groups.append([i])
+            real.append(n)
+    return [sorted(g, key=lambda j: (chunks[j][0], j)) for g in groups]
+
+
 class Engine:
     def __init__(self, model, tok, kv_format: str, eos_ids, *, num_blocks: int, block_size: int = 16,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, max_model_len: int,
@@ -86,7 +126,8 @@ class Engine:
         self._cv = threading.Condition()
         self._requeued = 0             # preempted requests in `waiting` (already accepted once)
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "preemptions": 0, "steps": 0,
-                         "prefill_tokens": 0, "decode_rows": 0}     # positions computed by prefill chunks / decode
+                         "prefill_tokens": 0, "decode_rows": 0,     # positions computed by prefill chunks / decode
+                         "prefill_forwards": 0, "prefill_padded": 0}  # prefill forwards and their B x Tmax positions
 
     # -- thread-safe entry points -----------------------------------------------------------------
     @property
@@ -150,17 +191,21 @@ class Engine:
         decode = [r for r in self.running if len(r.all_ids) - r.num_computed == 1]
         prefill = [r for r in self.running if len(r.all_ids) - r.num_computed > 1]
         budget = self.max_num_batched_tokens - len(decode)
+        chunks: list[tuple[Request, int]] = []
         for i, r in enumerate(prefill):
             if r not in self.running:
-                continue                                   # preempted by an older request's chunk
+                continue                                   # preempted by an older request's reservation
             n = min(len(r.all_ids) - r.num_computed, budget if i else max(budget, self.max_num_batched_tokens))
             if n <= 0:
                 break
             if self._reserve(r, r.num_computed + n):
                 budget -= n
-                self._prefill_chunk(r, n)
+                chunks.append((r, n))
         decode = [r for r in decode if r in self.running and self._reserve(r, r.num_computed + 1)]
         decode = [r for r in decode if r in self.running]    # a later reservation may preempt an earlier row
+        chunks = [(r, n) for r, n in chunks if r in self.running]
+        for group in pack_chunks([(r.num_computed, n) for r, n in chunks], self.max_blocks_per_seq * self.block_size):
+            self._prefill([chunks[j] for j in group])
         if decode:
             self._decode_step(decode)
         self.counters["steps"] += 1
@@ -219,18 +264,31 @@ class Engine:
                                                         dtype=torch.int32)
         self.cache.block_tables[:padded].copy_(self._tables[:padded])
 
-    def _prefill_chunk(self, r: Request, n: int) -> None:
+    def _prefill(self, chunks: list[tuple[Request, int]]) -> None:
+        """One forward [B, Tmax] over the chunks (r, n) of B requests: row b holds r's tokens num_computed ..
+        num_computed + n - 1, then Tmax - n padded tokens (id 0) at the next positions (see the module contract);
+        the logits of each row's last real position are sampled where the chunk completes the request."""
         dev = self.be.device
-        start = r.num_computed
-        ids = torch.tensor([r.all_ids[start:start + n]], dtype=torch.long, device=dev)
-        pos = torch.arange(start, start + n, dtype=torch.long, device=dev)[None]
-        self._fill_tables([r], 1)
-        logits = self.model.forward(ids, pos, self.cache)
-        r.num_computed += n
-        self.counters["prefill_tokens"] += n
-        self.blocks.register(r.id, r.all_ids, r.num_computed)
-        if r.num_computed == len(r.all_ids):
-            self._sample([r], logits)
+        T = max(n for _, n in chunks)
+        ids = torch.zeros(len(chunks), T, dtype=torch.long)
+        for b, (r, n) in enumerate(chunks):
+            ids[b, :n] = torch.tensor(r.all_ids[r.num_computed:r.num_computed + n], dtype=torch.long)
+        start = torch.tensor([r.num_computed for r, _ in chunks], dtype=torch.long)
+        pos = start[:, None] + torch.arange(T, dtype=torch.long)[None]
+        last = torch.tensor([n - 1 for _, n in chunks], dtype=torch.long)
+        self._fill_tables([r for r, _ in chunks], len(chunks))
+        logits = self.model.forward(ids.to(dev), pos.to(dev), self.cache, last_index=last.to(dev))
+        self.counters["prefill_forwards"] += 1
+        self.counters["prefill_padded"] += len(chunks) * T
+        done = []
+        for b, (r, n) in enumerate(chunks):
+            r.num_computed += n
+            self.counters["prefill_tokens"] += n
+            self.blocks.register(r.id, r.all_ids, r.num_computed)
+            if r.num_computed == len(r.all_ids):
+                done.append(b)
+        if done:
+            self._sample([chunks[b][0] for b in done], logits[done])
 
     def _decode_step(self, rows: list[Request]) -> None:
         B = len(rows)

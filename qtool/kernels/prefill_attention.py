@@ -6,12 +6,13 @@ positions int64 [B, T], cache an ops.KVCache or ops.PagedKVCache after this step
 scale 1/sqrt(d), GQA head h on KV head h // (Hq/Hkv)). How: the stored K/V of positions 0..p_last of each row are
 gathered (through the block table when paged), decoded with the reference's ``kv_decode`` (the stored values x
 the layer's scales, float32); q stays float32; SDPA (the memory-efficient fused kernel in float32, else the
-math path) runs, K/V repeated per query head for GQA, with a causal mask aligned bottom-right when a row's queries are at consecutive positions p0..p0+T-1 (one call
-for all rows sharing p0), else with an explicit boolean mask (slot j visible to the query at p iff j <= p) per
-row. Tolerance against the reference: docs/numerics.md, "Prefill attention". Reads the positions on the host
-(one small sync at layer 0, remembered for the same positions tensor in the later layers of that forward), so it
-is for eager prefill, never for a captured decode step. ``applies`` says where it runs; elsewhere the backend
-keeps attn_partial.
+math path) runs, K/V repeated per query head for GQA, with a causal mask aligned bottom-right when a row's
+queries are at consecutive positions p0..p0+T-1 (one call per run of adjacent rows sharing p0: the engine's
+batched prefill orders its rows by start position), else with an explicit boolean mask (slot j visible to the
+query at p iff j <= p) per row. Tolerance against the reference: docs/numerics.md, "Prefill attention". Reads
+the positions on the host (one small sync at layer 0, remembered for the same positions tensor in the later
+layers of that forward), so it is for eager prefill, never for a captured decode step. ``applies`` says where it
+runs; elsewhere the backend keeps attn_partial.
 """
 from __future__ import annotations
 
@@ -105,11 +106,12 @@ def attention(q: torch.Tensor, positions: torch.Tensor, cache, layer: int) -> to
     rows = _summary(positions, layer == 0)
     qb = q.reshape(B, T, Hq, D).to(torch.float32).transpose(1, 2)          # [B, Hq, T, d]
     out = torch.empty(B, T, Hq, D, dtype=torch.float32, device=q.device)
-    starts = {r[0] for r in rows}
-    if all(r[2] for r in rows) and len(starts) == 1:
-        groups = [(0, B, None)]                                              # one call: every row at p0..p0+T-1
-    else:
-        groups = [(b, b + 1, None if rows[b][2] else positions[b]) for b in range(B)]
+    groups = []                  # one call per run of adjacent rows at the same p0..p0+T-1; a masked call per other row
+    for b, (p0, _, consec) in enumerate(rows):
+        if consec and groups and groups[-1][2] is None and rows[groups[-1][0]][0] == p0:
+            groups[-1][1] = b + 1
+        else:
+            groups.append([b, b + 1, None if consec else positions[b]])
     for b0, b1, pos in groups:
         length = rows[b0][1] + 1 if pos is None else max(r[1] for r in rows[b0:b1]) + 1
         k = _decoded(cache, "k", layer, b0, b1, length)
