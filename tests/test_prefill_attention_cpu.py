@@ -19,13 +19,16 @@ def _positions(kind: str) -> torch.Tensor:
         return torch.arange(37, 58)[None]
     if kind == "starts":                                  # rows at different starts
         return torch.stack([torch.arange(5, 12), torch.arange(0, 7)])
+    if kind == "runs":                                    # the engine's batched prefill: runs of rows sharing a start
+        return torch.stack([torch.arange(0, 9), torch.arange(0, 9), torch.arange(13, 22), torch.arange(13, 22),
+                            torch.arange(0, 9)])
     # padded: row 1 ends at 4 and its padding sits at position 0 (the engine's dummy slot)
     return torch.tensor([[3, 4, 5, 6, 7, 8], [2, 3, 4, 0, 0, 0]])
 
 
 @pytest.mark.parametrize("kv", ["bf16", "fp8", "nvfp4"])
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
-@pytest.mark.parametrize("kind", ["fresh", "chunk", "starts", "padded"])
+@pytest.mark.parametrize("kind", ["fresh", "chunk", "starts", "runs", "padded"])
 @pytest.mark.parametrize("shape", [(4, 4, 64), (8, 2, 128)], ids=lambda s: f"{s[0]}x{s[1]}x{s[2]}")
 def test_prefill_attention_cpu(kv, paged, kind, shape):
     from qtool.kernels import prefill_attention
@@ -39,6 +42,19 @@ def test_prefill_attention_cpu(kv, paged, kind, shape):
     err = rel_err(got, want)
     rows = ((got - want).norm(dim=1) / want.norm(dim=1)).max().item()
     assert err < 1e-4 and rows < 1e-4, f"relative error {err:.2e}, worst row {rows:.2e}"
+
+
+def test_one_sdpa_call_per_run_of_rows_sharing_a_start(monkeypatch):
+    """Adjacent rows at the same consecutive positions take one SDPA call; a row at other positions its own."""
+    from qtool.kernels import prefill_attention
+    calls = []
+    real = prefill_attention._sdpa
+    monkeypatch.setattr(prefill_attention, "_sdpa", lambda qb, *a: calls.append(qb.shape[0]) or real(qb, *a))
+    pos = _positions("runs")
+    case = PrefillCase("bf16", 4, 4, 64, True, pos, "cpu", seed=9)
+    with torch.inference_mode():
+        got = prefill_attention.attention(case.q, pos, case.cache, 0)
+    assert calls == [2, 2, 1] and rel_err(got, case.reference()) < 1e-4
 
 
 def test_decode_rows_not_taken():
