@@ -3,14 +3,18 @@
 (issue 16, target 6, CPU half: remainder <= 1.5 s).
 
 Contract: ``python3 bench/bench_startup.py CHECKPOINT [--runs 3] [--prompt TEXT] [--baseline-tree DIR] [--profile N]
-[--importtime N] [--json OUT]``. One untimed warm-up run (page cache, .pyc), then RUNS timed runs of
+[--importtime N] [--no-pyc] [--json OUT]``. One untimed warm-up run (page cache, .pyc), then RUNS timed runs of
 ``python -m qtool run CHECKPOINT PROMPT --backend torch --max-new-tokens 1 --json`` as a fresh process each:
 - wall: the subprocess's wall time (interpreter start to exit);
 - generation: ``stats.prefill_s + decode_s + graph_s`` from the run's own JSON;
 - import torch: a fresh ``python -c "import torch"`` timed in-process (perf_counter around the import), run
   right after each CLI run, so both see the same machine load;
 - remainder = wall - import torch - generation; also the child's CPU seconds (user + sys, from rusage).
-Prints each run and the medians. ``--baseline-tree DIR`` (another checkout, e.g. /work/main) runs its ``qtool``
+Every process gets bytecode caches as an installed package has them: PYTHONDONTWRITEBYTECODE is dropped and
+PYTHONPYCACHEPREFIX points at a temporary folder (nothing is written into the trees), so the warm-up run
+compiles each module once and the timed runs load .pyc files (``--no-pyc`` keeps the environment as it is; with
+PYTHONDONTWRITEBYTECODE set, every run compiles qtool's modules again). Prints each run and the medians.
+``--baseline-tree DIR`` (another checkout, e.g. /work/main) runs its ``qtool``
 the same way, alternating with this tree's run by run, so that both see the same machine load (the CPU is
 shared), and prints its table first. ``--profile N`` adds one cProfile'd run and prints the N biggest cumulative
 entries outside generation (cProfile inflates times; read it for shares); ``--importtime N`` adds one
@@ -33,8 +37,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+PYC = {"root": None}     # the bytecode cache folder (mirrors absolute source paths); None with --no-pyc
+
+
 def env_for(tree: Path) -> dict:
-    return {**os.environ, "PYTHONPATH": str(tree) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "PYTHONPATH": str(tree) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if PYC["root"]:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = PYC["root"]
+    return env
 
 
 def cli_args(ckpt: str, prompt: str) -> list[str]:
@@ -102,8 +113,11 @@ def main() -> None:
     ap.add_argument("--baseline-tree", metavar="DIR", help="another checkout to time alternately (e.g. /work/main)")
     ap.add_argument("--profile", type=int, default=0, metavar="N")
     ap.add_argument("--importtime", type=int, default=0, metavar="N")
+    ap.add_argument("--no-pyc", action="store_true", help="keep PYTHONDONTWRITEBYTECODE / the bytecode caches as set")
     ap.add_argument("--json", dest="json_out")
     a = ap.parse_args()
+    if not a.no_pyc:
+        PYC["root"] = tempfile.mkdtemp(prefix="qtool_startup_pyc_")
     trees = ([("baseline " + a.baseline_tree, Path(a.baseline_tree).resolve())] if a.baseline_tree else []) + \
         [("this tree", ROOT)]
     runs: dict = {name: [] for name, _ in trees}

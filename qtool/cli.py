@@ -9,7 +9,8 @@ Ctrl-C), and the JSON error on stdout when `--json` is among the arguments. Shel
 `qtool --install-completion` / `--show-completion`. `main` (the console script and `python -m qtool`) ends a
 process that has loaded torch with `os._exit` once the command has returned, after running the atexit
 handlers and flushing stdout/stderr: the interpreter's teardown of torch's modules and of the loaded weights
-(~0.5 s on a 2-core CPU) is skipped; with other non-daemon threads alive it exits normally.
+(~0.5 s on a 2-core CPU) is skipped; with other non-daemon threads alive, or under a profiler, debugger or
+coverage tool, it exits normally.
 """
 from __future__ import annotations
 
@@ -89,9 +90,9 @@ def main() -> None:
 def _exit(code) -> None:
     """Exit with `code` (SystemExit's convention); skip the interpreter's teardown when torch is loaded."""
     import threading
-    if "torch" not in sys.modules or any(t is not threading.main_thread() and not t.daemon
-                                         for t in threading.enumerate()):
-        sys.exit(code)
+    if "torch" not in sys.modules or sys.getprofile() is not None or sys.gettrace() is not None or \
+            any(t is not threading.main_thread() and not t.daemon for t in threading.enumerate()):
+        sys.exit(code)          # also under a profiler, debugger or coverage tool: they write their data at exit
     if code is None:
         code = 0
     elif not isinstance(code, int):

@@ -21,6 +21,7 @@ must be equal, except the per-tensor scales merged above.
 from __future__ import annotations
 
 import ast
+import functools
 
 import numpy as np
 import torch
@@ -73,6 +74,7 @@ def _scalar_max(values: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([v.float().reshape(()) for v in values]).max()
 
 
+@functools.lru_cache(maxsize=None)
 def _out_axis(shape: str, group_size: int | None) -> tuple[int, int] | None:
     """(axis, out rows per element along it) of a tensor role whose recipes/formats.toml shape has a dimension in
     o (its first alternative): "o, i // 2" -> (0, 1), "i, o // 8" -> (1, 8), "cdiv(o, 128), ..." -> (0, 128),
