@@ -156,3 +156,11 @@ def test_process_exit_after_torch_keeps_output_atexit_and_codes(tiny_models):
                             "atexit.register(lambda: print('atexit ran')); print('out', end=' '); "
                             f"_exit({code})"], cwd=REPO, capture_output=True, text=True, timeout=300)
         assert (p.returncode, p.stdout, p.stderr.strip()) == (rc, "out atexit ran\n", err)
+    # the interpreter's teardown (here: a __del__ of a module global) is skipped, except under a profiler
+    for profiled, tail in ((False, "atexit ran\n"), (True, "atexit ran\nteardown ran\n")):
+        p = subprocess.run([sys.executable, "-c", "import atexit, sys, torch; from qtool.cli import _exit\n"
+                            "class D:\n    def __del__(self): print('teardown ran')\n"
+                            "d = D(); atexit.register(lambda: print('atexit ran'))\n"
+                            + ("sys.setprofile(lambda *a: None)\n" if profiled else "") + "_exit(0)"],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert (p.returncode, p.stdout) == (0, tail), p.stderr
