@@ -15,7 +15,10 @@ Per format:
 - bf16 weights: ``torch.mm`` on x̂ rounded to bf16.
 - every other format (fp8 block scales or weight-only, nvfp4, mxfp4, int4 AWQ / GPTQ): the weight decoded once per
   call into a bf16 scratch buffer (dequant.cu: the reference decode rounded once to bf16), then ``torch.mm`` on x̂
-  (act_quant.cu's float32 result, rounded to bf16).
+  (act_quant.cu's float32 result, rounded to bf16). Where both roundings can be avoided they are: x̂ of a static
+  per-tensor fp8 or nvfp4 input scale is divided by that scale (leaving e4m3 or e2m1 x e4m3 values, exact in bf16)
+  and nvfp4 weights are decoded without their global scale (E2M1 x E4M3, exact); both scales multiply the float32
+  output instead, so those products are exact and only the float32 sums differ from the reference.
 Outputs are float32 where cuBLASLt writes it directly (probed once per process, outside graph capture), else
 bf16 widened to float32. Tolerance (docs/numerics.md): the bf16 roundings of x̂ and of decoded weights give
 ‖y − ref‖/‖ref‖ of a few 1e-3 (tested at 5e-3, bound 1e-2); the fp8 path has exact products and Hopper's fp8
@@ -29,7 +32,7 @@ import torch
 
 from qtool.kernels.launch import f32, i32, launch, ptr
 from qtool.kernels.quant_input import act_quant, fp8_codes_ok
-from qtool.kernels.weights import A_FP8, A_FP8_TOKEN, A_NONE, F_BF16, F_FP8, F_FP8T, F_INT4, KLinear
+from qtool.kernels.weights import A_FP8, A_FP8_TOKEN, A_NONE, A_NVFP4, F_BF16, F_FP8, F_FP8T, F_INT4, F_NVFP4, KLinear
 
 DECODE_MAX_M = 8          # rows the GEMV decode paths take; above it this module's GEMMs run
 
@@ -57,8 +60,16 @@ def linear(x: torch.Tensor, kl: KLinear) -> torch.Tensor:
         y = _fp8_scaled(x, kl)
     else:
         xh = x if (kl.act == A_NONE and kl.pqs is None) else _act(x, kl)
-        w = kl.w if kl.fmt == F_BF16 else dequant(kl)
+        unit = kl.act in (A_FP8, A_NVFP4) and kl.in_scale is not None    # x̂ / in_scale: e4m3 or e2m1 x e4m3, exact
+        if unit:
+            xh = xh / kl.in_scale
+        gs = kl.fmt == F_NVFP4 and kl.gs != 1.0                          # e2m1 x e4m3 without the global: exact
+        w = kl.w if kl.fmt == F_BF16 else dequant(kl, unit_global=gs)
         y = _mm(xh.to(torch.bfloat16), w)
+        if unit:
+            y.mul_(kl.in_scale)
+        if gs:
+            y.mul_(kl.gs)
     if kl.bias is not None:
         y.add_(kl.bias)
     return y
@@ -106,13 +117,14 @@ def untile(kl: KLinear) -> torch.Tensor:
     return out
 
 
-def dequant(kl: KLinear) -> torch.Tensor:
-    """kl's weights decoded to bf16 [O, K] (a fresh scratch tensor from torch's caching allocator)."""
+def dequant(kl: KLinear, unit_global: bool = False) -> torch.Tensor:
+    """kl's weights decoded to bf16 [O, K] (a fresh scratch tensor from torch's caching allocator); unit_global
+    (nvfp4): without the per-tensor global scale kl.gs, so every value (E2M1 x E4M3) is exact in bf16."""
     O, K = kl.out_features, kl.in_features
     out = torch.empty(O, K, dtype=torch.bfloat16, device=kl.w.device)
     f = F_FP8T if kl.tiled else kl.fmt
     launch("dequant", f"dequant_bf16<{f}>", (math.ceil(O * (K // 8) / 256),), (256,),
-           (ptr(kl.w), ptr(kl.sc), ptr(kl.zp), f32(kl.gs), f32(kl.s2), ptr(out), i32(O), i32(K), i32(kl.sld),
+           (ptr(kl.w), ptr(kl.sc), ptr(kl.zp), f32(1.0 if unit_global else kl.gs), f32(kl.s2), ptr(out), i32(O), i32(K), i32(kl.sld),
             i32(kl.sbo), i32(kl.sbi)))
     return out
 
