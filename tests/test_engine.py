@@ -176,3 +176,24 @@ def test_block_manager():
     bm.free("a")
     assert bm.free_blocks == 4 and 0 not in bm.table("b")
     assert bm.ensure("b", 16) and sorted(bm.table("b")) == [1, 2, 3, 4]
+
+
+def test_dropped_engine_is_freed_without_the_cycle_collector(setup):
+    """A dropped Engine (its paged cache and, on CUDA, its captured graphs) is freed when its last reference goes,
+    not later by the cycle collector: collected in the middle of another engine's graph capture, it would free
+    device memory inside that capture and invalidate it (GPU run 52, tests/gpu/test_serve_gpu.py)."""
+    import gc
+    import weakref
+    model, tok, prompts = setup
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        engine, _ = run_engine(model, tok, prompts[:2], n=3)
+        ref = weakref.ref(engine)
+        cache = weakref.ref(engine.cache.block_tables)
+        del engine
+        assert ref() is None and cache() is None
+    finally:
+        if enabled:
+            gc.enable()

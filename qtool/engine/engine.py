@@ -118,7 +118,8 @@ class Engine:
         self.cache = self.be.new_paged_cache(num_blocks, block_size, kv_format, max_batch=self.sizes[-1],
                                              max_blocks_per_seq=self.max_blocks_per_seq)
         self._tables = torch.zeros(self.sizes[-1], self.max_blocks_per_seq, dtype=torch.int32)
-        self._decode = self.be.wrap_decode(lambda ids, pos: model.forward(ids, pos, self.cache))
+        cache = self.cache            # not self: no cycle, so a dropped engine frees its graphs at once
+        self._decode = self.be.wrap_decode(lambda ids, pos: model.forward(ids, pos, cache))
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._inbox: list[Request] = []

@@ -206,15 +206,25 @@ class CudaBackend:
 
 def warm_and_capture(fn):
     """(CUDA graph of fn(), its output): fn runs once on a side stream first (kernels compiled and loaded outside
-    the capture), then is captured."""
+    the capture), then is captured. Dead Python cycles are collected first and the collector is off during the
+    capture: a cycle holding an earlier graph or its memory (e.g. a dropped Engine), collected mid-capture, would
+    free device memory inside the capture and invalidate it (torch no longer collects before capturing)."""
+    import gc
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         fn()                      # warm-up: compiles/loads every kernel outside the capture
     torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = fn()
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = fn()
+    finally:
+        if enabled:
+            gc.enable()
     return g, out
 
 
