@@ -187,7 +187,10 @@ def test_chat_stream_and_not(client, reference, server):
                                            extra_body={"ignore_eos": True})        # the prompt's full blocks: cached
     assert again.choices[0].message.content == want.text
     assert again.usage.prompt_tokens_details.cached_tokens == (len(ids) - 1) // 8 * 8 > 0
-    assert metric(server.metrics(), "qtool_prefix_cache_hits_total") > 0
+    m = server.metrics()
+    assert metric(m, "qtool_prefix_cache_hits_total") > 0
+    assert metric(m, "qtool_prefill_forwards_total") >= 3                   # one per request above, at least
+    assert metric(m, "qtool_prefill_computed_positions_total") >= metric(m, "qtool_prefill_tokens_total") > 0
     stream = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0, stream=True,
                                             extra_body={"ignore_eos": True})
     chunks = list(stream)

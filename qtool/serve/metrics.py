@@ -36,7 +36,10 @@ class Metrics:
             ("kv_cache_blocks_free", "KV-cache blocks free"),
             ("num_preemptions_total", "Requests preempted (blocks freed, recomputed later)"),
             ("prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache"),
-            ("prefix_cache_hits_total", "Prompt tokens found in the prefix cache (not recomputed)"))}
+            ("prefix_cache_hits_total", "Prompt tokens found in the prefix cache (not recomputed)"),
+            ("prefill_forwards_total", "Prefill forwards (each packs the chunks of one scheduler step)"),
+            ("prefill_tokens_total", "Prompt positions computed by prefill (cache hits excluded)"),
+            ("prefill_computed_positions_total", "Positions the prefill forwards computed, padding included"))}
 
     def bind(self, engine) -> None:
         reads = {"num_requests_running": lambda: len(engine.running),
@@ -45,7 +48,10 @@ class Metrics:
                  "kv_cache_blocks_free": lambda: engine.blocks.free_blocks,
                  "num_preemptions_total": lambda: engine.counters["preemptions"],
                  "prefix_cache_queries_total": lambda: engine.blocks.queried_tokens,
-                 "prefix_cache_hits_total": lambda: engine.blocks.hit_tokens}
+                 "prefix_cache_hits_total": lambda: engine.blocks.hit_tokens,
+                 "prefill_forwards_total": lambda: engine.counters["prefill_forwards"],
+                 "prefill_tokens_total": lambda: engine.counters["prefill_tokens"],
+                 "prefill_computed_positions_total": lambda: engine.counters["prefill_padded"]}
         for k, fn in reads.items():
             self.gauges[k].labels(self.name).set_function(fn)
 
