@@ -3,7 +3,8 @@
 1. Paged attention: the CUDA backend's `new_paged_cache` (blocks handed out in a scrambled order, a padded row on
    the dummy block 0) over a prefill of mixed lengths + decode steps, for every KV format, against the reference
    backend's paged cache (itself equal to its contiguous cache, tests/test_engine_paged.py): logits relative error
-   <= 5e-2 and top-1 equal on >= 95% of rows (docs/numerics.md's bound).
+   <= 5e-2 (docs/numerics.md's bound) and top-1 equal on every row whose reference top-2 margin is above float
+   noise.
 2. The engine on CUDA (batched padded decode through CUDA graphs, chunked prefill, preemption): 8 concurrent
    greedy requests give the reference engine's greedy tokens, allowing a divergence only where the reference's
    top-2 margin is at float-noise level (as tests/gpu/test_e2e.py does for `run`); and they give exactly what the
@@ -41,10 +42,15 @@ def models(tiny_models):
 
 
 def _close(ref, got):
+    """Logits within numerics.md's 5e-2; top-1 equal on every row except where the reference's own top-2 margin is
+    at float-noise level (8 rows: one near-tie would otherwise fail a 95 % agreement rule, as in run 52)."""
     got = got.float().cpu()
     err = float((got - ref).norm() / ref.norm())
-    agree = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
-    assert err <= 5e-2 and agree >= 0.95, (err, agree)
+    top2 = ref.topk(2, dim=-1).values
+    margin = top2[:, 0] - top2[:, 1]
+    parted = got.argmax(-1) != ref.argmax(-1)
+    noise = margin < 1e-2 * top2[:, 0].abs().clamp(min=1.0)
+    assert err <= 5e-2 and bool((~parted | noise).all()), (err, parted.tolist(), margin.tolist())
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "fp8", "nvfp4"])
