@@ -34,6 +34,7 @@ RECIPES=(
   "fp8-fp8kv|--quant fp8 --kv-cache-quant fp8"
   "fp8-nvfp4kv|--quant fp8 --kv-cache-quant nvfp4"
   "w4a16-awq|--quant w4a16-awq --awq-block-size 64"
+  "w4a16-awq-full|--quant w4a16-awq --awq-block-size 64 --algorithm awq_full"
   "nvfp4|--quant nvfp4"
   "nvfp4-awq-lite|--quant nvfp4 --algorithm awq_lite"
 )

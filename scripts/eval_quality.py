@@ -27,9 +27,11 @@ RECIPES = {   # name -> qtool quantize arguments
     "fp8-nvfp4kv": ["--quant", "fp8", "--kv-cache-quant", "nvfp4"],
     "w4a16-awq": ["--quant", "w4a16-awq", "--awq-block-size", "64"],
     "w4a16-awq-clip": ["--quant", "w4a16-awq", "--awq-block-size", "64", "--algorithm", "awq_clip"],
+    "w4a16-awq-full": ["--quant", "w4a16-awq", "--awq-block-size", "64", "--algorithm", "awq_full"],
     "nvfp4": ["--quant", "nvfp4"],
 }
-TARGETS = {"fp8": 1.01, "fp8-fp8kv": 1.01, "w4a16-awq": 1.15, "w4a16-awq-clip": 1.15, "nvfp4": 1.20}
+TARGETS = {"fp8": 1.01, "fp8-fp8kv": 1.01, "w4a16-awq": 1.15, "w4a16-awq-clip": 1.15, "w4a16-awq-full": 1.15,
+           "nvfp4": 1.20}
 
 
 def ci(d: dict, fmt: str) -> str:
