@@ -128,7 +128,7 @@ class Engine:
         self._requeued = 0             # preempted requests in `waiting` (already accepted once)
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "preemptions": 0, "steps": 0,
                          "prefill_tokens": 0, "decode_rows": 0,     # positions computed by prefill chunks / decode
-                         "prefill_forwards": 0, "prefill_padded": 0}  # prefill forwards and their B x Tmax positions
+                         "prefill_forwards": 0, "prefill_positions": 0}  # prefill forwards and their B x Tmax positions
 
     # -- thread-safe entry points -----------------------------------------------------------------
     @property
@@ -280,7 +280,7 @@ class Engine:
         self._fill_tables([r for r, _ in chunks], len(chunks))
         logits = self.model.forward(ids.to(dev), pos.to(dev), self.cache, last_index=last.to(dev))
         self.counters["prefill_forwards"] += 1
-        self.counters["prefill_padded"] += len(chunks) * T
+        self.counters["prefill_positions"] += len(chunks) * T
         done = []
         for b, (r, n) in enumerate(chunks):
             r.num_computed += n

@@ -124,8 +124,8 @@ def dequant(kl: KLinear, unit_global: bool = False) -> torch.Tensor:
     out = torch.empty(O, K, dtype=torch.bfloat16, device=kl.w.device)
     f = F_FP8T if kl.tiled else kl.fmt
     launch("dequant", f"dequant_bf16<{f}>", (math.ceil(O * (K // 8) / 256),), (256,),
-           (ptr(kl.w), ptr(kl.sc), ptr(kl.zp), f32(1.0 if unit_global else kl.gs), f32(kl.s2), ptr(out), i32(O), i32(K), i32(kl.sld),
-            i32(kl.sbo), i32(kl.sbi)))
+           (ptr(kl.w), ptr(kl.sc), ptr(kl.zp), f32(1.0 if unit_global else kl.gs), f32(kl.s2), ptr(out), i32(O),
+            i32(K), i32(kl.sld), i32(kl.sbo), i32(kl.sbi)))
     return out
 
 

@@ -113,7 +113,7 @@ def attention(q: torch.Tensor, positions: torch.Tensor, cache, layer: int) -> to
         else:
             groups.append([b, b + 1, None if consec else positions[b]])
     for b0, b1, pos in groups:
-        length = rows[b0][1] + 1 if pos is None else max(r[1] for r in rows[b0:b1]) + 1
+        length = rows[b0][1] + 1         # a run shares p0 and T (so its last position); a masked group: one row
         k = _decoded(cache, "k", layer, b0, b1, length)
         v = _decoded(cache, "v", layer, b0, b1, length)
         mask = None

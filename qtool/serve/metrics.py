@@ -51,7 +51,7 @@ class Metrics:
                  "prefix_cache_hits_total": lambda: engine.blocks.hit_tokens,
                  "prefill_forwards_total": lambda: engine.counters["prefill_forwards"],
                  "prefill_tokens_total": lambda: engine.counters["prefill_tokens"],
-                 "prefill_computed_positions_total": lambda: engine.counters["prefill_padded"]}
+                 "prefill_computed_positions_total": lambda: engine.counters["prefill_positions"]}
         for k, fn in reads.items():
             self.gauges[k].labels(self.name).set_function(fn)
 

@@ -85,7 +85,7 @@ def _run(models, fmt):
                 assert engine.counters["steps"] < 500
     calls = [c for _, c in rec.calls]
     assert any(shape[0] > 1 and len(set(starts)) > 1 for shape, starts in calls), calls
-    assert engine.counters["prefill_padded"] > engine.counters["prefill_tokens"], calls
+    assert engine.counters["prefill_positions"] > engine.counters["prefill_tokens"], calls
     assert len(calls) < sum(shape[0] for shape, _ in calls), calls
     assert engine.blocks.used_blocks == 0
     return prompts, [outs[str(i)] for i in range(len(prompts))], n
