@@ -17,6 +17,7 @@ row-major copy CudaBackend keeps, as ``prepare`` does). Parts:
   gather/decode + SDPA) is printed beside it.
 - batch: decode tok/s at batch 1, 8, 32, 64, context 1024, bf16 KV, one CUDA graph per batch size (step +
   sampling), for fp8, bf16, nvfp4, w4a16-awq, and the ratio to batch 1.
+- batchpaged: the batch part for fp8 weights on the engine's paged cache (blocks of 16, shuffled), bf16 and fp8 KV.
 - profile: torch.profiler over one 512-token prefill of the 8B fp8 model and one eager batch-32 fp8 decode step
   (context 1024): the 15 kernels with the most GPU time and the wall time of each, to show what limits them.
 - cli: ``qtool run`` of a SmolLM2-shaped random fp8 checkpoint (30 layers, d 576; ModelOpt FP8 layout written
@@ -199,15 +200,36 @@ def part_ttft(lengths=(2048, 512)):
         torch.cuda.empty_cache()
 
 
-def part_batch(batches=(1, 8, 32, 64), ctx: int = 1024, kv: str = "bf16"):
+def _batch_cache(dec, kv: str, B: int, length: int, layout: str):
+    """The decode cache of part_batch: contiguous (``qtool run``'s) or paged with blocks of 16 in a shuffled
+    order (the engine's: ``qtool serve`` / ``run --prompts``)."""
+    if layout == "contiguous":
+        return ops.KVCache(kv, B, length, dec.NL, dec.HKV, dec.D, DEV, [0.05] * dec.NL, [0.05] * dec.NL,
+                           o_proj=dec.layers[0]["o"])
+    bs, nb = 16, -(-length // 16)
+    c = ops.PagedKVCache(kv, B * nb + 1, bs, B, nb, dec.NL, dec.HKV, dec.D, DEV, [0.05] * dec.NL,
+                         [0.05] * dec.NL, o_proj=dec.layers[0]["o"])
+    g = torch.Generator().manual_seed(0)
+    c.block_tables.copy_((1 + torch.randperm(B * nb, generator=g)).view(B, nb).to(torch.int32))
+    return c
+
+
+def part_batchpaged():
+    """part_batch on the engine's paged cache (fp8 weights; bf16 and fp8 KV)."""
+    for kv in ("bf16", "fp8"):
+        part_batch(kv=kv, layout="paged", formats=("fp8",))
+
+
+def part_batch(batches=(1, 8, 32, 64), ctx: int = 1024, kv: str = "bf16", layout: str = "contiguous",
+               formats=("fp8", "bf16", "nvfp4", "w4a16-awq")):
     from qtool.runtime.backends.cuda import DecodeLoop
 
     class _Be:
         pass
     rows = []
-    print("\n| format | batch | context | tok/s | ms/step | x batch 1 |")
+    print(f"\n{layout} KV cache ({kv})\n| format | batch | context | tok/s | ms/step | x batch 1 |")
     print("|---|---|---|---|---|---|")
-    for fmt in ("fp8", "bf16", "nvfp4", "w4a16-awq"):
+    for fmt in formats:
         dec = bd.Decoder("llama3.1-8b", fmt, kv, 8)
         f = torch.randn(ctx + 64, dec.D // 2, device=DEV)
         dec.cos, dec.sin = f.cos(), f.sin()          # RoPE tables for the longer cache
@@ -218,8 +240,7 @@ def part_batch(batches=(1, 8, 32, 64), ctx: int = 1024, kv: str = "bf16"):
         for B in batches:
             dec.cache = None
             torch.cuda.empty_cache()
-            dec.cache = ops.KVCache(kv, B, ctx + 64, dec.NL, dec.HKV, dec.D, DEV, [0.05] * dec.NL, [0.05] * dec.NL,
-                                    o_proj=dec.layers[0]["o"])
+            dec.cache = _batch_cache(dec, kv, B, ctx + 64, layout)
             bd.fill_cache(dec.cache)
             loop = DecodeLoop(be, dec.step, torch.ones(B, 1, dtype=torch.long, device=DEV),
                               torch.full((B, 1), ctx, device=DEV), 0.0, 0, 1.0)
@@ -230,12 +251,13 @@ def part_batch(batches=(1, 8, 32, 64), ctx: int = 1024, kv: str = "bf16"):
             t = bd.time_graph(nxt)
             tps = B / t
             base = base or tps
-            rows.append(dict(format=fmt, batch=B, ctx=ctx, tok_s=tps, ms=t * 1e3, x_batch1=tps / base))
+            rows.append(dict(format=fmt, batch=B, ctx=ctx, layout=layout, kv=kv, tok_s=tps, ms=t * 1e3,
+                             x_batch1=tps / base))
             print(f"| {fmt} | {B} | {ctx} | {tps:.0f} | {t * 1e3:.2f} | {tps / base:.1f} |", flush=True)
             del loop
         del dec
         torch.cuda.empty_cache()
-    RESULTS["batch"] = rows
+    RESULTS.setdefault("batch", []).extend(rows)
 
 
 def _profiled(label: str, fn) -> None:
@@ -371,7 +393,8 @@ def summary():
               f"{t['gemm_ref_s'] * 1e3:.1f} + SDPA {t['sdpa_ref_s'] * 1e3:.1f}): {t['ratio']:.2f}")
     for r in RESULTS.get("batch", []):
         if r["batch"] > 1:
-            print(f"batch {r['format']} B={r['batch']}: {r['tok_s']:.0f} tok/s, x{r['x_batch1']:.1f}")
+            print(f"batch {r['format']} {r.get('layout', '')} kv {r.get('kv', '')} B={r['batch']}: "
+                  f"{r['tok_s']:.0f} tok/s, x{r['x_batch1']:.1f}")
     if "cli" in RESULTS:
         c = RESULTS["cli"]
         print(f"cli: walls {[round(r['wall_s'], 2) for r in c['runs']]} s, decode {c['runs'][-1]['decode_tok_s']:.0f} "

@@ -34,7 +34,7 @@ import torch
 
 from qtool.formats import registry
 from qtool.kernels import gemm, gemv_4bit, pdl  # noqa: F401 - pdl: ops.pdl for callers
-from qtool.kernels.launch import f32, i32, launch, ptr
+from qtool.kernels.launch import allow_smem, f32, i32, launch, ptr
 from qtool.kernels.quant_input import act_quant, fp8_codes_ok, threads
 from qtool.kernels.split import MMA4_MAX_SLICES, kslices, mma4_split
 from qtool.kernels.weights import (A_FP8, A_FP8_BLOCK, A_MXFP4, A_NONE, A_NVFP4, F_FP8, F_FP8T, F_INT4, F_MXFP4,
@@ -500,8 +500,10 @@ def _attn_partial(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, laye
     head = (ptr(q2), i32(q2.stride(0)), ptr(pos), i32(T), ptr(kc), ptr(ks), ptr(vc), ptr(vs), i32(cache.code),
             f32(cache.k_scales[layer]), f32(cache.v_scales[layer]), ptr(part), ptr(ml), i32(Hq), i32(Hkv))
     if paged:
-        launch("attention", "attn_partial_paged<" + kernel, (N * Hkv, S), (128,),
-               head + (i32(PAGED_MIN_SPAN), f32(1.0 / math.sqrt(D))) + tail[:-1] + cache.paging())
+        name, smem = "attn_partial_paged<" + kernel, paged_stage_bytes(cache)
+        allow_smem("attention", name, smem)
+        launch("attention", name, (N * Hkv, S), (128,),
+               head + (i32(PAGED_MIN_SPAN), f32(1.0 / math.sqrt(D))) + tail[:-1] + cache.paging(), smem)
     else:
         launch("attention", "attn_partial<" + kernel, (N * Hkv, S), (128,),
                head + (i32(cache.max_len), i32(cache.chunk), f32(1.0 / math.sqrt(D))) + tail)
@@ -509,6 +511,15 @@ def _attn_partial(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, laye
 
 
 PAGED_MIN_SPAN = 32     # positions of the shortest split of attn_partial_paged (one round of 4 warps x 8 rows)
+PAGED_SUB_CHUNK = 128   # positions attn_partial_paged stages in shared memory at once (attention.cu's CMAX)
+
+
+def paged_stage_bytes(cache: "KVCache") -> int:
+    """Dynamic shared memory of attn_partial_paged: K and V rows (codes + nvfp4 block scales) of one sub-chunk
+    (attention.cu's RowBytes<D, KF>::stage), from the cache's own row layout."""
+    kc, ks = cache.k[0]
+    row = kc.shape[-1] * kc.element_size() + (ks.shape[-1] if ks is not None else 0)
+    return 2 * PAGED_SUB_CHUNK * row
 
 
 def _paged_splits(N: int, hkv: int, max_len: int) -> int:
