@@ -26,8 +26,8 @@ RECIPES = ["fp8", "fp8-rowwise", "fp8-block"]
 class _HF:
     """A transformers model behind the interface qtool.eval.score runs (forward with all_logits)."""
 
-    def __init__(self, model):
-        self.model, self.backend = model, SimpleNamespace(device="cpu")
+    def __init__(self, model, device: str = "cpu"):
+        self.model, self.backend = model, SimpleNamespace(device=device)
 
     def new_cache(self, *args):
         return None
@@ -43,6 +43,15 @@ def _loaded(model, name):
 
 @pytest.mark.parametrize("quant", RECIPES)
 def test_modelopt_fake_quant_matches_reference(tiny_models, tmp_path, quant):
+    compare(tiny_models("llama"), tmp_path, quant)
+
+
+def compare(src, tmp_path, quant: str, kv: str | None = None, algorithm: str | None = None,
+            block_size: int | None = None, bound: float = 0.01):
+    """Calibrate ``src`` with qtool's ModelOpt config for (quant, kv, algorithm) on the machine's device, export
+    it, and assert qtool's reference on the export agrees with ModelOpt's fake quantization: perplexity ratio
+    within ``bound`` with its 95 % interval inside [1 - 2 bound, 1 + 2 bound], and KL(ModelOpt || qtool) below the
+    quantization's own KL(bf16 || ModelOpt). Returns the printed line."""
     import torch
     from transformers import AutoModelForCausalLM
     from qtool.calibration import calibration_batches, calibration_texts
@@ -52,9 +61,9 @@ def test_modelopt_fake_quant_matches_reference(tiny_models, tmp_path, quant):
     from qtool.quantize import configs, export, ptq
     from qtool.quantize.progress import Stages
 
-    src = tiny_models("llama")
     model, tok = ptq.load_model(src)
-    cfg = configs.build_config(recipe("weights", quant), None)
+    dev = str(ptq.input_device(model))
+    cfg = configs.build_config(recipe("weights", quant), recipe("kv", kv) if kv else None, block_size, algorithm)
     batches = calibration_batches(tok, calibration_texts(None, 16)[0], 64, 4)
     with Stages(False) as stages:
         ptq.calibrate(model, cfg, batches, stages, quant)
@@ -66,16 +75,19 @@ def test_modelopt_fake_quant_matches_reference(tiny_models, tmp_path, quant):
     qt = sc.load_model(str(out), "torch", progress=False)
     ids = sc.tokenize(qt.tokenizer, DEFAULT_TEXT.read_text(encoding="utf-8"))
     wins = sc.windows(ids, 128, 2048)
-    bf16 = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
-    runs = [sc.Run("modelopt", _loaded(_HF(fake), "modelopt")), sc.Run("qtool", qt),
-            sc.Run("bf16", _loaded(_HF(bf16), "bf16"))]
+    bf16 = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).to(dev).eval()
+    runs = [sc.Run("modelopt", _loaded(_HF(fake, dev), "modelopt")), sc.Run("qtool", qt),
+            sc.Run("bf16", _loaded(_HF(bf16, dev), "bf16"))]
     per_run, per_pair = sc.score(runs, [("qtool", "modelopt"), ("modelopt", "bf16")], wins)
     same = stats.paired(per_run["qtool"], per_run["modelopt"], per_pair[("qtool", "modelopt")])
     quant_gap = stats.paired(per_run["modelopt"], per_run["bf16"], per_pair[("modelopt", "bf16")])
     ppl_mo, ppl_qt = stats.perplexity(per_run["modelopt"]), stats.perplexity(per_run["qtool"])
-    print(f"{quant}: ModelOpt {ppl_mo['value']:.3f} {ppl_mo['ci95']}, qtool {ppl_qt['value']:.3f} {ppl_qt['ci95']}, "
-          f"ratio {same['ppl_ratio']}, KL {same['mean_kl']['value']:.2e} vs quantization KL "
-          f"{quant_gap['mean_kl']['value']:.2e}, agreement {same['top1_agreement']['value']:.4f}")
+    line = (f"{quant} kv={kv} algorithm={algorithm} on {dev}: ModelOpt {ppl_mo['value']:.3f} {ppl_mo['ci95']}, "
+            f"qtool {ppl_qt['value']:.3f} {ppl_qt['ci95']}, ratio {same['ppl_ratio']}, KL "
+            f"{same['mean_kl']['value']:.2e} vs quantization KL {quant_gap['mean_kl']['value']:.2e}, agreement "
+            f"{same['top1_agreement']['value']:.4f}")
+    print(line)
     lo, hi = same["ppl_ratio"]["ci95"]
-    assert abs(same["ppl_ratio"]["value"] - 1) < 0.01 and 0.98 < lo <= hi < 1.02
-    assert same["mean_kl"]["value"] < quant_gap["mean_kl"]["value"]
+    assert abs(same["ppl_ratio"]["value"] - 1) < bound and 1 - 2 * bound < lo <= hi < 1 + 2 * bound, line
+    assert same["mean_kl"]["value"] < quant_gap["mean_kl"]["value"], line
+    return line
