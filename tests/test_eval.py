@@ -73,7 +73,8 @@ def test_perplexity_gap_and_floor_match_transformers(setup):
         assert lo <= est["value"] <= hi and lo < hi
     # the floor: a bf16 model in float32 barely moves under a 2^-20 input perturbation; different weights do
     f = r["noise_floor"]
-    assert f["runs"] == 2 and len(f["pairs"]) == 3
+    assert f["runs"] == 2 and len(f["pairs"]) == 6                      # baseline, floor1, floor2, floor_sum64
+    assert ["floor_sum64", "baseline"] in [q["pair"] for q in f["pairs"]]
     assert f["worst"]["top1_agreement"] > 0.97 and f["worst"]["mean_kl"] < 1e-4
     assert abs(math.log(f["worst"]["ppl_ratio"])) < 1e-3
     assert f["worst"]["mean_kl"] < gap["mean_kl"]["value"]
@@ -190,3 +191,29 @@ def test_quantize_algorithm_choices(setup, tmp_path):
     assert p.returncode == 2 and "does not apply to --quant fp8" in p.stderr and not (tmp_path / "x").exists()
     p = run_qtool("quantize", "--model", str(model), "--quant", "fp8", "--algorithm", "nope", "-o", str(tmp_path / "x"))
     assert p.returncode == 2 and "unknown --algorithm" in p.stderr
+
+
+def test_sum64_linear_is_the_float64_sum_rounded_once(setup):
+    """The floor's float64-summed reference: each linear equals x̂ @ W^T computed in float64 (numpy, independent of
+    torch's matmul) and rounded once to float32, and differs from the float32 matmul somewhere."""
+    import numpy as np
+    import torch
+    from qtool.eval import score as sc
+    model, _, _ = setup
+    m = sc.load_model(str(model), "torch", progress=False).model
+    be = m.backend
+    lw = m.weights.layers[0].gate_up
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, lw.in_features, generator=g)
+    w = be._w[id(lw)] if lw.parts is None else None
+    if w is None:
+        pytest.skip("gate/up stored unfused in this tiny model")
+    want = (lw.quantize_input(x).numpy().astype(np.float64) @ w.numpy().astype(np.float64).T).astype(np.float32)
+    plain = be.linear(x, lw)
+    be.sum64 = True
+    try:
+        got = be.linear(x, lw)
+    finally:
+        be.sum64 = False
+    assert np.array_equal(got.numpy(), want)
+    assert not torch.equal(plain, got)

@@ -3,8 +3,8 @@
 Contract: scores MODEL on a text (default: qtool's held-out qtool/data/eval_stdlib_docs.txt; docs/eval.md) in
 non-overlapping windows on the chosen backend (torch = float32 CPU reference, cuda); with --baseline compares it
 window by window with another model (ppl ratio, top-1 agreement, mean KL, each with its interval); with
---noise-floor N runs the reference N more times with ulp-level input perturbation and prints the worst self-pair
-beside the gap. Progress bar on stderr; --json prints one result object on stdout. The work is
+--noise-floor N runs the reference N more times with ulp-level input perturbation (and, on the torch backend, once
+with its linears summed in float64) and prints the worst self-pair beside the gap. Progress bar on stderr; --json prints one result object on stdout. The work is
 qtool.eval.evaluate; torch and the runtime are imported inside the command body only.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ def eval(  # noqa: A001 - the command's name
     backend: EvalBackend = typer.Option(EvalBackend.torch, "--backend", help="torch (CPU float32 reference), cuda (CuPy kernels), auto."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="Compare with this model on the same windows (e.g. the bf16 source)."),
     baseline_backend: Optional[EvalBackend] = typer.Option(None, "--baseline-backend", help="Backend of the baseline (default: --backend)."),
-    noise_floor: int = typer.Option(0, "--noise-floor", min=0, help="Run the baseline (else the model) N more times with embeddings × (1 + 2^-20·randn) and report the worst self-pair."),
+    noise_floor: int = typer.Option(0, "--noise-floor", min=0, help="Run the baseline (else the model) N more times with embeddings × (1 + 2^-20·randn), plus once with its linears summed in float64 (torch backend), and report the worst self-pair."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON document; no progress bar."),
 ):
     """Perplexity of a model on a text, with a 95 % interval; optionally against a baseline and its noise floor."""
@@ -99,7 +99,8 @@ def print_result(r: dict) -> None:
     if "noise_floor" in r:
         f = r["noise_floor"]
         w = f["worst"]
-        stdout.print(f"noise floor ({f['runs']} perturbed runs of {f['reference']} on {f['backend']}, worst of "
+        extra = " + float64 sums" if "floor_sum64" in f["perturbation"] else ""
+        stdout.print(f"noise floor ({f['runs']} perturbed runs{extra} of {f['reference']} on {f['backend']}, worst of "
                      f"{len(f['pairs'])} self-pairs): ppl ratio {w['ppl_ratio']:.4f}  top-1 agreement "
                      f"{w['top1_agreement']:.4f}  mean KL {w['mean_kl']:.5f}")
     for m in r["results"]:

@@ -84,6 +84,10 @@ def evaluate(req: EvalRequest, progress=None) -> dict:
         pairs += [(n, "baseline") for n in names]
     floor_names = [ref_name] + [f"floor{i}" for i in range(1, req.noise_floor + 1)]
     runs += [sc.Run(n, ref, perturb_seed=i) for i, n in enumerate(floor_names[1:], 1)]
+    sum64 = req.noise_floor > 0 and ref.backend == "torch"
+    if sum64:
+        floor_names.append("floor_sum64")
+        runs.append(sc.Run("floor_sum64", ref, sum64=True))
     floor_pairs = [(b, a) for i, a in enumerate(floor_names) for b in floor_names[i + 1:]]
     pairs += floor_pairs
 
@@ -100,7 +104,8 @@ def evaluate(req: EvalRequest, progress=None) -> dict:
         self_pairs = [{"pair": [a, b], **stats.paired(per_run[a], per_run[b], per_pair[(a, b)])}
                       for a, b in floor_pairs]
         out["noise_floor"] = {"runs": req.noise_floor, "reference": ref.ref, "backend": ref.backend,
-                              "perturbation": "input embeddings x (1 + 2^-20 randn), seeds 1..N",
+                              "perturbation": "input embeddings x (1 + 2^-20 randn), seeds 1..N"
+                              + ("; and every linear summed in float64 (floor_sum64)" if sum64 else ""),
                               "worst": stats.worst(self_pairs), "pairs": self_pairs}
     results = []
     for n, m in zip(names, models):

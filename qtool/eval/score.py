@@ -8,7 +8,8 @@ least 2 tokens). ``score(runs, pairs, windows, progress)`` runs every window thr
 ``Model.forward(all_logits=True)`` (a fresh cache per window, positions 0..T-1) and, for the T-1 predicted tokens,
 sums the NLL of each run and, for each pair (a, b), the top-1 agreements and KL(b ‖ a) = Σ p_b (log p_b − log p_a).
 A run may perturb its input embeddings: x · (1 + 2⁻²⁰ · randn), randn from a CPU generator seeded by
-(seed, window), so the same perturbation reaches either backend. All sums are float64 Python numbers.
+(seed, window), so the same perturbation reaches either backend; or (``sum64``, reference backend only) sum every
+linear in float64 before rounding to float32. All sums are float64 Python numbers.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ class Run:
     name: str
     loaded: Loaded
     perturb_seed: int | None = None
+    sum64: bool = False     # the reference backend with every linear summed in float64 (torch backend only)
 
 
 def load_model(ref: str, backend: str, progress: bool = True) -> Loaded:
@@ -89,12 +91,16 @@ def _logprobs(run: Run, ids: list[int], w_index: int) -> torch.Tensor:
             noise = torch.randn(e.shape, generator=gen, dtype=torch.float32).to(e.device)
             return e * (1.0 + PERTURB * noise).to(e.dtype)
         be.embed = embed
+    if run.sum64:
+        be.sum64 = True
     try:
         cache = m.new_cache(1, len(ids), run.loaded.kv)
         logits = m.forward(x, pos, cache, all_logits=True)[0, :-1]
     finally:
         if run.perturb_seed is not None:
             del be.embed
+        if run.sum64:
+            be.sum64 = False
     return torch.log_softmax(logits.float(), dim=-1).cpu()
 
 

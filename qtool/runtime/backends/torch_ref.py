@@ -5,7 +5,8 @@ a float32 `[out, in]` matrix (cached per LinearWeights; the quantized tensors st
 the ModelWeights, the float32 copies are this backend's working form), all of them and the float32 embedding
 table as views of one buffer (`_Arena`), each decoded in place (`LinearWeights.dequantize(out=)`). `linear` applies the
 layer's `pre_quant_scale`, then the activation quantization of its scheme
-(`qtool.formats.quantize_activation`), then `x @ W^T + bias` in float32. The KV cache holds K/V
+(`qtool.formats.quantize_activation`), then `x @ W^T + bias` in float32 (with `sum64` set: the same products summed in float64 and rounded
+once to float32, the summation-order self-pair of `qtool eval --noise-floor`). The KV cache holds K/V
 in their stored (quantized) form, written with `qtool.formats.kv_encode` and read back with
 `kv_decode`, using each layer's k_scale / v_scale (1.0 when the checkpoint has none).
 Two cache layouts: `new_cache` (contiguous rows, [B, max_len, Hkv, ...]) and `new_paged_cache`
@@ -77,6 +78,7 @@ class TorchRefBackend:
     def __init__(self):
         self.device = torch.device("cpu")
         self.act_dtype = torch.float32
+        self.sum64 = False        # linears summed in float64, then rounded (qtool eval's summation-order floor)
         self._w: dict[int, torch.Tensor] = {}
         self._bias: dict[int, torch.Tensor | None] = {}
 
@@ -133,7 +135,8 @@ class TorchRefBackend:
     def linear(self, x, lw):
         if lw.parts is not None:
             return torch.cat([self.linear(x, part) for part in lw.parts], dim=-1)
-        y = lw.quantize_input(x) @ self._w[id(lw)].t()
+        xq, w = lw.quantize_input(x), self._w[id(lw)]
+        y = (xq.double() @ w.double().t()).float() if self.sum64 else xq @ w.t()
         bias = self._bias[id(lw)]
         return y if bias is None else y + bias
 
