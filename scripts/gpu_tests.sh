@@ -14,7 +14,9 @@ if [ -d .whl ]; then $PY -m pip install -q --no-index --no-deps --no-compile --n
   $PY -c "import torch, cupy, transformers; print('torch', torch.__version__, 'cupy', cupy.__version__, 'transformers', transformers.__version__)"; } 2>&1 | tee "$OUT/env.txt"
 t0=$(date +%s)
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
-timeout "${TEST_BUDGET_S:-330}" $PY -m pytest -m gpu tests/gpu -q -rfE -p no:cacheprovider --timeout 240 --durations=12 ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log"
+# -v: one line per test as it ends (a run cut by the budget still names its failures); SIGINT at the budget makes
+# pytest print its failure summary before it stops
+timeout -s INT -k 30 "${TEST_BUDGET_S:-420}" $PY -m pytest -m gpu tests/gpu -v -rfE -p no:cacheprovider --timeout 240 --durations=12 ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log"
 # CLI smoke: qtool run on a tiny random checkpoint, CUDA and torch backends (both must answer, exit 0). The texts
 # are printed with their common prefix: a random tiny model has near-tied logits, so greedy text may part after a
 # few tokens within floating-point noise; the margin-aware greedy check is tests/gpu/test_e2e.py.
@@ -43,7 +45,7 @@ echo "=== summary: tests $((t1 - t0)) s, bench $((t2 - t1)) s"
 if [ -f "$OUT/pytest.log" ]; then
   grep -E "passed|failed" "$OUT/pytest.log" | tail -1
   grep -E "CLI smoke" "$OUT/cli.log"
-  grep -E "^FAILED| FAILED | ERROR " "$OUT/pytest.log" | cut -c1-200 | sort -u | head -40
+  grep -E "^FAILED| FAILED | ERROR " "$OUT/pytest.log" | sed -E 's/^\[gw[0-9]+\] \[ *[0-9]+%\] //' | cut -c1-200 | sort -u | head -40
 fi
 [ -f "$OUT/gemv.log" ] && grep -E "^\| " "$OUT/gemv.log"
 [ -f "$OUT/profile.log" ] && grep -E "^profile|FAILED" "$OUT/profile.log"
