@@ -44,17 +44,31 @@ def test_prefill_attention_cpu(kv, paged, kind, shape):
     assert err < 1e-4 and rows < 1e-4, f"relative error {err:.2e}, worst row {rows:.2e}"
 
 
-def test_one_sdpa_call_per_run_of_rows_sharing_a_start(monkeypatch):
-    """Adjacent rows at the same consecutive positions take one SDPA call; a row at other positions its own."""
+def test_one_call_per_run_of_rows_sharing_a_start(monkeypatch):
+    """Adjacent rows at the same consecutive positions take one attention call; a row at other positions its own."""
     from qtool.kernels import prefill_attention
     calls = []
-    real = prefill_attention._sdpa
-    monkeypatch.setattr(prefill_attention, "_sdpa", lambda qb, *a: calls.append(qb.shape[0]) or real(qb, *a))
+    real = prefill_attention._attend
+    monkeypatch.setattr(prefill_attention, "_attend", lambda qb, *a: calls.append(qb.shape[0]) or real(qb, *a))
     pos = _positions("runs")
     case = PrefillCase("bf16", 4, 4, 64, True, pos, "cpu", seed=9)
     with torch.inference_mode():
         got = prefill_attention.attention(case.q, pos, case.cache, 0)
     assert calls == [2, 2, 1] and rel_err(got, case.reference()) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["chunk", "padded", "runs"])
+def test_query_tiles_equal_one_tile(monkeypatch, kind):
+    """Queries tiled to bound the scores' memory (SCORE_ELEMENTS) give the reference's result: tiles of 1..3 query
+    rows, causal bottom-right and explicit masks, GQA (8 query heads over 2 KV heads)."""
+    from qtool.kernels import prefill_attention
+    pos = _positions(kind)
+    case = PrefillCase("fp8", 8, 2, 64, True, pos, "cpu", seed=5)
+    for elems in (1, 2 * 8 * 60, 3 * 8 * 60 * pos.shape[0]):
+        monkeypatch.setattr(prefill_attention, "SCORE_ELEMENTS", elems)
+        with torch.inference_mode():
+            got = prefill_attention.attention(case.q, pos, case.cache, 0)
+        assert rel_err(got, case.reference()) < 1e-4, elems
 
 
 def test_decode_rows_not_taken():

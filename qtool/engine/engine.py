@@ -25,7 +25,7 @@ max_num_batched_tokens=2048, max_model_len=...)`. Each `step()`:
    reserved block (overwritten later by its real tokens; that block is not full, so not in the
    prefix cache) or, beyond its reserved blocks, to table entries that are zero (the dummy block 0);
    a row joins a group only while s_b + Tmax fits the table's width (never past it, nor past the
-   RoPE table). Padded positions stay consecutive, so prefill attention (SDPA) takes a causal call
+   RoPE table). Padded positions stay consecutive, so prefill attention takes a causal call
    per run of rows that share a start position;
 4. runs one batched decode step (T = 1) for every sequence with exactly one uncomputed token, the
    batch padded to the next size of `DECODE_SIZES` (padded rows: token 0, position 0, dummy block 0)

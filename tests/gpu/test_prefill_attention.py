@@ -1,5 +1,5 @@
-"""Prefill attention on the CUDA backend (qtool/kernels/prefill_attention.py: K/V gathered and decoded to bf16,
-torch SDPA with a bottom-right causal mask; T = 1 stays on attn_partial) against the reference backend's attention
+"""Prefill attention on the CUDA backend (qtool/kernels/prefill_attention.py: K/V gathered and decoded to float32,
+float32 GEMM attention with a bottom-right causal mask; T = 1 stays on attn_partial) against the reference backend's attention
 over the same stored codes (tests/prefill_cases.py), through ``CudaBackend.attention``, the method the model's
 prefill reaches.
 
@@ -60,7 +60,7 @@ def test_chunk_after_prefix(kv, paged, shape):
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 @pytest.mark.parametrize("rows", ["starts", "padded"])
 def test_mixed_rows(kv, paged, rows):
-    """Rows at different starts (one SDPA call per row) and a row whose padding sits at position 0 (explicit
+    """Rows at different starts (one attention call per row) and a row whose padding sits at position 0 (explicit
     boolean mask)."""
     if rows == "starts":
         pos = torch.stack([torch.arange(40, 53), torch.arange(0, 13), torch.arange(17, 30)])
