@@ -2,8 +2,9 @@
 // GEMMs (qtool/kernels/gemm.py). Formats and scale grids as linear.cu's header (F = 1 fp8, 2 nvfp4, 3 mxfp4,
 // 4 int4, 5 mma-tiled fp8); the decoded value is wload1's float32 expression (the reference decode), rounded
 // once to bf16 (round to nearest even).
-// dequant_bf16<F>: out bf16 [O, K]; one thread per 8 consecutive elements of a row (one 16-byte store).
-//   Needs K % 8 == 0 and, for fp8 / int4, scale blocks along K (sbi) that are multiples of 8.
+// dequant_bf16<F>(..., O, K, ..., o0): rows o0 .. o0 + O - 1 of the weight into out bf16 [O, K] (row o0 at out row 0:
+//   gemm.py decodes large layers in row chunks that stay in L2); one thread per 8 consecutive elements of a row (one
+//   16-byte store). Needs K % 8 == 0 and, for fp8 / int4, scale blocks along K (sbi) that are multiples of 8.
 // untile_fp8: mma-tiled fp8 codes (F = 5) -> row-major codes u8 [O, K]; one thread per 16 bytes.
 #include "common.cuh"
 
@@ -16,12 +17,12 @@ template <int F>
 __global__ void __launch_bounds__(256) dequant_bf16(const u8* __restrict__ w, const void* __restrict__ sc,
                                                     const float* __restrict__ zp, float gs, float s2,
                                                     bf16_t* __restrict__ out, int O, int K, int sld, int sbo,
-                                                    int sbi) {
+                                                    int sbi, int o0) {
   pdl_wait();
   long long idx = (long long)blockIdx.x * 256 + threadIdx.x;
   int k8 = K >> 3;
   if (idx >= (long long)O * k8) return;
-  int o = (int)(idx / k8), k = (int)(idx % k8) * 8;
+  int r = (int)(idx / k8), o = o0 + r, k = (int)(idx % k8) * 8;
   float v[8];
   if (F == 1 || F == 5) {
     uint2 raw = *(const uint2*)(w + (F == 1 ? (long long)o * K + k : tiled_off(o, k, K)));
@@ -53,19 +54,19 @@ __global__ void __launch_bounds__(256) dequant_bf16(const u8* __restrict__ w, co
   st.y = (unsigned)f32_to_bf16(v[2]) | ((unsigned)f32_to_bf16(v[3]) << 16);
   st.z = (unsigned)f32_to_bf16(v[4]) | ((unsigned)f32_to_bf16(v[5]) << 16);
   st.w = (unsigned)f32_to_bf16(v[6]) | ((unsigned)f32_to_bf16(v[7]) << 16);
-  *(uint4*)(out + (long long)o * K + k) = st;
+  *(uint4*)(out + (long long)r * K + k) = st;
 }
 
 template __global__ void dequant_bf16<1>(const u8*, const void*, const float*, float, float, bf16_t*, int, int, int,
-                                         int, int);
+                                         int, int, int);
 template __global__ void dequant_bf16<2>(const u8*, const void*, const float*, float, float, bf16_t*, int, int, int,
-                                         int, int);
+                                         int, int, int);
 template __global__ void dequant_bf16<3>(const u8*, const void*, const float*, float, float, bf16_t*, int, int, int,
-                                         int, int);
+                                         int, int, int);
 template __global__ void dequant_bf16<4>(const u8*, const void*, const float*, float, float, bf16_t*, int, int, int,
-                                         int, int);
+                                         int, int, int);
 template __global__ void dequant_bf16<5>(const u8*, const void*, const float*, float, float, bf16_t*, int, int, int,
-                                         int, int);
+                                         int, int, int);
 
 extern "C" __global__ void __launch_bounds__(256) untile_fp8(const u8* __restrict__ w, u8* __restrict__ out, int O,
                                                              int K) {

@@ -14,7 +14,8 @@ Per format:
   output feature); every product is exact, sums are float32 in cuBLASLt's order.
 - bf16 weights: ``torch.mm`` on x̂ rounded to bf16.
 - every other format (fp8 block scales or weight-only, nvfp4, mxfp4, int4 AWQ / GPTQ): the weight decoded once per
-  call into a bf16 scratch buffer (dequant.cu: the reference decode rounded once to bf16), then ``torch.mm`` on x̂
+  call into a bf16 scratch buffer (dequant.cu: the reference decode rounded once to bf16; at M <= CHUNK_MAX_M in
+  row chunks sized to stay in L2, each chunk's GEMM right after its decode: ``chunk_rows``), then ``torch.mm`` on x̂
   (act_quant.cu's float32 result, rounded to bf16). Where both roundings can be avoided they are: x̂ of a static
   per-tensor fp8 or nvfp4 input scale is divided by that scale (leaving e4m3 or e2m1 x e4m3 values, exact in bf16)
   and nvfp4 weights are decoded without their global scale (E2M1 x E4M3, exact); both scales multiply the float32
@@ -26,6 +27,7 @@ accumulation between cuBLASLt's float32 promotions (tested at 2e-3).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -64,8 +66,16 @@ def linear(x: torch.Tensor, kl: KLinear) -> torch.Tensor:
         if unit:
             xh = xh / kl.in_scale
         gs = kl.fmt == F_NVFP4 and kl.gs != 1.0                          # e2m1 x e4m3 without the global: exact
-        w = kl.w if kl.fmt == F_BF16 else dequant(kl, unit_global=gs)
-        y = _mm(xh.to(torch.bfloat16), w)
+        a = xh.to(torch.bfloat16)
+        rows = kl.out_features if kl.fmt == F_BF16 else chunk_rows(kl, x.shape[0])
+        if rows >= kl.out_features:
+            y = _mm(a, kl.w if kl.fmt == F_BF16 else dequant(kl, unit_global=gs))
+        else:                                     # decoded in row chunks that stay in L2 (batched decode)
+            y = torch.empty(x.shape[0], kl.out_features, dtype=torch.float32, device=x.device)
+            w = torch.empty(rows, kl.in_features, dtype=torch.bfloat16, device=x.device)
+            for o0 in range(0, kl.out_features, rows):
+                n = min(rows, kl.out_features - o0)
+                y[:, o0:o0 + n] = _mm(a, dequant(kl, unit_global=gs, rows=(o0, n), out=w[:n]))
         if unit:
             y.mul_(kl.in_scale)
         if gs:
@@ -117,16 +127,40 @@ def untile(kl: KLinear) -> torch.Tensor:
     return out
 
 
-def dequant(kl: KLinear, unit_global: bool = False) -> torch.Tensor:
-    """kl's weights decoded to bf16 [O, K] (a fresh scratch tensor from torch's caching allocator); unit_global
-    (nvfp4): without the per-tensor global scale kl.gs, so every value (E2M1 x E4M3) is exact in bf16."""
-    O, K = kl.out_features, kl.in_features
-    out = torch.empty(O, K, dtype=torch.bfloat16, device=kl.w.device)
+def dequant(kl: KLinear, unit_global: bool = False, rows: tuple[int, int] | None = None,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """kl's weights decoded to bf16 [O, K] (``out``, else a fresh scratch tensor from torch's caching allocator);
+    rows = (o0, n): only rows o0 .. o0 + n - 1, into [n, K]. unit_global (nvfp4): without the per-tensor global
+    scale kl.gs, so every value (E2M1 x E4M3) is exact in bf16."""
+    K = kl.in_features
+    o0, n = rows or (0, kl.out_features)
+    if out is None:
+        out = torch.empty(n, K, dtype=torch.bfloat16, device=kl.w.device)
     f = F_FP8T if kl.tiled else kl.fmt
-    launch("dequant", f"dequant_bf16<{f}>", (math.ceil(O * (K // 8) / 256),), (256,),
-           (ptr(kl.w), ptr(kl.sc), ptr(kl.zp), f32(1.0 if unit_global else kl.gs), f32(kl.s2), ptr(out), i32(O),
-            i32(K), i32(kl.sld), i32(kl.sbo), i32(kl.sbi)))
+    launch("dequant", f"dequant_bf16<{f}>", (math.ceil(n * (K // 8) / 256),), (256,),
+           (ptr(kl.w), ptr(kl.sc), ptr(kl.zp), f32(1.0 if unit_global else kl.gs), f32(kl.s2), ptr(out), i32(n),
+            i32(K), i32(kl.sld), i32(kl.sbo), i32(kl.sbi), i32(o0)))
     return out
+
+
+CHUNK_MAX_M = 64       # rows of x up to which decoded weights go through L2 in row chunks (batched decode)
+L2_SHARE = 0.5         # the share of the GPU's L2 one chunk of bf16 weights may fill
+
+
+def chunk_rows(kl: KLinear, M: int) -> int:
+    """Weight rows decoded per chunk for M rows of x: every row (one scratch of O x K bf16, written to and read back
+    from HBM) above CHUNK_MAX_M; at or below it, a multiple of 128 rows whose bf16 copy fills at most L2_SHARE of
+    the L2 (at least 128), so the GEMM reads each chunk from L2 right after the decode wrote it: HBM then carries
+    the codes once instead of codes + 2 x 2 bytes per weight (8B nvfp4 at batch 32: ~36 GB a step, run 61)."""
+    if M > CHUNK_MAX_M:
+        return kl.out_features
+    l2 = _l2_bytes(kl.w.device)
+    return max(128, int(l2 * L2_SHARE) // (2 * kl.in_features) // 128 * 128)
+
+
+@functools.lru_cache(maxsize=None)
+def _l2_bytes(device) -> int:
+    return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 50 << 20)
 
 
 def keep_row_major(kls) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_kernels import CASES, DEV, _lw, _ref, poison, rel
-from qtool.kernels.weights import to_tiled
+from qtool.kernels.weights import F_BF16, to_tiled
 
 pytestmark = pytest.mark.gpu
 
@@ -48,6 +48,27 @@ def test_blas_linear_vs_reference(fmt, act, m, o, k):
         y = ops.linear(x.to(DEV), layer)
         assert y.shape == (m, o) and y.dtype == torch.float32
         assert rel(y, ref) < _tol(layer), f"{fmt}/{act} m={m} tiled={layer.tiled}: rel {rel(y, ref):.2e}"
+
+
+@pytest.mark.parametrize("fmt,act", CASES)
+@pytest.mark.parametrize("m,o", [(9, 200), (37, 384)])
+def test_blas_linear_in_row_chunks(monkeypatch, fmt, act, m, o):
+    """At M <= CHUNK_MAX_M the decoded weights go through L2 in row chunks (gemm.chunk_rows); forced here to chunks
+    of 128 rows (L2_SHARE 0), with an uneven last chunk: the same result as one chunk, within float32 summation."""
+    from qtool.kernels import gemm, ops
+    from qtool.kernels.weights import prepare_linear
+    g = torch.Generator().manual_seed(m + o + len(fmt) * 7 + len(act))
+    lw = _lw(fmt, torch.randn(o, 512, generator=g) * 0.05, act, g)
+    x = torch.randn(m, 512, generator=g).to(DEV)
+    kl = prepare_linear(lw, DEV)
+    if gemm._scaled_ok(kl) or kl.fmt == F_BF16 or not gemm.applies(kl, m):
+        pytest.skip("no decoded-weight GEMM for this format")
+    whole = ops.linear(x, kl)
+    monkeypatch.setattr(gemm, "L2_SHARE", 0.0)
+    assert gemm.chunk_rows(kl, m) == 128 < o
+    poison()
+    chunked = ops.linear(x, kl)
+    assert rel(chunked, whole) < 1e-6 and rel(chunked, _ref(lw, x.cpu())) < _tol(kl)
 
 
 @pytest.mark.parametrize("fmt", ["gptq", "gptq-actorder", "autoawq"])
