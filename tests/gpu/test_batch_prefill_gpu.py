@@ -98,15 +98,15 @@ def _alone(ref_m, tok, prompt, n, fmt):
 
 
 def _same_up_to_noise(ref_m, prompt, want, got, fmt):
-    """got == want, or they part where the reference's top-2 margin (teacher-forced on want, KV in fmt) is noise."""
+    """got == want, or they part where the reference's top-2 margin (teacher-forced on want, KV in fmt) is noise:
+    below 1e-2 of the top logit, or below 1.5x what the reference's own noise at the prefill GEMMs' operand
+    precision moves it (test_e2e.margin_and_noise: the floor the CUDA prefill is held to)."""
+    from test_e2e import margin_and_noise
     assert len(got) == len(want)
     for t, (a, b) in enumerate(zip(want, got)):
         if a != b:
-            ids = torch.tensor([prompt + want[:t]])
-            lg = ref_m.forward(ids, torch.arange(ids.shape[1])[None], ref_m.new_cache(1, ids.shape[1], fmt))
-            top2 = lg[0].topk(2).values
-            margin = float(top2[0] - top2[1])
-            assert margin < 1e-2 * max(1.0, float(top2[0].abs())), f"diverged at step {t} with margin {margin}"
+            margin, moved = margin_and_noise(ref_m.weights, prompt + want[:t], fmt)
+            assert margin < max(1e-2, 1.5 * moved), f"diverged at step {t} with margin {margin} (noise: {moved})"
             return
 
 

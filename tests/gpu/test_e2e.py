@@ -199,5 +199,28 @@ def test_smollm2_shaped_greedy(tmp_path):
     (rt, rm), (ct, _) = seqs
     for t in range(n):
         if rt[t] != ct[t]:
-            assert rm[t] < 1e-2 * max(1.0, abs(rm[t])), f"diverged at step {t} with margin {rm[t]}"
+            margin, moved = margin_and_noise(mw, ids[0].tolist() + rt[:t], "bf16")
+            assert margin < max(1e-2, 1.5 * moved), f"diverged at step {t} with margin {margin} (noise: {moved})"
             break
+
+
+def margin_and_noise(mw, ids: list[int], kv: str, draws: int = 2) -> tuple[float, float]:
+    """The reference's top-2 logit margin after ``ids`` (one prefill, KV in ``kv``), and the most that the
+    reference's own noise at the prefill GEMMs' operand precision (OPERAND_NOISE, ``draws`` draws) moves that
+    margin: greedy outputs may part where margin < 1.5 x moved."""
+    from qtool.runtime.backends.torch_ref import TorchRefBackend
+    from qtool.runtime.model import Model
+    x = torch.tensor([ids])
+    pos = torch.arange(len(ids))[None]
+
+    def logits(model):
+        return model.forward(x, pos, model.new_cache(1, len(ids), kv))[0].float()
+    lg = logits(Model(mw, TorchRefBackend()))
+    top2 = lg.topk(2)
+    i, j = top2.indices.tolist()
+    margin = float(top2.values[0] - top2.values[1])
+    moved = 0.0
+    for seed in range(draws):
+        ln = logits(Model(mw, _noisy_backend(seed, OPERAND_NOISE)))
+        moved = max(moved, abs(float(ln[i] - ln[j]) - margin))
+    return margin, moved
