@@ -3,7 +3,7 @@
 
 Contract: `python3 scripts/bench_serve.py [--url http://127.0.0.1:8000 | --serve MODEL_DIR [--serve-args "..."]]
 [--make-random DIR [--shape llama3.1-8b|tiny]] [--concurrency 1,8,32,64] [--input-len 512] [--output-len 128]
-[--requests-per-level K] [--level-time-limit S] [--json out.json]`.
+[--requests-per-level K] [--level-time-limit S] [--shared-prefix N [--compare-prefix-caching]] [--json out.json]`.
 - `--make-random DIR` writes a random-weight ModelOpt-FP8 checkpoint (FP8 weights with per-tensor weight/input
   scales, FP8 KV with k_scale/v_scale, bf16 embeddings / lm_head; a word-level tokenizer "t<id>" covering the
   vocabulary) of the given shape, then uses it as --serve (skipped when DIR already holds one).
@@ -15,6 +15,9 @@ Contract: `python3 scripts/bench_serve.py [--url http://127.0.0.1:8000 | --serve
   the first text chunk), ITL (gaps between text chunks, all requests pooled), output tok/s (sum of usage
   completion tokens / wall time of the level), requests/s. A request that errors, or returns fewer tokens than
   asked, is counted as failed. Prints one row per level; --json writes all rows.
+- `--shared-prefix N`: every prompt is the same N tokens (a shared system prompt) followed by its own
+  --input-len tokens; `--compare-prefix-caching` runs every level against a server with prefix caching and then
+  one started with `--no-prefix-caching`, and prints the TTFT p50 of both.
 """
 from __future__ import annotations
 
@@ -181,11 +184,11 @@ def pct(xs, q):
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
-async def level(url, model, vocab, c, n_req, n_in, n_out, time_limit, seed):
+async def level(url, model, vocab, c, n_req, n_in, n_out, time_limit, seed, prefix=()):
     import httpx
     rng = random.Random(seed)
     lo = min(1000, vocab // 4)
-    prompts = [[rng.randrange(lo, vocab) for _ in range(n_in)] for _ in range(n_req)]
+    prompts = [list(prefix) + [rng.randrange(lo, vocab) for _ in range(n_in)] for _ in range(n_req)]
     limits = httpx.Limits(max_connections=c + 4, max_keepalive_connections=c + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600, connect=10), limits=limits) as client:
         warm = [[rng.randrange(lo, vocab) for _ in range(n_in)] for _ in range(c)]
@@ -226,32 +229,65 @@ def main() -> int:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--requests-per-level", type=int, default=16)
     ap.add_argument("--level-time-limit", type=float, default=120.0)
+    ap.add_argument("--shared-prefix", type=int, default=0, metavar="N",
+                    help="every prompt starts with the same N tokens (a shared system prompt) before its own")
+    ap.add_argument("--compare-prefix-caching", action="store_true",
+                    help="run the levels against a server with prefix caching and one with --no-prefix-caching")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
-    import httpx
     model_dir = a.serve
     if a.make_random:
         t0 = time.monotonic()
         model_dir = make_random_checkpoint(a.make_random, a.shape)
         print(f"checkpoint {model_dir} ready ({time.monotonic() - t0:.0f} s)", file=sys.stderr)
+    if model_dir is None and not a.url:
+        ap.error("give --url, --serve or --make-random")
+    if a.compare_prefix_caching and model_dir is None:
+        ap.error("--compare-prefix-caching starts the server twice: give --serve or --make-random")
+    configs = [("", a.serve_args.split())]
+    if a.compare_prefix_caching:
+        configs = [("prefix caching on", a.serve_args.split()),
+                   ("prefix caching off", a.serve_args.split() + ["--no-prefix-caching"])]
+    runs, failed = [], False
+    for label, extra in configs:
+        rows, model, url = run_levels(a, model_dir, extra, label)
+        runs.append({"label": label or None, "serve_args": extra, "rows": rows})
+        failed |= any(r["failed"] for r in rows)
+    if a.compare_prefix_caching:
+        on, off = runs[0]["rows"], runs[1]["rows"]
+        print("TTFT p50 with / without prefix caching: " + ", ".join(
+            f"c{x['concurrency']} {x['ttft_p50_ms']:.1f} / {y['ttft_p50_ms']:.1f} ms "
+            f"({y['ttft_p50_ms'] / x['ttft_p50_ms']:.1f}x)" for x, y in zip(on, off) if x["ttft_p50_ms"] > 0))
+    if a.json:
+        a.json.write_text(json.dumps({"model": model, "input_len": a.input_len, "output_len": a.output_len,
+                                      "shared_prefix": a.shared_prefix, "rows": runs[0]["rows"], "runs": runs},
+                                     indent=1))
+    return 1 if failed else 0
+
+
+def run_levels(a, model_dir, extra, label):
+    """Every concurrency level against one server (started here from model_dir with ``extra``, else a.url):
+    (rows, model name, url)."""
+    import httpx
     proc = None
     if model_dir is not None:
-        proc, url = start_server(model_dir, a.serve_args.split())
-    elif a.url:
-        url = a.url.rstrip("/")
+        proc, url = start_server(model_dir, extra)
     else:
-        ap.error("give --url, --serve or --make-random")
+        url = a.url.rstrip("/")
     try:
         info = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]
         model = info["id"]
         vocab = json.loads((Path(info["root"]) / "config.json").read_text())["vocab_size"] \
             if Path(info["root"], "config.json").is_file() else 32000
+        prefix = [random.Random(12345).randrange(min(1000, vocab // 4), vocab) for _ in range(a.shared_prefix)]
         rows = []
-        print(f"{'conc':>4} {'reqs':>5} {'fail':>4} {'out tok/s':>10} {'req/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} "
-              f"{'ITL p50':>8} {'ITL p99':>8}   (ms; {a.input_len} in / {a.output_len} out; {model})")
+        shared = f" + {a.shared_prefix} shared" if a.shared_prefix else ""
+        print((f"[{label}]\n" if label else "")
+              + f"{'conc':>4} {'reqs':>5} {'fail':>4} {'out tok/s':>10} {'req/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} "
+              f"{'ITL p50':>8} {'ITL p99':>8}   (ms; {a.input_len}{shared} in / {a.output_len} out; {model})")
         for c in [int(x) for x in a.concurrency.split(",")]:
             r = asyncio.run(level(url, model, vocab, c, max(a.requests_per_level, 2 * c), a.input_len, a.output_len,
-                                  a.level_time_limit, seed=c))
+                                  a.level_time_limit, seed=c, prefix=prefix))
             rows.append(r)
             print(f"{c:>4} {r['requests']:>5} {r['failed']:>4} {r['output_tok_s']:>10.1f} {r['requests_s']:>7.2f} "
                   f"{r['ttft_p50_ms']:>9.1f} {r['ttft_p99_ms']:>9.1f} {r['itl_p50_ms']:>8.2f} {r['itl_p99_ms']:>8.2f}"
@@ -259,10 +295,7 @@ def main() -> int:
         if len(rows) > 1 and rows[0]["output_tok_s"] > 0:
             print("throughput vs concurrency 1: " + ", ".join(
                 f"c{r['concurrency']} {r['output_tok_s'] / rows[0]['output_tok_s']:.1f}x" for r in rows[1:]))
-        if a.json:
-            a.json.write_text(json.dumps({"model": model, "url": url, "input_len": a.input_len,
-                                          "output_len": a.output_len, "rows": rows}, indent=1))
-        return 1 if any(r["failed"] for r in rows) else 0
+        return rows, model, url
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
