@@ -6,10 +6,12 @@
 # Usage (repository root on the device; .whl/ from /work/shared/device/modelopt-wheels.sh carried):
 #   scripts/eval_gpu.sh SMOLLM2          # SMOLLM2 = the bf16 Hugging Face folder of SmolLM2-135M-Instruct (as made
 #                                        # by `qtool quantize`'s built-in source: ~/.cache/qtool/models/smollm2-135m-*)
-# Every weight recipe of recipes/recipes.toml plus the KV-cache variants, JOBS (default 3) at a time, each job =
+# Every weight recipe of recipes/recipes.toml plus the KV-cache variants (ONLY="name ...": a subset), JOBS
+# (default 4) at a time, each job =
 # quantize (calibration CALIB_SIZE x CALIB_LEN, default 16 x 128: the comparison needs a checkpoint, not the best
 # one; INT4 with block 64 because 576 % 128 != 0) then `qtool eval` CUDA vs reference on EVAL_TOKENS (2048) tokens.
-# Under 6 minutes on one H100. Results: $OUT/eval_gpu.md (table, PASS/FAIL per recipe) and $OUT/eval_gpu.tar.gz
+# About 10 minutes for all on one H100 (16 CPU cores: the reference runs on them): split over two device calls
+# with ONLY. Results: $OUT/eval_gpu.md (table, PASS/FAIL per recipe) and $OUT/eval_gpu.tar.gz
 # (every JSON and log), else /tmp/qtool-eval-gpu.
 # Criterion (CUDA vs reference on the same checkpoint, paired windows): the floor is the worst self-pair of the
 # reference with embeddings x (1 + 2^-20 randn) (2 draws) and with its linears summed in float64 (floor_sum64:
@@ -34,7 +36,7 @@ fi
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 { date -u; git log -1 --format='commit %h %s' 2>/dev/null; nvidia-smi --query-gpu=name --format=csv,noheader; } | tee "$RES/env.txt"
 status=0
-JOBS=${JOBS:-3}
+JOBS=${JOBS:-4}
 export OMP_NUM_THREADS=$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))
 # name | qtool quantize arguments
 RECIPES=(
@@ -64,14 +66,19 @@ one() {   # name, quantize arguments, checkpoint folder ("" = build it)
     || { echo "FAILED: eval $name (cuda vs reference)"; tail -3 "$LOGS/$name.cuda_vs_ref.err"; return 1; }
   echo "$name done in $(( $(date +%s) - t0 )) s"
 }
+if [ -n "${ONLY:-}" ]; then      # ONLY="bf16 fp8 ...": a subset of the names (a device call has 10 minutes)
+  keep=(); for row in "${RECIPES[@]}"; do [[ " $ONLY " == *" ${row%%|*} "* ]] && keep+=("$row"); done
+  RECIPES=("${keep[@]}")
+fi
 pids=()
-one bf16 "" "$SMOL" & pids+=($!)
+names=()
+if [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" bf16 "* ]]; then one bf16 "" "$SMOL" & pids+=($!); names+=(bf16); fi
 for row in "${RECIPES[@]}"; do
   while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 1; done
   one "${row%%|*}" "${row#*|}" "" & pids+=($!)
 done
 for p in "${pids[@]}"; do wait "$p" || status=1; done
-names=(bf16); for row in "${RECIPES[@]}"; do names+=("${row%%|*}"); done
+for row in "${RECIPES[@]}"; do names+=("${row%%|*}"); done
 if [ "${QUALITY:-0}" = 1 ]; then
   cks=(); for row in "${RECIPES[@]}"; do n=${row%%|*}; [ -d "$WORK/$n" ] && cks+=("$WORK/$n"); done
   timeout 200 "$PY" -m qtool eval "${cks[@]}" --backend cuda --baseline "$SMOL" --noise-floor 2 \
