@@ -288,6 +288,7 @@ GRIDS = {
              + [("smollm2-135m", "bf16", "bf16", 512), ("qwen3-8b", "fp8", "bf16", 512)],
 }
 GRIDS["4bit"] = [("llama3.1-8b", f, "bf16", 512) for f in ("fp8", "nvfp4", "w4a16-awq", "w4a16-gptq")]
+GRIDS["long"] = [("llama3.1-8b", "fp8", kv, c) for c in (8192, 32768) for kv in ("bf16", "fp8", "nvfp4")]  # target 4
 GRIDS["full"] = GRIDS["quick"] + [(s, f, kv, c) for s in ("llama3.1-8b", "qwen3-8b") for f in
                                   ("bf16", "nvfp4", "w4a16-awq") for kv in ("bf16", "fp8", "nvfp4")
                                   for c in (512, 8192)]

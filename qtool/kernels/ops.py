@@ -397,6 +397,11 @@ class KVCache:
         short = 16 if _head_local(o_proj, decode_path(o_proj, batch) if o_proj is not None else "f32", d) else 32
         self.chunk = short if max_len <= 1024 else 64 if max_len <= 4096 else 128
         self.splits = math.ceil(max_len / self.chunk)
+        # long caches: attention by attn_partial_paged over a one-block-per-row table (row b = block b of max_len
+        # positions: the contiguous layout itself), whose staged sub-chunks read long rows faster (run 57)
+        self.row_table = None
+        if storage is None and max_len > LONG_CACHE.get(fmt, max_len):
+            self.row_table = torch.arange(batch, dtype=torch.int32, device=device).view(batch, 1)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for pair in self.k + self.v for t in pair if t is not None)
@@ -405,6 +410,11 @@ class KVCache:
         """The kernels' trailing paging arguments: (block table, its row stride, block size); null for this
         contiguous layout."""
         return ptr(None), i32(0), i32(0)
+
+    def row_paging(self) -> tuple:
+        """attn_partial_paged's paging arguments for this contiguous layout (long caches): one block of max_len
+        positions per row, block b = row b."""
+        return ptr(self.row_table), i32(1), i32(self.max_len)
 
     def row_len(self) -> int:
         """L, the positions of one stored row (contiguous: max_len; paged: the block size)."""
@@ -478,7 +488,7 @@ def _attn_partial(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, laye
     if Hq % Hkv or Hq // Hkv > 8 or D not in ATTN_PU:
         raise ValueError(f"attention kernel supports head_dim 64/128/256 and <= 8 query heads per KV head "
                          f"(got d={D}, {Hq}/{Hkv})")
-    paged = cache.block_tables is not None
+    paged = cache.block_tables is not None or cache.row_table is not None
     S = _paged_splits(N, Hkv, cache.max_len) if paged else cache.splits
     part = torch.empty(N, Hq, S, D, dtype=torch.float32, device=q.device)
     ml = torch.empty(N, Hq, S, 2, dtype=torch.float32, device=q.device)
@@ -503,7 +513,8 @@ def _attn_partial(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, laye
         name, smem = "attn_partial_paged<" + kernel, paged_stage_bytes(cache)
         allow_smem("attention", name, smem)
         launch("attention", name, (N * Hkv, S), (128,),
-               head + (i32(PAGED_MIN_SPAN), f32(1.0 / math.sqrt(D))) + tail[:-1] + cache.paging(), smem)
+               head + (i32(PAGED_MIN_SPAN), f32(1.0 / math.sqrt(D))) + tail[:-1]
+               + (cache.paging() if cache.block_tables is not None else cache.row_paging()), smem)
     else:
         launch("attention", "attn_partial<" + kernel, (N * Hkv, S), (128,),
                head + (i32(cache.max_len), i32(cache.chunk), f32(1.0 / math.sqrt(D))) + tail)
@@ -511,6 +522,10 @@ def _attn_partial(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, laye
 
 
 PAGED_MIN_SPAN = 32     # positions of the shortest split of attn_partial_paged (one round of 4 warps x 8 rows)
+# contiguous caches longer than this (per KV format) take attn_partial_paged (KVCache.row_table). Run 57 (H100, one
+# layer of 8B attention, batch 1), attn_partial against attn_partial_paged: bf16 ctx 8192 28.5 / 30.9 us, 32768
+# 110.6 / 94.3; fp8 35.2 / 31.2, 193.1 / 95.1; nvfp4 48.7 / 36.9, 274.1 / 116.3
+LONG_CACHE = {"bf16": 16384, "fp8": 4096, "nvfp4": 4096}
 PAGED_SUB_CHUNK = 128   # positions attn_partial_paged stages in shared memory at once (attention.cu's CMAX)
 
 

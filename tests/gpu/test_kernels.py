@@ -478,11 +478,13 @@ def _decoded(kv, pair, scale, n):
 @pytest.mark.parametrize("fused", [False, True], ids=["rope_kv_write", "rope_fused"])
 @pytest.mark.parametrize("kv", ["bf16", "fp8", "nvfp4"])
 @pytest.mark.parametrize("d,hq,hkv,L", [(64, 4, 2, 300), (128, 32, 8, 300), (64, 9, 3, 300), (128, 32, 8, 2000),
-                                        (128, 16, 2, 300)])
+                                        (128, 16, 2, 300), (128, 32, 8, 17000)])
 def test_rope_kv_attention(kv, d, hq, hkv, L, fused):
     """RoPE + KV write and attention against float64; L = 2000 gives 64-position chunks (two rounds per warp)
-    where L = 300 gives 32 (one); 16 / 2 heads take attn_partial's GM = 8 unroll (the others GM = 4). fused: the
-    decode token's RoPE and KV write happen inside attn_partial (no rope_kv_write), checked the same way."""
+    where L = 300 gives 32 (one); 16 / 2 heads take attn_partial's GM = 8 unroll (the others GM = 4); L = 17000 is
+    past ops.LONG_CACHE for every format, so attn_partial_paged runs over the contiguous cache (one block per row).
+    fused: the decode token's RoPE and KV write happen inside the attention kernel (no rope_kv_write), checked the
+    same way."""
     from qtool.formats import kv_encode
     from qtool.kernels import ops
     from qtool.runtime import rope
@@ -494,6 +496,7 @@ def test_rope_kv_attention(kv, d, hq, hkv, L, fused):
     cosd, sind = cos[:, :d // 2].contiguous().to(DEV), sin[:, :d // 2].contiguous().to(DEV)
     ks, vs = 0.05, 0.04
     cache = ops.KVCache(kv, B, L, 1, hkv, d, DEV, [ks], [vs])
+    assert (cache.row_table is not None) == (L > ops.LONG_CACHE[kv])
     # prefill T0 tokens per row, then one decode token per row at position T0
     for T, start in ((T0, 0), (1, T0)):
         qkv = torch.randn(B * T, (hq + 2 * hkv) * d, generator=g)
