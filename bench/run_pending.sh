@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One device call for the measurements pending since runs 57-62 (docs/performance.md, "Changed after these runs"):
+# the tensor-core attention prototype, the paged kernel's variants, TTFT with the float32 GEMM prefill attention,
+# 4-bit batched decode with L2 chunks, the paged batched decode, and decode at ctx 8192 / 32768 (target 4).
+# Logs and JSON under $OUT (else ./pending_out); each part under its own time budget so one slow part cannot take
+# the others' time. Usage (repository root on the device): bash bench/run_pending.sh [parts]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-pending_out}"; mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PARTS="${1:-tc,variants,ttft,batch4bit,batchpaged,long}"
+{ date -u; nvidia-smi --query-gpu=name --format=csv,noheader; } | tee "$OUT/env.txt"
+run() {   # name, budget seconds, command...
+  local name=$1 budget=$2; shift 2
+  [[ ",$PARTS," == *",$name,"* ]] || return 0
+  local t0=$(date +%s)
+  timeout -s INT -k 10 "$budget" "$@" > "$OUT/$name.log" 2>&1
+  echo "[$name: rc $?, $(( $(date +%s) - t0 )) s]"
+  grep -E "^\||copy bandwidth|registers|FAILED|Error|WRONG|^ttft|^batch|summary" "$OUT/$name.log" | head -60
+}
+run tc 90 python3 bench/attention_tc.py --json "$OUT/tc.json"
+run variants 150 python3 bench/attention_variants.py --json "$OUT/variants.json"
+run ttft 90 python3 bench/bench_prefill_batch.py --parts ttft --json "$OUT/ttft.json"
+run batch4bit 150 python3 bench/bench_prefill_batch.py --parts batch4bit --json "$OUT/batch4bit.json"
+run batchpaged 80 python3 bench/bench_prefill_batch.py --parts batchpaged --json "$OUT/batchpaged.json"
+run long 120 python3 scripts/bench_decode.py --grid long --peer "" --json "$OUT/long.json"
