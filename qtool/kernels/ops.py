@@ -19,7 +19,9 @@ are in git history):
 - decode: rmsnorm, silu * mul and the attention merge write the next linear's quantized input (``*_quant``);
 - decode attention: RoPE + KV write inside attn_partial (``rope_fusable``), GM = 4 heads unrolled where G <= 4,
   splits of 16/32 positions up to 1024 (64 up to 4096, then 128) merged by attn_combine_heads where the o
-  projection's quantization is local to a head, else by attn_combine over several blocks per row;
+  projection's quantization is local to a head, else by attn_combine over several blocks per row; caches longer
+  than LONG_CACHE for their KV format (and every paged cache) on attn_partial_paged, which stages K/V in shared
+  memory;
 - prefill attention (T > 1): prefill_attention.py (float32 GEMM attention over the decoded K/V), chosen by
   CudaBackend; attn_partial where it does not apply (head_dim > 256 or not a multiple of 8) and in tests;
 - every launch with programmatic dependent launch on sm_90+ (pdl.py).
