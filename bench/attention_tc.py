@@ -8,7 +8,7 @@ Contract: ``python3 bench/attention_tc.py [--json out.json]`` on one GPU. For ea
 32768, batch 32 and 64 at ctx 1024): the product's launch is captured from ``ops._attn_partial`` (grid and
 arguments), the prototype runs with the same arguments into the same buffers, and the merged outputs are compared
 (relative error, expected ~1e-6: float32-accurate split operands) with the product's and with a float64 softmax over
-the decoded cache (batch-1 cases); both are timed over 50 launches (median of 5 blocks). GB/s counts the K/V bytes the
+the decoded cache (batch-1 cases without RoPE; two cases run the decode path with RoPE and the new K / V row fused); both are timed over 50 launches (median of 5 blocks). GB/s counts the K/V bytes the
 rows attend to; the copy bandwidth of the same run is the reference.
 """
 from __future__ import annotations
@@ -32,8 +32,9 @@ import bench_decode as bd  # noqa: E402
 from qtool.kernels import loader, pdl  # noqa: E402
 
 DEV = "cuda"
-CASES = [("bf16", 1, 8192), ("fp8", 1, 8192), ("nvfp4", 1, 8192), ("bf16", 1, 32768), ("fp8", 1, 32768),
-         ("nvfp4", 1, 32768), ("bf16", 32, 1024), ("fp8", 32, 1024), ("nvfp4", 32, 1024), ("fp8", 64, 1024)]
+CASES = [("bf16", 1, 8192, False), ("fp8", 1, 8192, False), ("nvfp4", 1, 8192, False), ("bf16", 1, 32768, False),
+         ("fp8", 1, 32768, False), ("nvfp4", 1, 32768, False), ("bf16", 32, 1024, False), ("fp8", 32, 1024, False),
+         ("nvfp4", 32, 1024, False), ("fp8", 64, 1024, False), ("fp8", 32, 1024, True), ("nvfp4", 1, 8192, True)]
 CODES = {"bf16": 0, "fp8": 1, "nvfp4": 2}
 
 
@@ -43,7 +44,7 @@ def module():
     src = loader.preprocess(loader.kernel_dir() / "attention.cu", seen)
     src += loader.preprocess(loader.kernel_dir() / "mma_frag.cuh", seen)
     src += (ROOT / "bench" / "kernels" / "attn_tc.cuh").read_text().replace("#pragma once", "")
-    exprs = [f"attn_tc_paged<{k}>" for k in range(3)]
+    exprs = [f"attn_tc_paged<{d}, {k}>" for d in (64, 128, 256) for k in range(3)]
     mod = cupy.RawModule(code=src, options=loader.OPTIONS, name_expressions=exprs)
     mod.compile()
     return mod
@@ -69,18 +70,24 @@ def main():
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s")
     mod = module()
     for k in range(3):
-        f = mod.get_function(f"attn_tc_paged<{k}>")
-        print(f"attn_tc_paged<{k}>: {f.num_regs} registers")
+        f = mod.get_function(f"attn_tc_paged<{D}, {k}>")
+        print(f"attn_tc_paged<{D}, {k}>: {f.num_regs} registers")
     stream = torch.cuda.current_stream().cuda_stream
     rows = []
-    print("| kv | batch | context | product us | tc us | product / copy | tc / copy | tc vs product | rel err vs product | vs float64 (product, tc) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for kv, B, ctx in CASES:
+    print("| kv | batch | context | fused RoPE | product us | tc us | product / copy | tc / copy | tc vs product | "
+          "rel err vs product | vs float64 (product, tc) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for kv, B, ctx, fused in CASES:
         cache = make_cache("paged", kv, B, ctx + 64)
         bd.fill_cache(cache)
         q = torch.randn(B, HQ, D, device=DEV)
         pos = torch.full((B, 1), ctx - 1, device=DEV)
-        seen, part, ml = capture(q, pos, cache)
+        rope = None
+        if fused:                     # decode with RoPE and the new K / V row written by the kernel
+            kv_rows = torch.randn(B, 2 * HKV, D, device=DEV)
+            ang = torch.rand(ctx + 64, D // 2, device=DEV) * 6.28
+            rope = (kv_rows[:, :HKV], kv_rows[:, HKV:], ang.cos().contiguous(), ang.sin().contiguous())
+        seen, part, ml = capture(q, pos, cache, rope)
         want = merged(part, ml)
         kc, ks = cache.k[0]
         codes = kc.shape[-1] * kc.element_size()
@@ -88,7 +95,7 @@ def main():
         nbytes = 2 * B * ctx * HKV * (codes + sb)
         prod = loader.function("attention", seen["name"])
         t_prod = timed(lambda: pdl.launch(prod, seen["grid"], seen["block"], stream, seen["args"], seen["smem"]))
-        f = mod.get_function(f"attn_tc_paged<{CODES[kv]}>")
+        f = mod.get_function(f"attn_tc_paged<{D}, {CODES[kv]}>")
         smem = 2 * 128 * (codes + 16) + 2 * 128 * sb
         f.max_dynamic_shared_size_bytes = smem
         part.zero_()
@@ -98,14 +105,14 @@ def main():
         got = merged(part, ml)
         err = float((got - want).norm() / want.norm())
         f64 = ""
-        if B == 1:
+        if B == 1 and not fused:
             ref = float64_reference(q, cache, ctx)
             f64 = (f"{float((want[0].cpu() - ref).norm() / ref.norm()):.1e}, "
                    f"{float((got[0].cpu() - ref).norm() / ref.norm()):.1e}")
         t_tc = timed(run)
-        rows.append(dict(kv=kv, batch=B, ctx=ctx, product_us=t_prod * 1e6, tc_us=t_tc * 1e6,
+        rows.append(dict(kv=kv, batch=B, ctx=ctx, fused=fused, product_us=t_prod * 1e6, tc_us=t_tc * 1e6,
                          product_ratio=nbytes / t_prod / bw, tc_ratio=nbytes / t_tc / bw, rel_err=err, float64=f64))
-        print(f"| {kv} | {B} | {ctx} | {t_prod * 1e6:.1f} | {t_tc * 1e6:.1f} | {nbytes / t_prod / bw:.2f} | "
+        print(f"| {kv} | {B} | {ctx} | {fused} | {t_prod * 1e6:.1f} | {t_tc * 1e6:.1f} | {nbytes / t_prod / bw:.2f} | "
               f"{nbytes / t_tc / bw:.2f} | {t_prod / t_tc:.2f}x | {err:.1e} | {f64} |", flush=True)
         del cache
         torch.cuda.empty_cache()

@@ -51,8 +51,9 @@ def variant_module(cmax: int, mb: int, exprs: list[str]):
     return mod
 
 
-def capture(q, pos, cache):
-    """The product's attn_partial_paged launch inside ops.attention: (name, grid, block, args, smem, part, ml)."""
+def capture(q, pos, cache, rope=None):
+    """The product's attn_partial_paged launch inside ops.attention: (name, grid, block, args, smem, part, ml);
+    rope = (k, v, cos, sin): the decode path with RoPE and the new K / V row fused."""
     seen = {}
     real = ops.launch
 
@@ -62,7 +63,7 @@ def capture(q, pos, cache):
         return real(file, name, grid, block, args, smem)
     ops.launch = spy
     try:
-        part, ml = ops._attn_partial(q, pos, cache, 0, 1)
+        part, ml = ops._attn_partial(q, pos, cache, 0, 1, rope)
     finally:
         ops.launch = real
     return seen, part, ml

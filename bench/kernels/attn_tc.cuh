@@ -12,7 +12,8 @@
 // lo, 24 bits) and each part is one mma, so the scores keep float32 accuracy: the K codes are exact in f16 (e4m3;
 // E2M1 x e4m3 block scale) or bf16. Softmax as attn_partial_paged (float32, running max over sub-chunks). PV: A =
 // the probabilities (split the same way; f16 parts lose values below 2^-24, contributing < 2^-24 |v| each), B = V
-// (16 positions x 8 dims); warp w owns head dims [32 w, 32 w + 32) over all positions (no cross-warp sum).
+// (16 positions x 8 dims); warp w owns head dims [w D / 4, (w + 1) D / 4) over all positions (no cross-warp sum).
+// The query rows go through shared memory (sm_q: rotated, times 1/sqrt(d) and the K scale) to reach the fragments.
 #pragma once
 
 QT_MMA_16X8(mma_bf16, "m16n8k16.row.col.f32.bf16.bf16.f32")
@@ -55,20 +56,21 @@ __device__ __forceinline__ void mma_kf(float d[4], unsigned a0, unsigned a2, uns
   else mma_f16(d, a0, 0u, a2, 0u, b0, b1);
 }
 
-template <int KF>
+template <int D, int KF>
 __global__ void __launch_bounds__(128) attn_tc_paged(const float* __restrict__ q, int ldq,
     const long long* __restrict__ pos, int T, void* kc, u8* ks, void* vc, u8* vs, int kv_fmt, float k_scale,
     float v_scale, float* __restrict__ part, float* __restrict__ ml, int Hq, int Hkv, int min_span,
     float sm_scale, const float* __restrict__ kr, int ldk, const float* __restrict__ vr, int ldv,
     const float* __restrict__ cosT, const float* __restrict__ sinT, const int* __restrict__ bt, int bt_ld,
     int bs) {
-  constexpr int D = 128, GMAX = 8, NW = 4, NP = KF == KV_BF16 ? 3 : 2;
+  constexpr int GMAX = 8, NW = 4, NP = KF == KV_BF16 ? 3 : 2, DPL = D / 32, KS = D / 16, DT = D / 32;
   using RB = RowBytes<D, KF>;
   constexpr int RS = RB::codes + 16;                       // padded row stride of the staged codes
   constexpr int SB = RB::scales;
   __shared__ float sm_s[GMAX][CMAX];
   __shared__ float sm_m[GMAX], sm_l[GMAX], sm_c[GMAX];
   __shared__ long long sm_row[CMAX];
+  __shared__ float sm_q[GMAX][D];                           // the query heads, rotated and scaled
   extern __shared__ __align__(16) u8 stage[];               // K codes [CMAX][RS], V codes, K scales [CMAX][SB], V
   u8* sK = stage;
   u8* sV = stage + CMAX * RS;
@@ -78,7 +80,6 @@ __global__ void __launch_bounds__(128) attn_tc_paged(const float* __restrict__ q
   int G = Hq / Hkv;
   int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   QT_PDL_ENTRY
-  if (cosT != nullptr) __trap();                            // the prototype takes rotated queries only
   int len = (int)pos[n] + 1;
   int span = max(min_span, ((len + S - 1) / S + 31) / 32 * 32);
   int c0 = split * span, c1 = min(c0 + span, len);
@@ -92,21 +93,45 @@ __global__ void __launch_bounds__(128) attn_tc_paged(const float* __restrict__ q
   long long b = n / T;
   const float kse = KF == KV_BF16 ? 1.0f : (KF == KV_FP8 ? k_scale : k_scale / 6.0f);
   const float vse = KF == KV_BF16 ? 1.0f : (KF == KV_FP8 ? v_scale : v_scale / 6.0f);
-  // this lane's query parts: head g, dims 16 s + 2t + {0, 1} (a0) and + {8, 9} (a2), s = 0..7
-  unsigned qa0[8][3], qa2[8][3];
-  {
-    const float* qr = q + (long long)n * ldq + (kh * G + min(g, G - 1)) * D;
-    float f = g < G ? sm_scale * kse : 0.0f;
+  long long p = len - 1;
+  // with cos (decode): RoPE of q and of the new k, and the new K / V row written by the block whose split holds p
+  // (attn_partial_paged's code: rope_kv_write's expression and quantization)
+  float cs[DPL], sn[DPL];
+  if (cosT) rope_factors<D>(cs, sn, lane, cosT, sinT, p);
+  if (cosT && p < c1 && warp < 2) {
+    float x[DPL];
+    const float* src = (warp == 0 ? kr + (long long)n * ldk : vr + (long long)n * ldv) + kh * D + lane * DPL;
 #pragma unroll
-    for (int s = 0; s < 8; ++s) {
+    for (int i = 0; i < DPL; ++i) x[i] = src[i];
+    if (warp == 0) rope_lanes<D>(x, lane, cs, sn);
+    PagedRows rp = paged_rows(bt, bt_ld, bs, b, kh, Hkv, c0);
+    kv_store_vec<DPL>(kv_fmt, warp == 0 ? kc : vc, warp == 0 ? ks : vs, rp.at(p - c0), D, lane * DPL, x,
+                      warp == 0 ? k_scale : v_scale);
+  }
+  for (int h = warp; h < G; h += NW) {                      // q rows: rotated (with cos), times sm_scale * kse
+    float x[DPL];
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) x[i] = q[(long long)n * ldq + (kh * G + h) * D + lane * DPL + i];
+    if (cosT) rope_lanes<D>(x, lane, cs, sn);
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) sm_q[h][lane * DPL + i] = x[i] * (sm_scale * kse);
+  }
+  __syncthreads();                                          // sm_q and the new row are block-visible
+  // this lane's query parts: head g, dims 16 s + 2t + {0, 1} (a0) and + {8, 9} (a2), s < D / 16
+  unsigned qa0[KS][3], qa2[KS][3];
+  {
+    int h = min(g, G - 1);
+    float f = g < G ? 1.0f : 0.0f;
+#pragma unroll
+    for (int s = 0; s < KS; ++s) {
       int d = 16 * s + 2 * t;
-      split_pair<KF>(qr[d] * f, qr[d + 1] * f, qa0[s]);
-      split_pair<KF>(qr[d + 8] * f, qr[d + 9] * f, qa2[s]);
+      split_pair<KF>(sm_q[h][d] * f, sm_q[h][d + 1] * f, qa0[s]);
+      split_pair<KF>(sm_q[h][d + 8] * f, sm_q[h][d + 9] * f, qa2[s]);
     }
   }
-  float acc[4][4];
+  float acc[DT][4];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+  for (int i = 0; i < DT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
   if (threadIdx.x < GMAX) { sm_m[threadIdx.x] = -QT_INF; sm_l[threadIdx.x] = 0.0f; }
   for (int s0 = c0; s0 < c1; s0 += CMAX) {
     int np = min(CMAX, c1 - s0), np16 = (np + 15) & ~15;
@@ -145,7 +170,7 @@ __global__ void __launch_bounds__(128) attn_tc_paged(const float* __restrict__ q
       int j = tile * 8 + g;                                 // this lane's B column (position)
       float sc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-      for (int s = 0; s < 8; ++s) {
+      for (int s = 0; s < KS; ++s) {
         unsigned b0, b1;
         int d = 16 * s + 2 * t;
         if (KF == KV_BF16) {
@@ -191,11 +216,11 @@ __global__ void __launch_bounds__(128) attn_tc_paged(const float* __restrict__ q
       }
     }
     __syncthreads();
-    // PV: warp w, head dims [32 w, 32 w + 32) = 4 tiles of 8; k-steps of 16 positions
+    // PV: warp w, head dims [w D / 4, (w + 1) D / 4) = DT tiles of 8; k-steps of 16 positions
     {
       float c = g < G ? sm_c[g] : 0.0f;
 #pragma unroll
-      for (int i = 0; i < 4; ++i) { acc[i][0] *= c; acc[i][1] *= c; }
+      for (int i = 0; i < DT; ++i) { acc[i][0] *= c; acc[i][1] *= c; }
     }
     for (int p0 = 0; p0 < np16; p0 += 16) {
       unsigned pa0[3], pa2[3];
@@ -207,8 +232,8 @@ __global__ void __launch_bounds__(128) attn_tc_paged(const float* __restrict__ q
       }
       int r0 = p0 + 2 * t;                                  // B rows (positions) r0, r0 + 1, r0 + 8, r0 + 9
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        int d = 32 * warp + 8 * i + g;                      // this lane's B column (head dim)
+      for (int i = 0; i < DT; ++i) {
+        int d = (D / 4) * warp + 8 * i + g;                 // this lane's B column (head dim)
         unsigned b0, b1;
         if (KF == KV_BF16) {
           const unsigned short* v16 = (const unsigned short*)sV;
@@ -235,8 +260,8 @@ __global__ void __launch_bounds__(128) attn_tc_paged(const float* __restrict__ q
   if (g < G) {
     long long o = ((long long)n * Hq + kh * G + g) * S + split;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      int d = 32 * warp + 8 * i + 2 * t;
+    for (int i = 0; i < DT; ++i) {
+      int d = (D / 4) * warp + 8 * i + 2 * t;
       part[o * D + d] = acc[i][0] * vse;
       part[o * D + d + 1] = acc[i][1] * vse;
     }
@@ -244,7 +269,9 @@ __global__ void __launch_bounds__(128) attn_tc_paged(const float* __restrict__ q
   }
 }
 
-#define QT_ATTN_TC(KF) template __global__ void attn_tc_paged<KF>(QT_ATTN_PAGED_ARGS);
-QT_ATTN_TC(KV_BF16)
-QT_ATTN_TC(KV_FP8)
-QT_ATTN_TC(KV_NVFP4)
+#define QT_ATTN_TC(D) template __global__ void attn_tc_paged<D, KV_BF16>(QT_ATTN_PAGED_ARGS); \
+  template __global__ void attn_tc_paged<D, KV_FP8>(QT_ATTN_PAGED_ARGS); \
+  template __global__ void attn_tc_paged<D, KV_NVFP4>(QT_ATTN_PAGED_ARGS);
+QT_ATTN_TC(64)
+QT_ATTN_TC(128)
+QT_ATTN_TC(256)
