@@ -2,7 +2,8 @@
 """CPU check of bench/kernels/attn_tc.cuh's index logic, before any GPU time: one block of attn_tc_paged emulated
 lane by lane (the mma.sync m16n8k16 fragment layout of mma_frag.cuh's header; staged rows with the kernel's padded
 stride; its tile and k-step loops, zeroed tail rows, running softmax), in float64 with exact operands, against a
-direct softmax attention of the same split. Checks addressing, not rounding (the operand splits are not emulated).
+direct softmax attention of the same split. Checks addressing (exact operands, to 1e-12), then the operand
+splits' precision (f16 hi + lo or bf16 hi + mid + lo, as split_pair rounds them; to 2e-6).
 
 Contract: ``python3 bench/attention_tc_emulate.py`` prints the relative error per case and exits 1 above 1e-12.
 """
@@ -25,6 +26,28 @@ def e4m3_value(c: np.ndarray) -> np.ndarray:
     return s * v
 
 
+def bf16(x):
+    """x rounded to bfloat16 (nearest even), as float64."""
+    u = np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    u = ((u + 0x7fff + ((u >> 16) & 1)) & 0xffff0000).astype(np.uint32)
+    return u.view(np.float32).astype(np.float64)
+
+
+def parts(kf: str, x):
+    """The value the mma sees for float32 x split as the kernel's split_pair does: f16 hi + lo, or bf16 hi + mid +
+    lo (each part rounded to nearest; residuals in float32)."""
+    x = np.asarray(x, dtype=np.float32).astype(np.float64)
+    if kf == "bf16":
+        hi = bf16(x)
+        r = (x - hi).astype(np.float32).astype(np.float64)
+        mid = bf16(r)
+        lo = bf16((r - mid).astype(np.float32))
+        return hi + mid + lo
+    hi = x.astype(np.float16).astype(np.float64)
+    lo = (x - hi).astype(np.float32).astype(np.float16).astype(np.float64)
+    return hi + lo
+
+
 def mma(C, a, b):
     """C [32, 4] += A x B with A given by lane fragments a[lane] = (a0 pair, a1, a2, a3) as [32, 4, 2] and B by
     b[lane] = (b0 pair, b1 pair) as [32, 2, 2] (mma_frag.cuh's layout)."""
@@ -45,13 +68,13 @@ def mma(C, a, b):
 
 
 def emulate(kf: str, q: np.ndarray, K: dict, V: dict, G: int, c0: int, c1: int, sm_scale: float, kscale: float,
-            vscale: float):
+            vscale: float, split: bool = False):
     """One block: q [G, D] float64; K / V: the split's staged rows as the kernel's decode sees them (codes per
     format). Returns (part [G, D] unnormalised, m [G], l [G]) as the kernel writes them."""
     D = q.shape[1]
     KS, DT = D // 16, D // 32
     kse = {"bf16": 1.0, "fp8": kscale, "nvfp4": kscale / 6}[kf]
-    vse = {"bf16": 1.0, "fp8": vscale, "nvfp4": vscale / 6}[kf]
+    vse = {"bf16": 1.0, "fp8": vscale, "nvfp4": vscale / 6}[kf] / 16384.0
     acc = np.zeros((4, 32, DT, 4))                                         # [warp, lane, dtile, 4]
     sm_m, sm_l = np.full(8, -np.inf), np.zeros(8)
 
@@ -69,16 +92,22 @@ def emulate(kf: str, q: np.ndarray, K: dict, V: dict, G: int, c0: int, c1: int, 
         v = E2M1[nib & 7] * (-1 if nib & 8 else 1)
         return v * e4m3_value(rowsrc["scales"][r, d // 16])
 
-    # the lane's query pairs (head g, scaled), as qa0 / qa2
+    # per head: q times 2^e (max near 2^14) and the scores' factor 2^-e * sm_scale * kse (sm_q, sm_qf)
+    e = np.array([14 - int(np.floor(np.log2(np.abs(q[h]).max()))) for h in range(G)])
+    sm_q = q * np.exp2(e)[:, None]
+    sm_qf = np.exp2(-e) * sm_scale * kse
+    # the lane's query pairs (head g), as qa0 / qa2
     qf = np.zeros((32, KS, 2, 2))
     for ln in range(32):
         g, t = ln // 4, ln % 4
         h = min(g, G - 1)
-        f = sm_scale * kse if g < G else 0.0
+        f = 1.0 if g < G else 0.0
         for s in range(KS):
             d = 16 * s + 2 * t
-            qf[ln, s, 0] = q[h, d] * f, q[h, d + 1] * f
-            qf[ln, s, 1] = q[h, d + 8] * f, q[h, d + 9] * f
+            qf[ln, s, 0] = sm_q[h, d] * f, sm_q[h, d + 1] * f
+            qf[ln, s, 1] = sm_q[h, d + 8] * f, sm_q[h, d + 9] * f
+    if split:
+        qf = parts(kf, qf)
     for s0 in range(c0, c1, CMAX):
         np_ = min(CMAX, c1 - s0)
         np16 = (np_ + 15) & ~15
@@ -105,9 +134,9 @@ def emulate(kf: str, q: np.ndarray, K: dict, V: dict, G: int, c0: int, c1: int, 
                     jj = tile * 8 + 2 * t
                     if g < G:
                         if jj < np_:
-                            sm_s[g, jj] = sc[ln, 0]
+                            sm_s[g, jj] = sc[ln, 0] * sm_qf[g]
                         if jj + 1 < np_:
-                            sm_s[g, jj + 1] = sc[ln, 1]
+                            sm_s[g, jj + 1] = sc[ln, 1] * sm_qf[g]
                 tile += 4
         sm_c = np.zeros(8)
         for h in range(G):
@@ -129,9 +158,11 @@ def emulate(kf: str, q: np.ndarray, K: dict, V: dict, G: int, c0: int, c1: int, 
                 a = np.zeros((32, 4, 2))
                 for ln in range(32):
                     g, t = ln // 4, ln % 4
-                    h, f = min(g, G - 1), (1.0 if g < G else 0.0)
+                    h, f = min(g, G - 1), (16384.0 if g < G else 0.0)
                     a[ln, 0] = sm_s[h, p0 + 2 * t] * f, sm_s[h, p0 + 2 * t + 1] * f
                     a[ln, 2] = sm_s[h, p0 + 2 * t + 8] * f, sm_s[h, p0 + 2 * t + 9] * f
+                if split:
+                    a = parts(kf, a)
                 for i in range(DT):
                     b = np.zeros((32, 2, 2))
                     for ln in range(32):
@@ -154,7 +185,7 @@ def emulate(kf: str, q: np.ndarray, K: dict, V: dict, G: int, c0: int, c1: int, 
     return part, sm_m[:G], sm_l[:G]
 
 
-def case(kf: str, G: int, n: int, sub: tuple[int, int], seed: int, D: int = 128) -> float:
+def case(kf: str, G: int, n: int, sub: tuple[int, int], seed: int, D: int = 128, split: bool = False) -> float:
     rng = np.random.default_rng(seed)
     c0, c1 = sub
     q = rng.standard_normal((G, D))
@@ -180,7 +211,7 @@ def case(kf: str, G: int, n: int, sub: tuple[int, int], seed: int, D: int = 128)
     # the emulated block sees the split's rows 0..c1-c0 (staging copies rows s0.. of the split)
     Ks = {k: v[c0:c1] for k, v in K.items()}
     Vs = {k: v[c0:c1] for k, v in V.items()}
-    part, m, l = emulate(kf, q, Ks, Vs, G, 0, c1 - c0, sm_scale, kscale, vscale)
+    part, m, l = emulate(kf, q, Ks, Vs, G, 0, c1 - c0, sm_scale, kscale, vscale, split)
     s = (q @ Kd[c0:c1].T) * sm_scale
     mm = s.max(-1, keepdims=True)
     e = np.exp(s - mm)
@@ -199,6 +230,14 @@ def main() -> int:
             ok = err < 1e-12
             bad += not ok
             print(f"{kf:6s} D={D} G={G} rows {sub}: rel err {err:.2e} {'ok' if ok else 'WRONG'}", flush=True)
+    # precision of the operand splits (f16 hi + lo, bf16 hi + mid + lo), products exact, sums in float64
+    for kf in ("bf16", "fp8", "nvfp4"):
+        for G, n, sub, D in ((4, 600, (0, 600), 128), (8, 300, (10, 300), 64)):
+            err = case(kf, G, n, sub, seed=G * 11 + n, D=D, split=True)
+            ok = err < 2e-6
+            bad += not ok
+            print(f"{kf:6s} D={D} G={G} rows {sub}, split operands: rel err {err:.2e} {'ok' if ok else 'TOO LARGE'}",
+                  flush=True)
     return 1 if bad else 0
 
 

@@ -50,7 +50,6 @@ __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wai
 template <int D, int KF> struct RowBytes {
   static constexpr int codes = KF == KV_BF16 ? 2 * D : (KF == KV_FP8 ? D : D / 2);
   static constexpr int scales = KF == KV_NVFP4 ? D / 16 : 0;
-  static constexpr int stage = 2 * CMAX * (codes + scales);   // K and V of one sub-chunk (dynamic shared memory)
 };
 
 // rows j0 + u*4 (u < PU, those < np) of one KV head's cache (K or V), DPL elements per lane, into r[u]
@@ -281,9 +280,11 @@ __global__ void __launch_bounds__(128, 1) attn_partial(const float* __restrict__
 //     with cos: RoPE + the KV write of the new token fused as in attn_partial) and prefill (T > 1). The split
 //     length follows each row's length (the grid's S splits are static for CUDA graphs, the rows are not): split s
 //     of a row of len positions covers [s * span, (s + 1) * span) with span = max(min_span, ceil(len / S) rounded
-//     up to 32); a split longer than CMAX positions is walked in sub-chunks of CMAX with a running softmax (the
-//     head's max m, sum l and each warp's e * V sums, kept in shared memory between sub-chunks, rescaled by
-//     exp(m_old - m_new) when the max grows). Writes
+//     up to 32); a split is walked in sub-chunks of SUB positions with a running softmax (the head's max m, sum l
+//     and each warp's e * V sums, kept in shared memory between sub-chunks, rescaled by exp(m_old - m_new) when
+//     the max grows). Each sub-chunk's K / V rows (and nvfp4 scales) are staged in the dynamic shared memory by
+//     cp.async first; SUB = what that memory holds for K and V (ops.paged_stage_bytes: CMAX where the GPU allows,
+//     else a smaller multiple of 32), read from %dynamic_smem_size. Writes
 //     part / ml as attn_partial (m = -inf for an empty split), so attn_combine / attn_combine_heads merge them.
 //     No loads before the PDL wait. grid (N * Hkv, S), block 128. Its phases repeat attn_partial's code on
 //     purpose: sharing them as device functions changed attn_partial's machine code (nvcc 13, sm_90a), and the
@@ -303,11 +304,16 @@ __global__ void __launch_bounds__(128, 1) attn_partial_paged(const float* __rest
   __shared__ float sm_m[GMAX], sm_l[GMAX], sm_c[GMAX];
   __shared__ long long sm_row[CMAX];      // cache row of each position of the sub-chunk
   using RB = RowBytes<D, KF>;
-  extern __shared__ __align__(16) u8 stage[];   // RB::stage bytes: K codes, V codes, K scales, V scales
+  extern __shared__ __align__(16) u8 stage[];   // K codes, V codes, K scales, V scales of SUB positions
+  // SUB: the positions staged at once, what the launch's dynamic shared memory holds (ops.paged_stage_bytes: CMAX,
+  // or fewer multiples of 32 where the GPU's per-block limit is smaller, e.g. head_dim 256 on 99 KB GPUs)
+  unsigned dyn;
+  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+  const int SUB = min(CMAX, (int)(dyn / (2 * (RB::codes + RB::scales))) / 32 * 32);
   u8* sKc = stage;
-  u8* sVc = stage + CMAX * RB::codes;
-  u8* sKs = stage + 2 * CMAX * RB::codes;
-  u8* sVs = sKs + CMAX * RB::scales;
+  u8* sVc = stage + SUB * RB::codes;
+  u8* sKs = stage + 2 * SUB * RB::codes;
+  u8* sVs = sKs + SUB * RB::scales;
   int n = blockIdx.x / Hkv, kh = blockIdx.x % Hkv, split = blockIdx.y, S = gridDim.y;
   int G = Hq / Hkv;
   int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -338,8 +344,8 @@ __global__ void __launch_bounds__(128, 1) attn_partial_paged(const float* __rest
   }
   if (threadIdx.x < GMAX) { sm_m[threadIdx.x] = -QT_INF; sm_l[threadIdx.x] = 0.0f; }
   __syncthreads();                    // the new row and the running statistics are block-visible
-  for (int s0 = c0; s0 < c1; s0 += CMAX) {
-    int np = min(CMAX, c1 - s0);
+  for (int s0 = c0; s0 < c1; s0 += SUB) {
+    int np = min(SUB, c1 - s0);
     // stage the sub-chunk's K and V rows (and nvfp4 scales) in shared memory with cp.async: every piece of
     // both is in flight at once (v16; the register loads of PU rows per warp kept ~1.0 TB/s at batch 32)
     {

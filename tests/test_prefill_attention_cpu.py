@@ -3,7 +3,7 @@ against the reference backend's attention over the same stored codes, for every 
 paged, bottom-right causal rows (with and without a prefix), rows with different starts, and padded rows at
 position 0 (the explicit-mask path). Bound: relative error <= 1e-4 over the output and per query row (float32
 q, K/V and output; docs/numerics.md, "Prefill attention"). The GPU test (tests/gpu/test_prefill_attention.py)
-runs such cases through CudaBackend on the device's SDPA kernels."""
+runs such cases through CudaBackend on the device (cuBLAS float32 GEMMs)."""
 from __future__ import annotations
 
 import pytest
@@ -69,6 +69,27 @@ def test_query_tiles_equal_one_tile(monkeypatch, kind):
         with torch.inference_mode():
             got = prefill_attention.attention(case.q, pos, case.cache, 0)
         assert rel_err(got, case.reference()) < 1e-4, elems
+
+
+def test_float32_gemms_even_when_tf32_is_allowed(monkeypatch):
+    """The GEMMs run with TF32 off (float32 FMAs, the reference's numerics) although the process allowed it, and the
+    process's setting is back afterwards."""
+    from qtool.kernels import prefill_attention
+    seen = []
+    real = torch.matmul
+    monkeypatch.setattr(torch, "matmul", lambda *a, **k: seen.append(torch.backends.cuda.matmul.allow_tf32) or real(*a, **k))
+    pos = _positions("chunk")
+    case = PrefillCase("bf16", 8, 2, 64, True, pos, "cpu", seed=2)
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with torch.inference_mode():
+            got = prefill_attention.attention(case.q, pos, case.cache, 0)
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    assert seen and not any(seen)
+    assert rel_err(got, case.reference()) < 1e-4
 
 
 def test_decode_rows_not_taken():

@@ -1,19 +1,23 @@
 // attn_tc.cuh (bench prototype, not in the package) — paged decode attention with QK^T and PV on the tensor cores.
 // Appended by bench/attention_tc.py to kernels_cuda/attention.cu (+ mma_frag.cuh) as preprocessed by the loader, so
-// it uses their helpers (cp_async, RowBytes, PagedRows, warp_max, e4m3x2_to_h2, mma_f16). Same signature, grid,
-// split rule and outputs (part, ml) as attn_partial_paged<128, PU, GM, KF>, for rows whose query is already rotated
-// (cosT must be null): attn_combine merges its splits unchanged.
+// it uses their helpers (cp_async, RowBytes, PagedRows, kv_store_vec, rope_*, warp_max, e4m3x2_to_h2, mma_f16).
+// Same signature, grid, split rule and outputs (part, ml) as attn_partial_paged<D, PU, GM, KF> (D 64 / 128 / 256,
+// G <= 8), including the decode path with cos (RoPE of q and k, the new K / V row written by the block whose split
+// holds it, with attn_partial_paged's code): attn_combine merges its splits unchanged. Its dynamic shared memory is
+// larger than attn_partial_paged's (padded rows): 2 * CMAX * (codes + 16) + 2 * CMAX * scales bytes per row format,
+// so ops.paged_stage_bytes must change with it if it replaces that kernel.
 //
 // Per block (row n, KV head kh, split): each 128-position sub-chunk's K / V codes (+ nvfp4 scales) are staged in
 // shared memory by cp.async (rows padded by 16 bytes against bank conflicts; rows past the sub-chunk's end zeroed
 // up to the next 16). Scores: mma m16n8k16 with A = the G <= 8 query heads (rows 8..15 zero) x 16 head dims and
-// B = K^T (16 dims x 8 positions); each warp takes every 4th tile of 8 positions. The query (times 1/sqrt(d) and the
-// cache's K scale) is split into parts exact in the operand type (f16: hi + lo, ~22 bits; bf16 caches: hi + mid +
-// lo, 24 bits) and each part is one mma, so the scores keep float32 accuracy: the K codes are exact in f16 (e4m3;
-// E2M1 x e4m3 block scale) or bf16. Softmax as attn_partial_paged (float32, running max over sub-chunks). PV: A =
-// the probabilities (split the same way; f16 parts lose values below 2^-24, contributing < 2^-24 |v| each), B = V
-// (16 positions x 8 dims); warp w owns head dims [w D / 4, (w + 1) D / 4) over all positions (no cross-warp sum).
-// The query rows go through shared memory (sm_q: rotated, times 1/sqrt(d) and the K scale) to reach the fragments.
+// B = K^T (16 dims x 8 positions); each warp takes every 4th tile of 8 positions. Each query head is scaled by a
+// power of two 2^e to a max of ~2^14 (exact; the f16 parts then stay normal for elements within 2^-10 of the max)
+// and split into parts exact in the operand type (f16: hi + lo, ~22 bits; bf16 caches: hi + mid + lo, 24 bits),
+// each part one mma; the scores are multiplied in float32 by 2^-e / sqrt(d) times the cache's K scale. The K codes
+// are exact in f16 (e4m3; E2M1 x e4m3 block scale) or bf16. Softmax as attn_partial_paged (float32, running max
+// over sub-chunks). PV: A = the probabilities times 2^14 (exact, so the f16 parts of p >= 2^-10 stay normal), split
+// the same way, B = V (16 positions x 8 dims); warp w owns head dims [w D / 4, (w + 1) D / 4) over all positions
+// (no cross-warp sum); 2^-14 and the V scale are applied to the sums in float32.
 #pragma once
 
 QT_MMA_16X8(mma_bf16, "m16n8k16.row.col.f32.bf16.bf16.f32")
@@ -70,7 +74,8 @@ __global__ void __launch_bounds__(128) attn_tc_paged(const float* __restrict__ q
   __shared__ float sm_s[GMAX][CMAX];
   __shared__ float sm_m[GMAX], sm_l[GMAX], sm_c[GMAX];
   __shared__ long long sm_row[CMAX];
-  __shared__ float sm_q[GMAX][D];                           // the query heads, rotated and scaled
+  __shared__ float sm_q[GMAX][D];                           // the query heads, rotated, times 2^e (per head)
+  __shared__ float sm_qf[GMAX];                             // 2^-e / sqrt(d) * K scale: the scores' factor
   extern __shared__ __align__(16) u8 stage[];               // K codes [CMAX][RS], V codes, K scales [CMAX][SB], V
   u8* sK = stage;
   u8* sV = stage + CMAX * RS;
@@ -92,7 +97,7 @@ __global__ void __launch_bounds__(128) attn_tc_paged(const float* __restrict__ q
   }
   long long b = n / T;
   const float kse = KF == KV_BF16 ? 1.0f : (KF == KV_FP8 ? k_scale : k_scale / 6.0f);
-  const float vse = KF == KV_BF16 ? 1.0f : (KF == KV_FP8 ? v_scale : v_scale / 6.0f);
+  const float vse = (KF == KV_BF16 ? 1.0f : (KF == KV_FP8 ? v_scale : v_scale / 6.0f)) / 16384.0f;
   long long p = len - 1;
   // with cos (decode): RoPE of q and of the new k, and the new K / V row written by the block whose split holds p
   // (attn_partial_paged's code: rope_kv_write's expression and quantization)
@@ -108,13 +113,20 @@ __global__ void __launch_bounds__(128) attn_tc_paged(const float* __restrict__ q
     kv_store_vec<DPL>(kv_fmt, warp == 0 ? kc : vc, warp == 0 ? ks : vs, rp.at(p - c0), D, lane * DPL, x,
                       warp == 0 ? k_scale : v_scale);
   }
-  for (int h = warp; h < G; h += NW) {                      // q rows: rotated (with cos), times sm_scale * kse
+  for (int h = warp; h < G; h += NW) {                      // q rows: rotated (with cos), times 2^e
     float x[DPL];
 #pragma unroll
     for (int i = 0; i < DPL; ++i) x[i] = q[(long long)n * ldq + (kh * G + h) * D + lane * DPL + i];
     if (cosT) rope_lanes<D>(x, lane, cs, sn);
+    float amax = 0.0f;
 #pragma unroll
-    for (int i = 0; i < DPL; ++i) sm_q[h][lane * DPL + i] = x[i] * (sm_scale * kse);
+    for (int i = 0; i < DPL; ++i) amax = fmaxf(amax, fabsf(x[i]));
+    amax = warp_max(amax);
+    int e = amax > 0.0f ? 14 - ilogbf(amax) : 0;            // max * 2^e in [2^14, 2^15): f16 normal, < 65504
+    float up = ldexpf(1.0f, e);
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) sm_q[h][lane * DPL + i] = x[i] * up;
+    if (lane == 0) sm_qf[h] = ldexpf(sm_scale * kse, -e);
   }
   __syncthreads();                                          // sm_q and the new row are block-visible
   // this lane's query parts: head g, dims 16 s + 2t + {0, 1} (a0) and + {8, 9} (a2), s < D / 16
@@ -187,12 +199,13 @@ __global__ void __launch_bounds__(128) attn_tc_paged(const float* __restrict__ q
           b1 = hmul2_(e2m1_h(c1b & 15u) | (e2m1_h(c1b >> 4) << 16), sbh);
         }
 #pragma unroll
-        for (int p = 0; p < NP; ++p) mma_kf<KF>(sc, qa0[s][p], qa2[s][p], b0, b1);
+        for (int sp = 0; sp < NP; ++sp) mma_kf<KF>(sc, qa0[s][sp], qa2[s][sp], b0, b1);
       }
       int jj = tile * 8 + 2 * t;
       if (g < G) {
-        if (jj < np) sm_s[g][jj] = sc[0];
-        if (jj + 1 < np) sm_s[g][jj + 1] = sc[1];
+        float f = sm_qf[g];
+        if (jj < np) sm_s[g][jj] = sc[0] * f;
+        if (jj + 1 < np) sm_s[g][jj + 1] = sc[1] * f;
       }
     }
     __syncthreads();
@@ -226,7 +239,7 @@ __global__ void __launch_bounds__(128) attn_tc_paged(const float* __restrict__ q
       unsigned pa0[3], pa2[3];
       {
         int h = min(g, G - 1);
-        float f = g < G ? 1.0f : 0.0f;
+        float f = g < G ? 16384.0f : 0.0f;                  // p * 2^14: exact, f16 parts normal for p >= 2^-10
         split_pair<KF>(sm_s[h][p0 + 2 * t] * f, sm_s[h][p0 + 2 * t + 1] * f, pa0);
         split_pair<KF>(sm_s[h][p0 + 2 * t + 8] * f, sm_s[h][p0 + 2 * t + 9] * f, pa2);
       }
@@ -252,7 +265,7 @@ __global__ void __launch_bounds__(128) attn_tc_paged(const float* __restrict__ q
           b1 = hmul2_(e8 | (e9 << 16), s89);
         }
 #pragma unroll
-        for (int p = 0; p < NP; ++p) mma_kf<KF>(acc[i], pa0[p], pa2[p], b0, b1);
+        for (int sp = 0; sp < NP; ++sp) mma_kf<KF>(acc[i], pa0[sp], pa2[sp], b0, b1);
       }
     }
     __syncthreads();                                        // the staged rows and sm_s are rewritten next

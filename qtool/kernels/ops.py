@@ -29,6 +29,7 @@ The fused sequences the backend runs are ``norm_linear``, ``attention_o`` and ``
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import replace
 
@@ -484,7 +485,8 @@ def _attn_partial(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, laye
     rope = (k, v, cos, sin) (decode, T = 1: rope_fusable) the unrotated q, k, v (row views with unit element
     stride), rotated and written into the cache by the kernel itself; then pos, the first K / V rows and the RoPE
     factors are read before the PDL wait (attention.cu's ``early``; early=False: after it, for tests). A paged
-    cache runs attn_partial_paged with _paged_splits(N) splits whose length follows each row's length."""
+    cache, and a contiguous one longer than LONG_CACHE (through its one-block-per-row table), runs
+    attn_partial_paged with _paged_splits(N) splits whose length follows each row's length."""
     N, Hq, D = q.shape
     Hkv = cache.hkv
     if Hq % Hkv or Hq // Hkv > 8 or D not in ATTN_PU:
@@ -512,7 +514,8 @@ def _attn_partial(q: torch.Tensor, positions: torch.Tensor, cache: KVCache, laye
     head = (ptr(q2), i32(q2.stride(0)), ptr(pos), i32(T), ptr(kc), ptr(ks), ptr(vc), ptr(vs), i32(cache.code),
             f32(cache.k_scales[layer]), f32(cache.v_scales[layer]), ptr(part), ptr(ml), i32(Hq), i32(Hkv))
     if paged:
-        name, smem = "attn_partial_paged<" + kernel, paged_stage_bytes(cache)
+        name = "attn_partial_paged<" + kernel
+        smem = paged_stage_bytes(cache, name)
         allow_smem("attention", name, smem)
         launch("attention", name, (N * Hkv, S), (128,),
                head + (i32(PAGED_MIN_SPAN), f32(1.0 / math.sqrt(D))) + tail[:-1]
@@ -531,12 +534,26 @@ LONG_CACHE = {"bf16": 16384, "fp8": 4096, "nvfp4": 4096}
 PAGED_SUB_CHUNK = 128   # positions attn_partial_paged stages in shared memory at once (attention.cu's CMAX)
 
 
-def paged_stage_bytes(cache: "KVCache") -> int:
-    """Dynamic shared memory of attn_partial_paged: K and V rows (codes + nvfp4 block scales) of one sub-chunk
-    (attention.cu's RowBytes<D, KF>::stage), from the cache's own row layout."""
+def paged_stage_bytes(cache: "KVCache", name: str) -> int:
+    """Dynamic shared memory of attn_partial_paged ``name`` for this cache: K and V rows (codes + nvfp4 block scales)
+    of PAGED_SUB_CHUNK positions, or of the largest multiple of 32 positions that fits beside the kernel's static
+    shared memory in the GPU's per-block limit (99 KB on sm_89 / sm_120: head_dim 256 stages 32 or 64); the kernel
+    reads its sub-chunk length back from the size."""
     kc, ks = cache.k[0]
-    row = kc.shape[-1] * kc.element_size() + (ks.shape[-1] if ks is not None else 0)
-    return 2 * PAGED_SUB_CHUNK * row
+    row = 2 * (kc.shape[-1] * kc.element_size() + (ks.shape[-1] if ks is not None else 0))    # K and V
+    return _stage_bytes(name, row, kc.device)
+
+
+@functools.lru_cache(maxsize=None)
+def _stage_bytes(name: str, row: int, device) -> int:
+    from qtool.kernels import loader
+    props = torch.cuda.get_device_properties(device)
+    limit = int(getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024)
+    room = limit - int(loader.function("attention", name).shared_size_bytes)
+    sub = min(PAGED_SUB_CHUNK, room // row // 32 * 32)
+    if sub < 32:
+        raise ValueError(f"{name}: {room} bytes of shared memory left per block, {32 * row} needed")
+    return sub * row
 
 
 def _paged_splits(N: int, hkv: int, max_len: int) -> int:

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-MAX_HEAD_DIM = 256          # head dims the backend sends here (larger: attn_partial)
+MAX_HEAD_DIM = 256          # head dims the backend sends here (the decode kernels' largest)
 _memo: list = []             # [(positions tensor, summary)]: the current forward's positions (read at layer 0)
 
 
@@ -89,8 +89,9 @@ def _attend(qb: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
     """qb [R, Hq, T, d] float32 over k / v [R, Hkv, L, d] float32; causal bottom-right (queries at L-T..L-1) when
     mask is None, else mask [R, 1, T, L] bool. The G = Hq / Hkv query heads of a KV head are stacked as G*T rows
     over that head's K/V (no K/V repeat), scores = Q K^T and out = softmax(scores) V as batched float32 GEMMs
-    (cuBLAS SGEMM on a GPU: float32 FMAs, as the reference; torch's float32 SDPA kernel ran at ~1 TFLOP/s, 36 ms
-    at 2,048 tokens on an H100, run 52), the queries tiled so a tile's scores stay under SCORE_ELEMENTS."""
+    (cuBLAS SGEMM on a GPU with TF32 switched off around them: float32 FMAs, as the reference; torch's float32 SDPA
+    kernel ran at ~1 TFLOP/s, 36 ms at 2,048 tokens on an H100, run 52), the queries tiled so a tile's scores stay
+    under SCORE_ELEMENTS (at least one query row per tile)."""
     R, Hq, T, D = qb.shape
     Hkv, L = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -100,18 +101,29 @@ def _attend(qb: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
     out = torch.empty(R, Hkv, G, T, D, dtype=torch.float32, device=qb.device)
     tile = max(1, min(T, SCORE_ELEMENTS // max(1, R * Hq * L)))
     j = torch.arange(L, device=qb.device)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False          # float32 FMAs even if the process allowed TF32
+    try:
+        _tiles(qg, kt, v, mask, out, scale, T, L, tile, j)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return out.view(R, Hq, T, D)
+
+
+def _tiles(qg, kt, v, mask, out, scale, T, L, tile, j) -> None:
+    """_attend's query tiles: scores, mask, softmax and times V per tile, into out [R, Hkv, G, T, d]."""
+    R, Hkv, G, _, D = qg.shape
     for t0 in range(0, T, tile):
         t1 = min(T, t0 + tile)
         qt = qg[:, :, :, t0:t1].reshape(R, Hkv, G * (t1 - t0), D)
         s = torch.matmul(qt, kt).mul_(scale).view(R, Hkv, G, t1 - t0, L)
         if mask is None:
-            visible = j[None, :] <= (L - T + torch.arange(t0, t1, device=qb.device))[:, None]      # [tq, L]
+            visible = j[None, :] <= (L - T + torch.arange(t0, t1, device=j.device))[:, None]       # [tq, L]
             s.masked_fill_(~visible, float("-inf"))
         else:
             s.masked_fill_(~mask[:, :, None, t0:t1], float("-inf"))
         p = torch.softmax(s, dim=-1).view(R, Hkv, G * (t1 - t0), L)
         out[:, :, :, t0:t1] = torch.matmul(p, v).view(R, Hkv, G, t1 - t0, D)
-    return out.view(R, Hq, T, D)
 
 
 def attention(q: torch.Tensor, positions: torch.Tensor, cache, layer: int) -> torch.Tensor:

@@ -475,6 +475,53 @@ def _decoded(kv, pair, scale, n):
     return kv_decode(kv, codes, scales.view(torch.float8_e4m3fn), scale=scale)
 
 
+@pytest.mark.parametrize("kv", ["bf16", "fp8", "nvfp4"])
+@pytest.mark.parametrize("layout", ["contiguous", "paged"])
+def test_long_rows_attention(kv, layout):
+    """Decode attention over long rows of random codes (every code but NaN, negative values included): a contiguous
+    cache of 17000 positions (past ops.LONG_CACHE: attn_partial_paged through the one-block-per-row table) or a
+    paged cache with shuffled blocks, rows at positions 9000 and 16900, so splits hold several staged sub-chunks
+    merged by the running softmax; against float64 over the decoded cache."""
+    from qtool.kernels import ops
+    B, hq, hkv, d, L, bs = 2, 32, 8, 128, 17000, 16
+    ks, vs = 0.05, 0.04
+    g = torch.Generator().manual_seed(len(kv) + len(layout))
+    if layout == "contiguous":
+        cache = ops.KVCache(kv, B, L, 1, hkv, d, DEV, [ks], [vs])
+        assert cache.row_table is not None
+    else:
+        nb = -(-L // bs)
+        cache = ops.PagedKVCache(kv, 1 + B * nb, bs, B, nb, 1, hkv, d, DEV, [ks], [vs])
+        cache.block_tables.copy_((1 + torch.randperm(B * nb, generator=g)).view(B, nb).to(torch.int32))
+    for pair in cache.k + cache.v:
+        for t in pair:
+            if t is None:
+                continue
+            if t.dtype == torch.bfloat16:
+                t.copy_(torch.randn(t.shape, generator=g))
+            else:
+                c = torch.randint(0, 256, t.shape, generator=g, dtype=torch.uint8)
+                c[(c & 0x7f) == 0x7f] = 0x7e                           # no e4m3 NaN (codes and block scales)
+                t.copy_(c)
+    q = torch.randn(B, hq, d, generator=g)
+    pos = torch.tensor([[9000], [16900]])
+    poison()
+    out = ops.attention(q.to(DEV), pos.to(DEV), cache, 0, 1).cpu()
+
+    def rows(pair):                      # [B, L, hkv, ...] of the stored tensors, through the block table if paged
+        if layout == "contiguous":
+            return pair
+        ids = cache.block_tables.long()
+        return tuple(None if t is None else t[ids].transpose(1, 2).reshape(B, hkv, -1, *t.shape[3:])[:, :, :L]
+                     for t in pair)
+    K_ = _decoded(kv, rows(cache.k[0]), ks, L).double().repeat_interleave(hq // hkv, 2)
+    V_ = _decoded(kv, rows(cache.v[0]), vs, L).double().repeat_interleave(hq // hkv, 2)
+    sc_ = torch.einsum("bhd,blhd->bhl", q.double(), K_) / math.sqrt(d)
+    sc_ = sc_.masked_fill(torch.arange(L)[None, None, :] > pos[:, :, None], float("-inf"))
+    ref = torch.einsum("bhl,blhd->bhd", sc_.softmax(-1), V_).reshape(B, hq * d)
+    assert rel(out, ref) < 1e-5, f"{kv} {layout}: rel {rel(out, ref):.2e}"
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["rope_kv_write", "rope_fused"])
 @pytest.mark.parametrize("kv", ["bf16", "fp8", "nvfp4"])
 @pytest.mark.parametrize("d,hq,hkv,L", [(64, 4, 2, 300), (128, 32, 8, 300), (64, 9, 3, 300), (128, 32, 8, 2000),
@@ -482,7 +529,8 @@ def _decoded(kv, pair, scale, n):
 def test_rope_kv_attention(kv, d, hq, hkv, L, fused):
     """RoPE + KV write and attention against float64; L = 2000 gives 64-position chunks (two rounds per warp)
     where L = 300 gives 32 (one); 16 / 2 heads take attn_partial's GM = 8 unroll (the others GM = 4); L = 17000 is
-    past ops.LONG_CACHE for every format, so attn_partial_paged runs over the contiguous cache (one block per row).
+    past ops.LONG_CACHE for every format, so attn_partial_paged runs over the contiguous cache (one block per row;
+    positions up to 37 here, long ones in test_long_rows_attention).
     fused: the decode token's RoPE and KV write happen inside the attention kernel (no rope_kv_write), checked the
     same way."""
     from qtool.formats import kv_encode
