@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from attention_variants import capture, merged, timed  # noqa: E402
+from attention_variants import capture, merged, timed_cold  # noqa: E402
 from bench_attention import HKV, HQ, D, copy_bandwidth, make_cache  # noqa: E402
 import bench_decode as bd  # noqa: E402
 from qtool.kernels import loader, pdl  # noqa: E402
@@ -34,7 +34,8 @@ from qtool.kernels import loader, pdl  # noqa: E402
 DEV = "cuda"
 CASES = [("bf16", 1, 8192, False), ("fp8", 1, 8192, False), ("nvfp4", 1, 8192, False), ("bf16", 1, 32768, False),
          ("fp8", 1, 32768, False), ("nvfp4", 1, 32768, False), ("bf16", 32, 1024, False), ("fp8", 32, 1024, False),
-         ("nvfp4", 32, 1024, False), ("fp8", 64, 1024, False), ("fp8", 32, 1024, True), ("nvfp4", 1, 8192, True)]
+         ("nvfp4", 32, 1024, False), ("fp8", 64, 1024, False), ("fp8", 32, 1024, True), ("nvfp4", 1, 8192, True),
+         ("fp8", 1, 101, False), ("nvfp4", 8, 300, False)]      # short rows: empty splits, partial tiles
 CODES = {"bf16": 0, "fp8": 1, "nvfp4": 2}
 
 
@@ -61,6 +62,20 @@ def float64_reference(q, cache, ctx):
     return torch.einsum("hgl,hld->hgd", s.softmax(-1), v).reshape(HQ, D).cpu()
 
 
+def fill_full(cache) -> None:
+    """Random cache contents over every code but NaN (negative values and block scales included); bf16 normal."""
+    for pair in cache.k + cache.v:
+        for t in pair:
+            if t is None:
+                continue
+            if t.dtype == torch.bfloat16:
+                t.normal_()
+            else:
+                c = torch.randint(0, 256, t.shape, device=DEV, dtype=torch.uint8)
+                c[(c & 0x7f) == 0x7f] = 0x7e
+                t.copy_(c)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json")
@@ -79,9 +94,11 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for kv, B, ctx, fused in CASES:
         cache = make_cache("paged", kv, B, ctx + 64)
-        bd.fill_cache(cache)
+        fill_full(cache)
         q = torch.randn(B, HQ, D, device=DEV)
-        pos = torch.full((B, 1), ctx - 1, device=DEV)
+        g = torch.Generator().manual_seed(ctx + B)
+        lens = torch.full((B,), ctx) - torch.randint(0, min(41, ctx // 4), (B,), generator=g) * (B > 1)
+        pos = (lens - 1).view(B, 1).to(DEV)      # ragged rows (batch > 1): partial tiles and sub-chunks
         rope = None
         if fused:                     # decode with RoPE and the new K / V row written by the kernel
             kv_rows = torch.randn(B, 2 * HKV, D, device=DEV)
@@ -92,13 +109,14 @@ def main():
         kc, ks = cache.k[0]
         codes = kc.shape[-1] * kc.element_size()
         sb = ks.shape[-1] if ks is not None else 0
-        nbytes = 2 * B * ctx * HKV * (codes + sb)
+        nbytes = 2 * int(lens.sum()) * HKV * (codes + sb)
         prod = loader.function("attention", seen["name"])
-        t_prod = timed(lambda: pdl.launch(prod, seen["grid"], seen["block"], stream, seen["args"], seen["smem"]))
+        t_prod = timed_cold(lambda: pdl.launch(prod, seen["grid"], seen["block"], stream, seen["args"], seen["smem"]))
         f = mod.get_function(f"attn_tc_paged<{D}, {CODES[kv]}>")
         smem = 2 * 128 * (codes + 16) + 2 * 128 * sb
         f.max_dynamic_shared_size_bytes = smem
         part.zero_()
+        ml.fill_(float("nan"))                    # every split's statistics must come from the prototype
         run = lambda: pdl.launch(f, seen["grid"], seen["block"], stream, seen["args"], smem)  # noqa: E731
         run()
         torch.cuda.synchronize()
@@ -106,10 +124,10 @@ def main():
         err = float((got - want).norm() / want.norm())
         f64 = ""
         if B == 1 and not fused:
-            ref = float64_reference(q, cache, ctx)
+            ref = float64_reference(q, cache, int(lens[0]))
             f64 = (f"{float((want[0].cpu() - ref).norm() / ref.norm()):.1e}, "
                    f"{float((got[0].cpu() - ref).norm() / ref.norm()):.1e}")
-        t_tc = timed(run)
+        t_tc = timed_cold(run)
         rows.append(dict(kv=kv, batch=B, ctx=ctx, fused=fused, product_us=t_prod * 1e6, tc_us=t_tc * 1e6,
                          product_ratio=nbytes / t_prod / bw, tc_ratio=nbytes / t_tc / bw, rel_err=err, float64=f64))
         print(f"| {kv} | {B} | {ctx} | {fused} | {t_prod * 1e6:.1f} | {t_tc * 1e6:.1f} | {nbytes / t_prod / bw:.2f} | "
