@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -43,6 +44,7 @@ def module():
     import cupy
     seen: set = set()
     src = loader.preprocess(loader.kernel_dir() / "attention.cu", seen)
+    src = re.sub(r"^QT_ATTN_(KF|PAGED)\(.*$", "", src, flags=re.M)   # the product's instantiations: not needed here
     src += loader.preprocess(loader.kernel_dir() / "mma_frag.cuh", seen)
     src += (ROOT / "bench" / "kernels" / "attn_tc.cuh").read_text().replace("#pragma once", "")
     exprs = [f"attn_tc_paged<{d}, {k}>" for d in (64, 128, 256) for k in range(3)]

@@ -46,6 +46,9 @@ def variant_module(cmax: int, mb: int, exprs: list[str]):
     src, n2 = re.subn(r"__launch_bounds__\(128, 1\) attn_partial_paged", f"__launch_bounds__(128, {mb}) attn_partial_paged",
                       src)
     assert n1 == 1 and n2 == 1, (n1, n2)
+    keep = {f"QT_ATTN_PAGED({e.split('<')[1].split(',')[0]}, " for e in exprs}     # only the head dims timed here
+    src = "\n".join(ln for ln in src.splitlines()
+                    if not ln.startswith(("QT_ATTN_KF(", "QT_ATTN_PAGED(")) or ln.startswith(tuple(keep)))
     mod = cupy.RawModule(code=src, options=loader.OPTIONS, name_expressions=exprs)
     mod.compile()
     return mod

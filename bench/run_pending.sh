@@ -3,7 +3,9 @@
 # the tensor-core attention prototype, the paged kernel's variants, TTFT with the float32 GEMM prefill attention,
 # 4-bit batched decode with L2 chunks, the paged batched decode, and decode at ctx 8192 / 32768 (target 4).
 # Logs and JSON under $OUT (else ./pending_out); each part under its own time budget so one slow part cannot take
-# the others' time. Usage (repository root on the device): bash bench/run_pending.sh [parts]
+# the others' time (the budgets add up past one 10-minute device call: run them as two calls,
+# `bash bench/run_pending.sh tc,variants,ttft` and `bash bench/run_pending.sh batch4bit,batchpaged,long`).
+# Usage (repository root on the device): bash bench/run_pending.sh [parts]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-pending_out}"; mkdir -p "$OUT"
@@ -18,8 +20,8 @@ run() {   # name, budget seconds, command...
   echo "[$name: rc $?, $(( $(date +%s) - t0 )) s]"
   grep -E "^\||copy bandwidth|registers|FAILED|Error|WRONG|^ttft|^batch|summary" "$OUT/$name.log" | head -60
 }
-run tc 90 python3 bench/attention_tc.py --json "$OUT/tc.json"
-run variants 150 python3 bench/attention_variants.py --json "$OUT/variants.json"
+run tc 150 python3 bench/attention_tc.py --json "$OUT/tc.json"
+run variants 200 python3 bench/attention_variants.py --json "$OUT/variants.json"
 run ttft 90 python3 bench/bench_prefill_batch.py --parts ttft --json "$OUT/ttft.json"
 run batch4bit 150 python3 bench/bench_prefill_batch.py --parts batch4bit --json "$OUT/batch4bit.json"
 run batchpaged 80 python3 bench/bench_prefill_batch.py --parts batchpaged --json "$OUT/batchpaged.json"
