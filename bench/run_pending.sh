@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call for the measurements pending since runs 57-62 (docs/performance.md, "Changed after these runs"):
+# The measurements pending since runs 57-62 (docs/performance.md, "Changed after these runs"):
 # the tensor-core attention prototype, the paged kernel's variants, TTFT with the float32 GEMM prefill attention,
 # 4-bit batched decode with L2 chunks, the paged batched decode, and decode at ctx 8192 / 32768 (target 4).
 # Logs and JSON under $OUT (else ./pending_out); each part under its own time budget so one slow part cannot take
