@@ -217,3 +217,5 @@ def test_sum64_linear_is_the_float64_sum_rounded_once(setup):
         be.sum64 = False
     assert np.array_equal(got.numpy(), want)
     assert not torch.equal(plain, got)
+    from qtool.runtime.backends.torch_ref import _sum64
+    assert np.array_equal(_sum64(lw.quantize_input(x), w, rows=7).numpy(), want)     # in blocks of 7 rows

@@ -28,6 +28,16 @@ from qtool.runtime import rope
 from qtool.runtime.sampling import sample as _sample
 
 
+def _sum64(x: torch.Tensor, w: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """x @ w^T with the products summed in float64, rounded once to float32; w converted in blocks of ``rows``
+    output rows (a float64 copy of a whole lm_head would be 8 bytes a weight)."""
+    x64 = x.double()
+    y = torch.empty(*x.shape[:-1], w.shape[0], dtype=torch.float32)
+    for o0 in range(0, w.shape[0], rows):
+        y[..., o0:o0 + rows] = (x64 @ w[o0:o0 + rows].double().t()).float()
+    return y
+
+
 @dataclass
 class RefKVCache:
     """Per layer: K and V as tuples of stored tensors, each [B, max_len, Hkv, ...]."""
@@ -136,7 +146,7 @@ class TorchRefBackend:
         if lw.parts is not None:
             return torch.cat([self.linear(x, part) for part in lw.parts], dim=-1)
         xq, w = lw.quantize_input(x), self._w[id(lw)]
-        y = (xq.double() @ w.double().t()).float() if self.sum64 else xq @ w.t()
+        y = _sum64(xq, w) if self.sum64 else xq @ w.t()
         bias = self._bias[id(lw)]
         return y if bias is None else y + bias
 
