@@ -8,7 +8,7 @@ Contract: ``python3 bench/attention_tc.py [--json out.json]`` on one GPU. For ea
 32768, batch 32 and 64 at ctx 1024): the product's launch is captured from ``ops._attn_partial`` (grid and
 arguments), the prototype runs with the same arguments into the same buffers, and the merged outputs are compared
 (relative error, expected ~1e-6: float32-accurate split operands) with the product's and with a float64 softmax over
-the decoded cache (batch-1 cases without RoPE; two cases run the decode path with RoPE and the new K / V row fused); both are timed over 50 launches (median of 5 blocks). GB/s counts the K/V bytes the
+the decoded cache (batch-1 cases without RoPE; two cases run the decode path with RoPE and the new K / V row fused); both are timed over 20 launches (median of 5 blocks). GB/s counts the K/V bytes the
 rows attend to; the copy bandwidth of the same run is the reference.
 """
 from __future__ import annotations
@@ -64,20 +64,6 @@ def float64_reference(q, cache, ctx):
     return torch.einsum("hgl,hld->hgd", s.softmax(-1), v).reshape(HQ, D).cpu()
 
 
-def fill_full(cache) -> None:
-    """Random cache contents over every code but NaN (negative values and block scales included); bf16 normal."""
-    for pair in cache.k + cache.v:
-        for t in pair:
-            if t is None:
-                continue
-            if t.dtype == torch.bfloat16:
-                t.normal_()
-            else:
-                c = torch.randint(0, 256, t.shape, device=DEV, dtype=torch.uint8)
-                c[(c & 0x7f) == 0x7f] = 0x7e
-                t.copy_(c)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json")
@@ -96,7 +82,7 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for kv, B, ctx, fused in CASES:
         cache = make_cache("paged", kv, B, ctx + 64)
-        fill_full(cache)
+        bd.fill_cache(cache, full_range=True)
         q = torch.randn(B, HQ, D, device=DEV)
         g = torch.Generator().manual_seed(ctx + B)
         lens = torch.full((B,), ctx) - torch.randint(0, min(41, ctx // 4), (B,), generator=g) * (B > 1)

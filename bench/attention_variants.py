@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_attention import HKV, HQ, D, copy_bandwidth, make_cache  # noqa: E402
+from bench_attention import HKV, HQ, D, copy_bandwidth, make_cache, row_bytes  # noqa: E402
 import bench_decode as bd  # noqa: E402  (bench_attention put scripts/ on the path)
 from qtool.kernels import loader, ops, pdl  # noqa: E402
 
@@ -80,22 +79,6 @@ def merged(part, ml):
     return (part.double() * w[..., None]).sum(-2) / (l * w).sum(-1)[..., None]
 
 
-def timed(fn, n=50) -> float:
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(5):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(n):
-            fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) / 1e3 / n)
-    return statistics.median(ts)
-
-
 def timed_cold(fn, n: int = 20) -> float:
     """Seconds per call of fn with the L2 flushed before each call (a 256 MB memset, timed alone and subtracted):
     decode reads the cache from HBM, not from an L2 that a back-to-back loop keeps warm."""
@@ -104,7 +87,7 @@ def timed_cold(fn, n: int = 20) -> float:
     def both():
         flush.zero_()
         fn()
-    return max(0.0, timed(both, n) - timed(flush.zero_, n))
+    return max(0.0, bd.time_graph(both, 5, n) - bd.time_graph(flush.zero_, 5, n))
 
 
 def main():
@@ -130,8 +113,7 @@ def main():
         pos = torch.full((B, 1), ctx - 1, device=DEV)
         seen, part, ml = capture(q, pos, cache)
         want = merged(part, ml)
-        kc, ks = cache.k[0]
-        row = kc.shape[-1] * kc.element_size() + (ks.shape[-1] if ks is not None else 0)
+        row = row_bytes(cache)
         nbytes = 2 * B * ctx * HKV * row
         base = None
         for (cmax, mb), mod in mods.items():

@@ -38,6 +38,12 @@ def copy_bandwidth() -> float:
     return 2 * a.numel() / t
 
 
+def row_bytes(cache) -> int:
+    """Bytes of one cached position of one KV head, K or V: codes plus nvfp4 block scales."""
+    kc, ks = cache.k[0]
+    return kc.shape[-1] * kc.element_size() + (ks.shape[-1] if ks is not None else 0)
+
+
 def make_cache(layout: str, kv: str, B: int, length: int):
     if layout == "contiguous":
         return ops.KVCache(kv, B, length, 1, HKV, D, DEV, [0.05], [0.05])
@@ -66,9 +72,7 @@ def main():
                 q = torch.randn(B, HQ, D, device=DEV)
                 pos = torch.full((B, 1), ctx - 1, device=DEV)
                 t = bd.graph_time(lambda: ops.attention(q, pos, cache, 0, 1))
-                kc, ks = cache.k[0]
-                row = kc.shape[-1] * kc.element_size() + (ks.shape[-1] if ks is not None else 0)
-                nbytes = 2 * B * ctx * HKV * row
+                nbytes = 2 * B * ctx * HKV * row_bytes(cache)
                 rows.append(dict(layout=layout, kv=kv, batch=B, ctx=ctx, us=t * 1e6, gb_s=nbytes / t / 1e9,
                                  ratio=nbytes / t / bw))
                 print(f"| {layout} | {kv} | {B} | {ctx} | {t * 1e6:.1f} | {nbytes / t / 1e9:.0f} | "

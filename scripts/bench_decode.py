@@ -57,14 +57,19 @@ def _rand_linear(fmt: str, O: int, K: int) -> KLinear:
     return random_linear(fmt, O, K, device=DEV)
 
 
-def fill_cache(cache) -> None:
-    """Random codes in every KV-cache tensor (bf16: normal; fp8 / nvfp4 bytes: no NaN codes)."""
+def fill_cache(cache, full_range: bool = False) -> None:
+    """Random codes in every KV-cache tensor (bf16: normal; fp8 / nvfp4 bytes: no NaN codes; 0..0x7d, or with
+    full_range every byte but the e4m3 NaNs 0x7f / 0xff, negative values and block scales included)."""
     for pair in cache.k + cache.v:
         for t in pair:
             if t is None:
                 continue
             if t.dtype == torch.bfloat16:
                 t.normal_()
+            elif full_range:
+                c = torch.randint(0, 256, t.shape, device=DEV, dtype=torch.uint8)
+                c[(c & 0x7f) == 0x7f] = 0x7e
+                t.copy_(c)
             else:
                 t.copy_(torch.randint(0, 0x7e, t.shape, device=DEV, dtype=torch.uint8))
 
