@@ -242,6 +242,8 @@ def main() -> int:
         print(f"checkpoint {model_dir} ready ({time.monotonic() - t0:.0f} s)", file=sys.stderr)
     if model_dir is None and not a.url:
         ap.error("give --url, --serve or --make-random")
+    if a.shared_prefix < 0:
+        ap.error("--shared-prefix must be 0 or more")
     if a.compare_prefix_caching and model_dir is None:
         ap.error("--compare-prefix-caching starts the server twice: give --serve or --make-random")
     configs = [("", a.serve_args.split())]
