@@ -14,7 +14,9 @@ Contract: `python3 scripts/bench_serve.py [--url http://127.0.0.1:8000 | --serve
   tokens, max_tokens --output-len, ignore_eos, stream with include_usage. Measured on the client: TTFT (send to
   the first text chunk), ITL (gaps between text chunks, all requests pooled), output tok/s (sum of usage
   completion tokens / wall time of the level), requests/s. A request that errors, or returns fewer tokens than
-  asked, is counted as failed. Prints one row per level; --json writes all rows.
+  asked, is counted as failed. Prints one row per level; --json writes all rows. Against `qtool serve` each row
+  also tells where the engine's time went over the level (its /metrics counters before and after): prefill
+  forwards, decode steps (ms per step, mean batch), host work inside steps, and idle.
 - `--shared-prefix N`: every prompt is the same N tokens (a shared system prompt) followed by its own
   --input-len tokens; `--compare-prefix-caching` runs every level against a server with prefix caching and then
   one started with `--no-prefix-caching`, and prints the TTFT p50 of both.
@@ -184,6 +186,40 @@ def pct(xs, q):
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
+ENGINE_COUNTERS = ("engine_step_seconds_total", "engine_prefill_seconds_total", "engine_decode_seconds_total",
+                   "decode_steps_total", "decode_rows_total", "prefill_forwards_total", "prefill_computed_positions_total")
+
+
+async def engine_counters(client, url) -> dict | None:
+    """The server's engine counters (qtool serve's /metrics), or None for a server without them."""
+    try:
+        text = (await client.get(url + "/metrics")).text
+    except Exception:  # noqa: BLE001 - another server, or no /metrics: the split is left out
+        return None
+    out = {}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name.startswith("qtool_") and name[6:] in ENGINE_COUNTERS:
+            out[name[6:]] = float(line.rsplit(" ", 1)[1])
+    return out if len(out) == len(ENGINE_COUNTERS) else None
+
+
+def engine_split(before: dict | None, after: dict | None, wall: float) -> dict | None:
+    """Where the server's engine spent a level's wall time: prefill forwards, decode forwards, host work in steps
+    (scheduling, sampling, detokenizing, callbacks) and idle (waiting for requests), with per-forward figures."""
+    if not before or not after or wall <= 0:
+        return None
+    d = {k: after[k] - before[k] for k in ENGINE_COUNTERS}
+    pre, dec, step = d["engine_prefill_seconds_total"], d["engine_decode_seconds_total"], d["engine_step_seconds_total"]
+    steps, fwd = d["decode_steps_total"], d["prefill_forwards_total"]
+    return {"prefill_pct": round(100 * pre / wall, 1), "decode_pct": round(100 * dec / wall, 1),
+            "host_pct": round(100 * (step - pre - dec) / wall, 1), "idle_pct": round(100 * (wall - step) / wall, 1),
+            "decode_ms_per_step": round(1e3 * dec / steps, 2) if steps else None,
+            "mean_decode_batch": round(d["decode_rows_total"] / steps, 1) if steps else None,
+            "prefill_forwards": int(fwd), "prefill_ms_per_forward": round(1e3 * pre / fwd, 1) if fwd else None,
+            "positions_per_prefill_forward": round(d["prefill_computed_positions_total"] / fwd) if fwd else None}
+
+
 async def level(url, model, vocab, c, n_req, n_in, n_out, time_limit, seed, prefix=()):
     import httpx
     rng = random.Random(seed)
@@ -194,6 +230,7 @@ async def level(url, model, vocab, c, n_req, n_in, n_out, time_limit, seed, pref
         warm = [[rng.randrange(lo, vocab) for _ in range(n_in)] for _ in range(c)]
         await asyncio.gather(*(one_request(client, url, model, p, 8) for p in warm))
         sem = asyncio.Semaphore(c)
+        counters0 = await engine_counters(client, url)
         start = time.perf_counter()
         results = []
 
@@ -204,6 +241,7 @@ async def level(url, model, vocab, c, n_req, n_in, n_out, time_limit, seed, pref
                 results.append(await one_request(client, url, model, p, n_out))
         await asyncio.gather(*(run(p) for p in prompts))
         wall = time.perf_counter() - start
+        split = engine_split(counters0, await engine_counters(client, url), wall)
     ok = [r for r in results if "error" not in r]
     ttft = [r["ttft"] for r in ok]
     itl = [g for r in ok for g in r["gaps"]]
@@ -212,7 +250,8 @@ async def level(url, model, vocab, c, n_req, n_in, n_out, time_limit, seed, pref
             "wall_s": round(wall, 2), "output_tok_s": round(sum(r["tokens"] for r in ok) / wall, 1),
             "requests_s": round(len(ok) / wall, 3),
             "ttft_p50_ms": round(pct(ttft, 50) * 1e3, 1), "ttft_p99_ms": round(pct(ttft, 99) * 1e3, 1),
-            "itl_p50_ms": round(pct(itl, 50) * 1e3, 2), "itl_p99_ms": round(pct(itl, 99) * 1e3, 2)}
+            "itl_p50_ms": round(pct(itl, 50) * 1e3, 2), "itl_p99_ms": round(pct(itl, 99) * 1e3, 2),
+            "engine": split}
 
 
 def main() -> int:
@@ -294,6 +333,12 @@ def run_levels(a, model_dir, extra, label):
             print(f"{c:>4} {r['requests']:>5} {r['failed']:>4} {r['output_tok_s']:>10.1f} {r['requests_s']:>7.2f} "
                   f"{r['ttft_p50_ms']:>9.1f} {r['ttft_p99_ms']:>9.1f} {r['itl_p50_ms']:>8.2f} {r['itl_p99_ms']:>8.2f}"
                   + (f"   errors: {r['errors']}" if r["failed"] else ""), flush=True)
+            if r["engine"]:
+                e = r["engine"]
+                print(f"{'':>5}engine: prefill {e['prefill_pct']}% ({e['prefill_forwards']} forwards, "
+                      f"{e['prefill_ms_per_forward']} ms / {e['positions_per_prefill_forward']} positions each), "
+                      f"decode {e['decode_pct']}% ({e['decode_ms_per_step']} ms/step at mean batch "
+                      f"{e['mean_decode_batch']}), host {e['host_pct']}%, idle {e['idle_pct']}%", flush=True)
         if len(rows) > 1 and rows[0]["output_tok_s"] > 0:
             print("throughput vs concurrency 1: " + ", ".join(
                 f"c{r['concurrency']} {r['output_tok_s'] / rows[0]['output_tok_s']:.1f}x" for r in rows[1:]))

@@ -191,6 +191,9 @@ def test_chat_stream_and_not(client, reference, server):
     assert metric(m, "qtool_prefix_cache_hits_total") > 0
     assert metric(m, "qtool_prefill_forwards_total") >= 3                   # one per request above, at least
     assert metric(m, "qtool_prefill_computed_positions_total") >= metric(m, "qtool_prefill_tokens_total") > 0
+    assert metric(m, "qtool_decode_rows_total") >= metric(m, "qtool_decode_steps_total") >= 7   # 8 tokens: 7 decoded
+    pre, dec = metric(m, "qtool_engine_prefill_seconds_total"), metric(m, "qtool_engine_decode_seconds_total")
+    assert pre > 0 and dec > 0 and metric(m, "qtool_engine_step_seconds_total") >= pre + dec
     stream = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0, stream=True,
                                             extra_body={"ignore_eos": True})
     chunks = list(stream)

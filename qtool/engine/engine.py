@@ -33,6 +33,11 @@ max_num_batched_tokens=2048, max_model_len=...)`. Each `step()`:
 5. samples per request (greedy rows by one argmax; others with their own temperature / top-k /
    top-p / seeded generator), detokenizes incrementally with stop-string and UTF-8 hold-back
    (runtime.generate.TextStream) and calls `request.on_output`.
+Time accounting (`counters`, seconds): `step_s` all of step(); `prefill_s` / `decode_s` the prefill forwards and
+the decode steps from their inputs to their logits on the host (the backend is synchronised after each forward,
+so a GPU's time lands where it is spent; host work before the next kernel is a few tens of microseconds);
+`decode_steps` counts decode forwards. step_s minus both is the host's share: scheduling, block bookkeeping,
+sampling, detokenizing and the request callbacks.
 With prefix caching (default), an admitted request first takes the cached full blocks of its longest
 cached prefix (blocks.py: exact token-chain keys, LRU eviction) and computes only the rest.
 When a sequence needs a block and none is free, the newest running request is preempted: its blocks
@@ -128,7 +133,8 @@ class Engine:
         self._requeued = 0             # preempted requests in `waiting` (already accepted once)
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "preemptions": 0, "steps": 0,
                          "prefill_tokens": 0, "decode_rows": 0,     # positions computed by prefill chunks / decode
-                         "prefill_forwards": 0, "prefill_positions": 0}  # prefill forwards and their B x Tmax positions
+                         "prefill_forwards": 0, "prefill_positions": 0,   # prefill forwards and their B x Tmax positions
+                         "decode_steps": 0, "step_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0}   # module contract
 
     # -- thread-safe entry points -----------------------------------------------------------------
     @property
@@ -187,6 +193,7 @@ class Engine:
 
     # -- one scheduler iteration ------------------------------------------------------------------
     def step(self) -> None:
+        t0 = time.perf_counter()
         self._take_inbox()
         self._admit()
         decode = [r for r in self.running if len(r.all_ids) - r.num_computed == 1]
@@ -210,6 +217,7 @@ class Engine:
         if decode:
             self._decode_step(decode)
         self.counters["steps"] += 1
+        self.counters["step_s"] += time.perf_counter() - t0
 
     def _take_inbox(self) -> None:
         with self._cv:
@@ -277,8 +285,11 @@ class Engine:
         start = torch.tensor([r.num_computed for r, _ in chunks], dtype=torch.long)
         pos = start[:, None] + torch.arange(T, dtype=torch.long)[None]
         last = torch.tensor([n - 1 for _, n in chunks], dtype=torch.long)
+        t0 = time.perf_counter()
         self._fill_tables([r for r, _ in chunks], len(chunks))
         logits = self.model.forward(ids.to(dev), pos.to(dev), self.cache, last_index=last.to(dev))
+        self.be.synchronize()
+        self.counters["prefill_s"] += time.perf_counter() - t0
         self.counters["prefill_forwards"] += 1
         self.counters["prefill_positions"] += len(chunks) * T
         done = []
@@ -297,8 +308,12 @@ class Engine:
         pad = [0] * (P - B)
         ids = torch.tensor([r.all_ids[r.num_computed] for r in rows] + pad, dtype=torch.long).view(P, 1)
         pos = torch.tensor([r.num_computed for r in rows] + pad, dtype=torch.long).view(P, 1)
+        t0 = time.perf_counter()
         self._fill_tables(rows, P)
         logits = self._decode(ids.to(self.be.device), pos.to(self.be.device))[:B]
+        self.be.synchronize()
+        self.counters["decode_s"] += time.perf_counter() - t0
+        self.counters["decode_steps"] += 1
         self.counters["decode_rows"] += B
         for r in rows:
             r.num_computed += 1

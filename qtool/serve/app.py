@@ -6,8 +6,9 @@ GET /version, POST /tokenize, GET /metrics. Every error is OpenAI's shape
 `{"error": {"message", "type", "param", "code"}}`: 400 bad body / parameter / prompt longer than the
 context, 401 missing or wrong API key (`state.api_key`; /health, /version, /metrics are public), 404
 unknown model or route, 429 more than `state.max_waiting` queued (`x-should-retry: false`), 503 not
-ready. A handler submits an `engine.Request` whose `on_output` hops to the event loop with
-`loop.call_soon_threadsafe` onto the request's own asyncio queue; when the client disconnects (stream
+ready. A handler submits an `engine.Request` whose `on_output` hops to the event loop through the loop's
+`_Mailbox` onto the request's own asyncio queue (one loop wake-up per batch of outputs, not per token: a decode
+step's outputs cost one self-pipe write instead of one per row); when the client disconnects (stream
 or not) or the handler ends early, the request is aborted and its blocks freed. Tokenization and chat templates
 run on worker threads (a huge prompt does not stall the event loop); a stop string has at most 1024 chars. Sampling fields a request leaves
 out take `state.sampling_defaults` (the checkpoint's generation_config.json, as vLLM), else OpenAI's.
@@ -16,8 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
@@ -279,6 +282,41 @@ def _params(state: ServerState, body, ids: list[int], max_tokens: int | None, lo
                           ignore_eos=body.ignore_eos, logprobs=logprobs)
 
 
+class _Mailbox:
+    """Outputs posted from the engine thread to one event loop: ``post(queue, out)`` appends under a lock and
+    schedules one ``drain`` with ``call_soon_threadsafe`` only when none is pending, so the outputs of one engine
+    step (one per running request) wake the loop once; ``drain`` (on the loop) puts them in posting order."""
+
+    _by_loop: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+    def __init__(self, loop):
+        self.loop, self.lock, self.items, self.pending = loop, threading.Lock(), [], False
+
+    @classmethod
+    def of(cls, loop) -> "_Mailbox":
+        box = cls._by_loop.get(loop)
+        if box is None:
+            box = cls._by_loop[loop] = cls(loop)
+        return box
+
+    def post(self, queue: asyncio.Queue, out) -> None:
+        with self.lock:
+            self.items.append((queue, out))
+            if self.pending:
+                return
+            self.pending = True
+        try:
+            self.loop.call_soon_threadsafe(self.drain)
+        except RuntimeError:                     # the event loop is gone (shutdown)
+            pass
+
+    def drain(self) -> None:
+        with self.lock:
+            items, self.items, self.pending = self.items, [], False
+        for queue, out in items:
+            queue.put_nowait(out)
+
+
 class _Live:
     """One submitted request: its asyncio queue, its metrics (counted on the engine thread, so a request
     whose client is gone is still counted), and its abort when the handler ends before the request."""
@@ -291,7 +329,7 @@ class _Live:
                            "rate_limit_error", headers={"x-should-retry": "false"})
         self.state, self.arrival, self.last = state, arrival, None
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.loop = asyncio.get_running_loop()
+        self.mailbox = _Mailbox.of(asyncio.get_running_loop())
         self.req = Request(rid, ids, params, on_output=self._on_output)
         self.done = False
         try:
@@ -309,10 +347,7 @@ class _Live:
             m.status(out.finish_reason)
             m.prompt_tokens.labels(m.name).inc(out.prompt_tokens)
             m.generation_tokens.labels(m.name).inc(out.completion_tokens)
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
-        except RuntimeError:                     # the event loop is gone (shutdown)
-            pass
+        self.mailbox.post(self.queue, out)
 
     async def next(self, request: Request | None = None):
         """The next Output; None when `request`'s client went away (checked every 0.5 s)."""

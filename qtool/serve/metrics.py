@@ -5,7 +5,11 @@ Contract: `Metrics(model_name)` registers, with a `model_name` label on each:
 request), `qtool_prompt_tokens_total`, `qtool_generation_tokens_total`, the histograms
 `qtool_time_to_first_token_seconds` (from the request's arrival) and `qtool_inter_token_latency_seconds`,
 and the gauges `qtool_num_requests_running`, `qtool_num_requests_waiting`, `qtool_kv_cache_blocks_used`,
-`qtool_kv_cache_blocks_free`, `qtool_num_preemptions_total`, `qtool_prefix_cache_queries_total` / `_hits_total` (tokens), read from the engine at scrape time (`bind(engine)`). `render()` → (body,
+`qtool_kv_cache_blocks_free`, `qtool_num_preemptions_total`, `qtool_prefix_cache_queries_total` / `_hits_total`
+(tokens), the prefill and decode work (`qtool_prefill_forwards_total`, `..._tokens_total`,
+`..._computed_positions_total`, `qtool_decode_steps_total`, `qtool_decode_rows_total`) and where the engine's time
+went (`qtool_engine_step_seconds_total`, `qtool_engine_prefill_seconds_total`, `qtool_engine_decode_seconds_total`:
+qtool.engine.engine's time accounting), read from the engine at scrape time (`bind(engine)`). `render()` → (body,
 content type).
 """
 from __future__ import annotations
@@ -39,7 +43,12 @@ class Metrics:
             ("prefix_cache_hits_total", "Prompt tokens found in the prefix cache (not recomputed)"),
             ("prefill_forwards_total", "Prefill forwards (each packs the chunks of one scheduler step)"),
             ("prefill_tokens_total", "Prompt positions computed by prefill (cache hits excluded)"),
-            ("prefill_computed_positions_total", "Positions the prefill forwards computed, padding included"))}
+            ("prefill_computed_positions_total", "Positions the prefill forwards computed, padding included"),
+            ("decode_steps_total", "Batched decode forwards"),
+            ("decode_rows_total", "Sequence rows the decode forwards computed (padding excluded)"),
+            ("engine_step_seconds_total", "Time the engine spent in scheduler steps"),
+            ("engine_prefill_seconds_total", "Time in prefill forwards, inputs to logits (device synchronised)"),
+            ("engine_decode_seconds_total", "Time in decode forwards, inputs to logits (device synchronised)"))}
 
     def bind(self, engine) -> None:
         reads = {"num_requests_running": lambda: len(engine.running),
@@ -51,7 +60,12 @@ class Metrics:
                  "prefix_cache_hits_total": lambda: engine.blocks.hit_tokens,
                  "prefill_forwards_total": lambda: engine.counters["prefill_forwards"],
                  "prefill_tokens_total": lambda: engine.counters["prefill_tokens"],
-                 "prefill_computed_positions_total": lambda: engine.counters["prefill_positions"]}
+                 "prefill_computed_positions_total": lambda: engine.counters["prefill_positions"],
+                 "decode_steps_total": lambda: engine.counters["decode_steps"],
+                 "decode_rows_total": lambda: engine.counters["decode_rows"],
+                 "engine_step_seconds_total": lambda: engine.counters["step_s"],
+                 "engine_prefill_seconds_total": lambda: engine.counters["prefill_s"],
+                 "engine_decode_seconds_total": lambda: engine.counters["decode_s"]}
         for k, fn in reads.items():
             self.gauges[k].labels(self.name).set_function(fn)
 
