@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""What ModelOpt's HF export costs an AWQ-calibrated model: the calibrated fake-quantized model against the one its
+export writes out, both scored like `qtool eval` against the bf16 source.
+
+Contract: ``python3 bench/awq_export_gap.py [--model smollm2-135m] [--quant w4a16-awq] [--algorithm awq_lite]
+[--awq-block-size 64] [--calib-size 16] [--calib-seq-len 256] [--max-tokens 4096] [--window 256]
+[--cpu-nvfp4]`` calibrates the model with qtool's own ModelOpt config and calibration batches (as `qtool
+quantize`), then scores on the default held-out text (same windows as `qtool eval --max-tokens N --window W`):
+- bf16: the source (transformers, float32);
+- calibrated: ModelOpt's fake-quantized model as calibrated (each linear with its own AWQ `pre_quant_scale`);
+- exported: the same after `requantize_resmooth_fused_llm_layers`, the first step of ModelOpt's HF export (the
+  linears sharing an input, q|k|v and gate|up, get one averaged `pre_quant_scale`, folded into the RMSNorm before
+  them, and their weights are re-quantized with it): the model the checkpoint holds
+  (tests/test_modelopt_vs_reference.py checks qtool's reference against it).
+Prints perplexity with its 95 % interval and the ratio / top-1 agreement / KL to bf16 of both, paired over the
+same windows. ``--cpu-nvfp4`` takes bench/quant_variants.py's CPU NVFP4 operator (ModelOpt 0.47 fake-quantizes
+NVFP4 on CUDA only). A measurement, not a recipe: the product is unchanged.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+
+class _HF:
+    """A transformers model behind the interface qtool.eval.score runs."""
+
+    def __init__(self, model):
+        self.model, self.backend = model, SimpleNamespace(device="cpu")
+
+    def new_cache(self, *args):
+        return None
+
+    def forward(self, ids, positions, cache, all_logits=True):
+        return self.model(input_ids=ids).logits.float()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--quant", default="w4a16-awq")
+    ap.add_argument("--algorithm", default="awq_lite")
+    ap.add_argument("--awq-block-size", type=int, default=64)
+    ap.add_argument("--calib-size", type=int, default=16)
+    ap.add_argument("--calib-seq-len", type=int, default=256)
+    ap.add_argument("--max-tokens", type=int, default=4096)
+    ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--cpu-nvfp4", action="store_true")
+    a = ap.parse_args()
+
+    import torch
+    from modelopt.torch.export.unified_export_hf import requantize_resmooth_fused_llm_layers
+    from transformers import AutoModelForCausalLM
+    from qtool.calibration import calibration_batches, calibration_texts
+    from qtool.eval import DEFAULT_TEXT, stats
+    from qtool.eval import score as sc
+    from qtool.formats.registry import recipe
+    from qtool.quantize import configs, ptq
+    from qtool.quantize.progress import Stages
+    from qtool.sources import resolve_model_source
+
+    if a.cpu_nvfp4:
+        sys.path.insert(0, str(Path(__file__).parent))
+        import quant_variants
+        quant_variants._install([], cpu_nvfp4=True)
+    src = resolve_model_source(a.model).path
+    model, tok = ptq.load_model(src)
+    cfg = configs.build_config(recipe("weights", a.quant), None, a.awq_block_size, a.algorithm)
+    texts = calibration_texts(None, a.calib_size)[0]
+    batches = calibration_batches(tok, texts, a.calib_seq_len, 4)
+    t0 = time.monotonic()
+    with Stages(True) as stages:
+        ptq.calibrate(model, cfg, batches, stages, a.quant)
+    print(f"calibrated {a.quant} {a.algorithm} {a.calib_size} x {a.calib_seq_len} in {time.monotonic() - t0:.0f} s",
+          flush=True)
+    calibrated = copy.deepcopy(model).float().eval()
+    with torch.no_grad():
+        requantize_resmooth_fused_llm_layers(model)
+    exported = model.float().eval()
+    bf16 = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+
+    def loaded(m, name):
+        return sc.Loaded(name, name, "", "hf", "bf16", _HF(m), None, name)
+    ids = sc.tokenize(tok, DEFAULT_TEXT.read_text(encoding="utf-8"))
+    wins = sc.windows(ids, a.window, a.max_tokens)
+    runs = [sc.Run("bf16", loaded(bf16, "bf16")), sc.Run("calibrated", loaded(calibrated, "calibrated")),
+            sc.Run("exported", loaded(exported, "exported"))]
+    pairs = [("calibrated", "bf16"), ("exported", "bf16"), ("exported", "calibrated")]
+    with torch.inference_mode():
+        per_run, per_pair = sc.score(runs, pairs, wins)
+    n = sum(len(w) - 1 for w in wins)
+    print(f"{a.model} {a.quant} {a.algorithm} block {a.awq_block_size}, calibration {a.calib_size} x {a.calib_seq_len}; "
+          f"{n} tokens in {len(wins)} windows of {a.window}")
+    for name in ("bf16", "calibrated", "exported"):
+        p = stats.perplexity(per_run[name])
+        print(f"  {name:>10}: perplexity {p['value']:.3f} [{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}]")
+    for x, y in pairs:
+        g = stats.paired(per_run[x], per_run[y], per_pair[(x, y)])
+        r = g["ppl_ratio"]
+        print(f"  {x} / {y}: ratio {r['value']:.4f} [{r['ci95'][0]:.4f}, {r['ci95'][1]:.4f}], top-1 agreement "
+              f"{g['top1_agreement']['value']:.3f}, KL {g['mean_kl']['value']:.4f}")
+
+
+if __name__ == "__main__":
+    main()
