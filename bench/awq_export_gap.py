@@ -4,7 +4,7 @@ export writes out, both scored like `qtool eval` against the bf16 source.
 
 Contract: ``python3 bench/awq_export_gap.py [--model smollm2-135m] [--quant w4a16-awq] [--algorithm awq_lite]
 [--awq-block-size 64] [--calib-size 16] [--calib-seq-len 256] [--max-tokens 4096] [--window 256]
-[--cpu-nvfp4]`` calibrates the model with qtool's own ModelOpt config and calibration batches (as `qtool
+[--cpu-nvfp4] [--search]`` calibrates the model with qtool's own ModelOpt config and calibration batches (as `qtool
 quantize`), then scores on the default held-out text (same windows as `qtool eval --max-tokens N --window W`):
 - bf16: the source (transformers, float32);
 - calibrated: ModelOpt's fake-quantized model as calibrated (each linear with its own AWQ `pre_quant_scale`);
@@ -12,6 +12,10 @@ quantize`), then scores on the default held-out text (same windows as `qtool eva
   linears sharing an input, q|k|v and gate|up, get one averaged `pre_quant_scale`, folded into the RMSNorm before
   them, and their weights are re-quantized with it): the model the checkpoint holds
   (tests/test_modelopt_vs_reference.py checks qtool's reference against it).
+- searched (``--search``): before that re-smoothing, each group's shared `pre_quant_scale` is chosen by
+  `choose_shared_scales` (the one of {arithmetic mean (ModelOpt's), geometric mean, each member's own} whose
+  group output, fake-quantized, is closest to the unquantized group's on calibration activations); the
+  re-smoothing then finds the members equal and keeps it.
 Prints perplexity with its 95 % interval and the ratio / top-1 agreement / KL to bf16 of both, paired over the
 same windows. ``--cpu-nvfp4`` takes bench/quant_variants.py's CPU NVFP4 operator (ModelOpt 0.47 fake-quantizes
 NVFP4 on CUDA only). A measurement, not a recipe: the product is unchanged.
@@ -39,6 +43,60 @@ class _HF:
         return self.model(input_ids=ids).logits.float()
 
 
+def _groups(model) -> list[list]:
+    """The linears of each decoder layer that share an input and carry an AWQ pre_quant_scale: q|k|v, gate|up."""
+    out = []
+    for name, mod in model.named_modules():
+        for members in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+            ms = [getattr(mod, n, None) for n in members]
+            if all(m is not None and getattr(getattr(m, "input_quantizer", None), "pre_quant_scale", None) is not None
+                   for m in ms):
+                out.append(ms)
+    return out
+
+
+def choose_shared_scales(model, batches, rows: int = 2048) -> list[str]:
+    """Give every group of `_groups` the shared pre_quant_scale with the smallest summed relative output error
+    (see the module contract); returns one line per group: the choice and the errors."""
+    import torch
+    from modelopt.torch.export.quant_utils import _update_pre_quant_scale
+    groups = _groups(model)
+    seen: dict = {}
+    hooks = [g[0].register_forward_pre_hook(
+        lambda m, args, key=i: seen.setdefault(key, []).append(args[0].detach().reshape(-1, args[0].shape[-1])))
+        for i, g in enumerate(groups)]
+    with torch.no_grad():
+        for b in batches:
+            model(**{k: v.to(model.device) for k, v in b.items()})
+            if sum(x.shape[0] for x in seen.get(0, [])) >= rows:
+                break
+    for h in hooks:
+        h.remove()
+    lines = []
+    for i, g in enumerate(groups):
+        x = torch.cat(seen[i])[:rows]
+        own = [m.input_quantizer.pre_quant_scale.float() for m in g]
+        ref = [x.float() @ (m.weight.float() * p).t() for m, p in zip(g, own)]     # the unquantized group
+        stack = torch.stack(own)
+        cands = {"mean": stack.mean(0), "geomean": stack.log().mean(0).exp(),
+                 **{f"own{j}": p for j, p in enumerate(own)}}
+        errs = {}
+        for name, s in cands.items():
+            e = 0.0
+            for m, y in zip(g, ref):
+                t = copy.deepcopy(m)
+                _update_pre_quant_scale(t, s.to(m.input_quantizer.pre_quant_scale.dtype))
+                with torch.no_grad():
+                    e += float((t(x).float() - y).square().sum() / y.square().sum())
+            errs[name] = e
+        best = min(errs, key=errs.get)
+        s = cands[best].to(g[0].input_quantizer.pre_quant_scale.dtype)
+        for m in g:
+            _update_pre_quant_scale(m, s)
+        lines.append(f"group {i}: {best} ({', '.join(f'{k} {v:.4g}' for k, v in errs.items())})")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -50,6 +108,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--cpu-nvfp4", action="store_true")
+    ap.add_argument("--search", action="store_true", help="also score the searched shared scales")
     a = ap.parse_args()
 
     import torch
@@ -78,6 +137,16 @@ def main() -> None:
     print(f"calibrated {a.quant} {a.algorithm} {a.calib_size} x {a.calib_seq_len} in {time.monotonic() - t0:.0f} s",
           flush=True)
     calibrated = copy.deepcopy(model).float().eval()
+    searched = None
+    if a.search:
+        searched = copy.deepcopy(model)
+        t0 = time.monotonic()
+        for line in choose_shared_scales(searched, batches):
+            print("  " + line)
+        print(f"shared scales chosen in {time.monotonic() - t0:.0f} s", flush=True)
+        with torch.no_grad():
+            requantize_resmooth_fused_llm_layers(searched)
+        searched = searched.float().eval()
     with torch.no_grad():
         requantize_resmooth_fused_llm_layers(model)
     exported = model.float().eval()
@@ -90,12 +159,15 @@ def main() -> None:
     runs = [sc.Run("bf16", loaded(bf16, "bf16")), sc.Run("calibrated", loaded(calibrated, "calibrated")),
             sc.Run("exported", loaded(exported, "exported"))]
     pairs = [("calibrated", "bf16"), ("exported", "bf16"), ("exported", "calibrated")]
+    if searched is not None:
+        runs.append(sc.Run("searched", loaded(searched, "searched")))
+        pairs += [("searched", "bf16"), ("searched", "exported")]
     with torch.inference_mode():
         per_run, per_pair = sc.score(runs, pairs, wins)
     n = sum(len(w) - 1 for w in wins)
     print(f"{a.model} {a.quant} {a.algorithm} block {a.awq_block_size}, calibration {a.calib_size} x {a.calib_seq_len}; "
           f"{n} tokens in {len(wins)} windows of {a.window}")
-    for name in ("bf16", "calibrated", "exported"):
+    for name in [r.name for r in runs]:
         p = stats.perplexity(per_run[name])
         print(f"  {name:>10}: perplexity {p['value']:.3f} [{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}]")
     for x, y in pairs:

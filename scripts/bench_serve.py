@@ -334,7 +334,7 @@ def run_levels(a, model_dir, extra, label):
                   f"{r['ttft_p50_ms']:>9.1f} {r['ttft_p99_ms']:>9.1f} {r['itl_p50_ms']:>8.2f} {r['itl_p99_ms']:>8.2f}"
                   + (f"   errors: {r['errors']}" if r["failed"] else ""), flush=True)
             if r["engine"]:
-                e = r["engine"]
+                e = {k: "-" if v is None else v for k, v in r["engine"].items()}
                 print(f"{'':>5}engine: prefill {e['prefill_pct']}% ({e['prefill_forwards']} forwards, "
                       f"{e['prefill_ms_per_forward']} ms / {e['positions_per_prefill_forward']} positions each), "
                       f"decode {e['decode_pct']}% ({e['decode_ms_per_step']} ms/step at mean batch "

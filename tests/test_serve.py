@@ -360,3 +360,41 @@ def test_sampling_defaults_follow_generation_config():
     assert (got.temperature, got.top_p, got.top_k) == (0.6, 0.9, 20)
     own = _params(st, CompletionRequest(model="m", prompt="x", temperature=0, top_p=1.0, top_k=0), [1, 2], 4, False)
     assert (own.temperature, own.top_p, own.top_k) == (0, 1.0, 0)
+
+
+def test_mailbox_keeps_order_and_lets_closed_loops_go():
+    """The engine thread's outputs reach each request's queue in posting order (4 posting threads, 32 queues on a
+    running loop); posting to a closed loop keeps nothing, and a finished loop is not kept alive."""
+    import asyncio
+    import gc
+    import weakref
+    from qtool.serve.app import _Mailbox
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        box = _Mailbox.of(loop)
+        assert _Mailbox.of(loop) is box
+        queues = [asyncio.Queue() for _ in range(32)]
+
+        def post(first):
+            for n in range(500):
+                for q in queues[first::4]:
+                    box.post(q, n)
+        threads = [threading.Thread(target=post, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        got = [[await q.get() for _ in range(500)] for q in queues]
+        for t in threads:
+            t.join()
+        assert all(g == list(range(500)) for g in got) and not box.items
+
+    asyncio.run(main())
+    loop = asyncio.new_event_loop()
+    box, ref = _Mailbox.of(loop), weakref.ref(loop)
+    loop.close()
+    for n in range(100):
+        box.post(asyncio.Queue(), n)
+    assert not box.items and not box.pending
+    del loop, box
+    gc.collect()
+    assert ref() is None

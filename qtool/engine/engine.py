@@ -33,10 +33,10 @@ max_num_batched_tokens=2048, max_model_len=...)`. Each `step()`:
 5. samples per request (greedy rows by one argmax; others with their own temperature / top-k /
    top-p / seeded generator), detokenizes incrementally with stop-string and UTF-8 hold-back
    (runtime.generate.TextStream) and calls `request.on_output`.
-Time accounting (`counters`, seconds): `step_s` all of step(); `prefill_s` / `decode_s` the prefill forwards and
-the decode steps from their inputs to their logits on the host (the backend is synchronised after each forward,
-so a GPU's time lands where it is spent; host work before the next kernel is a few tens of microseconds);
-`decode_steps` counts decode forwards. step_s minus both is the host's share: scheduling, block bookkeeping,
+Time accounting (`counters`, seconds, added at the end of each step): `step_s` all of step(); `prefill_s` /
+`decode_s` the prefill forwards and the decode steps from their inputs to the sampled tokens read on the host
+(the read waits for the device, so a GPU's time lands where it is spent; a prefill forward that samples no row
+synchronises the backend instead); `decode_steps` counts decode forwards. step_s minus both is the host's share: scheduling, block bookkeeping,
 sampling, detokenizing and the request callbacks.
 With prefix caching (default), an admitted request first takes the cached full blocks of its longest
 cached prefix (blocks.py: exact token-chain keys, LRU eviction) and computes only the rest.
@@ -130,6 +130,7 @@ class Engine:
         self._inbox: list[Request] = []
         self._aborts: list[str] = []
         self._cv = threading.Condition()
+        self._time = {"prefill_s": 0.0, "decode_s": 0.0}     # this step's parts of the time accounting
         self._requeued = 0             # preempted requests in `waiting` (already accepted once)
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "preemptions": 0, "steps": 0,
                          "prefill_tokens": 0, "decode_rows": 0,     # positions computed by prefill chunks / decode
@@ -194,6 +195,7 @@ class Engine:
     # -- one scheduler iteration ------------------------------------------------------------------
     def step(self) -> None:
         t0 = time.perf_counter()
+        self._time = {"prefill_s": 0.0, "decode_s": 0.0}
         self._take_inbox()
         self._admit()
         decode = [r for r in self.running if len(r.all_ids) - r.num_computed == 1]
@@ -217,7 +219,9 @@ class Engine:
         if decode:
             self._decode_step(decode)
         self.counters["steps"] += 1
-        self.counters["step_s"] += time.perf_counter() - t0
+        self.counters["step_s"] += time.perf_counter() - t0     # before its parts: a scrape never sees them ahead
+        for k, v in self._time.items():
+            self.counters[k] += v
 
     def _take_inbox(self) -> None:
         with self._cv:
@@ -288,8 +292,6 @@ class Engine:
         t0 = time.perf_counter()
         self._fill_tables([r for r, _ in chunks], len(chunks))
         logits = self.model.forward(ids.to(dev), pos.to(dev), self.cache, last_index=last.to(dev))
-        self.be.synchronize()
-        self.counters["prefill_s"] += time.perf_counter() - t0
         self.counters["prefill_forwards"] += 1
         self.counters["prefill_positions"] += len(chunks) * T
         done = []
@@ -300,7 +302,10 @@ class Engine:
             if r.num_computed == len(r.all_ids):
                 done.append(b)
         if done:
-            self._sample([chunks[b][0] for b in done], logits[done])
+            self._sample([chunks[b][0] for b in done], logits[done], ("prefill_s", t0))
+        else:
+            self.be.synchronize()
+            self._time["prefill_s"] += time.perf_counter() - t0
 
     def _decode_step(self, rows: list[Request]) -> None:
         B = len(rows)
@@ -311,18 +316,18 @@ class Engine:
         t0 = time.perf_counter()
         self._fill_tables(rows, P)
         logits = self._decode(ids.to(self.be.device), pos.to(self.be.device))[:B]
-        self.be.synchronize()
-        self.counters["decode_s"] += time.perf_counter() - t0
         self.counters["decode_steps"] += 1
         self.counters["decode_rows"] += B
         for r in rows:
             r.num_computed += 1
             if r.num_computed % self.block_size == 0:
                 self.blocks.register(r.id, r.all_ids, r.num_computed)
-        self._sample(rows, logits)
+        self._sample(rows, logits, ("decode_s", t0))
 
     # -- sampling and outputs ---------------------------------------------------------------------
-    def _sample(self, rows: list[Request], logits: torch.Tensor) -> None:
+    def _sample(self, rows: list[Request], logits: torch.Tensor, timed: tuple[str, float]) -> None:
+        """Pick each row's token (one host read of the picks: the device's forward and sampling are done there,
+        so the time since ``timed[1]`` is added to ``timed[0]``), then append it to its request."""
         picks = logits.argmax(dim=-1)
         failed = set()
         for i, r in enumerate(rows):
@@ -334,6 +339,7 @@ class Engine:
                 except RuntimeError:     # a degenerate distribution: this request ends, the batch goes on
                     failed.add(i)
         tokens = picks.tolist()
+        self._time[timed[0]] += time.perf_counter() - timed[1]
         lps: list = [None] * len(rows)
         want = [i for i, r in enumerate(rows) if r.params.logprobs]
         if want:

@@ -290,7 +290,8 @@ class _Mailbox:
     _by_loop: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
     def __init__(self, loop):
-        self.loop, self.lock, self.items, self.pending = loop, threading.Lock(), [], False
+        self.loop = weakref.ref(loop)            # weak: the class-level map must not keep a finished loop alive
+        self.lock, self.items, self.pending = threading.Lock(), [], False
 
     @classmethod
     def of(cls, loop) -> "_Mailbox":
@@ -305,10 +306,14 @@ class _Mailbox:
             if self.pending:
                 return
             self.pending = True
+        loop = self.loop()
         try:
-            self.loop.call_soon_threadsafe(self.drain)
-        except RuntimeError:                     # the event loop is gone (shutdown)
-            pass
+            if loop is None:
+                raise RuntimeError("the event loop is gone")
+            loop.call_soon_threadsafe(self.drain)
+        except RuntimeError:                     # the event loop is closed or gone (shutdown): nobody will read
+            with self.lock:
+                self.items, self.pending = [], False
 
     def drain(self) -> None:
         with self.lock:
