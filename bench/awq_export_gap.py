@@ -14,7 +14,8 @@ quantize`), then scores on the default held-out text (same windows as `qtool eva
   (tests/test_modelopt_vs_reference.py checks qtool's reference against it).
 - searched (``--search``): before that re-smoothing, each group's shared `pre_quant_scale` is chosen by
   `choose_shared_scales` (the one of {arithmetic mean (ModelOpt's), geometric mean, each member's own} whose
-  group output, fake-quantized, is closest to the unquantized group's on calibration activations); the
+  group output, fake-quantized, is closest to the unquantized group's on calibration activations; with
+  ``--alpha-grid`` also AWQ's scale rule applied to the group as one linear, alpha 0..1 by 0.05); the
   re-smoothing then finds the members equal and keeps it.
 Prints perplexity with its 95 % interval and the ratio / top-1 agreement / KL to bf16 of both, paired over the
 same windows. ``--cpu-nvfp4`` takes bench/quant_variants.py's CPU NVFP4 operator (ModelOpt 0.47 fake-quantizes
@@ -55,7 +56,7 @@ def _groups(model) -> list[list]:
     return out
 
 
-def choose_shared_scales(model, batches, rows: int = 2048) -> list[str]:
+def choose_shared_scales(model, batches, rows: int = 2048, alphas=(), block: int = 64) -> list[str]:
     """Give every group of `_groups` the shared pre_quant_scale with the smallest summed relative output error
     (see the module contract); returns one line per group: the choice and the errors."""
     import torch
@@ -80,6 +81,15 @@ def choose_shared_scales(model, batches, rows: int = 2048) -> list[str]:
         stack = torch.stack(own)
         cands = {"mean": stack.mean(0), "geomean": stack.log().mean(0).exp(),
                  **{f"own{j}": p for j, p in enumerate(own)}}
+        if alphas:            # AWQ's own rule on the group as one linear: 1 / (act_mean^a / w_mean^(1-a)), normalised
+            w = torch.cat([m.weight.float() * p for m, p in zip(g, own)])           # the group's rows, unscaled
+            blk = w.reshape(-1, block)
+            w_mean = (blk.abs() / (blk.abs().amax(1, keepdim=True) + 1e-30)).reshape(w.shape).mean(0)
+            act_mean = x.float().abs().mean(0)
+            for al in alphas:
+                sc_ = (act_mean.pow(al) / (w_mean.pow(1 - al) + 1e-30)).clamp(1e-4, 1e4)
+                sc_ = sc_ / (sc_.max() * sc_.min()).sqrt()
+                cands[f"a{al:.2f}"] = 1 / sc_
         errs = {}
         for name, s in cands.items():
             e = 0.0
@@ -109,6 +119,8 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--cpu-nvfp4", action="store_true")
     ap.add_argument("--search", action="store_true", help="also score the searched shared scales")
+    ap.add_argument("--alpha-grid", action="store_true",
+                    help="with --search, also try AWQ's scale rule on each group as one linear, alpha 0..1 by 0.05")
     a = ap.parse_args()
 
     import torch
@@ -141,7 +153,8 @@ def main() -> None:
     if a.search:
         searched = copy.deepcopy(model)
         t0 = time.monotonic()
-        for line in choose_shared_scales(searched, batches):
+        alphas = [i / 20 for i in range(21)] if a.alpha_grid else ()
+        for line in choose_shared_scales(searched, batches, alphas=alphas, block=a.awq_block_size):
             print("  " + line)
         print(f"shared scales chosen in {time.monotonic() - t0:.0f} s", flush=True)
         with torch.no_grad():
