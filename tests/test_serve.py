@@ -398,3 +398,26 @@ def test_mailbox_keeps_order_and_lets_closed_loops_go():
     del loop, box
     gc.collect()
     assert ref() is None
+
+
+def test_bench_serve_reads_the_engine_split(server):
+    """scripts/bench_serve.py's engine split: the counters come from this server's /metrics, and the split of a
+    level's wall time is the counters' differences (hand-computed case)."""
+    import asyncio
+    import httpx
+    sys.path.insert(0, str(REPO / "scripts"))
+    import bench_serve
+
+    async def read():
+        async with httpx.AsyncClient(timeout=30) as c:
+            return await bench_serve.engine_counters(c, server.url)
+    got = asyncio.run(read())
+    assert got is not None and set(got) == set(bench_serve.ENGINE_COUNTERS) and min(got.values()) >= 0
+    keys = bench_serve.ENGINE_COUNTERS           # step, prefill, decode seconds; decode steps, rows; forwards, positions
+    before = dict.fromkeys(keys, 1.0)
+    after = {k: 1.0 + d for k, d in zip(keys, (1.5, 0.5, 0.75, 10, 40, 2, 1000))}
+    assert bench_serve.engine_split(before, after, 2.0) == {
+        "prefill_pct": 25.0, "decode_pct": 37.5, "host_pct": 12.5, "idle_pct": 25.0, "decode_ms_per_step": 75.0,
+        "mean_decode_batch": 4.0, "prefill_forwards": 2, "prefill_ms_per_forward": 250.0,
+        "positions_per_prefill_forward": 500}
+    assert bench_serve.engine_split(None, after, 2.0) is None
