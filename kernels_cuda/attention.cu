@@ -310,6 +310,7 @@ __global__ void __launch_bounds__(128, 1) attn_partial_paged(const float* __rest
   unsigned dyn;
   asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
   const int SUB = min(CMAX, (int)(dyn / (2 * (RB::codes + RB::scales))) / 32 * 32);
+  if (SUB == 0) __trap();                 // launched without room for 32 positions: fail loudly, never loop
   u8* sKc = stage;
   u8* sVc = stage + SUB * RB::codes;
   u8* sKs = stage + 2 * SUB * RB::codes;

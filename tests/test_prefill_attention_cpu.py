@@ -71,25 +71,53 @@ def test_query_tiles_equal_one_tile(monkeypatch, kind):
         assert rel_err(got, case.reference()) < 1e-4, elems
 
 
-def test_float32_gemms_even_when_tf32_is_allowed(monkeypatch):
-    """The GEMMs run with TF32 off (float32 FMAs, the reference's numerics) although the process allowed it, and the
-    process's setting is back afterwards."""
+@pytest.mark.parametrize("api", ["legacy", "new"])
+def test_float32_gemms_even_when_tf32_is_allowed(monkeypatch, api):
+    """The GEMMs run with TF32 off (float32 FMAs, the reference's numerics) although the process allowed it, through
+    either of torch's APIs (the legacy ``allow_tf32``, or ``fp32_precision``, after which reading ``allow_tf32``
+    raises), and the process's setting is back afterwards, unmixed."""
     from qtool.kernels import prefill_attention
+    m = torch.backends.cuda.matmul
     seen = []
     real = torch.matmul
-    monkeypatch.setattr(torch, "matmul", lambda *a, **k: seen.append(torch.backends.cuda.matmul.allow_tf32) or real(*a, **k))
+    monkeypatch.setattr(torch, "matmul", lambda *a, **k: seen.append(m.fp32_precision) or real(*a, **k))
     pos = _positions("chunk")
     case = PrefillCase("bf16", 8, 2, 64, True, pos, "cpu", seed=2)
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
+    old = m.fp32_precision
     try:
+        if api == "legacy":
+            m.allow_tf32 = True
+        else:
+            m.fp32_precision = "tf32"
         with torch.inference_mode():
             got = prefill_attention.attention(case.q, pos, case.cache, 0)
-        assert torch.backends.cuda.matmul.allow_tf32 is True
+        assert m.fp32_precision == "tf32"
+        if api == "legacy":
+            assert m.allow_tf32 is True and torch.get_float32_matmul_precision() == "high"
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
-    assert seen and not any(seen)
+        m.fp32_precision = old
+    assert seen and set(seen) == {"ieee"}
     assert rel_err(got, case.reference()) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["runs", "padded"])
+def test_rows_split_by_the_kv_budget(monkeypatch, kind):
+    """A run of rows whose float32 K / V would exceed KV_ELEMENTS is decoded and attended in pieces (here of one and
+    of two rows), with the reference's result."""
+    from qtool.kernels import prefill_attention
+    pos = _positions(kind)
+    case = PrefillCase("nvfp4", 8, 2, 64, True, pos, "cpu", seed=7)
+    shortest = int(pos.max(dim=1).values.min()) + 1       # the shortest run's K / V length
+    calls = []
+    real = prefill_attention._attend
+    monkeypatch.setattr(prefill_attention, "_attend", lambda qb, *a: calls.append(qb.shape[0]) or real(qb, *a))
+    for rows in (1, 2):
+        calls.clear()
+        monkeypatch.setattr(prefill_attention, "KV_ELEMENTS", rows * 2 * shortest * 64)
+        with torch.inference_mode():
+            got = prefill_attention.attention(case.q, pos, case.cache, 0)
+        assert max(calls) <= rows and sum(calls) == pos.shape[0] and (kind != "runs" or max(calls) == rows)
+        assert rel_err(got, case.reference()) < 1e-4, rows
 
 
 def test_decode_rows_not_taken():

@@ -537,7 +537,7 @@ PAGED_SUB_CHUNK = 128   # positions attn_partial_paged stages in shared memory a
 def paged_stage_bytes(cache: "KVCache", name: str) -> int:
     """Dynamic shared memory of attn_partial_paged ``name`` for this cache: K and V rows (codes + nvfp4 block scales)
     of PAGED_SUB_CHUNK positions, or of the largest multiple of 32 positions that fits beside the kernel's static
-    shared memory in the GPU's per-block limit (99 KB on sm_89 / sm_120: head_dim 256 stages 32 or 64); the kernel
+    shared memory in the GPU's per-block limit (99 KB on sm_89 / sm_120: head_dim 256 stages 32 to 96); the kernel
     reads its sub-chunk length back from the size."""
     kc, ks = cache.k[0]
     row = 2 * (kc.shape[-1] * kc.element_size() + (ks.shape[-1] if ks is not None else 0))    # K and V

@@ -5,7 +5,8 @@ positions int64 [B, T], cache an ops.KVCache or ops.PagedKVCache after this step
 [N, Hq*d] float32: the attention of torch_ref's ``attention`` (query at position p sees slots 0..p of its row,
 scale 1/sqrt(d), GQA head h on KV head h // (Hq/Hkv)). How: the stored K/V of positions 0..p_last of each row are
 gathered (through the block table when paged), decoded with the reference's ``kv_decode`` (the stored values x
-the layer's scales, float32); q stays float32; scores Q K^T, a float32 softmax and its product with V run as
+the layer's scales, float32; a run of rows is decoded in pieces of at most KV_ELEMENTS elements of K, and as
+many of V); q stays float32; scores Q K^T, a float32 softmax and its product with V run as
 batched float32 GEMMs (``_attend``: a KV head's query heads stacked, queries tiled), with a causal mask aligned
 bottom-right when a row's queries are at consecutive positions p0..p0+T-1 (one call per run of adjacent rows sharing p0: the engine's
 batched prefill orders its rows by start position), else with an explicit boolean mask (slot j visible to the
@@ -16,6 +17,7 @@ runs; elsewhere the backend keeps attn_partial.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -83,6 +85,7 @@ def _decoded(cache, which: str, layer: int, b0: int, b1: int, length: int) -> to
 
 
 SCORE_ELEMENTS = 1 << 26     # scores held at once per call (256 MB of float32): queries are tiled to stay under it
+KV_ELEMENTS = 1 << 27        # decoded K (and as much V) held at once (512 MB of float32 each): a run of rows is split
 
 
 def _attend(qb: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -101,13 +104,25 @@ def _attend(qb: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
     out = torch.empty(R, Hkv, G, T, D, dtype=torch.float32, device=qb.device)
     tile = max(1, min(T, SCORE_ELEMENTS // max(1, R * Hq * L)))
     j = torch.arange(L, device=qb.device)
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False          # float32 FMAs even if the process allowed TF32
-    try:
+    with _ieee_matmuls():                                   # float32 FMAs even if the process allowed TF32
         _tiles(qg, kt, v, mask, out, scale, T, L, tile, j)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
     return out.view(R, Hq, T, D)
+
+
+@contextlib.contextmanager
+def _ieee_matmuls():
+    """CUDA float32 matmuls in IEEE float32 (no TF32) inside, the process's setting restored after. Through torch's
+    ``fp32_precision`` where it exists (torch >= 2.9): reading the legacy ``allow_tf32`` raises once a process set
+    the new API, and writing it leaves the two APIs mixed. The setting is process-wide, so another thread's CUDA
+    matmuls during a prefill run without TF32 too (the engine runs every forward on one thread)."""
+    m = torch.backends.cuda.matmul
+    attr, ieee = ("fp32_precision", "ieee") if hasattr(m, "fp32_precision") else ("allow_tf32", False)
+    saved = getattr(m, attr)
+    setattr(m, attr, ieee)
+    try:
+        yield
+    finally:
+        setattr(m, attr, saved)
 
 
 def _tiles(qg, kt, v, mask, out, scale, T, L, tile, j) -> None:
@@ -139,13 +154,16 @@ def attention(q: torch.Tensor, positions: torch.Tensor, cache, layer: int) -> to
             groups[-1][1] = b + 1
         else:
             groups.append([b, b + 1, None if consec else positions[b]])
-    for b0, b1, pos in groups:
-        length = rows[b0][1] + 1         # a run shares p0 and T (so its last position); a masked group: one row
-        k = _decoded(cache, "k", layer, b0, b1, length)
-        v = _decoded(cache, "v", layer, b0, b1, length)
-        mask = None
-        if pos is not None:
-            mask = (torch.arange(length, device=q.device)[None, :] <= pos[:, None])[None, None]   # [1, 1, T, L]
-        o = _attend(qb[b0:b1], k, v, mask)                    # [R, Hq, T, d]
-        out[b0:b1] = o.transpose(1, 2)
+    for g0, g1, pos in groups:
+        length = rows[g0][1] + 1         # a run shares p0 and T (so its last position); a masked group: one row
+        step = max(1, KV_ELEMENTS // (cache.hkv * length * D))      # rows whose float32 K (and V) fit the budget
+        for b0 in range(g0, g1, step):
+            b1 = min(g1, b0 + step)
+            k = _decoded(cache, "k", layer, b0, b1, length)
+            v = _decoded(cache, "v", layer, b0, b1, length)
+            mask = None
+            if pos is not None:
+                mask = (torch.arange(length, device=q.device)[None, :] <= pos[:, None])[None, None]   # [1, 1, T, L]
+            o = _attend(qb[b0:b1], k, v, mask)                    # [R, Hq, T, d]
+            out[b0:b1] = o.transpose(1, 2)
     return out.reshape(N, Hq * D)

@@ -176,12 +176,29 @@ def _decode_and_check(case: Case):
 
 
 @pytest.mark.parametrize("kv", ["bf16", "fp8", "nvfp4"])
-def test_paged_long_rows(kv):
+@pytest.mark.parametrize("shape", [(32, 8, 128), (64, 8, 256)], ids=["d128", "d256-g8"])
+def test_paged_long_rows(kv, shape):
     """Decode at batch 33 over rows of up to 1200 positions (the prefill only writes: its float64 check would be
-    large), so each split spans several 128-position sub-chunks."""
+    large), so each split spans several staged sub-chunks; head_dim 256 with 8 query heads per KV head is the
+    kernel instance with the most shared memory and registers."""
+    _long_rows(kv, *shape)
+
+
+@pytest.mark.parametrize("kv", ["bf16", "nvfp4"])
+@pytest.mark.parametrize("sub", [32, 96])
+def test_paged_long_rows_short_sub_chunks(kv, sub, monkeypatch):
+    """The staged sub-chunk length follows the launch's dynamic shared memory (ops.paged_stage_bytes): forced to 32
+    and 96 positions, what GPUs with 99 KB per block get for head_dim 256 (an H100 / H200 always fits 128)."""
     from qtool.kernels import ops
-    case = Case(kv, 33, 32, 8, 128, seed=3 + len(kv), longest=1200)
-    assert ops._paged_splits(34, 8, case.per_row * BS) == 4 and int(case.lens.max()) > 4 * 128
+    monkeypatch.setattr(ops, "_stage_bytes", lambda name, row, device: sub * row)
+    _long_rows(kv, 32, 8, 128, sub)
+
+
+def _long_rows(kv: str, hq: int, hkv: int, d: int, sub: int | None = None):
+    from qtool.kernels import ops
+    case = Case(kv, 33, hq, hkv, d, seed=3 + len(kv) + d, longest=1200)
+    S = ops._paged_splits(34, hkv, case.per_row * BS)
+    assert int(case.lens.max()) > S * (sub or ops.PAGED_SUB_CHUNK)    # some split walks two or more sub-chunks
     (q, k, v), (qd, kd, vd) = case.qkv(case.B * case.T0)
     pos = torch.arange(case.T0).repeat(case.B, 1)
     case.ref.rope_and_store(q, k, v, pos, case.rcache, 0)
