@@ -3,7 +3,7 @@ against the reference backend's attention over the same stored codes, for every 
 paged, bottom-right causal rows (with and without a prefix), rows with different starts, and padded rows at
 position 0 (the explicit-mask path). Bound: relative error <= 1e-4 over the output and per query row (float32
 q, K/V and output; docs/numerics.md, "Prefill attention"). The GPU test (tests/gpu/test_prefill_attention.py)
-runs such cases through CudaBackend on the device (cuBLAS float32 GEMMs)."""
+runs such cases through CudaBackend on the device (torch's fused float32 SDPA)."""
 from __future__ import annotations
 
 import pytest
@@ -48,8 +48,8 @@ def test_one_call_per_run_of_rows_sharing_a_start(monkeypatch):
     """Adjacent rows at the same consecutive positions take one attention call; a row at other positions its own."""
     from qtool.kernels import prefill_attention
     calls = []
-    real = prefill_attention._attend
-    monkeypatch.setattr(prefill_attention, "_attend", lambda qb, *a: calls.append(qb.shape[0]) or real(qb, *a))
+    real = prefill_attention._sdpa
+    monkeypatch.setattr(prefill_attention, "_sdpa", lambda qb, *a: calls.append(qb.shape[0]) or real(qb, *a))
     pos = _positions("runs")
     case = PrefillCase("bf16", 4, 4, 64, True, pos, "cpu", seed=9)
     with torch.inference_mode():
@@ -57,31 +57,19 @@ def test_one_call_per_run_of_rows_sharing_a_start(monkeypatch):
     assert calls == [2, 2, 1] and rel_err(got, case.reference()) < 1e-4
 
 
-@pytest.mark.parametrize("kind", ["chunk", "padded", "runs"])
-def test_query_tiles_equal_one_tile(monkeypatch, kind):
-    """Queries tiled to bound the scores' memory (SCORE_ELEMENTS) give the reference's result: tiles of 1..3 query
-    rows, causal bottom-right and explicit masks, GQA (8 query heads over 2 KV heads)."""
-    from qtool.kernels import prefill_attention
-    pos = _positions(kind)
-    case = PrefillCase("fp8", 8, 2, 64, True, pos, "cpu", seed=5)
-    for elems in (1, 2 * 8 * 60, 3 * 8 * 60 * pos.shape[0]):
-        monkeypatch.setattr(prefill_attention, "SCORE_ELEMENTS", elems)
-        with torch.inference_mode():
-            got = prefill_attention.attention(case.q, pos, case.cache, 0)
-        assert rel_err(got, case.reference()) < 1e-4, elems
-
-
 @pytest.mark.parametrize("api", ["legacy", "new"])
-def test_float32_gemms_even_when_tf32_is_allowed(monkeypatch, api):
-    """The GEMMs run with TF32 off (float32 FMAs, the reference's numerics) although the process allowed it, through
+def test_float32_even_when_tf32_is_allowed(monkeypatch, api):
+    """SDPA runs with TF32 off (float32 FMAs, the reference's numerics, where it falls back to matmuls) although the
+    process allowed it, through
     either of torch's APIs (the legacy ``allow_tf32``, or ``fp32_precision``, after which reading ``allow_tf32``
     raises), and the process's setting is back afterwards, unmixed."""
     from qtool.kernels import prefill_attention
     m = torch.backends.cuda.matmul
+    import torch.nn.functional as F
     seen = []
-    real = torch.matmul
-    monkeypatch.setattr(torch, "matmul", lambda *a, **k: seen.append(m.fp32_precision) or real(*a, **k))
-    pos = _positions("chunk")
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: seen.append(m.fp32_precision) or real(*a, **k))
+    pos = _positions("fresh")           # is_causal (a CausalBias mask dispatches through the patched function)
     case = PrefillCase("bf16", 8, 2, 64, True, pos, "cpu", seed=2)
     old = m.fp32_precision
     try:
@@ -102,18 +90,18 @@ def test_float32_gemms_even_when_tf32_is_allowed(monkeypatch, api):
 
 @pytest.mark.parametrize("kind", ["runs", "padded"])
 def test_rows_split_by_the_kv_budget(monkeypatch, kind):
-    """A run of rows whose float32 K / V would exceed KV_ELEMENTS is decoded and attended in pieces (here of one and
+    """A run of rows whose repeated float32 K / V would exceed KV_ELEMENTS is decoded and attended in pieces (here of one and
     of two rows), with the reference's result."""
     from qtool.kernels import prefill_attention
     pos = _positions(kind)
     case = PrefillCase("nvfp4", 8, 2, 64, True, pos, "cpu", seed=7)
     shortest = int(pos.max(dim=1).values.min()) + 1       # the shortest run's K / V length
     calls = []
-    real = prefill_attention._attend
-    monkeypatch.setattr(prefill_attention, "_attend", lambda qb, *a: calls.append(qb.shape[0]) or real(qb, *a))
+    real = prefill_attention._sdpa
+    monkeypatch.setattr(prefill_attention, "_sdpa", lambda qb, *a: calls.append(qb.shape[0]) or real(qb, *a))
     for rows in (1, 2):
         calls.clear()
-        monkeypatch.setattr(prefill_attention, "KV_ELEMENTS", rows * 2 * shortest * 64)
+        monkeypatch.setattr(prefill_attention, "KV_ELEMENTS", rows * 8 * shortest * 64)     # K repeated to 8 heads
         with torch.inference_mode():
             got = prefill_attention.attention(case.q, pos, case.cache, 0)
         assert max(calls) <= rows and sum(calls) == pos.shape[0] and (kind != "runs" or max(calls) == rows)

@@ -22,7 +22,7 @@ are in git history):
   projection's quantization is local to a head, else by attn_combine over several blocks per row; caches longer
   than LONG_CACHE for their KV format (and every paged cache) on attn_partial_paged, which stages K/V in shared
   memory;
-- prefill attention (T > 1): prefill_attention.py (float32 GEMM attention over the decoded K/V), chosen by
+- prefill attention (T > 1): prefill_attention.py (torch's fused float32 SDPA over the decoded K/V), chosen by
   CudaBackend; attn_partial where it does not apply (head_dim > 256 or not a multiple of 8) and in tests;
 - every launch with programmatic dependent launch on sm_90+ (pdl.py).
 The fused sequences the backend runs are ``norm_linear``, ``attention_o`` and ``norm_mlp``.

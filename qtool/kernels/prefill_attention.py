@@ -1,19 +1,22 @@
-"""Prefill attention (T > 1 queries per batch row) as float32 GEMMs through torch (cuBLAS on a GPU).
+"""Prefill attention (T > 1 queries per batch row) in float32 through torch's scaled_dot_product_attention.
 
 Contract: ``attention(q, positions, cache, layer)`` with q [N, Hq, d] float32 (rotated; row n = b*T + t),
 positions int64 [B, T], cache an ops.KVCache or ops.PagedKVCache after this step's K/V were written, returns
 [N, Hq*d] float32: the attention of torch_ref's ``attention`` (query at position p sees slots 0..p of its row,
 scale 1/sqrt(d), GQA head h on KV head h // (Hq/Hkv)). How: the stored K/V of positions 0..p_last of each row are
 gathered (through the block table when paged), decoded with the reference's ``kv_decode`` (the stored values x
-the layer's scales, float32; a run of rows is decoded in pieces of at most KV_ELEMENTS elements of K, and as
-many of V); q stays float32; scores Q K^T, a float32 softmax and its product with V run as
-batched float32 GEMMs (``_attend``: a KV head's query heads stacked, queries tiled), with a causal mask aligned
-bottom-right when a row's queries are at consecutive positions p0..p0+T-1 (one call per run of adjacent rows sharing p0: the engine's
-batched prefill orders its rows by start position), else with an explicit boolean mask (slot j visible to the
-query at p iff j <= p) per row. Tolerance against the reference: docs/numerics.md, "Prefill attention". Reads
-the positions on the host (one small sync at layer 0, remembered for the same positions tensor in the later
-layers of that forward), so it is for eager prefill, never for a captured decode step. ``applies`` says where it
-runs; elsewhere the backend keeps attn_partial.
+the layer's scales, float32), repeated per query head; q stays float32; SDPA runs in float32 (its fused
+memory-efficient kernel on a GPU: 2.9 ms of kernel time for a 512-token prefill of the 8B shape on an H100, run
+52, about 24 TFLOP/s of causal attention; matmuls, where it falls back to them, without TF32), with a causal mask
+aligned bottom-right when a row's queries are at consecutive positions p0..p0+T-1 (one call per run of adjacent
+rows sharing p0: the engine's batched prefill orders its rows by start position), else with an explicit boolean
+mask (slot j visible to the query at p iff j <= p) per row; a run is split so that its repeated K (and V) hold at
+most KV_ELEMENTS elements. Tolerance against the reference: docs/numerics.md, "Prefill attention". Reads the
+positions on the host (one small sync at layer 0, remembered for the same positions tensor in the later layers of
+that forward), so it is for eager prefill, never for a captured decode step. ``applies`` says where it runs;
+elsewhere the backend keeps attn_partial. (Batched float32 GEMMs with materialised scores were tried on the
+premise that this kernel ran at ~1 TFLOP/s; it runs at ~24, and the GEMM version, in bench/prefill_attention_gemm.py,
+is the one to measure against it.)
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import math
 
 import torch
 
-MAX_HEAD_DIM = 256          # head dims the backend sends here (the decode kernels' largest)
+MAX_HEAD_DIM = 256          # flash / efficient SDPA on Hopper take head_dim <= 256, a multiple of 8
 _memo: list = []             # [(positions tensor, summary)]: the current forward's positions (read at layer 0)
 
 
@@ -84,29 +87,26 @@ def _decoded(cache, which: str, layer: int, b0: int, b1: int, length: int) -> to
     return kv_decode("nvfp4", st[0], st[1].view(torch.float8_e4m3fn), scale=float(scale)).float()
 
 
-SCORE_ELEMENTS = 1 << 26     # scores held at once per call (256 MB of float32): queries are tiled to stay under it
-KV_ELEMENTS = 1 << 27        # decoded K (and as much V) held at once (512 MB of float32 each): a run of rows is split
+KV_ELEMENTS = 1 << 27        # repeated K (and as much V) held at once (512 MB of float32 each): a run of rows is split
 
 
-def _attend(qb: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def _sdpa(qb: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """qb [R, Hq, T, d] float32 over k / v [R, Hkv, L, d] float32; causal bottom-right (queries at L-T..L-1) when
-    mask is None, else mask [R, 1, T, L] bool. The G = Hq / Hkv query heads of a KV head are stacked as G*T rows
-    over that head's K/V (no K/V repeat), scores = Q K^T and out = softmax(scores) V as batched float32 GEMMs
-    (cuBLAS SGEMM on a GPU with TF32 switched off around them: float32 FMAs, as the reference; torch's float32 SDPA
-    kernel ran at ~1 TFLOP/s, 36 ms at 2,048 tokens on an H100, run 52), the queries tiled so a tile's scores stay
-    under SCORE_ELEMENTS (at least one query row per tile)."""
-    R, Hq, T, D = qb.shape
-    Hkv, L = k.shape[1], k.shape[2]
-    G = Hq // Hkv
-    scale = 1.0 / math.sqrt(D)
-    qg = qb.reshape(R, Hkv, G, T, D)
-    kt = k.transpose(2, 3)                                                   # [R, Hkv, d, L]
-    out = torch.empty(R, Hkv, G, T, D, dtype=torch.float32, device=qb.device)
-    tile = max(1, min(T, SCORE_ELEMENTS // max(1, R * Hq * L)))
-    j = torch.arange(L, device=qb.device)
-    with _ieee_matmuls():                                   # float32 FMAs even if the process allowed TF32
-        _tiles(qg, kt, v, mask, out, scale, T, L, tile, j)
-    return out.view(R, Hq, T, D)
+    mask is None, else mask [R, 1, T, L] bool. K/V are repeated per query head (the float32 fused kernels take no
+    GQA argument)."""
+    import torch.nn.functional as F
+    T, L = qb.shape[2], k.shape[2]
+    G = qb.shape[1] // k.shape[1]
+    scale = 1.0 / math.sqrt(qb.shape[-1])
+    if G > 1:
+        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+    with _ieee_matmuls():
+        if mask is not None:
+            return F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale)
+        if L == T:
+            return F.scaled_dot_product_attention(qb, k, v, is_causal=True, scale=scale)
+        from torch.nn.attention.bias import causal_lower_right
+        return F.scaled_dot_product_attention(qb, k, v, attn_mask=causal_lower_right(T, L), scale=scale)
 
 
 @contextlib.contextmanager
@@ -125,22 +125,6 @@ def _ieee_matmuls():
         setattr(m, attr, saved)
 
 
-def _tiles(qg, kt, v, mask, out, scale, T, L, tile, j) -> None:
-    """_attend's query tiles: scores, mask, softmax and times V per tile, into out [R, Hkv, G, T, d]."""
-    R, Hkv, G, _, D = qg.shape
-    for t0 in range(0, T, tile):
-        t1 = min(T, t0 + tile)
-        qt = qg[:, :, :, t0:t1].reshape(R, Hkv, G * (t1 - t0), D)
-        s = torch.matmul(qt, kt).mul_(scale).view(R, Hkv, G, t1 - t0, L)
-        if mask is None:
-            visible = j[None, :] <= (L - T + torch.arange(t0, t1, device=j.device))[:, None]       # [tq, L]
-            s.masked_fill_(~visible, float("-inf"))
-        else:
-            s.masked_fill_(~mask[:, :, None, t0:t1], float("-inf"))
-        p = torch.softmax(s, dim=-1).view(R, Hkv, G * (t1 - t0), L)
-        out[:, :, :, t0:t1] = torch.matmul(p, v).view(R, Hkv, G, t1 - t0, D)
-
-
 def attention(q: torch.Tensor, positions: torch.Tensor, cache, layer: int) -> torch.Tensor:
     """[N, Hq*d] float32 attention of the prefill queries q [N, Hq, d] (see the module contract)."""
     B, T = positions.shape
@@ -156,7 +140,7 @@ def attention(q: torch.Tensor, positions: torch.Tensor, cache, layer: int) -> to
             groups.append([b, b + 1, None if consec else positions[b]])
     for g0, g1, pos in groups:
         length = rows[g0][1] + 1         # a run shares p0 and T (so its last position); a masked group: one row
-        step = max(1, KV_ELEMENTS // (cache.hkv * length * D))      # rows whose float32 K (and V) fit the budget
+        step = max(1, KV_ELEMENTS // (Hq * length * D))     # rows whose repeated float32 K (and V) fit the budget
         for b0 in range(g0, g1, step):
             b1 = min(g1, b0 + step)
             k = _decoded(cache, "k", layer, b0, b1, length)
@@ -164,6 +148,6 @@ def attention(q: torch.Tensor, positions: torch.Tensor, cache, layer: int) -> to
             mask = None
             if pos is not None:
                 mask = (torch.arange(length, device=q.device)[None, :] <= pos[:, None])[None, None]   # [1, 1, T, L]
-            o = _attend(qb[b0:b1], k, v, mask)                    # [R, Hq, T, d]
+            o = _sdpa(qb[b0:b1], k, v, mask)                      # [R, Hq, T, d]
             out[b0:b1] = o.transpose(1, 2)
     return out.reshape(N, Hq * D)

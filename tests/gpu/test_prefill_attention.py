@@ -1,5 +1,5 @@
 """Prefill attention on the CUDA backend (qtool/kernels/prefill_attention.py: K/V gathered and decoded to float32,
-float32 GEMM attention with a bottom-right causal mask; T = 1 stays on attn_partial) against the reference backend's attention
+torch's fused float32 SDPA with a bottom-right causal mask; T = 1 stays on attn_partial) against the reference backend's attention
 over the same stored codes (tests/prefill_cases.py), through ``CudaBackend.attention``, the method the model's
 prefill reaches.
 

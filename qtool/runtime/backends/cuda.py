@@ -7,7 +7,7 @@ kernels run on torch's current stream. ``prepare`` repacks each linear layer onc
 (qtool/kernels/weights.py); NVFP4/MXFP4 weights and the nvfp4 KV cache run on any sm_89+ GPU by decoding in
 registers. The fused methods (``rmsnorm_linear``, ``attention_with_rope_store``, ``rmsnorm_mlp``) run the
 kernel sequences of qtool.kernels.ops (``norm_linear``, ``attention_o``, ``norm_mlp``); the plain ops run one
-kernel each. Prefill attention (T > 1) runs qtool.kernels.prefill_attention (float32 GEMM attention over the K/V
+kernel each. Prefill attention (T > 1) runs qtool.kernels.prefill_attention (torch's fused float32 SDPA over the K/V
 decoded to float32) wherever it applies. ``wrap_decode`` captures the decode step (all layers + final logits) in one CUDA graph;
 ``decode_loop`` captures decode + sampling + the position advance, so a token costs one graph replay and no
 host synchronisation. Importing this module does not import cupy (the loader does, on first launch).
@@ -170,7 +170,7 @@ class CudaBackend:
         return ops.rope_and_store(q, k, v, positions, cache, layer, self._cos, self._sin, positions.shape[1])
 
     def attention(self, q, cache, layer, positions):
-        if prefill_attention.applies(q, positions, cache):      # T > 1: float32 GEMM attention
+        if prefill_attention.applies(q, positions, cache):      # T > 1: float32 SDPA
             return prefill_attention.attention(q, positions, cache, layer)
         return ops.attention(q, positions, cache, layer, positions.shape[1])
 
