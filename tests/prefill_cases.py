@@ -7,6 +7,7 @@ backend's attention over its cache; ``rel_err`` the relative error used by both 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from types import SimpleNamespace
 
@@ -20,6 +21,23 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     got, want = got.double().cpu(), want.double().cpu()
     assert torch.isfinite(got).all(), "non-finite output"
     return float((got - want).norm() / want.norm().clamp_min(1e-30))
+
+
+@contextlib.contextmanager
+def tf32_allowed(api: str):
+    """TF32 allowed for CUDA matmuls through torch's legacy ``allow_tf32`` or its ``fp32_precision`` API inside; on
+    exit, checks the setting is still "tf32" (what qtool changed, it put back) and restores the one before."""
+    m = torch.backends.cuda.matmul
+    old = m.fp32_precision
+    try:
+        if api == "legacy":
+            m.allow_tf32 = True
+        else:
+            m.fp32_precision = "tf32"
+        yield m
+        assert m.fp32_precision == "tf32"
+    finally:
+        m.fp32_precision = old
 
 
 def _u8(t: torch.Tensor) -> torch.Tensor:

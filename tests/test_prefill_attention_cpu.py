@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prefill_cases import PrefillCase, rel_err
+from prefill_cases import PrefillCase, rel_err, tf32_allowed
 
 
 def _positions(kind: str) -> torch.Tensor:
@@ -71,19 +71,10 @@ def test_float32_even_when_tf32_is_allowed(monkeypatch, api):
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: seen.append(m.fp32_precision) or real(*a, **k))
     pos = _positions("fresh")           # is_causal (a CausalBias mask dispatches through the patched function)
     case = PrefillCase("bf16", 8, 2, 64, True, pos, "cpu", seed=2)
-    old = m.fp32_precision
-    try:
-        if api == "legacy":
-            m.allow_tf32 = True
-        else:
-            m.fp32_precision = "tf32"
-        with torch.inference_mode():
-            got = prefill_attention.attention(case.q, pos, case.cache, 0)
-        assert m.fp32_precision == "tf32"
+    with tf32_allowed(api), torch.inference_mode():
+        got = prefill_attention.attention(case.q, pos, case.cache, 0)
         if api == "legacy":
             assert m.allow_tf32 is True and torch.get_float32_matmul_precision() == "high"
-    finally:
-        m.fp32_precision = old
     assert seen and set(seen) == {"ieee"}
     assert rel_err(got, case.reference()) < 1e-4
 

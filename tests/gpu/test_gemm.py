@@ -71,6 +71,24 @@ def test_blas_linear_in_row_chunks(monkeypatch, fmt, act, m, o):
     assert rel(chunked, whole) < 1e-6 and rel(chunked, _ref(lw, x.cpu())) < _tol(kl)
 
 
+@pytest.mark.parametrize("m", [64, 65])
+def test_blas_linear_default_chunks_on_a_large_layer(m):
+    """A layer larger than half the L2 (nvfp4 7040 x 4096: 58 MB of bf16) at M = 64 decodes in the default row chunks
+    (several, the last one uneven), at M = 65 in one scratch; both against the float64 reference."""
+    from qtool.kernels import gemm, ops
+    from qtool.kernels.weights import prepare_linear
+    fmt, act = next(c for c in CASES if c[0] == "nvfp4")
+    g = torch.Generator().manual_seed(m)
+    lw = _lw(fmt, torch.randn(7040, 4096, generator=g) * 0.05, act, g)
+    x = torch.randn(m, 4096, generator=g)
+    kl = prepare_linear(lw, DEV)
+    rows = gemm.chunk_rows(kl, m)
+    assert (128 <= rows < 7040 and 7040 % rows) if m <= gemm.CHUNK_MAX_M else rows >= 7040
+    poison()
+    y = ops.linear(x.to(DEV), kl)
+    assert rel(y, _ref(lw, x)) < _tol(kl), f"m={m} chunk rows {rows}: rel {rel(y, _ref(lw, x)):.2e}"
+
+
 @pytest.mark.parametrize("fmt", ["gptq", "gptq-actorder", "autoawq"])
 def test_blas_packed_int4(fmt):
     import packers

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prefill_cases import PrefillCase, rel_err
+from prefill_cases import PrefillCase, rel_err, tf32_allowed
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -87,3 +87,11 @@ def test_cache_written_by_rope_kv_write(kv, B):
         qr = ops.rope_and_store(qd, kd, vd, pos.to(DEV), cache, 0, case.cos, case.sin, case.T0)
         out = CudaBackend(DEV).attention(qr, cache, 0, pos.to(DEV))
     assert rel_err(out, ref_out) < 1e-4, f"relative error {rel_err(out, ref_out):.2e}"
+
+
+@pytest.mark.parametrize("api", ["legacy", "new"])
+def test_float32_with_tf32_allowed(api):
+    """A process that allowed TF32 (either torch API) still gets float32 attention (no TF32 in a matmul fallback),
+    and keeps its setting."""
+    with tf32_allowed(api):
+        _check(PrefillCase("fp8", *SHAPES[1], True, torch.arange(300, 900)[None], DEV, seed=23))
