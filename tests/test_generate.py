@@ -64,6 +64,9 @@ def test_sampling_seeded_and_degenerate_cases(llama):
     (k1,), _ = _gen(model, tok, p, temperature=1.0, top_k=1, seed=3)
     (p0,), _ = _gen(model, tok, p, temperature=1.0, top_p=1e-6, seed=3)
     assert k1.token_ids == greedy.token_ids == p0.token_ids
+    for tiny in (1e-46, 5e-324):         # rounds to 0 in float32: still the most likely token, not an error
+        (pt,), _ = _gen(model, tok, p, temperature=1.0, top_p=tiny, seed=3)
+        assert pt.token_ids == greedy.token_ids
 
 
 def test_sample_distribution_with_top_k_and_top_p():
@@ -92,6 +95,8 @@ def test_sample_distribution_with_top_k_and_top_p():
     assert (f - expected(keep)).abs().max() < 0.015
     assert f[[i for i, k in enumerate(keep) if not k]].sum() == 0
     assert sample(logits, temperature=0).item() == 0
+    f = freq(temperature=0.8, top_p=1e-46)            # 0.0 in a float32 comparison: the top token alone
+    assert f[0] == 1 and f[1:].sum() == 0
 
 
 def test_stop_string_and_streaming(llama):

@@ -162,6 +162,10 @@ def test_completions_match_reference_stream_and_not(client, reference, server):
     top_p0 = client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=1.0, top_p=0,
                                        extra_body={"ignore_eos": True})
     assert top_p0.choices[0].text == want.text                                      # top_p 0 keeps the top token
+    for tiny_p in (5e-324, 1e-46):                  # 0 in float32: the top token too (was 503, found by a fuzz)
+        r = client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=1.0, top_p=tiny_p,
+                                      extra_body={"ignore_eos": True})
+        assert r.choices[0].text == want.text
     chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0, stream=True,
                                             stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
     assert len({c.id for c in chunks}) == 1

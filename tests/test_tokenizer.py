@@ -93,6 +93,34 @@ def test_encode_decode_template_equal_transformers(which, request, tiny_models):
         (ref.eos_token_id, ref.bos_token_id, ref.pad_token_id)
 
 
+def test_long_text_encodes_with_the_gil_released(smollm2, monkeypatch):
+    """A long prompt (past GIL_FREE_CHARS) gives transformers' ids, and another thread keeps running while it is
+    encoded (a server tokenizes on a worker thread: with the GIL held, an 8 MB prompt froze every request)."""
+    import threading
+    import time
+    from transformers import AutoTokenizer
+    from qtool.runtime import tokenizer as tk
+    ours, ref = tk.Tokenizer.from_folder(smollm2), AutoTokenizer.from_pretrained(str(smollm2))
+    text = "naïve café word, " * 6000                    # 102,000 characters
+    assert len(text) > tk.GIL_FREE_CHARS
+    assert ours.encode(text) == ref(text)["input_ids"]
+    monkeypatch.setattr(tk, "GIL_FREE_CHARS", 0)         # the same path on a text long enough to time
+    big, ticks, done = text * 15, [0], threading.Event()
+
+    def spin():
+        while not done.is_set():
+            ticks[0] += 1
+            time.sleep(0.001)
+    t = threading.Thread(target=spin)
+    t.start()
+    t0 = time.perf_counter()
+    ours.encode(big)
+    took = time.perf_counter() - t0
+    done.set()
+    t.join()
+    assert took > 0.05 and ticks[0] > 0.1 * took / 0.001, (took, ticks[0])   # GIL held: a handful of ticks
+
+
 def test_prompt_ids_equal_transformers_chat_ids(smollm2):
     from transformers import AutoTokenizer
     from qtool.runtime.chat import load_tokenizer, prompt_ids

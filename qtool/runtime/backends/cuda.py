@@ -19,6 +19,7 @@ import torch
 from qtool.kernels import gemm, ops, prefill_attention
 from qtool.kernels.weights import KLinear, prepare_linear
 from qtool.runtime import rope
+from qtool.runtime.sampling import nucleus
 
 
 class CudaBackend:
@@ -176,6 +177,7 @@ class CudaBackend:
 
     # -- sampling, graphs, misc ----------------------------------------------------------------
     def sample(self, logits, temperature, top_k, top_p, generator):
+        top_k, top_p = nucleus(top_k, top_p)
         u = None
         if temperature and temperature > 0 and generator is not None:
             u = torch.rand(logits.shape[0], generator=generator, device=generator.device).to(self.device)
@@ -201,7 +203,7 @@ class CudaBackend:
 
     def decode_loop(self, step, ids, positions, temperature=0.0, top_k=0, top_p=1.0):
         """A captured decode step that also samples and advances: returns ``DecodeLoop``."""
-        return DecodeLoop(self, step, ids, positions, temperature, top_k, top_p)
+        return DecodeLoop(self, step, ids, positions, temperature, *nucleus(top_k, top_p))
 
 
 def warm_and_capture(fn):

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qtool.runtime import rope
-from qtool.runtime.sampling import sample as _sample
+from qtool.runtime.sampling import nucleus, sample as _sample
 
 
 def _sum64(x: torch.Tensor, w: torch.Tensor, rows: int = 4096) -> torch.Tensor:
@@ -241,7 +241,7 @@ class TorchRefBackend:
 
     # -- misc ----------------------------------------------------------------------------------
     def sample(self, logits, temperature, top_k, top_p, generator):
-        return _sample(logits, temperature, top_k, top_p, generator)
+        return _sample(logits, temperature, *nucleus(top_k, top_p), generator)
 
     def synchronize(self) -> None:
         return None
