@@ -28,7 +28,7 @@ def tf32_allowed(api: str):
     """TF32 allowed for CUDA matmuls through torch's legacy ``allow_tf32`` or its ``fp32_precision`` API inside; on
     exit, checks the setting is still "tf32" (what qtool changed, it put back) and restores the one before."""
     m = torch.backends.cuda.matmul
-    old = m.fp32_precision
+    old, old_global = m.fp32_precision, torch.get_float32_matmul_precision()
     try:
         if api == "legacy":
             m.allow_tf32 = True
@@ -36,7 +36,8 @@ def tf32_allowed(api: str):
             m.fp32_precision = "tf32"
         yield m
         assert m.fp32_precision == "tf32"
-    finally:
+    finally:            # both settings back (the legacy switch also moved the global one), so no API mix remains
+        torch.set_float32_matmul_precision(old_global)
         m.fp32_precision = old
 
 

@@ -59,7 +59,7 @@ def test_one_call_per_run_of_rows_sharing_a_start(monkeypatch):
 
 @pytest.mark.parametrize("api", ["legacy", "new"])
 def test_float32_even_when_tf32_is_allowed(monkeypatch, api):
-    """SDPA runs with TF32 off (float32 FMAs, the reference's numerics, where it falls back to matmuls) although the
+    """SDPA runs with TF32 off (float32 FMAs where it falls back to matmuls, the reference's numerics) although the
     process allowed it, through
     either of torch's APIs (the legacy ``allow_tf32``, or ``fp32_precision``, after which reading ``allow_tf32``
     raises), and the process's setting is back afterwards, unmixed."""

@@ -36,8 +36,9 @@ max_num_batched_tokens=2048, max_model_len=...)`. Each `step()`:
 Time accounting (`counters`, seconds, added at the end of each step): `step_s` all of step(); `prefill_s` /
 `decode_s` the prefill forwards and the decode steps from their inputs to the sampled tokens read on the host
 (the read waits for the device, so a GPU's time lands where it is spent; a prefill forward that samples no row
-synchronises the backend instead); `decode_steps` counts decode forwards. step_s minus both is the host's share: scheduling, block bookkeeping,
-sampling, detokenizing and the request callbacks.
+synchronises the backend instead); `decode_steps` counts decode forwards. step_s minus both is the host's share:
+scheduling, block bookkeeping, detokenizing and the request callbacks (picking the tokens counts as prefill /
+decode).
 With prefix caching (default), an admitted request first takes the cached full blocks of its longest
 cached prefix (blocks.py: exact token-chain keys, LRU eviction) and computes only the rest.
 When a sequence needs a block and none is free, the newest running request is preempted: its blocks
@@ -219,7 +220,7 @@ class Engine:
         if decode:
             self._decode_step(decode)
         self.counters["steps"] += 1
-        self.counters["step_s"] += time.perf_counter() - t0     # before its parts: a scrape never sees them ahead
+        self.counters["step_s"] += time.perf_counter() - t0     # before its parts (metrics.py reads them first)
         for k, v in self._time.items():
             self.counters[k] += v
 

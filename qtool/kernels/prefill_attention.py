@@ -5,13 +5,14 @@ positions int64 [B, T], cache an ops.KVCache or ops.PagedKVCache after this step
 [N, Hq*d] float32: the attention of torch_ref's ``attention`` (query at position p sees slots 0..p of its row,
 scale 1/sqrt(d), GQA head h on KV head h // (Hq/Hkv)). How: the stored K/V of positions 0..p_last of each row are
 gathered (through the block table when paged), decoded with the reference's ``kv_decode`` (the stored values x
-the layer's scales, float32), repeated per query head; q stays float32; SDPA runs in float32 (its fused
-memory-efficient kernel on a GPU: 2.9 ms of kernel time for a 512-token prefill of the 8B shape on an H100, run
-52, about 24 TFLOP/s of causal attention; matmuls, where it falls back to them, without TF32), with a causal mask
+the layer's scales, float32), repeated per query head; q stays float32; SDPA runs on float32 tensors (on a GPU
+its fused memory-efficient kernel, whose float32 GEMMs are 3xTF32 on the tensor cores, float32-level accuracy
+whatever the TF32 setting: 2.9 ms of kernel time for a 512-token prefill of the 8B shape on an H100, run 52, about
+24 TFLOP/s of causal attention; matmuls, where it falls back to them, without TF32), with a causal mask
 aligned bottom-right when a row's queries are at consecutive positions p0..p0+T-1 (one call per run of adjacent
 rows sharing p0: the engine's batched prefill orders its rows by start position), else with an explicit boolean
 mask (slot j visible to the query at p iff j <= p) per row; a run is split so that its repeated K (and V) hold at
-most KV_ELEMENTS elements. Tolerance against the reference: docs/numerics.md, "Prefill attention". Reads the
+most KV_ELEMENTS elements (one row at least, whatever its length). Tolerance against the reference: docs/numerics.md, "Prefill attention". Reads the
 positions on the host (one small sync at layer 0, remembered for the same positions tensor in the later layers of
 that forward), so it is for eager prefill, never for a captured decode step. ``applies`` says where it runs;
 elsewhere the backend keeps attn_partial. (Batched float32 GEMMs with materialised scores were tried on the
@@ -25,7 +26,7 @@ import math
 
 import torch
 
-MAX_HEAD_DIM = 256          # flash / efficient SDPA on Hopper take head_dim <= 256, a multiple of 8
+MAX_HEAD_DIM = 256          # the decode kernels' largest; a multiple of 8 keeps SDPA on its fused kernel
 _memo: list = []             # [(positions tensor, summary)]: the current forward's positions (read at layer 0)
 
 

@@ -9,7 +9,9 @@ and the gauges `qtool_num_requests_running`, `qtool_num_requests_waiting`, `qtoo
 (tokens), the prefill and decode work (`qtool_prefill_forwards_total`, `..._tokens_total`,
 `..._computed_positions_total`, `qtool_decode_steps_total`, `qtool_decode_rows_total`) and where the engine's time
 went (`qtool_engine_step_seconds_total`, `qtool_engine_prefill_seconds_total`, `qtool_engine_decode_seconds_total`:
-qtool.engine.engine's time accounting), read from the engine at scrape time (`bind(engine)`). `render()` → (body,
+qtool.engine.engine's time accounting; registered after its parts, so a scrape, which reads in registration
+order while the engine adds the step's total before its parts, never shows the parts ahead of the total), read
+from the engine at scrape time (`bind(engine)`). `render()` → (body,
 content type).
 """
 from __future__ import annotations
@@ -46,9 +48,9 @@ class Metrics:
             ("prefill_computed_positions_total", "Positions the prefill forwards computed, padding included"),
             ("decode_steps_total", "Batched decode forwards"),
             ("decode_rows_total", "Sequence rows the decode forwards computed (padding excluded)"),
-            ("engine_step_seconds_total", "Time the engine spent in scheduler steps"),
-            ("engine_prefill_seconds_total", "Time in prefill forwards, inputs to logits (device synchronised)"),
-            ("engine_decode_seconds_total", "Time in decode forwards, inputs to logits (device synchronised)"))}
+            ("engine_prefill_seconds_total", "Time in prefill forwards, inputs to the sampled tokens on the host"),
+            ("engine_decode_seconds_total", "Time in decode steps, inputs to the sampled tokens on the host"),
+            ("engine_step_seconds_total", "Time the engine spent in scheduler steps"))}   # after its parts: module doc
 
     def bind(self, engine) -> None:
         reads = {"num_requests_running": lambda: len(engine.running),

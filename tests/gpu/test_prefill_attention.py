@@ -91,7 +91,8 @@ def test_cache_written_by_rope_kv_write(kv, B):
 
 @pytest.mark.parametrize("api", ["legacy", "new"])
 def test_float32_with_tf32_allowed(api):
-    """A process that allowed TF32 (either torch API) still gets float32 attention (no TF32 in a matmul fallback),
-    and keeps its setting."""
+    """A process that allowed TF32 (either torch API) still gets attention within the float32 bound (the fused
+    kernel computes 3xTF32 whatever the setting; a matmul fallback would run without TF32), and keeps its
+    setting."""
     with tf32_allowed(api):
         _check(PrefillCase("fp8", *SHAPES[1], True, torch.arange(300, 900)[None], DEV, seed=23))
