@@ -481,7 +481,8 @@ def test_long_rows_attention(kv, layout):
     """Decode attention over long rows of random codes (every code but NaN, negative values included): a contiguous
     cache of 17000 positions (past ops.LONG_CACHE: attn_partial_paged through the one-block-per-row table) or a
     paged cache with shuffled blocks, rows at positions 9000 and 16900, so splits hold several staged sub-chunks
-    merged by the running softmax; against float64 over the decoded cache."""
+    merged by the running softmax; against float64 over the decoded cache, and a CUDA graph of the same launch
+    replays to the eager bits."""
     from qtool.kernels import ops
     B, hq, hkv, d, L, bs = 2, 32, 8, 128, 17000, 16
     ks, vs = 0.05, 0.04
@@ -520,6 +521,38 @@ def test_long_rows_attention(kv, layout):
     sc_ = sc_.masked_fill(torch.arange(L)[None, None, :] > pos[:, :, None], float("-inf"))
     ref = torch.einsum("bhl,blhd->bhd", sc_.softmax(-1), V_).reshape(B, hq * d)
     assert rel(out, ref) < 1e-5, f"{kv} {layout}: rel {rel(out, ref):.2e}"
+    from qtool.runtime.backends.cuda import warm_and_capture
+    qd, pd = q.to(DEV), pos.to(DEV)          # captured, as `qtool run`'s decode loop runs it: the same bits
+    graph, got = warm_and_capture(lambda: ops.attention(qd, pd, cache, 0, 1))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(got.cpu(), out), f"{kv} {layout}: the graph replay differs from the eager launch"
+
+
+def test_cache_over_2gib_per_layer():
+    """An fp8 contiguous cache of 72 rows x 32768 positions holds 2.4 GB of K per layer, so rows 64-71 start past
+    2^31 bytes (the kernels' 64-bit row offsets): decode attention of rows 0, 64 and 71 (random codes, negatives
+    included) against float64 over the decoded cache."""
+    from qtool.kernels import ops
+    B, hq, hkv, d, L, ks, vs = 72, 32, 8, 128, 32768, 0.05, 0.04
+    cache = ops.KVCache("fp8", B, L, 1, hkv, d, DEV, [ks], [vs])
+    assert cache.row_table is not None and cache.k[0][0].numel() > 2 ** 31
+    g = torch.Generator(device=DEV).manual_seed(5)
+    for t in (cache.k[0][0], cache.v[0][0]):
+        for b in range(B):               # row by row: no 2.4 GB temporaries
+            c = torch.randint(0, 256, t[b].shape, generator=g, dtype=torch.uint8, device=DEV)
+            c[(c & 0x7F) == 0x7F] = 0x7E                                  # no e4m3 NaN
+            t[b].copy_(c)
+    q = torch.randn(B, hq, d, device=DEV)
+    pos = (L - 1 - torch.arange(B, device=DEV) * 37).view(B, 1)
+    out = ops.attention(q, pos, cache, 0, 1).cpu()
+    for b in (0, 64, 71):
+        n = int(pos[b]) + 1
+        K_ = _decoded("fp8", (cache.k[0][0][b:b + 1], None), ks, n).double().repeat_interleave(hq // hkv, 2)
+        V_ = _decoded("fp8", (cache.v[0][0][b:b + 1], None), vs, n).double().repeat_interleave(hq // hkv, 2)
+        sc_ = torch.einsum("bhd,blhd->bhl", q[b:b + 1].double().cpu(), K_) / math.sqrt(d)
+        ref = torch.einsum("bhl,blhd->bhd", sc_.softmax(-1), V_).reshape(1, hq * d)
+        assert rel(out[b:b + 1], ref) < 1e-5, f"row {b}: rel {rel(out[b:b + 1], ref):.2e}"
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["rope_kv_write", "rope_fused"])
