@@ -40,15 +40,20 @@ CASES = [("bf16", 1, 8192, False), ("fp8", 1, 8192, False), ("nvfp4", 1, 8192, F
 CODES = {"bf16": 0, "fp8": 1, "nvfp4": 2}
 
 
-def module():
-    import cupy
+def source() -> str:
+    """The prototype's CUDA source: the product's attention.cu (without its own instantiations), mma_frag.cuh and
+    bench/kernels/attn_tc.cuh (which instantiates attn_tc_paged for every head dim and KV format)."""
     seen: set = set()
     src = loader.preprocess(loader.kernel_dir() / "attention.cu", seen)
     src = re.sub(r"^QT_ATTN_(KF|PAGED)\(.*$", "", src, flags=re.M)   # the product's instantiations: not needed here
     src += loader.preprocess(loader.kernel_dir() / "mma_frag.cuh", seen)
-    src += (ROOT / "bench" / "kernels" / "attn_tc.cuh").read_text().replace("#pragma once", "")
+    return src + (ROOT / "bench" / "kernels" / "attn_tc.cuh").read_text().replace("#pragma once", "")
+
+
+def module():
+    import cupy
     exprs = [f"attn_tc_paged<{d}, {k}>" for d in (64, 128, 256) for k in range(3)]
-    mod = cupy.RawModule(code=src, options=loader.OPTIONS, name_expressions=exprs)
+    mod = cupy.RawModule(code=source(), options=loader.OPTIONS, name_expressions=exprs)
     mod.compile()
     return mod
 

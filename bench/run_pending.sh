@@ -4,7 +4,7 @@
 # 4-bit batched decode with L2 chunks, the paged batched decode, and decode at ctx 8192 / 32768 (target 4).
 # Logs and JSON under $OUT (else ./pending_out); each part under its own time budget so one slow part cannot take
 # the others' time (the budgets add up past one 10-minute device call: run them as two calls,
-# `bash bench/run_pending.sh tc,variants,ttft,pattn` and `bash bench/run_pending.sh batch4bit,batchpaged,long,smallm`), and the
+# `bash bench/run_pending.sh tc,variants,ttft,pattn` and `bash bench/run_pending.sh batch4bit,batchpaged,long,smallm,gms`), and the
 # serve load tests (`serve`: concurrency 1-64 with the engine's time split per level; `prefix`: a shared 1,000-token
 # system prompt with and without prefix caching), `bash bench/run_pending.sh serve,prefix`.
 # Usage (repository root on the device): bash bench/run_pending.sh [parts]
@@ -12,7 +12,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-pending_out}"; mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-PARTS="${1:-tc,variants,ttft,pattn,batch4bit,batchpaged,long,smallm}"
+PARTS="${1:-tc,variants,ttft,pattn,batch4bit,batchpaged,long,smallm,gms}"
 { date -u; nvidia-smi --query-gpu=name --format=csv,noheader; } | tee "$OUT/env.txt"
 run() {   # name, budget seconds, command...
   local name=$1 budget=$2; shift 2
@@ -27,6 +27,7 @@ run variants 200 python3 bench/attention_variants.py --json "$OUT/variants.json"
 run ttft 90 python3 bench/bench_prefill_batch.py --parts ttft --json "$OUT/ttft.json"
 run pattn 60 python3 bench/prefill_attention_gemm.py --json "$OUT/pattn.json"
 run smallm 90 python3 bench/small_m_gemm.py --json "$OUT/smallm.json"
+run gms 90 python3 bench/gemm_mma_small.py --json "$OUT/gms.json"
 run batch4bit 150 python3 bench/bench_prefill_batch.py --parts batch4bit --json "$OUT/batch4bit.json"
 run batchpaged 80 python3 bench/bench_prefill_batch.py --parts batchpaged --json "$OUT/batchpaged.json"
 run long 120 python3 scripts/bench_decode.py --grid long --peer "" --json "$OUT/long.json"

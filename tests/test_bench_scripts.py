@@ -6,7 +6,9 @@ call is not spent on an import error or a broken harness.
   sizes;
 - bench/serve_host_ceiling.py: the real app and engine over its sleeping stand-in answer a completion whose tokens
   follow the stand-in's rule, and /metrics carries the engine's time counters;
-- bench/small_m_gemm.py, bench/awq_export_gap.py: import (their work needs a GPU / a calibration).
+- bench/small_m_gemm.py, bench/awq_export_gap.py: import (their work needs a GPU / a calibration);
+- the prototype kernels (bench/kernels/attn_tc.cuh, gemm_mma_small.cuh), assembled as their benches compile them,
+  compile with nvcc for sm_90a and sm_100a.
 """
 from __future__ import annotations
 
@@ -104,3 +106,28 @@ def test_gpu_benches_import():
     import awq_export_gap  # noqa: F401
     import small_m_gemm
     assert set(small_m_gemm.LINEARS) == {"qkv", "o", "gate_up", "down"}
+
+
+NVCC = __import__("shutil").which("nvcc")
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
+@pytest.mark.parametrize("bench", ["attention_tc", "gemm_mma_small"])
+def test_prototype_kernels_compile(bench, tmp_path):
+    """The prototypes a device run times (bench/kernels/*.cuh, assembled as their bench compiles them) compile with
+    nvcc for sm_90a and sm_100a; gemm_mma_small spills nothing (attn_tc's head_dim 256 bf16 instance spills a few
+    bytes, noted in docs/dev)."""
+    import importlib
+    import re
+    src = importlib.import_module(bench).source()
+    cu = tmp_path / f"{bench}.cu"
+    cu.write_text(src)
+    for arch in ("90a", "100a"):
+        r = subprocess.run([NVCC, "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-cubin", "-Xptxas",
+                            "-v", "-o", str(tmp_path / f"{bench}.{arch}.cubin"), str(cu)], capture_output=True, text=True)
+        assert r.returncode == 0, f"{bench} sm_{arch}:\n{r.stderr[-3000:]}"
+        name = "attn_tc_paged" if bench == "attention_tc" else "gemm_mma_small"
+        entries = re.findall(r"Compiling entry function '(\w+)'", r.stderr + r.stdout)
+        assert sum(name in e for e in entries) == (9 if bench == "attention_tc" else 3), entries
+        if bench == "gemm_mma_small":
+            assert not re.findall(r"[1-9]\d* bytes spill stores", r.stderr + r.stdout)
