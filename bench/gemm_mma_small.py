@@ -9,7 +9,7 @@ CudaBackend holds it (mma-tiled plus the kept row-major copy, per-tensor weight 
 [M, K]: the activation codes from the product's act_quant (``ops.act_quant(codes=True)``), then
 - float64: x̂ (codes x scale) @ W^T (codes x scale) in float64;
 - product: ``ops.linear(x, kl)`` (act_quant + cuBLASLt fp8 at M > 8), checked against float64 at its stated 2e-3;
-- prototype: gemm_mma_small<ceil(M / 8)> on the same codes, S = 1, 2, 4, 8 K slices (the fastest kept), checked
+- prototype: gemm_mma_small<NT> (the smallest NT with 8 NT >= M) on the same codes, S = 1, 2, 4, 8 K slices (the fastest kept), checked
   against float64 at 1e-5 (exact e4m3 products, float32 sums) — a WRONG row is never timed;
 - each timed as a CUDA graph (scripts/bench_decode.graph_time), the weight bytes / time against the same-run copy
   bandwidth. The prototype's time excludes act_quant (the product's includes it: one more small kernel).
@@ -87,8 +87,8 @@ def main() -> None:
         gemm.keep_row_major([kl])
         assert kl.tiled and kl.sbi_log2 < 0, "the prototype reads mma-tiled codes with per-row / per-tensor scales"
         for M in a.rows:
-            nt = math.ceil(M / 8)
-            if nt not in NTS:
+            nt = next((n for n in NTS if 8 * n >= M), None)         # the smallest instance covering M rows
+            if nt is None:
                 continue
             x = torch.randn(M, K, device=DEV)
             q = ops.act_quant(x, kl, codes=True)

@@ -8,7 +8,8 @@ call is not spent on an import error or a broken harness.
   follow the stand-in's rule, and /metrics carries the engine's time counters;
 - bench/small_m_gemm.py, bench/awq_export_gap.py: import (their work needs a GPU / a calibration);
 - the prototype kernels (bench/kernels/attn_tc.cuh, gemm_mma_small.cuh), assembled as their benches compile them,
-  compile with nvcc for sm_90a and sm_100a.
+  compile with nvcc for sm_90a and sm_100a, and gemm_mma_small's index logic, emulated lane by lane on the CPU,
+  gives an exact integer matmul.
 """
 from __future__ import annotations
 
@@ -100,6 +101,19 @@ def test_serve_host_ceiling_answers(tiny_models):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_gemm_mma_small_index_logic_emulated():
+    """bench/gemm_mma_small_emulate.py runs the prototype's loads, mma fragments (PTX m16n8k32 8-bit layout) and
+    stores lane by lane over qtool's mma-tiled weights: integer operands give x w^T exactly, for partial row tiles
+    (O 33, 40), M below a tile multiple (9, 19), every NT and 1-3 K slices."""
+    import numpy as np
+    import gemm_mma_small_emulate as emu
+    rng = np.random.default_rng(1)
+    for O, K, M, NT, S in emu.CASES:
+        w = rng.integers(-7, 8, size=(O, K)).astype(np.float64)
+        x = rng.integers(-7, 8, size=(M, K)).astype(np.float64)
+        assert np.array_equal(emu.emulate(w, x, NT, S), x @ w.T), (O, K, M, NT, S)
 
 
 def test_gpu_benches_import():
