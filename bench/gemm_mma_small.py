@@ -30,14 +30,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))
 import bench_decode as bd  # noqa: E402
+from bench_prefill_batch import LLAMA_LINEARS, layer  # noqa: E402
 
 from qtool.kernels import gemm, loader, ops, pdl  # noqa: E402
 from qtool.kernels.launch import i32, ptr  # noqa: E402
-from qtool.kernels.random_weights import random_linear  # noqa: E402
 from qtool.kernels.split import kslices  # noqa: E402
 
 DEV = "cuda"
-LINEARS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 NTS = (2, 4, 8)
 
 
@@ -82,9 +81,8 @@ def main() -> None:
           "product | rel err vs float64: product, prototype |")
     print("|---|---|---|---|---|---|---|---|")
     rows = []
-    for name, (O, K) in LINEARS.items():
-        kl = ops.adopt_layout(random_linear("fp8", O, K, device=DEV))
-        gemm.keep_row_major([kl])
+    for name, (O, K) in LLAMA_LINEARS.items():
+        kl = layer("fp8", O, K)
         assert kl.tiled and kl.sbi_log2 < 0, "the prototype reads mma-tiled codes with per-row / per-tensor scales"
         for M in a.rows:
             nt = next((n for n in NTS if 8 * n >= M), None)         # the smallest instance covering M rows

@@ -26,12 +26,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bench_decode as bd  # noqa: E402
+from bench_prefill_batch import LLAMA_LINEARS, layer  # noqa: E402
 
 from qtool.kernels import gemm, ops  # noqa: E402
-from qtool.kernels.random_weights import random_linear  # noqa: E402
 
 DEV = "cuda"
-LINEARS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 
 
 def _timed(fn):
@@ -55,9 +54,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     rows = []
     one = torch.ones((), device=DEV)
-    for name, (O, K) in LINEARS.items():
-        kl = ops.adopt_layout(random_linear("fp8", O, K, device=DEV))
-        gemm.keep_row_major([kl])
+    for name, (O, K) in LLAMA_LINEARS.items():
+        kl = layer("fp8", O, K)
         w8 = gemm.row_major(kl).view(torch.float8_e4m3fn)                      # [O, K]
         wb = (torch.randn(O, K, device=DEV) * 0.05).to(torch.bfloat16)
         for M in a.rows:

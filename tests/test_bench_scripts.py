@@ -119,7 +119,7 @@ def test_gemm_mma_small_index_logic_emulated():
 def test_gpu_benches_import():
     import awq_export_gap  # noqa: F401
     import small_m_gemm
-    assert set(small_m_gemm.LINEARS) == {"qkv", "o", "gate_up", "down"}
+    assert set(small_m_gemm.LLAMA_LINEARS) == {"qkv", "o", "gate_up", "down"}
 
 
 NVCC = __import__("shutil").which("nvcc")
